@@ -1,0 +1,3 @@
+from streamconv.cli import main
+
+raise SystemExit(main())

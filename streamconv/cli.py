@@ -1,0 +1,141 @@
+"""The ``streamconv`` command line.
+
+Every subcommand is a function ``cmd_<name>(args) -> int``; errors a user can act on are
+``StreamconvError`` and print one line; anything else prints a traceback only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from streamconv import __version__
+from streamconv.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, StreamconvError, UsageError
+
+
+def _size(text: str) -> int:
+    from streamconv.engine import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout at the end")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory", type=_size, default="2GiB",
+                   help="bound on the bytes the engine holds in flight (default 2GiB)")
+    p.add_argument("--workers", type=int, default=4, help="reader threads (default 4)")
+    p.add_argument("--device", default="cpu", help="where transforms run: cpu (default) or cuda")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamconv",
+        description="Streaming, memory-bounded converter between Hugging Face safetensors and "
+                    "Megatron-Core torch_dist checkpoints (Llama-Nemotron family).",
+    )
+    parser.add_argument("--version", action="version", version=f"streamconv {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("hf2mcore", help="convert a HF safetensors checkpoint to Megatron-Core torch_dist")
+    p.add_argument("--hf-model", required=True, help="HF model folder or hub repo id (owner/name)")
+    p.add_argument("--megatron-path", required=True, help="output folder (gets iter_0000000/ and the tracker file)")
+    p.add_argument("--dtype", default=None,
+                   help="output dtype: bf16, fp16, fp32 (default: keep each tensor's source dtype)")
+    p.add_argument("--overwrite", action="store_true", help="delete a non-empty output folder and start over")
+    p.add_argument("--allow-unused", action="store_true", help="ignore tensors the mapping does not use")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for Megatron-Bridge compatibility; streamconv never runs remote code")
+    _add_engine(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_hf2mcore)
+
+    p = sub.add_parser("plan", help="print the conversion plan without reading weights")
+    p.add_argument("--hf-model", required=True, help="HF model folder, config.json, or hub repo id")
+    p.add_argument("--dtype", default=None, help="output dtype (default: config torch_dtype)")
+    p.add_argument("--max-memory", type=_size, default="2GiB", help="memory budget the plan is sized for")
+    p.add_argument("--tensors", action="store_true", help="list every output tensor")
+    p.add_argument("--trust-remote-code", action="store_true", help=argparse.SUPPRESS)
+    _add_common(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("demo", help="generate a tiny Nemotron-shaped checkpoint, convert it, load it with "
+                                    "megatron-core and compare logits")
+    p.add_argument("--workdir", default=None, help="where to put the demo files (default: a temporary folder)")
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def cmd_hf2mcore(args) -> int:
+    from streamconv.hf2mcore import Options, hf2mcore
+
+    opts = Options(dtype=args.dtype, max_memory=args.max_memory, workers=args.workers, device=args.device,
+                   overwrite=args.overwrite, allow_unused=args.allow_unused, quiet=args.quiet or args.json)
+    _check_device(args.device)
+    summary = hf2mcore(args.hf_model, args.megatron_path, opts)
+    _report(args, summary, f"wrote {summary['output']} ({summary['tensors']} tensors, {summary['bytes'] / 1e9:.2f} GB "
+                           f"in {summary['seconds']:.1f}s, {summary['mb_per_s']} MB/s, "
+                           f"peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB)")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from streamconv.planview import plan_command
+
+    return plan_command(args)
+
+
+def cmd_demo(args) -> int:
+    from streamconv.demo import run_demo
+
+    return run_demo(args)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if not device.startswith(("cpu", "cuda")):
+        raise UsageError(f"--device {device}: choose cpu or cuda")
+
+
+def _report(args, summary: dict, line: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(summary, indent=2))
+    elif not getattr(args, "quiet", False):
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except StreamconvError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug: keep the user's screen clean unless asked
+        if args.debug:
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (run again with --debug for a traceback)", file=sys.stderr)
+        return EXIT_INTERNAL

@@ -1,0 +1,1 @@
+"""One module per on-disk format: safetensors, torch_dist, zarr staging."""

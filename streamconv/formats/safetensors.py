@@ -1,0 +1,285 @@
+"""Lazy safetensors reading and streaming safetensors writing.
+
+Reading parses the header of each shard itself (bounded, validated) and reads only the byte ranges a
+plan asks for (row slices) with ``os.pread``: a shard is never loaded whole. Writing lays out the
+header first and then streams tensors in header order, so a writer never holds more than one tensor.
+The format: ``u64 little-endian header length N``, ``N`` bytes of JSON ``{name: {dtype, shape,
+data_offsets: [begin, end]}, "__metadata__": {...}}``, then the data region.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from streamconv.errors import BadInputError, OutputError
+
+# Headers of real checkpoints are a few hundred KiB; refuse absurd sizes before allocating.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, absolute byte range, dtype and shape."""
+
+    name: str
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute offset of the first byte in the file
+    nbytes: int
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate a shard's header; every inconsistency is a one-line BadInputError."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise BadInputError(f"{path}: not a safetensors file (shorter than 8 bytes); re-download it")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or n + 8 > size:
+                raise BadInputError(
+                    f"{path}: header length {n} is larger than the file ({size} bytes): truncated or not safetensors"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInputError(f"{path}: malformed safetensors header JSON ({e}); re-download the file") from e
+    if not isinstance(header, dict):
+        raise BadInputError(f"{path}: malformed safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    data_len = size - data_start
+    infos: dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in header.items():
+        try:
+            dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            shape = tuple(int(s) for s in shape)
+            begin, end = int(begin), int(end)
+        except (TypeError, KeyError, ValueError) as e:
+            raise BadInputError(f"{path}: malformed header entry for tensor {name!r}") from e
+        if dtype_name not in DTYPES:
+            raise BadInputError(f"{path}: tensor {name!r} has unknown dtype {dtype_name!r}")
+        if any(s < 0 for s in shape):
+            raise BadInputError(f"{path}: tensor {name!r} has a negative dimension {list(shape)}")
+        dtype = DTYPES[dtype_name]
+        expected = math.prod(shape) * itemsize(dtype)
+        if end - begin != expected or begin < 0:
+            raise BadInputError(
+                f"{path}: tensor {name!r} {dtype_name}{list(shape)} needs {expected} bytes but its byte range "
+                f"[{begin}, {end}) holds {end - begin}"
+            )
+        if end > data_len:
+            raise BadInputError(
+                f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes: "
+                "the shard is truncated; re-download it"
+            )
+        spans.append((begin, end, name))
+        infos[name] = TensorInfo(name, path, dtype, shape, data_start + begin, expected)
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0 and e1 > b1:
+            raise BadInputError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
+    return infos
+
+
+class SafetensorsSource:
+    """A lazy view of a HF checkpoint folder: one or more ``*.safetensors`` shards.
+
+    With ``model.safetensors.index.json`` the index names each tensor's shard; without it every
+    ``*.safetensors`` file in the folder is read. Headers only are parsed up front.
+    """
+
+    def __init__(self, folder: Path | str):
+        self.folder = Path(folder)
+        self.tensors: dict[str, TensorInfo] = {}
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise BadInputError(f"{index}: unreadable index ({e})") from e
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                if not (self.folder / shard).is_file():
+                    raise BadInputError(
+                        f"{self.folder / shard}: shard named in model.safetensors.index.json is missing; "
+                        "finish the download"
+                    )
+        else:
+            weight_map = None
+            shards = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            if not shards:
+                raise BadInputError(f"{self.folder}: no *.safetensors files found")
+        for shard in shards:
+            for name, info in read_header(self.folder / shard).items():
+                if weight_map is not None and weight_map.get(name) != shard:
+                    continue  # the index is authoritative when present
+                if name in self.tensors:
+                    raise BadInputError(f"{self.folder}: tensor {name!r} is stored in two shards")
+                self.tensors[name] = info
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self.tensors))
+            if missing:
+                raise BadInputError(
+                    f"{self.folder / weight_map[missing[0]]}: tensor {missing[0]!r} is listed in the index but "
+                    "not in the shard"
+                )
+        self._fds: dict[Path, int] = {}
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise BadInputError(f"{self.folder}: tensor {name!r} is needed but not in the checkpoint") from None
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def read_nbytes(self, read) -> int:
+        """Bytes that ``read_rows`` returns for a plan ``Read``."""
+        info = self.info(read.name)
+        shape = info.shape[len(read.index):]
+        return (read.row1 - read.row0) * math.prod(shape[1:]) * itemsize(info.dtype)
+
+    def read_rows(self, name: str, row0: int, row1: int, index: tuple[int, ...] = ()) -> torch.Tensor:
+        """Rows ``[row0, row1)`` of tensor ``name`` (along dim 0, after the leading ``index``)."""
+        info = self.info(name)
+        full = info.shape
+        shape = full[len(index):]
+        rows = shape[0] if shape else 1
+        if len(index) > len(full) or any(not 0 <= i < n for i, n in zip(index, full)) or not 0 <= row0 <= row1 <= rows:
+            raise BadInputError(
+                f"{info.path}: rows [{row0}, {row1}) of index {list(index)} are outside tensor {name!r} {list(full)}"
+            )
+        row_bytes = math.prod(shape[1:]) * itemsize(info.dtype)
+        first_row = 0
+        for i, n in zip(index, full):  # row-major: flatten the leading index into a row number
+            first_row = first_row * n + i
+        first_row = first_row * rows + row0
+        length = (row1 - row0) * row_bytes
+        buf = bytearray(length)
+        view = memoryview(buf)
+        fd, pos, done = self._fd(info.path), info.start + first_row * row_bytes, 0
+        while done < length:
+            got = os.preadv(fd, [view[done:]], pos + done)
+            if got <= 0:
+                raise BadInputError(f"{info.path}: unexpected end of file reading tensor {name!r}; re-download it")
+            done += got
+        out_shape = (row1 - row0, *shape[1:]) if shape else ()
+        if length == 0:
+            return torch.empty(out_shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).view(out_shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def encode_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None = None) -> bytes:
+    """The header bytes (length prefix included) for tensors stored back to back in ``entries`` order."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, dtype, shape in entries:
+        n = math.prod(shape) * itemsize(dtype)
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Writes one safetensors shard tensor by tensor, in the order of ``entries``.
+
+    The file is written under ``<name>.partial``, fsynced and renamed on ``close()``, so a shard that
+    exists under its final name is always complete.
+    """
+
+    def __init__(self, path: Path | str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata=None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".partial")
+        self.entries = list(entries)
+        self._next = 0
+        self._pending = 0  # bytes still owed for the current tensor
+        try:
+            self.f = open(self.tmp, "wb")
+            self.f.write(encode_header(self.entries, metadata))
+        except OSError as e:
+            raise OutputError(f"{self.tmp}: cannot write: {e.strerror or e}") from e
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor whole, or in row blocks: call repeatedly until its rows are complete."""
+        exp_name, dtype, shape = self.entries[self._next]
+        if name != exp_name:
+            raise ValueError(f"expected tensor {exp_name!r} next, got {name!r}")
+        if tensor.dtype != dtype:
+            raise ValueError(f"{name}: dtype {tensor.dtype} != {dtype}")
+        if self._pending == 0:
+            self._pending = math.prod(shape) * itemsize(dtype)
+            if self._pending == 0:  # an empty tensor has no bytes to write
+                self._next += 1
+                return
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes > self._pending:
+            raise ValueError(f"{name}: more data than its shape {list(shape)} holds")
+        try:
+            self.f.write(memoryview(data))
+        except OSError as e:
+            raise OutputError(f"{self.tmp}: cannot write: {e.strerror or e}") from e
+        self._pending -= data.nbytes
+        if self._pending == 0:
+            self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.entries):
+            raise ValueError(f"{self.path}: {len(self.entries) - self._next} tensors were not written")
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot write: {e.strerror or e}") from e

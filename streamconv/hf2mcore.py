@@ -1,0 +1,160 @@
+"""hf2mcore: a Hugging Face safetensors checkpoint -> a Megatron-Core ``torch_dist`` checkpoint.
+
+Output layout, as Megatron-Bridge's import writes it::
+
+    <megatron-path>/latest_checkpointed_iteration.txt      "0", written last
+    <megatron-path>/iter_0000000/{.metadata, __0_*.distcp, common.pt, metadata.json, run_config.yaml}
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from streamconv import engine
+from streamconv.errors import BadInputError, OutputError, UsageError
+from streamconv.formats.safetensors import SafetensorsSource
+from streamconv.formats.torch_dist import TorchDistSink, fsync_write
+from streamconv.models.spec import ModelSpec, load_config, spec_from_config
+from streamconv.plan import DEFAULT_CHUNK_BYTES, Plan, check_source, import_plan
+from streamconv.progress import make_progress
+
+ITER_DIR = "iter_0000000"
+TRACKER = "latest_checkpointed_iteration.txt"
+
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+HUB_PATTERNS = ["*.json", "*.safetensors"]
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None or name == "auto":
+        return None
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise UsageError(f"--dtype {name!r}: choose one of auto, {', '.join(sorted(DTYPES))}") from None
+
+
+def resolve_hf_model(hf_model: str, allow_patterns=HUB_PATTERNS) -> Path:
+    """A local folder as is; otherwise a hub repo id, fetched (only the needed files) or found in the cache."""
+    path = Path(hf_model).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file() and path.name == "config.json":
+        return path.parent
+    if path.exists() or hf_model.startswith((".", "/", "~")) or hf_model.count("/") != 1:
+        raise BadInputError(f"{hf_model}: not a model folder and not a Hugging Face repo id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=hf_model, allow_patterns=allow_patterns))
+    except Exception as e:  # the hub raises many types (offline, not found, auth, network)
+        raise BadInputError(
+            f"{hf_model}: cannot get it from the Hugging Face hub or its cache ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); pass a local folder or check HF_HUB_OFFLINE/HF_TOKEN"
+        ) from e
+
+
+def prepare_output(out: Path, overwrite: bool) -> Path:
+    """The ``iter_0000000`` folder, created empty; a non-empty ``out`` is refused unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputError(f"{out}: output folder is not empty; choose another --megatron-path or pass --overwrite")
+        shutil.rmtree(out)
+    ckpt = out / ITER_DIR
+    try:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        probe = ckpt / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write there: {e.strerror or e}") from e
+    return ckpt
+
+
+def build_plan(source: SafetensorsSource, spec: ModelSpec, dtype: torch.dtype | None,
+               chunk_bytes: int, allow_unused: bool = False) -> Plan:
+    check_source(spec, source.tensors, allow_unused=allow_unused)
+    src_dtypes = {name: info.dtype for name, info in source.tensors.items()}
+    return import_plan(spec, src_dtypes, dtype, chunk_bytes=chunk_bytes)
+
+
+@dataclass
+class Options:
+    dtype: str | None = None
+    max_memory: int = engine.DEFAULT_MAX_MEMORY
+    workers: int = 4
+    device: str = "cpu"
+    overwrite: bool = False
+    allow_unused: bool = False
+    quiet: bool = False
+
+
+def chunk_bytes_for(max_memory: int) -> int:
+    """Chunks small enough that several (reads + output) fit the budget at once."""
+    return max(4096, min(DEFAULT_CHUNK_BYTES, max_memory // 8))
+
+
+def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
+    """Convert; returns the summary (bytes, seconds, peak RSS, ...)."""
+    folder = resolve_hf_model(hf_model)
+    cfg = load_config(folder)
+    spec = spec_from_config(cfg)
+    source = SafetensorsSource(folder)
+    out = Path(megatron_path)
+    try:
+        plan = build_plan(source, spec, parse_dtype(opts.dtype), chunk_bytes_for(opts.max_memory), opts.allow_unused)
+        need = engine.min_memory(plan, source)
+        if need > opts.max_memory:
+            raise UsageError(f"--max-memory {engine.fmt_bytes(opts.max_memory)} is below the "
+                             f"{engine.fmt_bytes(need)} one chunk needs")
+        ckpt = prepare_output(out, opts.overwrite)
+        sink = TorchDistSink(ckpt, plan)
+        progress = make_progress(opts.quiet, "hf2mcore", plan.total_bytes, len(plan.chunks), opts.max_memory)
+        try:
+            with progress:
+                stats = engine.run(plan, source, sink, max_memory=opts.max_memory, workers=opts.workers,
+                                   device=opts.device, progress=progress)
+            write_run_config(ckpt, spec, plan)
+            sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+        fsync_write(out / TRACKER, b"0")
+    finally:
+        source.close()
+    return {
+        "command": "hf2mcore",
+        "input": str(folder),
+        "output": str(out),
+        "architecture": spec.architecture,
+        "layers": spec.num_layers,
+        "tensors": len(plan.targets),
+        "chunks": stats.chunks_done,
+        "files": plan.num_files + 1,
+        "bytes": stats.bytes_done,
+        "seconds": round(stats.seconds, 3),
+        "mb_per_s": round(stats.bytes_done / 1e6 / max(stats.seconds, 1e-9), 1),
+        "peak_rss_bytes": peak_rss(),
+        "max_memory_bytes": opts.max_memory,
+    }
+
+
+def write_run_config(ckpt: Path, spec: ModelSpec, plan: Plan) -> None:
+    from streamconv.formats import run_config
+
+    fsync_write(ckpt / "run_config.yaml", run_config.for_spec(spec, plan).encode())
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

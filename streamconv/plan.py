@@ -1,0 +1,171 @@
+"""The plan: a deterministic list of output chunks, each with the recipe that makes it.
+
+A chunk is one piece of one output tensor (key, offsets, sizes inside its global shape) plus the source
+row slices (``Read``) whose row-wise concatenation, cast to the target dtype, is that piece. Planning is
+pure: it needs the ModelSpec and the source dtypes, never the weights. ``streamconv plan`` prints it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from streamconv.errors import BadInputError
+from streamconv.models import rules
+from streamconv.models.spec import ModelSpec
+from streamconv.transforms import fused_rows_of, layout_segments, sources_for_fused_rows
+
+DEFAULT_CHUNK_BYTES = 64 * 1024**2
+DEFAULT_FILE_BYTES = 2 * 1024**3
+
+# Tensors some HF checkpoints carry that are not weights (recomputed buffers): ignored on import.
+IGNORED_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+@dataclass(frozen=True)
+class Read:
+    """Rows ``[row0, row1)`` of source tensor ``name`` (after narrowing its leading dims to ``index``)."""
+
+    name: str
+    row0: int
+    row1: int
+    index: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    key: str
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    reads: tuple[Read, ...]
+    file: int  # which output file (``__0_{file}.distcp`` or a safetensors shard) holds it
+    nbytes: int  # bytes of the output piece
+
+    @property
+    def layer(self) -> int | None:
+        m = re.search(r"layers\.(\d+)\.", self.key)
+        if m:
+            return int(m.group(1))
+        return self.offsets[0] if self.key.startswith("decoder.layers.") else None
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class Plan:
+    direction: str  # "hf2mcore" | "mcore2hf"
+    spec: ModelSpec
+    targets: dict[str, Target]
+    chunks: list[Chunk]
+    objects: list[str] = field(default_factory=list)  # BYTE_IO keys (``_extra_state``) to write
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(c.nbytes for c in self.chunks)
+
+    @property
+    def num_files(self) -> int:
+        return 1 + max((c.file for c in self.chunks), default=-1)
+
+    def max_chunk_bytes(self) -> int:
+        return max((c.nbytes for c in self.chunks), default=0)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def row_blocks(rows: int, row_bytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """Split ``rows`` into contiguous blocks of at most ``chunk_bytes`` (at least one row each)."""
+    step = max(1, chunk_bytes // max(1, row_bytes))
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)] or [(0, 0)]
+
+
+def check_source(spec: ModelSpec, infos: dict, allow_unused: bool = False) -> None:
+    """Every HF tensor the mapping needs is present with the right shape; nothing unexpected is there."""
+    expected = {t.name: t.shape for t in rules.hf_tensors(spec)}
+    for name, shape in expected.items():
+        if name not in infos:
+            raise BadInputError(f"tensor {name!r} is needed for {spec.architecture} but is not in the checkpoint")
+        got = tuple(infos[name].shape)
+        if got != shape:
+            raise BadInputError(
+                f"{infos[name].path}: tensor {name!r} has shape {list(got)} but config.json implies {list(shape)}"
+            )
+    extra = sorted(n for n in infos if n not in expected and not IGNORED_HF.search(n))
+    if extra and not allow_unused:
+        hint = " (tie_word_embeddings is true but lm_head.weight is present)" if extra == ["lm_head.weight"] else ""
+        raise BadInputError(
+            f"{len(extra)} tensor(s) in the checkpoint are not used by the {spec.architecture} mapping, first "
+            f"{extra[0]!r}{hint}; pass --allow-unused to ignore them"
+        )
+
+
+def import_plan(
+    spec: ModelSpec,
+    src_dtypes: dict[str, torch.dtype],
+    out_dtype: torch.dtype | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    file_bytes: int = DEFAULT_FILE_BYTES,
+) -> Plan:
+    """hf2mcore: every megatron tensor in row blocks of at most ``chunk_bytes``, packed into files.
+
+    ``src_dtypes`` maps HF names to their stored dtype; with ``out_dtype=None`` each output keeps the
+    dtype of its sources (bit-exact), otherwise it is cast.
+    """
+    targets: dict[str, Target] = {}
+    chunks: list[Chunk] = []
+    file, file_fill = 0, 0
+    for b in rules.bindings(spec):
+        dtypes = {src_dtypes[t.name] for t in b.hf}
+        if out_dtype is None and len(dtypes) > 1:
+            raise BadInputError(f"{b.key}: its sources have different dtypes {sorted(map(str, dtypes))}; pass --dtype")
+        dtype = out_dtype or dtypes.pop()
+        target = targets.setdefault(b.key, Target(b.key, b.global_shape, dtype))
+        if target.dtype != dtype:
+            raise BadInputError(f"{b.key}: layers have different dtypes ({target.dtype} vs {dtype}); pass --dtype")
+        segs = layout_segments(b.layout, [t.shape[0] for t in b.hf], b.heads_per_group, b.head_dim)
+        shape = b.shape
+        row_bytes = math.prod(shape[1:]) * max(_itemsize(dtype), *(_itemsize(src_dtypes[t.name]) for t in b.hf))
+        lead = tuple(b.index)
+        for r0, r1 in row_blocks(fused_rows_of(segs), row_bytes, chunk_bytes):
+            reads = tuple(Read(b.hf[s].name, a, z) for s, a, z in sources_for_fused_rows(segs, r0, r1))
+            nbytes = (r1 - r0) * math.prod(shape[1:]) * _itemsize(dtype)
+            if file_fill and file_fill + nbytes > file_bytes:
+                file, file_fill = file + 1, 0
+            file_fill += nbytes
+            offsets = (*lead, r0, *(0 for _ in shape[1:]))
+            sizes = (*(1 for _ in lead), r1 - r0, *shape[1:])
+            chunks.append(Chunk(b.key, offsets, sizes, reads, file, nbytes))
+    return Plan("hf2mcore", spec, targets, chunks, rules.extra_state_keys(spec), chunk_bytes)
+
+
+def describe(plan: Plan) -> dict:
+    """A JSON-able summary: what ``streamconv plan`` prints."""
+    return {
+        "direction": plan.direction,
+        "architecture": plan.spec.architecture,
+        "layers": plan.spec.num_layers,
+        "parameters": sum(math.prod(t.shape) for t in plan.targets.values()),
+        "tensors": len(plan.targets),
+        "objects": len(plan.objects),
+        "chunks": len(plan.chunks),
+        "files": plan.num_files,
+        "bytes": plan.total_bytes,
+        "largest_tensor": max(plan.targets.values(), key=lambda t: t.nbytes).key if plan.targets else None,
+        "largest_tensor_bytes": max((t.nbytes for t in plan.targets.values()), default=0),
+        "largest_chunk_bytes": plan.max_chunk_bytes(),
+    }

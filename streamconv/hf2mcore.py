@@ -8,6 +8,7 @@ Output layout, as Megatron-Bridge's import writes it::
 
 from __future__ import annotations
 
+import io
 import resource
 import shutil
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 
 from streamconv import engine
 from streamconv.errors import BadInputError, OutputError, UsageError
+from streamconv.formats import run_config
 from streamconv.formats.safetensors import SafetensorsSource
 from streamconv.formats.torch_dist import TorchDistSink, fsync_write
 from streamconv.models.spec import ModelSpec, load_config, spec_from_config
@@ -31,7 +33,10 @@ DTYPES = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
 }
-HUB_PATTERNS = ["*.json", "*.safetensors"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+# Files of the HF folder that Bridge's import keeps beside the checkpoint (``iter_0000000/tokenizer/``).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json")
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -125,12 +130,12 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
             with progress:
                 stats = engine.run(plan, source, sink, max_memory=opts.max_memory, workers=opts.workers,
                                    device=opts.device, progress=progress)
-            write_run_config(ckpt, spec, plan)
+            write_bridge_files(folder, out, ckpt, spec, plan, hf_model)
             sink.close()
         except BaseException:
             sink.abort()
             raise
-        fsync_write(out / TRACKER, b"0")
+        fsync_write(out / TRACKER, run_config.tracker_text(0).encode())
     finally:
         source.close()
     return {
@@ -150,10 +155,21 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
     }
 
 
-def write_run_config(ckpt: Path, spec: ModelSpec, plan: Plan) -> None:
-    from streamconv.formats import run_config
-
-    fsync_write(ckpt / "run_config.yaml", run_config.for_spec(spec, plan).encode())
+def write_bridge_files(folder: Path, out: Path, ckpt: Path, spec: ModelSpec, plan: Plan, hf_model: str) -> None:
+    """What Megatron-Bridge's import writes around the torch_dist part: ``run_config.yaml``,
+    ``train_state.pt`` (+ ``<out>/latest_train_state.pt``) and the tokenizer files."""
+    text = run_config.for_spec(spec, plan, save_dir=str(out.resolve()), hf_source=hf_model)
+    fsync_write(ckpt / run_config.RUN_CONFIG_FILE, text.encode())
+    buf = io.BytesIO()
+    torch.save({k: torch.tensor(v, dtype=getattr(torch, d)) for k, (v, d) in run_config.train_state_tensors(0).items()},
+               buf)
+    fsync_write(ckpt / run_config.TRAIN_STATE_FILE, buf.getvalue())
+    fsync_write(out / run_config.LATEST_TRAIN_STATE_FILE, buf.getvalue())
+    present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    if present:
+        (ckpt / "tokenizer").mkdir(exist_ok=True)
+        for name in present:
+            fsync_write(ckpt / "tokenizer" / name, (folder / name).read_bytes())
 
 
 def peak_rss() -> int:

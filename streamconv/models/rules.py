@@ -48,12 +48,16 @@ RULES: tuple[Rule, ...] = (
     Rule("output_layer.weight", ("lm_head.weight",), when="untied"),
 )
 
-# Modules whose ``_extra_state`` megatron-core saves (and, at default strictness, requires on load).
+# Modules whose ``_extra_state`` megatron-core saves (and, at default strictness, requires on load): every
+# linear layer (local spec: ColumnParallelLinear / RowParallelLinear, which includes the linear replacements
+# ``ColumnParallelLinearGathered``); norms, skipped (``no_op`` = IdentityOp) blocks and the embedding have none.
 EXTRA_STATE: tuple[tuple[str, str], ...] = (
     ("decoder.layers.*.self_attention.linear_qkv", "attention"),
     ("decoder.layers.*.self_attention.linear_proj", "attention"),
+    ("decoder.layers.*.self_attention", "attn_linear"),
     ("decoder.layers.*.mlp.linear_fc1", "mlp"),
     ("decoder.layers.*.mlp.linear_fc2", "mlp"),
+    ("decoder.layers.*.mlp", "mlp_linear"),
 )
 
 # HF tensor shapes by name suffix, in terms of the dims below.
@@ -184,7 +188,7 @@ def extra_state_keys(spec: ModelSpec) -> list[str]:
         if spec.heterogeneous:
             out += [f"{module.replace('*', str(i))}._extra_state/shard_0_1"
                     for i, layer in enumerate(spec.layers) if applies(when, spec, layer)]
-        else:
+        elif all(applies(when, spec, layer) for layer in spec.layers):  # stacked: every layer has the module
             n = spec.num_layers
             out += [f"{module.replace('layers.*.', 'layers.')}._extra_state/shard_{i}_{n}" for i in range(n)]
     return out

@@ -9,9 +9,10 @@ from __future__ import annotations
 from streamconv.errors import UnsupportedModelError
 from streamconv.models.spec import LayerSpec, ModelSpec, require
 
-# Fields whose non-default values change the math megatron-core would run on these weights.
+# Fields whose non-default values change the math megatron-core would run on these weights
+# (absent = transformers' LlamaConfig default, which is the first value).
 _MUST_BE = {
-    "hidden_act": ("silu",),
+    "hidden_act": ("silu", None),
     "attention_bias": (False, None),
     "mlp_bias": (False, None),
 }

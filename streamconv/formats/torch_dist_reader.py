@@ -1,43 +1,62 @@
-"""Reading megatron-core ``torch_dist`` checkpoints lazily, item by item.
+"""Reading megatron-core ``torch_dist`` checkpoints lazily, region by region.
 
-``.metadata`` is a pickle, and a checkpoint is something a user hands us: it is read with a *restricted*
-unpickler that resolves only the torch DCP metadata classes (and ``torch.Size``, dtypes, layouts, memory
-formats) and refuses every other global, so a crafted ``.metadata`` cannot run code. Items are read by
-``(file, offset, length)`` from ``storage_data`` with ``os.pread``; a tensor item is a ``torch.save``
-archive, loaded with ``torch.load(weights_only=True)``.
+``.metadata`` is unpickled through an allow-list: only the torch DCP metadata classes (and the few torch
+values they hold: ``torch.Size``, dtypes, layouts, ``OrderedDict``) can be named; any other global in
+the file is refused before anything is called, so a crafted checkpoint cannot run code.
 
-API: ``TorchDistSource(folder)`` -> ``.metadata`` (the DCP ``Metadata``), ``.tensors`` ({key:
-``TensorStorageMetadata``}), ``.objects`` ([key]), ``read_item(key, offsets) -> Tensor``,
-``read_object(key)``, ``item_info(key, offsets)`` (where an item lives), ``close()``.
+A tensor item inside a ``.distcp`` file is a standalone ``torch.save`` zip archive at (offset, length).
+Its tiny ``data.pkl`` is read with a second allow-list unpickler that only records where the storage
+lies (dtype, storage offset, size, stride); the uncompressed storage entry is then located in the zip
+and only the bytes of the rows asked for are read with ``os.pread``. Any tensor region is assembled
+from whatever chunks the checkpoint has: our own row blocks, or the chunking megatron-core's training
+saves produce (TP row/column splits, SwiGLU gate/up halves per rank, several ``__R_N.distcp`` files,
+stacked ``[L, ...]`` or per-layer keys). Memory: the region asked for plus a small copy buffer (an item
+whose archive cannot be parsed this way is loaded whole with ``torch.load(weights_only=True)``).
+
+    src = TorchDistSource(folder)
+    src.tensors["decoder.layers.mlp.linear_fc1.weight"]    # TensorMeta(shape, dtype, chunks)
+    src.read_rows(key, row0, row1, index=(layer,))         # rows of one layer of a stacked key
+    src.read_object("common_state/shard_0_1")              # BYTE_IO items, restricted unpickling
+    src.read_item(key, offsets)                            # one stored chunk, whole (torch.load weights_only)
 """
 
 from __future__ import annotations
 
+import collections
+import importlib
 import io
+import math
 import os
 import pickle
+import struct
+import threading
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
 
 from streamconv.errors import BadInputError
 
 METADATA_FILE = ".metadata"
+COPY_BUFFER_BYTES = 8 * 1024**2  # bound on the temporary buffer used when a chunk is split by columns
+
+_DCP = "torch.distributed.checkpoint."
 # .metadata larger than this is not a checkpoint we wrote or megatron-core saves (a few MB at 253B)
 MAX_METADATA_BYTES = 1 << 30
-
-_DCP_CLASSES = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
-    },
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    # megatron-core's writer keeps its save plans in the metadata
-    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData",
-                                             "BytesIOWriteData"},
-    "collections": {"OrderedDict"},
-}
+ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    [(_DCP + "metadata", n) for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                      "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                                      "StorageMeta", "_MEM_FORMAT_ENCODING")]
+    # megatron-core keeps its save plans in the metadata (``Metadata.all_local_plans``)
+    + [(_DCP + "planner", n) for n in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData",
+                                       "BytesIOWriteData")]
+    + [(_DCP + "filesystem", "_StorageInfo"), ("collections", "OrderedDict")]
+    # StorageMeta.checkpoint_id may be a path
+    + [(m, n) for m in ("pathlib", "pathlib._local") for n in ("PosixPath", "WindowsPath", "PurePosixPath",
+                                                               "PureWindowsPath")]
+)
+_STORAGE_DTYPES = {name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
 
 
 def _torch_constant(name: str):
@@ -47,23 +66,6 @@ def _torch_constant(name: str):
     return None
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals a DCP ``.metadata`` needs; anything else is refused."""
-
-    def find_class(self, module: str, name: str):
-        if name in _DCP_CLASSES.get(module, ()):
-            return super().find_class(module, name)
-        if module == "torch":
-            if name == "Size":
-                return torch.Size
-            value = _torch_constant(name)
-            if value is not None:
-                return value
-        if module == "torch.serialization" and name == "_get_layout":
-            return _get_layout
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a torch_dist .metadata")
-
-
 def _get_layout(name: str) -> torch.layout:
     value = _torch_constant(str(name).removeprefix("torch."))
     if not isinstance(value, torch.layout):
@@ -71,8 +73,35 @@ def _get_layout(name: str) -> torch.layout:
     return value
 
 
-def load_metadata(path: Path):
+class RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the globals a DCP ``.metadata`` needs; anything else is refused before it is called."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in ALLOWED_GLOBALS:
+            try:
+                return getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError):
+                raise pickle.UnpicklingError(f"global {module}.{name} does not exist in this torch "
+                                             f"{torch.__version__}") from None
+        if module == "torch":
+            if name == "Size":
+                return torch.Size
+            value = _torch_constant(name)
+            if value is not None:
+                return value  # a dtype/layout/memory format value: nothing to call
+        if module == "torch.serialization" and name == "_get_layout":
+            return _get_layout
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a torch_dist .metadata")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids are not allowed in a torch_dist .metadata")
+
+
+def load_metadata(path: Path | str):
     """The DCP ``Metadata`` in ``path``, unpickled with the allow-list above."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    path = Path(path)
     try:
         size = path.stat().st_size
         if size > MAX_METADATA_BYTES:
@@ -86,99 +115,441 @@ def load_metadata(path: Path):
     try:
         meta = RestrictedUnpickler(io.BytesIO(data)).load()
     except pickle.UnpicklingError as e:
-        raise BadInputError(f"{path}: refused: {e}; this file is not a torch_dist checkpoint's metadata") from None
+        raise BadInputError(f"{path}: refused: {e} (nothing in the file was executed); this file is not a "
+                            "torch_dist checkpoint's metadata, or it was tampered with") from None
     except Exception as e:  # truncated or garbage pickles raise many types
         raise BadInputError(f"{path}: unreadable torch_dist metadata ({type(e).__name__}: {e})") from None
-    if not hasattr(meta, "state_dict_metadata") or not hasattr(meta, "storage_data"):
+    if not isinstance(meta, Metadata) or not isinstance(getattr(meta, "state_dict_metadata", None), dict) \
+            or not isinstance(getattr(meta, "storage_data", None), dict):
         raise BadInputError(f"{path}: not a torch.distributed.checkpoint Metadata object")
     return meta
 
 
+# --------------------------------------------------------------------------- tensor items (torch.save zips)
+
+
+@dataclass(frozen=True)
+class _Storage:
+    dtype: torch.dtype
+    key: str
+    numel: int
+
+
+@dataclass(frozen=True)
+class ItemLayout:
+    """Where a tensor item's elements lie: absolute file offset of its storage, and its strides."""
+
+    data_start: int  # absolute byte offset of storage element 0 in the .distcp file
+    dtype: torch.dtype
+    storage_offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def standard(self) -> bool:
+        expect, acc = [], 1
+        for s in reversed(self.size):
+            expect.append(acc)
+            acc *= s
+        return all(n == 1 or st == e for n, st, e in zip(self.size, self.stride, reversed(expect)))
+
+
+def _rebuild_record(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, *rest):
+    if not isinstance(storage, _Storage):
+        raise ValueError("storage")
+    return ("tensor", storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+
+
+class _ItemUnpickler(pickle.Unpickler):
+    """Reads a ``torch.save``'d plain tensor's ``data.pkl`` without building the tensor."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_record
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return ("storage_type", _STORAGE_DTYPES[name])
+        raise pickle.UnpicklingError(f"{module}.{name}")  # anything else: use torch.load(weights_only=True)
+
+    def persistent_load(self, pid):
+        kind, storage_type, key, _location, numel = pid
+        if kind != "storage" or not (isinstance(storage_type, tuple) and storage_type[0] == "storage_type"):
+            raise pickle.UnpicklingError("storage")
+        return _Storage(storage_type[1], str(key), int(numel))
+
+
+class _FileSlice(io.RawIOBase):
+    """A read-only, seekable view of ``[start, start+length)`` of a file descriptor (for zipfile)."""
+
+    def __init__(self, fd: int, start: int, length: int):
+        self.fd, self.start, self.length, self.pos = fd, start, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, pos, whence=0):
+        self.pos = {0: pos, 1: self.pos + pos, 2: self.length + pos}[whence]
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+    def readinto(self, b):
+        n = max(0, min(len(b), self.length - self.pos))
+        data = os.pread(self.fd, n, self.start + self.pos) if n else b""
+        b[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def parse_tensor_item(fd: int, offset: int, length: int) -> ItemLayout | None:
+    """The layout of the ``torch.save`` archive at ``[offset, offset+length)``; None if it is not a plain,
+    uncompressed, little-endian tensor archive (the caller then falls back to ``torch.load``)."""
+    try:
+        z = zipfile.ZipFile(_FileSlice(fd, offset, length))
+        names = {i.filename: i for i in z.infolist()}
+        pkl = next(n for n in names if n.endswith("/data.pkl") or n == "data.pkl")
+        prefix = pkl[: -len("data.pkl")]
+        if prefix + "byteorder" in names and z.read(prefix + "byteorder") != b"little":
+            return None
+        record = _ItemUnpickler(io.BytesIO(z.read(pkl))).load()
+        if not (isinstance(record, tuple) and record[0] == "tensor"):
+            return None
+        _, storage, storage_offset, size, stride = record
+        info = names[f"{prefix}data/{storage.key}"]
+        itemsize = torch.empty((), dtype=storage.dtype).element_size()
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != storage.numel * itemsize:
+            return None
+        if any(n < 0 for n in size) or any(s < 0 for s in stride):
+            return None
+        if math.prod(size) and storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.numel:
+            return None
+        head = os.pread(fd, 30, offset + info.header_offset)
+        sig, *_, name_len, extra_len = struct.unpack("<4s5H3L2H", head)
+        if sig != b"PK\x03\x04":
+            return None
+        data_start = offset + info.header_offset + 30 + name_len + extra_len
+        return ItemLayout(data_start, storage.dtype, storage_offset, size, stride)
+    except (zipfile.BadZipFile, pickle.UnpicklingError, StopIteration, KeyError, ValueError, TypeError,
+            struct.error, EOFError, AttributeError, IndexError):
+        return None
+
+
+# --------------------------------------------------------------------------- the source
+
+
+@dataclass(frozen=True)
+class ItemRef:
+    """One stored chunk of a tensor: its place in the global tensor and in the files."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """A tensor of the checkpoint (reads like DCP's ``TensorStorageMetadata``: ``size``, ``properties``,
+    ``chunks`` with ``offsets``/``sizes``), plus where each chunk is stored."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    chunks: tuple[ItemRef, ...]
+    properties: object = None  # the DCP TensorProperties
+
+    @property
+    def size(self) -> torch.Size:
+        return torch.Size(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 class TorchDistSource:
-    """A lazy view of a ``torch_dist`` checkpoint folder: metadata parsed up front, items read on demand."""
+    """A lazy view of one torch_dist checkpoint folder (the one holding ``.metadata``).
+
+    ``tensors``: key -> ``TensorMeta`` (shape, dtype, stored chunks); ``objects``: the BYTE_IO keys.
+    ``read_rows`` / ``read_nbytes`` are the engine's source interface (same as ``SafetensorsSource``).
+    Thread-safe: the engine calls ``read_rows`` from several reader threads.
+    """
 
     def __init__(self, folder: Path | str):
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
         self.folder = Path(folder)
         self.metadata = load_metadata(self.folder / METADATA_FILE)
-        self.tensors: dict[str, TensorStorageMetadata] = {}
+        storage: dict[tuple[str, tuple[int, ...] | None], ItemRef] = {}
+        sizes: dict[str, int] = {}
+        for index, info in self.metadata.storage_data.items():
+            rel, off, length = getattr(info, "relative_path", None), getattr(info, "offset", None), \
+                getattr(info, "length", None)
+            if not isinstance(rel, str) or not isinstance(off, int) or not isinstance(length, int):
+                raise BadInputError(f"{self.folder / METADATA_FILE}: malformed storage entry for {index.fqn!r}")
+            if "/" in rel or "\\" in rel or rel in (".", ".."):
+                raise BadInputError(f"{self.folder}: {METADATA_FILE} names a file outside the folder: {rel!r}")
+            if getattr(info, "transform_descriptors", None):
+                raise BadInputError(f"{self.folder / rel}: item {index.fqn!r} is stored with DCP transforms "
+                                    f"{list(info.transform_descriptors)} (e.g. compression), which streamconv does "
+                                    "not read; save the checkpoint without them")
+            if rel not in sizes:
+                try:
+                    sizes[rel] = (self.folder / rel).stat().st_size
+                except OSError:
+                    raise BadInputError(f"{self.folder / rel}: missing; the checkpoint is incomplete "
+                                        "(every file named in .metadata is needed)") from None
+            if off < 0 or length < 0 or off + length > sizes[rel]:
+                raise BadInputError(f"{self.folder / rel}: item {index.fqn!r} ends at byte {off + length} but the "
+                                    f"file has {sizes[rel]} bytes: truncated; copy the checkpoint again")
+            offsets = tuple(index.offset) if index.offset is not None else None
+            storage[(index.fqn, offsets)] = ItemRef((), (), rel, off, length)
+        self.tensors: dict[str, TensorMeta] = {}
         self.objects: list[str] = []
         for key, md in self.metadata.state_dict_metadata.items():
-            if isinstance(md, TensorStorageMetadata):
-                self.tensors[key] = md
-            elif isinstance(md, BytesStorageMetadata):
+            if isinstance(md, BytesStorageMetadata):
+                if (key, None) not in storage:
+                    raise BadInputError(f"{self.folder / METADATA_FILE}: object {key!r} has no storage entry")
                 self.objects.append(key)
+            elif isinstance(md, TensorStorageMetadata):
+                shape = tuple(int(s) for s in md.size)
+                chunks = []
+                for c in md.chunks:
+                    offs, szs = tuple(int(x) for x in c.offsets), tuple(int(x) for x in c.sizes)
+                    ref = storage.get((key, offs))
+                    if ref is None:
+                        raise BadInputError(f"{self.folder / METADATA_FILE}: chunk {list(offs)} of {key!r} has no "
+                                            "storage entry")
+                    if len(offs) != len(shape) or len(szs) != len(shape) or any(
+                            o < 0 or s < 0 or o + s > n for o, s, n in zip(offs, szs, shape)):
+                        raise BadInputError(f"{self.folder / METADATA_FILE}: chunk {list(offs)}+{list(szs)} lies "
+                                            f"outside tensor {key!r} {list(shape)}")
+                    chunks.append(ItemRef(offs, szs, ref.file, ref.offset, ref.length))
+                self.tensors[key] = TensorMeta(key, shape, md.properties.dtype, tuple(chunks), md.properties)
+            else:
+                raise BadInputError(f"{self.folder / METADATA_FILE}: entry {key!r} is of unknown kind "
+                                    f"{type(md).__name__}")
+        self._storage = storage
         self._fds: dict[str, int] = {}
+        self._layouts: dict[tuple[str, int], ItemLayout | None] = {}
+        self._lock = threading.Lock()
+        self._by_layer: dict[str, dict[int, list[ItemRef]]] = {}
 
-    def item_info(self, key: str, offsets: tuple[int, ...] | None = None):
-        """``_StorageInfo(relative_path, offset, length)`` of the item ``(key, offsets)``."""
-        index = MetadataIndex(key, torch.Size(offsets) if offsets is not None else None)
-        info = self.metadata.storage_data.get(index)
-        if info is None:
+    # ------------------------------------------------------------------ engine interface
+
+    def info(self, name: str) -> TensorMeta:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise BadInputError(f"{self.folder}: tensor {name!r} is needed but not in the checkpoint") from None
+
+    def read_nbytes(self, read) -> int:
+        """Bytes that ``read_rows`` returns for a plan ``Read``."""
+        meta = self.info(read.name)
+        return (read.row1 - read.row0) * math.prod(meta.shape[len(read.index) + 1:]) * _itemsize(meta.dtype)
+
+    def read_rows(self, name: str, row0: int, row1: int, index: tuple[int, ...] = ()) -> torch.Tensor:
+        """Rows ``[row0, row1)`` along dim ``len(index)`` of tensor ``name``, its leading dims fixed to
+        ``index``: a new tensor of shape ``[row1 - row0, *shape[len(index)+1:]]``."""
+        meta = self.info(name)
+        shape, k = meta.shape, len(index)
+        if k >= len(shape) or any(not 0 <= i < n for i, n in zip(index, shape)) or not 0 <= row0 <= row1 <= shape[k]:
+            raise BadInputError(f"{self.folder}: rows [{row0}, {row1}) of index {list(index)} are outside tensor "
+                                f"{name!r} {list(shape)}")
+        lo = (*index, row0, *(0 for _ in shape[k + 1:]))
+        hi = (*(i + 1 for i in index), row1, *shape[k + 1:])
+        region = tuple(h - l for l, h in zip(lo, hi))
+        itemsize = _itemsize(meta.dtype)
+        out_shape = (row1 - row0, *shape[k + 1:])
+        nbytes = math.prod(region) * itemsize
+        if nbytes == 0:
+            return torch.empty(out_shape, dtype=meta.dtype)
+        buf = bytearray(nbytes)
+        out = torch.frombuffer(buf, dtype=meta.dtype).view(region)
+        boxes = []
+        for c in self._candidates(meta, index):
+            blo = tuple(max(a, o) for a, o in zip(lo, c.offsets))
+            bhi = tuple(min(b, o + s) for b, o, s in zip(hi, c.offsets, c.sizes))
+            if all(a < b for a, b in zip(blo, bhi)):
+                boxes.append((c, blo, bhi))
+        covered = sum(math.prod(b - a for a, b in zip(blo, bhi)) for _, blo, bhi in boxes)
+        overlap = any(all(max(a0, a1) < min(b0, b1) for a0, b0, a1, b1 in zip(x[1], x[2], y[1], y[2]))
+                      for i, x in enumerate(boxes) for y in boxes[i + 1:])
+        if overlap or covered != math.prod(region):
+            raise BadInputError(
+                f"{self.folder}: tensor {name!r} rows [{row0}, {row1}) of index {list(index)}: the stored chunks "
+                f"{'overlap' if overlap else f'cover {covered} of {math.prod(region)} elements'}; the checkpoint is "
+                "inconsistent")
+        for c, blo, bhi in boxes:
+            self._copy_box(meta, c, blo, bhi, lo, out, buf, itemsize)
+        return out.view(out_shape)
+
+    def item_info(self, key: str, offsets: tuple[int, ...] | None = None) -> ItemRef:
+        """Where item ``(key, offsets)`` is stored (``file``, ``offset``, ``length``); offsets None: an object."""
+        ref = self._storage.get((key, tuple(offsets) if offsets is not None else None))
+        if ref is None:
             where = f" at offsets {list(offsets)}" if offsets is not None else ""
             raise BadInputError(f"{self.folder}: no item {key!r}{where} in {METADATA_FILE}")
-        if getattr(info, "transform_descriptors", None):
-            raise BadInputError(f"{self.folder}: item {key!r} is stored with transforms "
-                                f"{info.transform_descriptors} (compression?), which streamconv does not read")
-        return info
+        return ref
 
-    def _fd(self, rel: str) -> int:
-        fd = self._fds.get(rel)
-        if fd is None:
-            path = (self.folder / rel).resolve()
-            if path.parent != self.folder.resolve():
-                raise BadInputError(f"{self.folder}: {METADATA_FILE} names a file outside the folder: {rel!r}")
-            try:
-                fd = self._fds[rel] = os.open(path, os.O_RDONLY)
-            except OSError as e:
-                raise BadInputError(f"{path}: cannot read: {e.strerror or e} (the checkpoint is incomplete?)") from e
-        return fd
-
-    def read_bytes(self, key: str, offsets: tuple[int, ...] | None = None) -> bytearray:
+    def read_bytes(self, key: str, offsets: tuple[int, ...] | None = None) -> bytes:
         """The raw bytes of one item (a ``torch.save`` archive)."""
-        info = self.item_info(key, offsets)
-        fd = self._fd(info.relative_path)
-        size = os.fstat(fd).st_size
-        if info.offset < 0 or info.length < 0 or info.offset + info.length > size:
-            raise BadInputError(f"{self.folder / info.relative_path}: item {key!r} [{info.offset}, "
-                                f"{info.offset + info.length}) is past the end of the file ({size} bytes); truncated?")
-        buf = bytearray(info.length)
-        view, done = memoryview(buf), 0
-        while done < info.length:
-            got = os.preadv(fd, [view[done:]], info.offset + done)
-            if got <= 0:
-                raise BadInputError(f"{self.folder / info.relative_path}: unexpected end of file in item {key!r}")
-            done += got
-        return buf
+        ref = self.item_info(key, offsets)
+        return self._pread(ref.file, ref.offset, ref.length)
 
-    def read_item(self, key: str, offsets: tuple[int, ...] | None = None) -> torch.Tensor:
-        """The tensor stored as item ``(key, offsets)`` (shape = that chunk's ``sizes``)."""
-        data = self.read_bytes(key, offsets)
-        try:
-            t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise BadInputError(f"{self.folder}: item {key!r} at {list(offsets or ())} is not a readable tensor "
-                                f"archive ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        if not isinstance(t, torch.Tensor):
-            raise BadInputError(f"{self.folder}: item {key!r} holds a {type(t).__name__}, not a tensor")
-        return t
+    def read_item(self, key: str, offsets: tuple[int, ...]) -> torch.Tensor:
+        """The whole tensor stored as chunk ``offsets`` of ``key`` (shape = that chunk's ``sizes``)."""
+        meta = self.info(key)
+        offsets = tuple(offsets)
+        for c in meta.chunks:
+            if c.offsets == offsets:
+                return self._load_item(meta, c)
+        raise BadInputError(f"{self.folder}: no chunk of {key!r} at offsets {list(offsets)} in {METADATA_FILE}")
 
     def read_object(self, key: str):
-        """A BYTE_IO item (``torch.save([obj])`` as megatron writes them), loaded with ``weights_only``."""
-        data = self.read_bytes(key, None)
+        """A BYTE_IO item (``_extra_state``, ``common_state``): ``torch.load(weights_only=True)`` of its bytes."""
+        ref = self._storage.get((key, None))
+        if ref is None or key not in self.objects:
+            raise BadInputError(f"{self.folder}: object {key!r} is not in the checkpoint")
+        data = self._pread(ref.file, ref.offset, ref.length)
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise BadInputError(f"{self.folder}: object {key!r} is not readable with weights_only "
-                                f"({type(e).__name__})") from None
+        except Exception as e:  # weights_only refusals are UnpicklingError; garbage gives others
+            raise BadInputError(f"{self.folder / ref.file}: object {key!r} cannot be read safely "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
         return obj[0] if isinstance(obj, list) and len(obj) == 1 else obj
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _fd(self, rel: str) -> int:
+        with self._lock:
+            fd = self._fds.get(rel)
+            if fd is None:
+                path = (self.folder / rel).resolve()
+                if path.parent != self.folder.resolve():
+                    raise BadInputError(f"{self.folder}: {METADATA_FILE} names a file outside the folder: {rel!r}")
+                try:
+                    fd = self._fds[rel] = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise BadInputError(f"{path}: cannot read: {e.strerror or e} (the checkpoint is incomplete?)") \
+                        from e
+            return fd
+
+    def _pread(self, rel: str, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd(rel), length, offset)
+        if len(data) != length:
+            raise BadInputError(f"{self.folder / rel}: unexpected end of file; copy the checkpoint again")
+        return data
+
+    def _preadinto(self, rel: str, view: memoryview, offset: int) -> None:
+        fd, done = self._fd(rel), 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise BadInputError(f"{self.folder / rel}: unexpected end of file; copy the checkpoint again")
+            done += got
+
+    def _candidates(self, meta: TensorMeta, index: tuple[int, ...]) -> list[ItemRef]:
+        """Chunks that may overlap leading index ``index`` (bucketed by layer for stacked keys)."""
+        if not index or not all(c.sizes[0] == 1 for c in meta.chunks):
+            return list(meta.chunks)
+        by_layer = self._by_layer.get(meta.key)
+        if by_layer is None:
+            by_layer = collections.defaultdict(list)
+            for c in meta.chunks:
+                by_layer[c.offsets[0]].append(c)
+            self._by_layer[meta.key] = by_layer
+        return by_layer.get(index[0], [])
+
+    def _layout(self, meta: TensorMeta, c: ItemRef) -> ItemLayout | None:
+        cache_key = (c.file, c.offset)
+        if cache_key not in self._layouts:
+            layout = parse_tensor_item(self._fd(c.file), c.offset, c.length)
+            if layout is not None and (layout.size != c.sizes or layout.dtype != meta.dtype):
+                raise BadInputError(
+                    f"{self.folder / c.file}: chunk {list(c.offsets)} of {meta.key!r} holds a {layout.dtype} "
+                    f"tensor of shape {list(layout.size)} but .metadata says {meta.dtype} {list(c.sizes)}")
+            self._layouts[cache_key] = layout
+        return self._layouts[cache_key]
+
+    def _load_item(self, meta: TensorMeta, c: ItemRef) -> torch.Tensor:
+        data = self._pread(c.file, c.offset, c.length)
+        try:
+            t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise BadInputError(f"{self.folder / c.file}: chunk {list(c.offsets)} of {meta.key!r} is not a readable "
+                                f"tensor ({type(e).__name__})") from e
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != c.sizes or t.dtype != meta.dtype:
+            raise BadInputError(f"{self.folder / c.file}: chunk {list(c.offsets)} of {meta.key!r} does not match "
+                                f".metadata ({meta.dtype} {list(c.sizes)})")
+        return t
+
+    def _copy_box(self, meta, c: ItemRef, blo, bhi, lo, out: torch.Tensor, buf: bytearray, itemsize: int) -> None:
+        """Copy the part ``[blo, bhi)`` (global coordinates) of chunk ``c`` into ``out`` (region from ``lo``)."""
+        local_lo = tuple(a - o for a, o in zip(blo, c.offsets))
+        local_hi = tuple(b - o for b, o in zip(bhi, c.offsets))
+        dst_lo = tuple(a - l for a, l in zip(blo, lo))
+        dst_hi = tuple(b - l for b, l in zip(bhi, lo))
+        dst = out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))]
+        layout = self._layout(meta, c)
+        if layout is None:  # not a plain tensor archive: load the item whole (memory: one item)
+            item = self._load_item(meta, c)
+            dst.copy_(item[tuple(slice(a, b) for a, b in zip(local_lo, local_hi))])
+            return
+        if layout.standard and _contiguous_box(local_lo, local_hi, c.sizes) and dst.is_contiguous():
+            start = layout.storage_offset + sum(a * s for a, s in zip(local_lo, layout.stride))
+            first = dst.storage_offset() * itemsize
+            view = memoryview(buf)[first: first + dst.numel() * itemsize]
+            self._preadinto(c.file, view, layout.data_start + start * itemsize)
+            return
+        # strided on either side: copy through a bounded buffer, a slab of the outermost split dim at a time
+        dims = [d for d in range(len(local_lo)) if local_hi[d] - local_lo[d] > 1] or [len(local_lo) - 1]
+        p = dims[0]
+        unit = max(1, layout.stride[p]) * itemsize
+        step = max(1, COPY_BUFFER_BYTES // unit)
+        for a in range(local_lo[p], local_hi[p], step):
+            b = min(local_hi[p], a + step)
+            sub_lo = (*local_lo[:p], a, *local_lo[p + 1:])
+            sub_hi = (*local_hi[:p], b, *local_hi[p + 1:])
+            part = self._read_strided(c, layout, sub_lo, sub_hi, itemsize)
+            sl = [slice(x, y) for x, y in zip(dst_lo, dst_hi)]
+            sl[p] = slice(dst_lo[p] + a - local_lo[p], dst_lo[p] + b - local_lo[p])
+            out[tuple(sl)].copy_(part)
+
+    def _read_strided(self, c: ItemRef, layout: ItemLayout, lo, hi, itemsize: int) -> torch.Tensor:
+        start = layout.storage_offset + sum(a * s for a, s in zip(lo, layout.stride))
+        end = layout.storage_offset + sum((b - 1) * s for b, s in zip(hi, layout.stride)) + 1
+        data = bytearray((end - start) * itemsize)
+        self._preadinto(c.file, memoryview(data), layout.data_start + start * itemsize)
+        flat = torch.frombuffer(data, dtype=layout.dtype)
+        return flat.as_strided(tuple(b - a for a, b in zip(lo, hi)), layout.stride, 0)
+
+
+def _contiguous_box(lo, hi, sizes) -> bool:
+    """Whether box ``[lo, hi)`` of a row-major array of ``sizes`` is one contiguous run of elements."""
+    d = 0
+    while d < len(sizes) and hi[d] - lo[d] == 1:
+        d += 1
+    return all(lo[e] == 0 and hi[e] == sizes[e] for e in range(d + 1, len(sizes)))

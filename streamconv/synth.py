@@ -102,3 +102,153 @@ def make_checkpoint(out: Path | str, config: dict, *, seed: int = 0, dtype: torc
     cfg["torch_dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
+
+
+# --------------------------------------------------------------------------- DeciLM (nemotron-nas) configs
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+# Published config.json files shipped with streamconv (see configs/README.md for where each comes from).
+REAL_CONFIGS = {
+    "nano-4b-v1.1": "llama-3_1-nemotron-nano-4b-v1_1.config.json",
+    "nano-8b-v1": "llama-3_1-nemotron-nano-8b-v1.config.json",
+    "70b-instruct-hf": "llama-3_1-nemotron-70b-instruct-hf.config.json",
+    "super-49b-v1": "llama-3_3-nemotron-super-49b-v1.config.json",
+    "ultra-253b-v1": "llama-3_1-nemotron-ultra-253b-v1.config.json",
+}
+
+
+def real_config(name: str) -> dict:
+    """A shipped real ``config.json`` by short name (``REAL_CONFIGS``), e.g. ``"ultra-253b-v1"``."""
+    if name not in REAL_CONFIGS:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(REAL_CONFIGS)}")
+    return json.loads((CONFIGS_DIR / REAL_CONFIGS[name]).read_text())
+
+
+def decilm_block(attention: str = "full", n_heads_in_group: int | None = None, ffn: str = "full",
+                 ffn_mult: float | None = None) -> dict:
+    """One ``block_configs`` entry with the fields (and null values) of the published configs.
+
+    ``attention`` and ``ffn`` are ``"full"``, ``"no_op"`` or ``"linear"`` (``replace_with_linear``).
+    """
+    for kind in (attention, ffn):
+        if kind not in ("full", "no_op", "linear"):
+            raise ValueError(f"block kind {kind!r}: choose full, no_op or linear")
+    return {
+        "attention": {
+            "n_heads_in_group": n_heads_in_group if attention == "full" else None,
+            "no_op": attention == "no_op",
+            "num_sink_tokens": None,
+            "replace_with_linear": attention == "linear",
+            "sparsify": None,
+            "unshifted_sink": False,
+            "use_prefill_window_in_sink_attention": False,
+            "window_length": None,
+        },
+        "ffn": {
+            "ffn_mult": ffn_mult if ffn == "full" else None,
+            "no_op": ffn == "no_op",
+            "replace_with_linear": ffn == "linear",
+            "sparsify": None,
+        },
+    }
+
+
+def decilm_config(blocks: list[dict], hidden=64, heads=8, vocab=256, tied=False, dtype="float32",
+                  rope_theta=10000.0, rope_scaling=None, **extra) -> dict:
+    """A ``DeciLMForCausalLM`` (``nemotron-nas``) config.json dict with the given ``block_configs``."""
+    cfg = {
+        "architectures": ["DeciLMForCausalLM"],
+        "model_type": "nemotron-nas",
+        "auto_map": {"AutoConfig": "configuration_decilm.DeciLMConfig",
+                     "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"},
+        "block_configs": [json.loads(json.dumps(b)) for b in blocks],
+        "hidden_size": hidden,
+        "intermediate_size": None,
+        "num_hidden_layers": len(blocks),
+        "num_attention_heads": heads,
+        "num_key_value_heads": None,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": rope_theta,
+        "rope_scaling": rope_scaling,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": tied,
+        "torch_dtype": dtype,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def mixed_decilm_config(hidden=64, heads=8, vocab=256, **extra) -> dict:
+    """A DeciLM config that uses every block variant megatron-core can express, one per layer.
+
+    Layers: full attention with two different ``n_heads_in_group`` (GQA 2 and 4 groups, and MHA), FFNs
+    of three ``ffn_mult`` widths, attention ``no_op``, attention ``replace_with_linear``, FFN ``no_op``,
+    FFN ``replace_with_linear``, both replaced by linear maps, and a fully empty layer (both ``no_op``).
+    """
+    b = decilm_block
+    blocks = [
+        b("full", heads // 2, "full", 2.625),  # 2 query groups
+        b("no_op", ffn="full", ffn_mult=1.3125),  # attention skipped
+        b("linear", ffn="full", ffn_mult=5.25),  # attention -> one linear map
+        b("full", heads // 4, "no_op"),  # 4 query groups, FFN skipped
+        b("full", 1, "linear"),  # MHA, FFN -> one linear map
+        b("no_op", ffn="no_op"),  # fully empty layer
+        b("linear", ffn="linear"),  # both linear
+        b("full", heads // 2, "full", 1.0),
+    ]
+    return decilm_config(blocks, hidden=hidden, heads=heads, vocab=vocab, **extra)
+
+
+def scale_config(cfg: dict, hidden: int, heads: int, layers=None, vocab: int | None = 512) -> dict:
+    """A small copy of a real config that keeps its per-layer block pattern.
+
+    DeciLM: every kept layer keeps its ``block_configs`` entry as is (``n_heads_in_group``, ``ffn_mult``,
+    ``no_op``, ``replace_with_linear``), so the FFN widths follow ``ffn_mult`` at the new ``hidden`` exactly
+    as in the real model, and ``heads`` must be a multiple of every ``n_heads_in_group``. Llama: the
+    key/value heads keep their ratio to the heads and ``intermediate_size`` its ratio to ``hidden``;
+    an explicit ``head_dim`` keeps its ratio to ``hidden / heads``.
+
+    ``layers``: ``None`` keeps all layers, an int keeps the first N, a list keeps those layer indices in
+    order. ``vocab=None`` keeps the real vocabulary size.
+    """
+    out = json.loads(json.dumps(cfg))
+    n = cfg["num_hidden_layers"]
+    if layers is None:
+        keep = list(range(n))
+    elif isinstance(layers, int):
+        keep = list(range(min(layers, n)))
+    else:
+        keep = list(layers)
+    if not keep or any(not 0 <= i < n for i in keep):
+        raise ValueError(f"layers {layers!r}: choose indices in [0, {n})")
+    old_hidden, old_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    out.pop("_name_or_path", None)
+    out.update(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=len(keep))
+    if vocab is not None:
+        out["vocab_size"] = vocab
+    if cfg.get("head_dim") is not None:
+        head_dim = cfg["head_dim"] * old_heads * hidden / (old_hidden * heads)
+        if head_dim != int(head_dim) or int(head_dim) % 2:
+            raise ValueError(f"hidden={hidden}, heads={heads}: the scaled head_dim {head_dim} is not an even integer")
+        out["head_dim"] = int(head_dim)
+    elif hidden % heads or (hidden // heads) % 2:
+        raise ValueError(f"hidden={hidden}, heads={heads}: head_dim must be an even integer")
+    if "block_configs" in cfg:
+        out["block_configs"] = [json.loads(json.dumps(cfg["block_configs"][i])) for i in keep]
+        for i, block in zip(keep, out["block_configs"]):
+            per = (block.get("attention") or {}).get("n_heads_in_group")
+            if per and heads % per:
+                raise ValueError(f"heads={heads} is not a multiple of layer {i}'s n_heads_in_group={per}")
+    else:
+        kv = cfg.get("num_key_value_heads") or old_heads
+        if (heads * kv) % old_heads:
+            raise ValueError(f"heads={heads} cannot keep the ratio {old_heads}:{kv} of heads to kv heads")
+        out["num_key_value_heads"] = heads * kv // old_heads
+        out["intermediate_size"] = max(1, round(cfg["intermediate_size"] * hidden / old_hidden))
+    return out

@@ -7,11 +7,19 @@ Every subcommand is a function ``cmd_<name>(args) -> int``; errors a user can ac
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import signal
 import sys
 
-from streamconv import __version__
-from streamconv.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, StreamconvError, UsageError
+from streamconv import __version__, interrupt
+from streamconv.errors import EXIT_INTERNAL, EXIT_IO, EXIT_USAGE, StreamconvError, UsageError, output_error
+
+# What an interrupted command leaves behind, per command (printed after "error: interrupted by SIGINT;").
+INTERRUPT_HINTS = {
+    "hf2mcore": "the output folder is incomplete and is not a loadable checkpoint (no .metadata, no tracker file); "
+                "run the same command again to resume",
+}
 
 
 def _size(text: str) -> int:
@@ -122,20 +130,30 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    try:
-        return args.func(args)
-    except StreamconvError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as e:  # a bug: keep the user's screen clean unless asked
-        if args.debug:
-            raise
-        print(f"internal error: {type(e).__name__}: {e} (run again with --debug for a traceback)", file=sys.stderr)
-        return EXIT_INTERNAL
+    with interrupt.signals_as_interrupt():
+        try:
+            return args.func(args)
+        except StreamconvError as e:
+            if args.debug:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            sig, hint = interrupt.received(), INTERRUPT_HINTS.get(args.command)
+            print(f"error: interrupted by {signal.Signals(sig).name}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+            return 128 + sig
+        except OSError as e:  # an I/O error no command turned into a StreamconvError: still one line
+            if args.debug:
+                raise
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                print(f"error: {output_error(e.filename, e)}", file=sys.stderr)
+            else:
+                print(f"error: {e.filename or 'I/O error'}: {e.strerror or e}", file=sys.stderr)
+            return EXIT_IO
+        except Exception as e:  # a bug: keep the user's screen clean unless asked
+            if args.debug:
+                raise
+            print(f"internal error: {type(e).__name__}: {e} (run again with --debug for a traceback)", file=sys.stderr)
+            return EXIT_INTERNAL

@@ -5,12 +5,15 @@ these; the CLI prints ``error: <message>`` on one line and exits with ``exit_cod
 bug and prints a traceback only with ``--debug``.
 """
 
+import errno
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
 EXIT_IO = 4
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # SIGINT (ctrl-C): 128 + 2
+EXIT_TERMINATED = 143  # SIGTERM: 128 + 15
 
 
 class StreamconvError(Exception):
@@ -35,3 +38,20 @@ class OutputError(StreamconvError):
     """The output folder cannot be used (non-empty, read-only, full disk, ...)."""
 
     exit_code = EXIT_IO
+
+
+# errno -> (what happened, what to do) for OSErrors met while writing output
+_OUTPUT_ERRNO = {
+    errno.ENOSPC: ("disk full (no space left on device)", "free space or choose another output folder, then run again"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or choose another output folder, then run again"),
+    errno.EFBIG: ("file too large for this file system", "choose an output folder on another file system"),
+    errno.EROFS: ("read-only file system", "choose a writable output folder"),
+    errno.EACCES: ("permission denied", "choose an output folder you can write to"),
+    errno.EPERM: ("operation not permitted", "choose an output folder you can write to"),
+}
+
+
+def output_error(path, err: OSError) -> OutputError:
+    """An ``OSError`` met while writing ``path``, as a one-line ``OutputError`` that says what to do."""
+    what, todo = _OUTPUT_ERRNO.get(err.errno, (f"cannot write: {err.strerror or err}", "check the output folder"))
+    return OutputError(f"{path}: {what}; {todo}" if path else f"{what}; {todo}")

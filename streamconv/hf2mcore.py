@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from streamconv import engine
-from streamconv.errors import BadInputError, OutputError, UsageError
+from streamconv.errors import BadInputError, OutputError, UsageError, output_error
 from streamconv.formats import run_config
 from streamconv.formats.safetensors import SafetensorsSource
 from streamconv.formats.torch_dist import TorchDistSink, fsync_write
@@ -75,7 +75,10 @@ def prepare_output(out: Path, overwrite: bool) -> Path:
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise OutputError(f"{out}: output folder is not empty; choose another --megatron-path or pass --overwrite")
-        shutil.rmtree(out)
+        try:
+            shutil.rmtree(out)
+        except OSError as e:
+            raise output_error(e.filename or out, e) from e
     ckpt = out / ITER_DIR
     try:
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -83,7 +86,7 @@ def prepare_output(out: Path, overwrite: bool) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise OutputError(f"{out}: cannot write there: {e.strerror or e}") from e
+        raise output_error(out, e) from e
     return ckpt
 
 
@@ -135,6 +138,8 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
         except BaseException:
             sink.abort()
             raise
+        # what Bridge / Megatron-LM look for in <out> comes after the commit (.metadata): never before
+        fsync_write(out / run_config.LATEST_TRAIN_STATE_FILE, (ckpt / run_config.TRAIN_STATE_FILE).read_bytes())
         fsync_write(out / TRACKER, run_config.tracker_text(0).encode())
     finally:
         source.close()
@@ -157,14 +162,13 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
 
 def write_bridge_files(folder: Path, out: Path, ckpt: Path, spec: ModelSpec, plan: Plan, hf_model: str) -> None:
     """What Megatron-Bridge's import writes around the torch_dist part: ``run_config.yaml``,
-    ``train_state.pt`` (+ ``<out>/latest_train_state.pt``) and the tokenizer files."""
+    ``train_state.pt`` and the tokenizer files (``<out>/latest_train_state.pt`` is written after ``.metadata``)."""
     text = run_config.for_spec(spec, plan, save_dir=str(out.resolve()), hf_source=hf_model)
     fsync_write(ckpt / run_config.RUN_CONFIG_FILE, text.encode())
     buf = io.BytesIO()
     torch.save({k: torch.tensor(v, dtype=getattr(torch, d)) for k, (v, d) in run_config.train_state_tensors(0).items()},
                buf)
     fsync_write(ckpt / run_config.TRAIN_STATE_FILE, buf.getvalue())
-    fsync_write(out / run_config.LATEST_TRAIN_STATE_FILE, buf.getvalue())
     present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
     if present:
         (ckpt / "tokenizer").mkdir(exist_ok=True)

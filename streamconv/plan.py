@@ -99,7 +99,11 @@ def check_source(spec: ModelSpec, infos: dict, allow_unused: bool = False) -> No
     expected = {t.name: t.shape for t in rules.hf_tensors(spec)}
     for name, shape in expected.items():
         if name not in infos:
-            raise BadInputError(f"tensor {name!r} is needed for {spec.architecture} but is not in the checkpoint")
+            folders = sorted({str(i.path.parent) for i in infos.values() if hasattr(i, "path")})
+            where = f"{folders[0]}: " if len(folders) == 1 else ""
+            raise BadInputError(f"{where}tensor {name!r} is needed for {spec.architecture} but is not in the "
+                                "checkpoint; check that the download is complete and that config.json belongs to "
+                                "these weights")
         got = tuple(infos[name].shape)
         if got != shape:
             raise BadInputError(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from streamconv.errors import BadInputError, OutputError
+from streamconv.errors import BadInputError, output_error
 
 # Headers of real checkpoints are a few hundred KiB; refuse absurd sizes before allocating.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -60,63 +60,107 @@ class TensorInfo:
         return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
 
 
+REDOWNLOAD = "re-download it"
+
+
+def _ints(value, count: int | None = None) -> tuple[int, ...] | None:
+    """``value`` as a tuple of non-negative JSON integers (``count`` of them if given), else None."""
+    if not isinstance(value, list) or (count is not None and len(value) != count):
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        return None
+    return tuple(value)
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate a shard's header; every inconsistency is a one-line BadInputError."""
+    """Parse and validate a shard's header; every inconsistency is a one-line BadInputError.
+
+    Bounded: the header length is checked against the file size (and ``MAX_HEADER_BYTES``) before
+    anything is allocated, and every tensor's byte range must lie inside the data region, match its
+    dtype and shape, and not overlap another.
+    """
+    path = Path(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise BadInputError(f"{path}: not a safetensors file (shorter than 8 bytes); re-download it")
+                raise BadInputError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte "
+                                    f"header length); {REDOWNLOAD}")
             (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or n + 8 > size:
-                raise BadInputError(
-                    f"{path}: header length {n} is larger than the file ({size} bytes): truncated or not safetensors"
-                )
+            if n + 8 > size:
+                raise BadInputError(f"{path}: header length {n} is larger than the file ({size} bytes): truncated "
+                                    f"or not a safetensors file; {REDOWNLOAD}")
+            if n > MAX_HEADER_BYTES:
+                raise BadInputError(f"{path}: header length {n} is over the {MAX_HEADER_BYTES} bytes streamconv "
+                                    "accepts: not a safetensors checkpoint")
             raw = f.read(n)
     except OSError as e:
         raise BadInputError(f"{path}: cannot read: {e.strerror or e}") from e
+    if len(raw) != n:
+        raise BadInputError(f"{path}: the file ended inside its header; {REDOWNLOAD}")
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInputError(f"{path}: malformed safetensors header JSON ({e}); re-download the file") from e
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        detail = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise BadInputError(f"{path}: malformed safetensors header JSON ({detail}); {REDOWNLOAD}") from e
     if not isinstance(header, dict):
-        raise BadInputError(f"{path}: malformed safetensors header (not a JSON object)")
+        raise BadInputError(f"{path}: malformed safetensors header (not a JSON object); {REDOWNLOAD}")
     header.pop("__metadata__", None)
     data_start = 8 + n
     data_len = size - data_start
     infos: dict[str, TensorInfo] = {}
     spans = []
     for name, entry in header.items():
-        try:
-            dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(s) for s in shape)
-            begin, end = int(begin), int(end)
-        except (TypeError, KeyError, ValueError) as e:
-            raise BadInputError(f"{path}: malformed header entry for tensor {name!r}") from e
+        dtype_name = entry.get("dtype") if isinstance(entry, dict) else None
+        shape = _ints(entry.get("shape")) if isinstance(entry, dict) else None
+        offsets = _ints(entry.get("data_offsets"), 2) if isinstance(entry, dict) else None
+        if not isinstance(dtype_name, str) or shape is None or offsets is None:
+            raise BadInputError(f"{path}: malformed header entry for tensor {name!r} (needs a dtype string, a shape "
+                                f"and two data_offsets, all non-negative integers); {REDOWNLOAD}")
         if dtype_name not in DTYPES:
-            raise BadInputError(f"{path}: tensor {name!r} has unknown dtype {dtype_name!r}")
-        if any(s < 0 for s in shape):
-            raise BadInputError(f"{path}: tensor {name!r} has a negative dimension {list(shape)}")
+            raise BadInputError(f"{path}: tensor {name!r} has unknown dtype {dtype_name[:40]!r} "
+                                f"(streamconv reads {', '.join(DTYPES)})")
+        begin, end = offsets
         dtype = DTYPES[dtype_name]
         expected = math.prod(shape) * itemsize(dtype)
-        if end - begin != expected or begin < 0:
+        if end - begin != expected:
             raise BadInputError(
                 f"{path}: tensor {name!r} {dtype_name}{list(shape)} needs {expected} bytes but its byte range "
-                f"[{begin}, {end}) holds {end - begin}"
+                f"[{begin}, {end}) holds {end - begin}: the header is corrupt; {REDOWNLOAD}"
             )
         if end > data_len:
             raise BadInputError(
                 f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes: "
-                "the shard is truncated; re-download it"
+                f"the shard is truncated or its header is corrupt; {REDOWNLOAD}"
             )
         spans.append((begin, end, name))
         infos[name] = TensorInfo(name, path, dtype, shape, data_start + begin, expected)
-    spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0 and e1 > b1:
-            raise BadInputError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
+    reach, owner = 0, None  # the furthest end so far, and whose
+    for begin, end, name in sorted(spans):
+        if end == begin:  # empty tensors hold no bytes
+            continue
+        if begin < reach:
+            raise BadInputError(f"{path}: tensors {owner!r} and {name!r} overlap in the file: the header is "
+                                f"corrupt; {REDOWNLOAD}")
+        reach, owner = end, name
     return infos
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """``weight_map`` of ``model.safetensors.index.json``: tensor name -> shard file name in the same folder."""
+    try:
+        weight_map = json.loads(index.read_bytes())["weight_map"]
+    except OSError as e:
+        raise BadInputError(f"{index}: cannot read: {e.strerror or e}") from e
+    except (ValueError, RecursionError, KeyError, TypeError) as e:
+        raise BadInputError(f"{index}: unreadable index (no JSON object with a 'weight_map'); re-download it") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise BadInputError(f"{index}: 'weight_map' must map tensor names to shard file names; re-download it")
+    for shard in weight_map.values():
+        if not shard or Path(shard).name != shard or shard in (".", ".."):
+            raise BadInputError(f"{index}: shard name {shard[:80]!r} is not a file name in the model folder")
+    return weight_map
 
 
 class SafetensorsSource:
@@ -131,10 +175,7 @@ class SafetensorsSource:
         self.tensors: dict[str, TensorInfo] = {}
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise BadInputError(f"{index}: unreadable index ({e})") from e
+            weight_map = read_index(index)
             shards = sorted(set(weight_map.values()))
             for shard in shards:
                 if not (self.folder / shard).is_file():
@@ -248,7 +289,7 @@ class ShardWriter:
             self.f = open(self.tmp, "wb")
             self.f.write(encode_header(self.entries, metadata))
         except OSError as e:
-            raise OutputError(f"{self.tmp}: cannot write: {e.strerror or e}") from e
+            raise output_error(self.tmp, e) from e
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor whole, or in row blocks: call repeatedly until its rows are complete."""
@@ -268,7 +309,7 @@ class ShardWriter:
         try:
             self.f.write(memoryview(data))
         except OSError as e:
-            raise OutputError(f"{self.tmp}: cannot write: {e.strerror or e}") from e
+            raise output_error(self.tmp, e) from e
         self._pending -= data.nbytes
         if self._pending == 0:
             self._next += 1
@@ -282,4 +323,4 @@ class ShardWriter:
             self.f.close()
             os.replace(self.tmp, self.path)
         except OSError as e:
-            raise OutputError(f"{self.path}: cannot write: {e.strerror or e}") from e
+            raise output_error(self.path, e) from e

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkSt
                                                    MetadataIndex, StorageMeta, TensorProperties,
                                                    TensorStorageMetadata)
 
-from streamconv.errors import OutputError
+from streamconv.errors import output_error
 
 METADATA_JSON = {
     "sharded_backend": "torch_dist",
@@ -73,7 +73,7 @@ def fsync_write(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as e:
-        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from e
+        raise output_error(path, e) from e
 
 
 def fsync_dir(folder: Path) -> None:
@@ -94,7 +94,7 @@ class DistcpFile:
         try:
             self.f = open(self.tmp, "wb")
         except OSError as e:
-            raise OutputError(f"{self.tmp}: cannot write: {e.strerror or e}") from e
+            raise output_error(self.tmp, e) from e
         self.entries: list[tuple[str, tuple[int, ...] | None, int, int]] = []  # key, offsets, offset, length
 
     def append(self, key: str, offsets: tuple[int, ...] | None, data: bytes | memoryview) -> None:
@@ -102,7 +102,7 @@ class DistcpFile:
             pos = self.f.tell()
             self.f.write(data)
         except OSError as e:
-            raise OutputError(f"{self.tmp}: cannot write: {e.strerror or e}") from e
+            raise output_error(self.tmp, e) from e
         self.entries.append((key, offsets, pos, len(data)))
 
     def finish(self) -> None:
@@ -112,10 +112,15 @@ class DistcpFile:
             self.f.close()
             os.replace(self.tmp, self.path)
         except OSError as e:
-            raise OutputError(f"{self.path}: cannot write: {e.strerror or e}") from e
+            raise output_error(self.path, e) from e
 
     def abort(self) -> None:
-        self.f.close()
+        """Close without the final name; the ``.partial`` file never looks complete. Closing flushes the
+        buffer, which fails again on a full disk: that error is not the one to report."""
+        try:
+            self.f.close()
+        except OSError:
+            pass
 
 
 def build_metadata(targets, chunks_by_key, objects, storage) -> Metadata:

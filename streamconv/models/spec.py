@@ -63,8 +63,9 @@ def load_config(path: Path | str) -> dict:
         cfg = json.loads(path.read_text())
     except FileNotFoundError:
         raise BadInputError(f"{path}: not found (a Hugging Face model folder needs a config.json)") from None
-    except (OSError, ValueError) as e:
-        raise BadInputError(f"{path}: unreadable config ({e})") from e
+    except (OSError, ValueError, RecursionError) as e:
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise BadInputError(f"{path}: unreadable config ({detail}); it must be the model's JSON config.json") from e
     if not isinstance(cfg, dict):
         raise BadInputError(f"{path}: config.json is not a JSON object")
     return cfg
@@ -75,18 +76,51 @@ def spec_from_config(cfg: dict) -> ModelSpec:
     from streamconv.models import decilm, llama
 
     archs = cfg.get("architectures") or []
-    arch = archs[0] if archs else cfg.get("model_type", "?")
+    arch = archs[0] if isinstance(archs, list) and archs else cfg.get("model_type", "?")
     parsers = {"LlamaForCausalLM": llama.parse_config, "DeciLMForCausalLM": decilm.parse_config}
-    if arch not in parsers:
+    if not isinstance(arch, str) or arch not in parsers:
         raise UnsupportedModelError(
-            f"unsupported architecture {arch!r}: streamconv converts {', '.join(sorted(parsers))}"
+            f"unsupported architecture {str(arch)[:80]!r}: streamconv converts {', '.join(sorted(parsers))}"
         )
-    return parsers[arch](cfg)
+    layers = cfg.get("num_hidden_layers")
+    if isinstance(layers, int) and layers > MAX_LAYERS:  # before a parser builds one entry per layer
+        raise UnsupportedModelError(f"config.json: num_hidden_layers={layers} is out of range (1..{MAX_LAYERS})")
+    try:
+        spec = parsers[arch](cfg)
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:  # a value of the wrong kind or size
+        raise UnsupportedModelError(f"config.json: unusable value for {arch} ({type(e).__name__}: "
+                                    f"{str(e)[:120]}); check the file") from e
+    check_limits(spec)
+    return spec
+
+
+# Far beyond any real model (Ultra 253B: 162 layers, hidden 16384, vocab 128256): a config past these is
+# corrupt, and planning it would only run for hours.
+MAX_LAYERS = 10_000
+MAX_DIM = 1 << 24
+MAX_PARAMETERS = 10**14
+
+
+def check_limits(spec: ModelSpec) -> None:
+    dims = {"hidden_size": spec.hidden_size, "num_attention_heads": spec.num_attention_heads,
+            "head_dim": spec.head_dim, "vocab_size": spec.vocab_size}
+    ffn = [layer.ffn_hidden_size for layer in spec.layers if layer.ffn_hidden_size is not None]
+    if ffn:
+        dims["ffn hidden size"] = max(ffn)
+    for key, value in dims.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value > MAX_DIM:
+            raise UnsupportedModelError(f"config.json: {key}={value!r} is out of range (1..{MAX_DIM})")
+    if not 0 < spec.num_layers <= MAX_LAYERS:
+        raise UnsupportedModelError(f"config.json: num_hidden_layers={spec.num_layers} is out of range (1..{MAX_LAYERS})")
+    if spec.param_count() > MAX_PARAMETERS:
+        raise UnsupportedModelError(f"config.json describes {spec.param_count():.3g} parameters: not a real model")
 
 
 def require(cfg: dict, key: str, kind=int):
     """A required config field of the given type, or a clear error."""
     value = cfg.get(key)
     if value is None or isinstance(value, bool) or not isinstance(value, kind):
-        raise UnsupportedModelError(f"config.json: field {key!r} must be a {kind.__name__}, got {value!r}")
+        raise UnsupportedModelError(f"config.json: field {key!r} must be a {kind.__name__}, got {str(value)[:80]}")
+    if kind is int and value <= 0:
+        raise UnsupportedModelError(f"config.json: field {key!r} must be positive, got {value}")
     return value

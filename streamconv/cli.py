@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="output dtype (default: config torch_dtype)")
     p.add_argument("--max-memory", type=_size, default="2GiB", help="memory budget the plan is sized for")
     p.add_argument("--tensors", action="store_true", help="list every output tensor")
+    p.add_argument("--layers", action="store_true", help="list every layer: block kinds, bytes, memory it needs")
     p.add_argument("--trust-remote-code", action="store_true", help=argparse.SUPPRESS)
     _add_common(p)
     p.set_defaults(func=cmd_plan)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -24,11 +26,51 @@ class ShapeSource:
 
     def __init__(self, spec, dtype: torch.dtype):
         self.shapes = {t.name: t.shape for t in rules.hf_tensors(spec)}
+        self.dtype = dtype
         self.itemsize = torch.empty((), dtype=dtype).element_size()
+
+    def dtype_of(self, name: str) -> torch.dtype:  # what the real source reports: every tensor in ``dtype``
+        return self.dtype
 
     def read_nbytes(self, read) -> int:
         shape = self.shapes[read.name][len(read.index):]
         return (read.row1 - read.row0) * math.prod(shape[1:]) * self.itemsize
+
+
+def layer_rows(plan, source) -> list[dict]:
+    """Per layer: its block kinds, parameters, output bytes and chunks, its largest whole tensor, and the
+    memory converting it needs (its costliest chunk in flight: the rows read plus the piece written, as the
+    engine accounts it). The layers' ``memory_bytes`` maximum is the plan's ``min_memory_bytes``."""
+    spec = plan.spec
+    rows = [{"layer": i, "attention": layer.attention, "query_groups": layer.num_query_groups, "mlp": layer.mlp,
+             "ffn_hidden_size": layer.ffn_hidden_size, "parameters": 0, "bytes": 0, "chunks": 0,
+             "largest_tensor_bytes": 0, "memory_bytes": 0} for i, layer in enumerate(spec.layers)]
+    for b in rules.bindings(spec):
+        layer = _layer_of(b.key, b.index)
+        if layer is not None:
+            rows[layer]["parameters"] += sum(t.numel for t in b.hf)
+    sizes: dict[tuple[str, int], int] = {}
+    chunks: list[list] = [[] for _ in rows]
+    for c in plan.chunks:
+        layer = c.layer
+        if layer is None:
+            continue
+        rows[layer]["bytes"] += c.nbytes
+        rows[layer]["chunks"] += 1
+        chunks[layer].append(c)
+        sizes[(c.key, layer)] = sizes.get((c.key, layer), 0) + c.nbytes
+    for row, layer_chunks in zip(rows, chunks):  # the engine's own accounting, on this layer's chunks
+        row["memory_bytes"] = engine.min_memory(dataclasses.replace(plan, chunks=layer_chunks), source)
+    for (key, layer), nbytes in sizes.items():  # a stacked key's layer slice, or a per-layer key
+        rows[layer]["largest_tensor_bytes"] = max(rows[layer]["largest_tensor_bytes"], nbytes)
+    return rows
+
+
+def _layer_of(key: str, index: tuple) -> int | None:
+    if index:
+        return index[0]
+    m = re.search(r"layers\.(\d+)\.", key)
+    return int(m.group(1)) if m else None
 
 
 def plan_command(args) -> int:
@@ -45,7 +87,9 @@ def plan_command(args) -> int:
     summary["dtype"] = str(out_dtype).replace("torch.", "")
     summary["chunk_bytes"] = plan.chunk_bytes
     summary["max_memory_bytes"] = args.max_memory
-    summary["min_memory_bytes"] = engine.min_memory(plan, ShapeSource(spec, src_dtype))
+    shapes = ShapeSource(spec, src_dtype)
+    summary["min_memory_bytes"] = engine.min_memory(plan, shapes)
+    per_layer = layer_rows(plan, shapes)
     by_key: dict[str, int] = {}
     for c in plan.chunks:
         by_key[c.key] = by_key.get(c.key, 0) + 1
@@ -53,6 +97,7 @@ def plan_command(args) -> int:
         if args.tensors:
             summary["targets"] = [{"key": t.key, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
                                    "bytes": t.nbytes, "chunks": by_key[t.key]} for t in plan.targets.values()]
+        summary["per_layer"] = per_layer
         print(json.dumps(summary, indent=2))
         return 0
     console = Console()
@@ -64,6 +109,17 @@ def plan_command(args) -> int:
             table.add_row(t.key, str(list(t.shape)), str(t.dtype).replace("torch.", ""), engine.fmt_bytes(t.nbytes),
                           str(by_key[t.key]))
         console.print(table)
+    if getattr(args, "layers", False):
+        table = Table(title="per layer (largest = its biggest whole tensor; memory = what converting it holds at most)")
+        for col in ("layer", "attention", "ffn", "params", "output", "chunks", "largest", "memory"):
+            table.add_column(col, justify="left" if col in ("attention", "ffn") else "right")
+        for r in per_layer:
+            attn = f"{r['query_groups']} groups" if r["attention"] == "attention" else r["attention"]
+            ffn = str(r["ffn_hidden_size"]) if r["mlp"] == "mlp" else r["mlp"]
+            table.add_row(str(r["layer"]), attn, ffn, f"{r['parameters'] / 1e6:,.1f}M",
+                          engine.fmt_bytes(r["bytes"]), str(r["chunks"]), engine.fmt_bytes(r["largest_tensor_bytes"]),
+                          engine.fmt_bytes(r["memory_bytes"]))
+        console.print(table)
     grid = Table(title=f"plan: {spec.architecture}, {spec.num_layers} layers", show_header=False)
     grid.add_column(style="bold")
     grid.add_column(justify="right")
@@ -73,6 +129,10 @@ def plan_command(args) -> int:
     grid.add_row("chunks / files", f"{summary['chunks']} / {summary['files'] + 1}")
     grid.add_row("largest tensor", f"{summary['largest_tensor']} ({engine.fmt_bytes(summary['largest_tensor_bytes'])})")
     grid.add_row("largest chunk", engine.fmt_bytes(summary["largest_chunk_bytes"]))
+    widest = max(per_layer, key=lambda r: r["largest_tensor_bytes"], default=None)
+    if widest is not None:
+        grid.add_row("largest layer tensor", f"layer {widest['layer']}: {engine.fmt_bytes(widest['largest_tensor_bytes'])}"
+                                             f" whole, converted with {engine.fmt_bytes(widest['memory_bytes'])} in flight")
     grid.add_row("memory budget", f"{engine.fmt_bytes(args.max_memory)} (at least "
                                   f"{engine.fmt_bytes(summary['min_memory_bytes'])} needed)")
     console.print(grid)

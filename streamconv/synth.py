@@ -187,15 +187,16 @@ def decilm_config(blocks: list[dict], hidden=64, heads=8, vocab=256, tied=False,
 def mixed_decilm_config(hidden=64, heads=8, vocab=256, **extra) -> dict:
     """A DeciLM config that uses every block variant megatron-core can express, one per layer.
 
-    Layers: full attention with two different ``n_heads_in_group`` (GQA 2 and 4 groups, and MHA), FFNs
-    of three ``ffn_mult`` widths, attention ``no_op``, attention ``replace_with_linear``, FFN ``no_op``,
-    FFN ``replace_with_linear``, both replaced by linear maps, and a fully empty layer (both ``no_op``).
+    Layers: full attention with three different ``n_heads_in_group`` (2 and 4 query groups, and MHA), FFNs
+    of three widths (``ffn_mult`` 2.625, 9 and 15: 256, 512 and 768 at hidden 64, different at any size),
+    attention ``no_op``, attention ``replace_with_linear``, FFN ``no_op``, FFN ``replace_with_linear``,
+    both replaced by linear maps, and a fully empty layer (both ``no_op``). ``heads`` must be a multiple of 4.
     """
     b = decilm_block
     blocks = [
         b("full", heads // 2, "full", 2.625),  # 2 query groups
-        b("no_op", ffn="full", ffn_mult=1.3125),  # attention skipped
-        b("linear", ffn="full", ffn_mult=5.25),  # attention -> one linear map
+        b("no_op", ffn="full", ffn_mult=9.0),  # attention skipped
+        b("linear", ffn="full", ffn_mult=15.0),  # attention -> one linear map
         b("full", heads // 4, "no_op"),  # 4 query groups, FFN skipped
         b("full", 1, "linear"),  # MHA, FFN -> one linear map
         b("no_op", ffn="no_op"),  # fully empty layer

@@ -5,6 +5,9 @@ Examples:
   python tools/make_checkpoint.py /tmp/tiny                              # tiny Llama, fp32, 3 shards
   python tools/make_checkpoint.py /tmp/m --hidden 2048 --layers 16 --ffn 5632 --vocab 32000 --dtype bf16
   python tools/make_checkpoint.py /tmp/s --config path/to/config.json   # any supported config.json
+  python tools/make_checkpoint.py /tmp/u --like ultra-253b-v1 --hidden 128 --heads 32   # Ultra's 162-layer
+                                                            # block pattern at small widths
+  python tools/make_checkpoint.py /tmp/d --decilm-mixed       # DeciLM using every block variant
 """
 
 import argparse
@@ -16,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from streamconv.synth import llama_config, make_checkpoint  # noqa: E402
+from streamconv.synth import REAL_CONFIGS, llama_config, make_checkpoint, mixed_decilm_config, real_config, scale_config  # noqa: E402,E501
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -26,7 +29,12 @@ def main() -> int:
     p.add_argument("out")
     p.add_argument("--config", help="a config.json to use instead of the Llama size flags")
     p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--like", choices=sorted(REAL_CONFIGS),
+                   help="a real model scaled down to --hidden/--heads/--vocab, keeping its per-layer block pattern "
+                        "(all its layers unless --layers N keeps the first N)")
+    p.add_argument("--decilm-mixed", action="store_true",
+                   help="a DeciLM model mixing every block variant (--hidden/--heads/--vocab)")
+    p.add_argument("--layers", type=int, default=None, help="layers (default 2; with --like: all)")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2, help="equal to --heads for MHA")
     p.add_argument("--head-dim", type=int, default=None)
@@ -40,8 +48,12 @@ def main() -> int:
     a = p.parse_args()
     if a.config:
         cfg = json.loads(Path(a.config).read_text())
+    elif a.like:
+        cfg = scale_config(real_config(a.like), hidden=a.hidden, heads=a.heads, layers=a.layers, vocab=a.vocab)
+    elif a.decilm_mixed:
+        cfg = mixed_decilm_config(hidden=a.hidden, heads=a.heads, vocab=a.vocab)
     else:
-        cfg = llama_config(hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads, ffn=a.ffn,
+        cfg = llama_config(hidden=a.hidden, layers=a.layers or 2, heads=a.heads, kv_heads=a.kv_heads, ffn=a.ffn,
                            vocab=a.vocab, head_dim=a.head_dim, tied=a.tied)
     out = make_checkpoint(a.out, cfg, seed=a.seed, dtype=DTYPES[a.dtype], shards=a.shards, shuffle=not a.no_shuffle)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))

@@ -19,6 +19,8 @@ from streamconv.errors import EXIT_INTERNAL, EXIT_IO, EXIT_USAGE, StreamconvErro
 INTERRUPT_HINTS = {
     "hf2mcore": "the output folder is incomplete and is not a loadable checkpoint (no .metadata, no tracker file); "
                 "run the same command again to resume",
+    "mcore2hf": "the output folder is incomplete (no index, .streamconv-mcore2hf.json still there); run the same "
+                "command again to resume",
 }
 
 
@@ -27,6 +29,15 @@ def _size(text: str) -> int:
 
     try:
         return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _shard_size(text: str) -> int:
+    from streamconv.mcore2hf import parse_shard_size
+
+    try:
+        return parse_shard_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -66,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_hf2mcore)
 
+    p = sub.add_parser("mcore2hf", help="export a Megatron-Core torch_dist checkpoint to HF safetensors")
+    p.add_argument("--megatron-path", required=True,
+                   help="checkpoint folder (holding .metadata), an iter_*/release folder, or their parent with "
+                        "latest_checkpointed_iteration.txt")
+    p.add_argument("--hf-path", required=True, help="output folder (safetensors shards, index, config.json)")
+    p.add_argument("--hf-config", default=None,
+                   help="HF model folder, config.json or hub id describing the model (default: the checkpoint's "
+                        "run_config.yaml); tokenizer/generation files are copied from a folder")
+    p.add_argument("--dtype", default=None,
+                   help="output dtype: bf16, fp16, fp32 (default: keep each tensor's stored dtype)")
+    p.add_argument("--max-shard-size", type=_shard_size, default="5GB",
+                   help="largest safetensors shard, as save_pretrained reads it (default 5GB = 5*10^9 bytes)")
+    p.add_argument("--overwrite", action="store_true", help="delete a non-empty output folder and start over")
+    _add_engine(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_mcore2hf)
+
     p = sub.add_parser("plan", help="print the conversion plan without reading weights")
     p.add_argument("--hf-model", required=True, help="HF model folder, config.json, or hub repo id")
     p.add_argument("--dtype", default=None, help="output dtype (default: config torch_dtype)")
@@ -93,6 +121,20 @@ def cmd_hf2mcore(args) -> int:
     summary = hf2mcore(args.hf_model, args.megatron_path, opts)
     _report(args, summary, f"wrote {summary['output']} ({summary['tensors']} tensors, {summary['bytes'] / 1e9:.2f} GB "
                            f"in {summary['seconds']:.1f}s, {summary['mb_per_s']} MB/s, "
+                           f"peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB)")
+    return 0
+
+
+def cmd_mcore2hf(args) -> int:
+    from streamconv.mcore2hf import Options, mcore2hf
+
+    opts = Options(hf_config=args.hf_config, dtype=args.dtype, max_memory=args.max_memory,
+                   max_shard_size=args.max_shard_size, workers=args.workers, device=args.device,
+                   overwrite=args.overwrite, quiet=args.quiet or args.json)
+    _check_device(args.device)
+    summary = mcore2hf(args.megatron_path, args.hf_path, opts)
+    _report(args, summary, f"wrote {summary['output']} ({summary['tensors']} tensors in {summary['shards']} shard(s), "
+                           f"{summary['bytes'] / 1e9:.2f} GB in {summary['seconds']:.1f}s, {summary['mb_per_s']} MB/s, "
                            f"peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB)")
     return 0
 

@@ -16,10 +16,11 @@ import torch
 from streamconv.errors import BadInputError
 from streamconv.models import rules
 from streamconv.models.spec import ModelSpec
-from streamconv.transforms import fused_rows_of, layout_segments, sources_for_fused_rows
+from streamconv.transforms import fused_rows_for_source, fused_rows_of, layout_segments, sources_for_fused_rows
 
 DEFAULT_CHUNK_BYTES = 64 * 1024**2
 DEFAULT_FILE_BYTES = 2 * 1024**3
+DEFAULT_SHARD_BYTES = 5 * 10**9  # HF save_pretrained's max_shard_size="5GB"
 
 # Tensors some HF checkpoints carry that are not weights (recomputed buffers): ignored on import.
 IGNORED_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -155,6 +156,42 @@ def import_plan(
             sizes = (*(1 for _ in lead), r1 - r0, *shape[1:])
             chunks.append(Chunk(b.key, offsets, sizes, reads, file, nbytes))
     return Plan("hf2mcore", spec, targets, chunks, rules.extra_state_keys(spec), chunk_bytes)
+
+
+def export_plan(
+    spec: ModelSpec,
+    mcore_dtypes: dict[str, torch.dtype],
+    out_dtype: torch.dtype | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Plan:
+    """mcore2hf: every HF tensor in row blocks of at most ``chunk_bytes``; the inverse of ``import_plan``,
+    read off the same bindings and segment layouts (QKV split per group, [gate; up] split, unstacking).
+
+    ``mcore_dtypes`` maps megatron keys to their stored dtype (``out_dtype=None`` keeps it, bit-exact).
+    ``chunk.file`` is the safetensors shard: whole tensors, in plan order, a new shard when the next tensor
+    would take the current one past ``shard_bytes`` (as HF's ``save_pretrained(max_shard_size=...)``).
+    """
+    targets: dict[str, Target] = {}
+    chunks: list[Chunk] = []
+    shard, shard_fill = 0, 0
+    for b in rules.bindings(spec):
+        src_dtype = mcore_dtypes[b.key]
+        dtype = out_dtype or src_dtype
+        segs = layout_segments(b.layout, [t.shape[0] for t in b.hf], b.heads_per_group, b.head_dim)
+        for j, t in enumerate(b.hf):
+            target = targets[t.name] = Target(t.name, t.shape, dtype)
+            if shard_fill and shard_fill + target.nbytes > shard_bytes:
+                shard, shard_fill = shard + 1, 0
+            shard_fill += target.nbytes
+            inner = math.prod(t.shape[1:])
+            row_bytes = inner * max(_itemsize(dtype), _itemsize(src_dtype))
+            for r0, r1 in row_blocks(t.shape[0], row_bytes, chunk_bytes):
+                reads = tuple(Read(b.key, a, z, b.index) for a, z in fused_rows_for_source(segs, j, r0, r1))
+                offsets = (r0, *(0 for _ in t.shape[1:]))
+                sizes = (r1 - r0, *t.shape[1:])
+                chunks.append(Chunk(t.name, offsets, sizes, reads, shard, (r1 - r0) * inner * _itemsize(dtype)))
+    return Plan("mcore2hf", spec, targets, chunks, [], chunk_bytes)
 
 
 def describe(plan: Plan) -> dict:

@@ -1,0 +1,118 @@
+"""The HF ``config.json`` a Megatron-Bridge checkpoint describes in its ``run_config.yaml`` (the inverse of
+``run_config.provider_fields_*``), for ``mcore2hf`` without ``--hf-config``.
+
+- Heterogeneous (DeciLM / ``nemotron-nas``): ``model.heterogeneous_layers_config_encoded_json`` is the whole
+  HF config (Bridge passes ``hf_config.to_json_string()``), or ``heterogeneous_layers_config_path`` names it.
+- Llama (``GPTModelProvider`` and its Llama subclasses): a ``LlamaForCausalLM`` config rebuilt from the
+  provider fields (sizes, norm epsilon, rope base and scaling, tying, params dtype). Fields the provider does
+  not hold (token ids, llama3 low/high frequency factors) take transformers' / Llama 3.1's defaults.
+
+Pure: YAML text in, dict out; ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from streamconv.errors import BadInputError, UnsupportedModelError
+from streamconv.formats.run_config import RUN_CONFIG_FILE, TOKENIZER_DIR, is_decilm
+
+__all__ = ["RUN_CONFIG_FILE", "TOKENIZER_DIR", "hf_config_from_run_config", "hf_config_from_model_section"]
+
+_ACTIVATIONS = {"torch.nn.functional.silu": "silu", "megatron.core.activations.silu": "silu"}
+
+
+def hf_config_from_run_config(path: Path | str) -> dict:
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise BadInputError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); pass --hf-config instead") from e
+    model = doc.get("model") if isinstance(doc, dict) else None
+    if not isinstance(model, dict):
+        raise BadInputError(f"{path}: has no 'model:' section; pass --hf-config instead")
+    return hf_config_from_model_section(model, path)
+
+
+def _target(value) -> str | None:
+    return value.get("_target_") if isinstance(value, dict) else value
+
+
+def hf_config_from_model_section(model: dict, where: Path | str = RUN_CONFIG_FILE) -> dict:
+    encoded = model.get("heterogeneous_layers_config_encoded_json")
+    config_path = model.get("heterogeneous_layers_config_path")
+    if encoded or config_path:
+        try:
+            cfg = json.loads(encoded) if encoded else json.loads(Path(config_path).read_text())
+        except (OSError, ValueError) as e:
+            raise BadInputError(f"{where}: the heterogeneous layers config is unreadable ({e}); pass --hf-config") \
+                from e
+        if not isinstance(cfg, dict) or not is_decilm(cfg):
+            raise UnsupportedModelError(f"{where}: the heterogeneous layers config is not a DeciLMForCausalLM "
+                                        "config.json; pass --hf-config")
+        cfg = dict(cfg)
+        cfg.setdefault("architectures", ["DeciLMForCausalLM"])
+        return cfg
+    return _llama_config(model, where)
+
+
+def _llama_config(m: dict, where) -> dict:
+    def need(key):
+        value = m.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise BadInputError(f"{where}: model.{key} must be a positive integer, got {value!r}; pass --hf-config")
+        return value
+
+    act = _ACTIVATIONS.get(str(_target(m.get("activation_func", "torch.nn.functional.silu"))))
+    checks = {
+        "normalization": (m.get("normalization", "RMSNorm") == "RMSNorm"),
+        "gated_linear_unit": bool(m.get("gated_linear_unit", True)),
+        "activation_func": act == "silu",
+        "add_bias_linear": not m.get("add_bias_linear", False),
+        "add_qkv_bias": not m.get("add_qkv_bias", False),
+        "position_embedding_type": m.get("position_embedding_type", "rope") == "rope",
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise UnsupportedModelError(f"{where}: model.{bad[0]}={m.get(bad[0])!r} is not a Llama model; streamconv "
+                                    "exports LlamaForCausalLM and DeciLMForCausalLM")
+    hidden, heads = need("hidden_size"), need("num_attention_heads")
+    dtype = str(_target(m.get("params_dtype")) or "").removeprefix("torch.")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        dtype = "bfloat16" if m.get("bf16") else "float16" if m.get("fp16") else "float32"
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": need("ffn_hidden_size"),
+        "num_hidden_layers": need("num_layers"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": m.get("num_query_groups") or heads,
+        "vocab_size": need("vocab_size"),
+        "max_position_embeddings": m.get("seq_length") or 4096,
+        "rms_norm_eps": float(m.get("layernorm_epsilon", 1e-5)),
+        "rope_theta": float(m.get("rotary_base", 10000.0)),
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": float(m.get("attention_dropout", 0.0) or 0.0),
+        "initializer_range": float(m.get("init_method_std", 0.02)),
+        "tie_word_embeddings": bool(m.get("share_embeddings_and_output_weights", False)),
+        "torch_dtype": dtype,
+    }
+    kv_channels = m.get("kv_channels")
+    if kv_channels and kv_channels * heads != hidden:
+        cfg["head_dim"] = kv_channels
+    if m.get("rope_scaling"):
+        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": float(m.get("rope_scaling_factor", 8.0)),
+                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192}
+    elif m.get("seq_len_interpolation_factor"):
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(m["seq_len_interpolation_factor"])}
+    return cfg

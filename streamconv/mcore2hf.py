@@ -1,0 +1,288 @@
+"""mcore2hf: a Megatron-Core ``torch_dist`` checkpoint -> a Hugging Face safetensors folder, streaming.
+
+Input: the folder holding ``.metadata``, an ``iter_*`` / ``release`` folder, or their parent with
+``latest_checkpointed_iteration.txt``. The model is described by ``--hf-config`` (a folder, config.json or
+hub id) or else by the checkpoint's own ``run_config.yaml`` (Megatron-Bridge). Output, as
+``save_pretrained`` lays it out::
+
+    <hf-path>/model-0000i-of-0000n.safetensors   (model.safetensors when one shard)
+    <hf-path>/config.json, tokenizer and generation files (when a source for them is known)
+    <hf-path>/model.safetensors.index.json       written last (several shards)
+
+Resume: ``<hf-path>/.streamconv-mcore2hf.json`` records what the export is made of; re-running the same
+command keeps the shards already complete (a shard exists under its final name only when complete) and
+writes the rest. The marker is removed when the export is finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from streamconv import engine
+from streamconv.errors import BadInputError, OutputError, UsageError, output_error
+from streamconv.formats import run_config_reader
+from streamconv.formats.safetensors import DTYPE_NAMES
+from streamconv.formats.safetensors_sink import (INDEX_FILE, SafetensorsSink, shard_complete, shard_entries,
+                                                 shard_name, write_index)
+from streamconv.formats.torch_dist import fsync_dir, fsync_write
+from streamconv.formats.torch_dist_reader import METADATA_FILE, TorchDistSource
+from streamconv.hf2mcore import TOKENIZER_FILES, chunk_bytes_for, parse_dtype, peak_rss, resolve_hf_model
+from streamconv.models import rules
+from streamconv.models.spec import ModelSpec, load_config, spec_from_config
+from streamconv.plan import DEFAULT_SHARD_BYTES, Plan, export_plan
+from streamconv.progress import make_progress
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MARKER = ".streamconv-mcore2hf.json"
+CONFIG_PATTERNS = ["*.json", "tokenizer.model"]  # what a hub --hf-config fetches: never the weights
+# Tensors a (padded) vocabulary may make longer than the config's vocab_size: the extra rows are dropped.
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+# Top-level key prefixes of the model's weights (others, e.g. optimizer state, are not read).
+MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+
+
+@dataclass
+class Options:
+    hf_config: str | None = None
+    dtype: str | None = None
+    max_memory: int = engine.DEFAULT_MAX_MEMORY
+    max_shard_size: int = DEFAULT_SHARD_BYTES
+    workers: int = 4
+    device: str = "cpu"
+    overwrite: bool = False
+    quiet: bool = False
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The folder holding ``.metadata``: ``path`` itself, the one its tracker file names, or its only
+    ``iter_*``/``release`` folder."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise BadInputError(f"{p}: not found (pass a torch_dist checkpoint folder or its parent)")
+    if (p / METADATA_FILE).is_file():
+        return p
+    tracker = p / TRACKER
+    if tracker.is_file():
+        text = tracker.read_text(errors="replace").strip()
+        if text == "release":
+            sub = p / "release"
+        elif text.isdigit():
+            sub = p / f"iter_{int(text):07d}"
+        else:
+            raise BadInputError(f"{tracker}: holds {text[:40]!r}, not an iteration number or 'release'")
+        if not (sub / METADATA_FILE).is_file():
+            raise BadInputError(f"{sub}: named by {TRACKER} but holds no {METADATA_FILE}: the checkpoint is "
+                                "incomplete or was moved")
+        return sub
+    found = sorted(d for d in p.iterdir()
+                   if d.is_dir() and (d.name.startswith("iter_") or d.name == "release") and (d / METADATA_FILE).is_file())
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise BadInputError(f"{p}: holds {len(found)} checkpoints ({', '.join(d.name for d in found[:4])}"
+                            f"{', ...' if len(found) > 4 else ''}) and no {TRACKER}; pass one of them")
+    raise BadInputError(f"{p}: not a torch_dist checkpoint (no {METADATA_FILE}, no {TRACKER}, no iter_*/release "
+                        "folder with one)")
+
+
+def model_config(ckpt: Path, hf_config: str | None) -> tuple[dict, Path | None, bytes | None]:
+    """The HF config dict, the folder it came from (tokenizer files may be there) and, when given as a
+    file, its exact bytes (copied verbatim)."""
+    if hf_config is not None:
+        folder = resolve_hf_model(hf_config, allow_patterns=CONFIG_PATTERNS)
+        cfg = load_config(folder)
+        return cfg, folder, (folder / "config.json").read_bytes()
+    path = ckpt / run_config_reader.RUN_CONFIG_FILE
+    if not path.is_file():
+        raise UsageError(f"{ckpt}: no {run_config_reader.RUN_CONFIG_FILE} to describe the model (Megatron-Bridge "
+                         "writes one); pass --hf-config <HF model folder | config.json | hub id>")
+    return run_config_reader.hf_config_from_run_config(path), None, None
+
+
+def check_checkpoint(spec: ModelSpec, source: TorchDistSource) -> None:
+    """Every megatron tensor the spec implies is there with its shape; no model tensor is left over."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for b in rules.bindings(spec):
+        expected[b.key] = b.global_shape
+    where = source.folder
+    hint = "check that --hf-config (or the checkpoint's run_config.yaml) describes this checkpoint"
+    missing = [k for k in expected if k not in source.tensors]
+    if missing:
+        raise BadInputError(f"{where}: tensor {missing[0]!r} is needed for {spec.architecture} with this config but "
+                            f"is not in the checkpoint ({len(missing)} missing); {hint}")
+    for key, shape in expected.items():
+        meta = source.tensors[key]
+        got = meta.shape
+        padded = key in VOCAB_KEYS and got[1:] == shape[1:] and got[0] >= shape[0]
+        if got != shape and not padded:
+            raise BadInputError(f"{where}: tensor {key!r} has shape {list(got)} but the config implies "
+                                f"{list(shape)}; {hint}")
+        if meta.dtype not in DTYPE_NAMES:
+            raise BadInputError(f"{where}: tensor {key!r} is {meta.dtype}, which safetensors cannot store")
+    unused = sorted(k for k in source.tensors if k not in expected and k.startswith(MODEL_PREFIXES))
+    if unused:
+        tied = " (the config ties the embeddings but the checkpoint has an output layer)" \
+            if unused[0] == "output_layer.weight" else ""
+        raise BadInputError(f"{where}: {len(unused)} model tensor(s) are not in the {spec.architecture} mapping of "
+                            f"this config, first {unused[0]!r}{tied}; {hint}")
+
+
+def _identity(ckpt: Path, plan: Plan) -> dict:
+    """What the export is made of: a re-run resumes only when this is unchanged."""
+    meta = ckpt / METADATA_FILE
+    st = meta.stat()
+    entries = [[(n, str(d), list(s)) for n, d, s in shard] for shard in shard_entries(plan)]
+    return {
+        "format": 1,
+        "checkpoint": str(ckpt.resolve()),
+        "metadata": {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                     "sha256": hashlib.sha256(meta.read_bytes()).hexdigest()},
+        "shards": hashlib.sha256(json.dumps(entries).encode()).hexdigest(),
+        "chunk_bytes": plan.chunk_bytes,
+    }
+
+
+def prepare_output(out: Path, overwrite: bool, identity: dict, protected: list[Path]) -> bool:
+    """Create ``out`` (or resume in it); returns True when resuming. ``protected``: folders (the input)
+    that ``--overwrite`` must never delete."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
+    resolved = out.resolve()
+    for p in protected:
+        p = p.resolve()
+        if p == resolved or resolved in p.parents:
+            raise UsageError(f"{out}: the output folder holds the input {p}; choose another --hf-path")
+    marker = out / MARKER
+    resume = False
+    if out.is_dir() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        elif marker.is_file():
+            try:
+                previous = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                previous = None
+            if previous != identity:
+                raise OutputError(f"{out}: holds an unfinished export of another checkpoint or with other options; "
+                                  "run the same command as before to finish it, or pass --overwrite to start over")
+            resume = True
+        else:
+            raise OutputError(f"{out}: output folder is not empty; choose another --hf-path or pass --overwrite")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise output_error(out, e) from e
+    if not resume:
+        fsync_write(marker, json.dumps(identity, indent=2).encode())
+    return resume
+
+
+def write_config(out: Path, cfg: dict, verbatim: bytes | None, plan: Plan, dtype_given: bool) -> None:
+    """``config.json``: the given file as is, unless ``--dtype`` changed the weights' dtype; otherwise the
+    config dict with ``torch_dtype`` set to the exported dtype."""
+    if verbatim is not None and not dtype_given:
+        fsync_write(out / "config.json", verbatim)
+        return
+    cfg = dict(cfg)
+    dtypes = {t.dtype for t in plan.targets.values()}
+    if len(dtypes) == 1:
+        cfg["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+        cfg.pop("dtype", None)
+    fsync_write(out / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
+
+
+def copy_side_files(out: Path, sources: list[Path]) -> list[str]:
+    """Tokenizer and generation files, each from the first source folder that has it."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        for folder in sources:
+            if (folder / name).is_file():
+                fsync_write(out / name, (folder / name).read_bytes())
+                copied.append(name)
+                break
+    return copied
+
+
+def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options) -> dict:
+    """Export; returns the summary (bytes, seconds, peak RSS, ...)."""
+    ckpt = resolve_checkpoint(megatron_path)
+    cfg, cfg_folder, verbatim = model_config(ckpt, opts.hf_config)
+    spec = spec_from_config(cfg)
+    out_dtype = parse_dtype(opts.dtype)
+    if opts.max_shard_size <= 0:
+        raise UsageError("--max-shard-size must be positive")
+    out = Path(hf_path).expanduser()
+    source = TorchDistSource(ckpt)
+    try:
+        check_checkpoint(spec, source)
+        mcore_dtypes = {k: m.dtype for k, m in source.tensors.items()}
+        plan = export_plan(spec, mcore_dtypes, out_dtype, chunk_bytes_for(opts.max_memory), opts.max_shard_size)
+        need = engine.min_memory(plan, source)
+        if need > opts.max_memory:
+            raise UsageError(f"--max-memory {engine.fmt_bytes(opts.max_memory)} is below the "
+                             f"{engine.fmt_bytes(need)} one chunk needs")
+        protected = [ckpt] + ([cfg_folder] if cfg_folder is not None else [])
+        prepare_output(out, opts.overwrite, _identity(ckpt, plan), protected)
+        entries = shard_entries(plan)
+        done = {i for i, e in enumerate(entries) if shard_complete(out / shard_name(i, plan.num_files), e)}
+        sink = SafetensorsSink(out, plan, skip=done)
+        progress = make_progress(opts.quiet, "mcore2hf", plan.total_bytes, len(plan.chunks), opts.max_memory)
+        try:
+            with progress:
+                stats = engine.run(plan, source, sink, max_memory=opts.max_memory, workers=opts.workers,
+                                   device=opts.device, progress=progress, skip=lambda c: c.file in done)
+            sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+        write_config(out, cfg, verbatim, plan, out_dtype is not None)
+        side = [cfg_folder] if cfg_folder is not None else []
+        copied = copy_side_files(out, side + [ckpt / run_config_reader.TOKENIZER_DIR])
+        write_index(out, plan)  # last: with it a sharded folder is complete
+        (out / MARKER).unlink(missing_ok=True)
+        fsync_dir(out)
+    finally:
+        source.close()
+    return {
+        "command": "mcore2hf",
+        "input": str(ckpt),
+        "output": str(out),
+        "architecture": spec.architecture,
+        "layers": spec.num_layers,
+        "tensors": len(plan.targets),
+        "chunks": stats.chunks_done,
+        "shards": plan.num_files,
+        "shards_skipped": len(done),
+        "index": INDEX_FILE if plan.num_files > 1 else None,
+        "copied": copied,
+        "bytes": stats.bytes_done,
+        "seconds": round(stats.seconds, 3),
+        "mb_per_s": round(stats.bytes_done / 1e6 / max(stats.seconds, 1e-9), 1),
+        "peak_rss_bytes": peak_rss(),
+        "max_memory_bytes": opts.max_memory,
+    }
+
+
+def parse_shard_size(text: str) -> int:
+    """``--max-shard-size`` as ``save_pretrained`` reads it: ``5GB`` = 5 * 10**9, ``5GiB`` = 5 * 2**30."""
+    s = text.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            s, scale = s[: -len(unit)], mult
+            break
+    else:
+        scale = 1
+    try:
+        value = float(s)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 5GB, 500MB, 2GiB)") from None
+    if value <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return int(value * scale)
+

@@ -1,0 +1,333 @@
+"""mcore2hf: torch_dist -> HF safetensors, judged by bit-exact round trips, transformers' logits, and a
+checkpoint re-saved by real megatron-core at tensor-parallel 2."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from streamconv.cli import main
+from streamconv.formats.torch_dist_reader import TorchDistSource
+from streamconv.mcore2hf import MARKER, resolve_checkpoint
+from streamconv.models.spec import spec_from_config
+from streamconv.synth import llama_config, make_checkpoint
+
+
+def hf2mcore(src, out, *extra) -> None:
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), "--quiet", *extra]) == 0
+
+
+def mcore2hf(ckpt, out, *extra) -> dict:
+    """Run the command line (in this process) and return its --json summary."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["mcore2hf", "--megatron-path", str(ckpt), "--hf-path", str(out), "--json", *map(str, extra)])
+    assert rc == 0
+    return json.loads(buf.getvalue())
+
+
+def mcore2hf_fails(ckpt, out, *extra, capsys) -> tuple[int, str]:
+    """Run the command line expecting a refusal: (exit code, stderr)."""
+    capsys.readouterr()
+    rc = main(["mcore2hf", "--megatron-path", str(ckpt), "--hf-path", str(out), *map(str, extra)])
+    return rc, capsys.readouterr().err
+
+
+def load_folder(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(f)
+        assert not set(tensors) & set(out), f"{f.name} repeats tensors"
+        out.update(tensors)
+    return out
+
+
+def assert_bit_exact(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        x, y = a[name], b[name]
+        assert (x.dtype, tuple(x.shape)) == (y.dtype, tuple(y.shape)), name
+        assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), name
+
+
+def assert_index(folder, tensors: dict) -> None:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    n = len(shards)
+    assert shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert set(index["weight_map"]) == set(tensors)
+    assert set(index["weight_map"].values()) == set(shards)
+    for shard in shards:
+        assert set(load_file(folder / shard)) == {k for k, v in index["weight_map"].items() if v == shard}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# ---------------------------------------------------------------------------------------------- round trips
+
+LLAMA = dict(hidden=64, layers=3, heads=8, kv_heads=2, ffn=96, vocab=256)
+
+
+@pytest.mark.parametrize("tied,dtype,config_from", [
+    (False, torch.float32, "run_config"),
+    (True, torch.float32, "hf_config"),
+    (False, torch.bfloat16, "hf_config"),
+    (True, torch.bfloat16, "run_config"),
+])
+def test_llama_round_trip_is_bit_exact(tmp_path, tied, dtype, config_from):
+    cfg = llama_config(**LLAMA, tied=tied)
+    src = make_checkpoint(tmp_path / "hf", cfg, seed=7, dtype=dtype, shards=3)
+    hf2mcore(src, tmp_path / "mcore")
+    extra = ["--hf-config", src] if config_from == "hf_config" else []
+    # small budget and shards: tensors are read in row blocks and spread over several shards
+    summary = mcore2hf(tmp_path / "mcore", tmp_path / "out", "--max-memory", "32KiB", "--max-shard-size", "60KB",
+                       *extra)
+    out = tmp_path / "out"
+    exported = load_folder(out)
+    assert_bit_exact(load_folder(src), exported)
+    assert ("lm_head.weight" in exported) == (not tied)
+    assert summary["shards"] > 3 and summary["chunks"] > summary["tensors"]
+    assert_index(out, exported)
+    assert all(f.stat().st_size <= 60_000 for f in out.glob("*.safetensors") if len(load_file(f)) > 1)
+    written = json.loads((out / "config.json").read_text())
+    if config_from == "hf_config":
+        assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    else:  # rebuilt from run_config.yaml: describes the same model
+        assert spec_from_config(written) == spec_from_config(json.loads((src / "config.json").read_text()))
+    assert written["torch_dtype"] == str(dtype).removeprefix("torch.")
+    assert not (out / MARKER).exists() and not list(out.glob("*.partial"))
+
+
+def mixed_decilm_config() -> dict:
+    """A DeciLM (nemotron-nas) config.json using every block variant, as the published configs spell them."""
+    def block(attn: dict, ffn: dict) -> dict:
+        a = {"n_heads_in_group": None, "no_op": False, "replace_with_linear": False, "sparsify": None,
+             "num_sink_tokens": None, "unshifted_sink": False, "use_prefill_window_in_sink_attention": False,
+             "window_length": None}
+        f = {"ffn_mult": None, "no_op": False, "replace_with_linear": False, "sparsify": None}
+        return {"attention": {**a, **attn}, "ffn": {**f, **ffn}}
+
+    blocks = [
+        block({"n_heads_in_group": 4}, {"ffn_mult": 2.625}),
+        block({"no_op": True}, {"ffn_mult": 1.3125}),
+        block({"replace_with_linear": True}, {"ffn_mult": 5.25}),
+        block({"n_heads_in_group": 2}, {"no_op": True}),
+        block({"n_heads_in_group": 1}, {"replace_with_linear": True}),
+        block({"no_op": True}, {"no_op": True}),
+        block({"replace_with_linear": True}, {"replace_with_linear": True}),
+    ]
+    return {
+        "architectures": ["DeciLMForCausalLM"], "model_type": "nemotron-nas",
+        "auto_map": {"AutoConfig": "configuration_decilm.DeciLMConfig",
+                     "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"},
+        "block_configs": blocks, "hidden_size": 64, "intermediate_size": None, "num_hidden_layers": len(blocks),
+        "num_attention_heads": 8, "num_key_value_heads": None, "vocab_size": 256, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+def test_decilm_mixed_blocks_round_trip_is_bit_exact(tmp_path):
+    cfg = mixed_decilm_config()
+    src = make_checkpoint(tmp_path / "hf", cfg, seed=11, dtype=torch.bfloat16, shards=2)
+    hf2mcore(src, tmp_path / "mcore")
+    # the spec comes from the checkpoint's own run_config.yaml (the encoded HF config)
+    summary = mcore2hf(tmp_path / "mcore" / "iter_0000000", tmp_path / "out", "--max-memory", "16KiB")
+    exported = load_folder(tmp_path / "out")
+    source = load_folder(src)
+    assert_bit_exact(source, exported)
+    assert summary["architecture"] == "DeciLMForCausalLM" and summary["layers"] == 7
+    for kind in ("self_attn.linear_attn", "mlp.linear_mlp", "self_attn.q_proj", "mlp.gate_proj"):
+        assert any(kind in name for name in exported), kind
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written == cfg
+
+
+def test_exported_llama_loads_in_transformers_with_identical_logits(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    cfg = llama_config(hidden=48, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=96, vocab=256,
+                       rope_theta=500000.0, rope_scaling=rope)
+    src = make_checkpoint(tmp_path / "hf", cfg, seed=2, shards=2)
+    hf2mcore(src, tmp_path / "mcore")
+    mcore2hf(tmp_path / "mcore", tmp_path / "out", "--max-shard-size", "100KB")  # config from run_config.yaml
+    tokens = torch.randint(0, cfg["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = LlamaForCausalLM.from_pretrained(src, attn_implementation="eager").eval()(tokens).logits
+        got = LlamaForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()(tokens).logits
+    assert torch.equal(ref, got)
+
+
+# ---------------------------------------------------------------------------------------------- real TP=2 save
+
+
+def test_real_megatron_tp2_save_exports_the_same_tensors(tmp_path):
+    mcore_tp = pytest.importorskip("mcore_tp")
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+
+    cfg = llama_config(hidden=64, layers=2, heads=8, kv_heads=2, ffn=160, vocab=256)
+    src = make_checkpoint(tmp_path / "hf", cfg, seed=4, shards=2)
+    hf2mcore(src, tmp_path / "tp1")
+    tp2 = tmp_path / "tp2"
+    mcore_tp.resave_tensor_parallel(cfg, tmp_path / "tp1" / "iter_0000000", tp2, tp=2)
+
+    # the chunking is megatron's own: both ranks wrote files; fc1 holds gate/up halves per rank; proj/fc2 are
+    # split by columns
+    assert {p.name.split("_")[2] for p in tp2.glob("__*_*.distcp")} == {"0", "1"}
+    with TorchDistSource(tp2) as reader:
+        fc1 = reader.tensors["decoder.layers.mlp.linear_fc1.weight"]
+        assert len(fc1.chunks) == 2 * 2 * 2  # layers x ranks x (gate, up)
+        assert {c.offsets[1] for c in fc1.chunks} == {0, 80, 160, 240}
+        proj = reader.tensors["decoder.layers.self_attention.linear_proj.weight"]
+        assert {c.offsets[2] for c in proj.chunks} == {0, 32}
+        # any region reads back as torch DCP's own loader sees it
+        meta = FileSystemReader(str(tp2)).read_metadata()
+        state = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
+                 for k, v in meta.state_dict_metadata.items() if hasattr(v, "size")}
+        dcp_load(state, storage_reader=FileSystemReader(str(tp2)), no_dist=True)
+        for key, full in state.items():
+            for index in ([(i,) for i in range(full.shape[0])] if key.startswith("decoder.layers.") else [()]):
+                part = full[index] if index else full
+                rows = part.shape[0]
+                for r0, r1 in ((0, rows), (1, rows - 1), (rows // 3, rows // 3 + 1)):
+                    assert torch.equal(reader.read_rows(key, r0, r1, index), part[r0:r1]), (key, index, r0, r1)
+
+    mcore2hf(tmp_path / "tp1", tmp_path / "out1", "--hf-config", src)
+    mcore2hf(tp2, tmp_path / "out2", "--hf-config", src, "--max-memory", "24KiB")
+    assert_bit_exact(load_folder(tmp_path / "out1"), load_folder(tmp_path / "out2"))
+    assert_bit_exact(load_folder(src), load_folder(tmp_path / "out2"))
+
+
+# ---------------------------------------------------------------------------------------------- safety, errors
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_crafted_metadata_is_refused_and_nothing_runs(tmp_path, capsys):
+    cfg = llama_config(**LLAMA)
+    src = make_checkpoint(tmp_path / "hf", cfg, shards=1)
+    hf2mcore(src, tmp_path / "mcore")
+    ckpt = tmp_path / "mcore" / "iter_0000000"
+    pwned = tmp_path / "pwned"
+    meta = pickle.loads((ckpt / ".metadata").read_bytes())
+    meta.planner_data = _Payload(pwned)  # the payload hides inside otherwise valid metadata
+    evil = pickle.dumps(meta)
+    (ckpt / ".metadata").write_bytes(evil)
+
+    rc, err = mcore2hf_fails(tmp_path / "mcore", tmp_path / "out", capsys=capsys)
+    assert rc == 3
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert ".metadata" in err and "system is not allowed" in err, err
+    assert not pwned.exists()
+    assert not (tmp_path / "out").exists()
+
+    # control: the same bytes through a plain unpickler do run the command, so the refusal above is what stopped it
+    pickle.loads(evil)
+    assert pwned.exists()
+
+
+def test_config_that_does_not_match_the_checkpoint_is_refused(tmp_path, capsys):
+    cfg = llama_config(**LLAMA)
+    src = make_checkpoint(tmp_path / "hf", cfg, shards=1)
+    hf2mcore(src, tmp_path / "mcore")
+
+    def run(config: dict):
+        folder = tmp_path / f"cfg{len(list(tmp_path.glob('cfg*')))}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        return mcore2hf_fails(tmp_path / "mcore", tmp_path / "out", "--hf-config", folder, capsys=capsys)
+
+    rc, err = run(llama_config(**{**LLAMA, "layers": 4}))
+    assert rc == 3 and "has shape" in err and "--hf-config" in err, err
+    rc, err = run(llama_config(**{**LLAMA, "tied": True}))
+    assert rc == 3 and "output layer" in err, err
+    rc, err = run(llama_config(**{**LLAMA, "ffn": 128}))
+    assert rc == 3 and "linear_fc1.weight" in err, err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+    (tmp_path / "mcore" / "iter_0000000" / "run_config.yaml").unlink()
+    rc, err = mcore2hf_fails(tmp_path / "mcore", tmp_path / "out", capsys=capsys)
+    assert rc == 2 and "--hf-config" in err
+
+
+def test_checkpoint_folder_forms(tmp_path):
+    def ckpt(folder):
+        folder.mkdir(parents=True)
+        (folder / ".metadata").write_bytes(b"")
+        return folder
+
+    a = ckpt(tmp_path / "a" / "iter_0000100")
+    assert resolve_checkpoint(a) == a
+    assert resolve_checkpoint(tmp_path / "a") == a  # the only iteration
+    ckpt(tmp_path / "a" / "iter_0000200")
+    with pytest.raises(Exception, match="2 checkpoints"):
+        resolve_checkpoint(tmp_path / "a")
+    (tmp_path / "a" / "latest_checkpointed_iteration.txt").write_text("100\n")
+    assert resolve_checkpoint(tmp_path / "a") == a
+    r = ckpt(tmp_path / "b" / "release")
+    (tmp_path / "b" / "latest_checkpointed_iteration.txt").write_text("release")
+    assert resolve_checkpoint(tmp_path / "b") == r
+    (tmp_path / "b" / "latest_checkpointed_iteration.txt").write_text("7")
+    with pytest.raises(Exception, match="iter_0000007"):
+        resolve_checkpoint(tmp_path / "b")
+
+
+KILL_AFTER = textwrap.dedent("""
+    import os, signal, sys
+    from streamconv.formats import safetensors_sink
+    from streamconv.cli import main
+    write, n = safetensors_sink.SafetensorsSink.write, [0]
+    def killing_write(self, chunk, tensor):
+        if n[0] == int(sys.argv[1]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        n[0] += 1
+        write(self, chunk, tensor)
+    safetensors_sink.SafetensorsSink.write = killing_write
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def test_killed_export_resumes_to_identical_output(tmp_path, capsys):
+    cfg = llama_config(**LLAMA)
+    src = make_checkpoint(tmp_path / "hf", cfg, seed=9, dtype=torch.bfloat16, shards=2)
+    hf2mcore(src, tmp_path / "mcore")
+    args = ["mcore2hf", "--megatron-path", str(tmp_path / "mcore"), "--max-shard-size", "40KB",
+            "--max-memory", "16KiB", "--quiet"]
+    mcore2hf(tmp_path / "mcore", tmp_path / "clean", *args[3:-1])
+
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER, "25", *args, "--hf-path", str(out)])
+    assert killed.returncode == -signal.SIGKILL
+    assert (out / MARKER).is_file() and not (out / "model.safetensors.index.json").exists()
+    finished = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert finished and list(out.glob("*.partial"))
+
+    # a different export into the same folder is refused, the same one resumes
+    rc, err = mcore2hf_fails(tmp_path / "mcore", out, *args[3:], "--dtype", "fp32", capsys=capsys)
+    assert rc == 4 and "unfinished export" in err, err
+    summary = mcore2hf(tmp_path / "mcore", out, *args[3:-1])
+    assert summary["shards_skipped"] == len(finished)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "clean").iterdir())
+    for p in (tmp_path / "clean").iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name

@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser("inspect", help="list a checkpoint's tensors (name, shape, dtype, bytes, file), totals and "
+                                       "architecture, from headers and metadata only")
+    p.add_argument("path", help="HF folder, .safetensors file, or torch_dist checkpoint (folder with .metadata, "
+                                "an iter_*/release folder, or their parent with the tracker file)")
+    _add_common(p)
+    p.set_defaults(func=cmd_inspect)
+
     p = sub.add_parser("demo", help="generate a tiny Nemotron-shaped checkpoint, convert it, load it with "
                                     "megatron-core and compare logits")
     p.add_argument("--workdir", default=None, help="where to put the demo files (default: a temporary folder)")
@@ -137,6 +144,12 @@ def cmd_mcore2hf(args) -> int:
                            f"{summary['bytes'] / 1e9:.2f} GB in {summary['seconds']:.1f}s, {summary['mb_per_s']} MB/s, "
                            f"peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB)")
     return 0
+
+
+def cmd_inspect(args) -> int:
+    from streamconv.inspect import inspect_command
+
+    return inspect_command(args)
 
 
 def cmd_plan(args) -> int:
@@ -185,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.debug:
                 raise
             sig, hint = interrupt.received(), INTERRUPT_HINTS.get(args.command)
+            if hint and getattr(args, "no_staging", False):  # a direct (unstaged) run cannot resume
+                hint = hint.replace("run the same command again to resume",
+                                    "--no-staging runs cannot resume: run it again with --overwrite")
             print(f"error: interrupted by {signal.Signals(sig).name}" + (f"; {hint}" if hint else ""), file=sys.stderr)
             return 128 + sig
         except OSError as e:  # an I/O error no command turned into a StreamconvError: still one line

@@ -206,6 +206,41 @@ def test_tensor_listed_in_index_but_not_in_its_shard(src, tmp_path, capsys):
     check_refused(src, tmp_path, capsys, 3, repr(name), "listed in the index but not in the shard")
 
 
+class Hung(Exception):
+    pass
+
+
+def convert_within(seconds: int, src, out, capsys) -> tuple[int, str]:
+    """``convert``, failing the test (instead of hanging it) after ``seconds``."""
+    def on_alarm(signum, frame):
+        raise Hung(f"still running after {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        return convert(src, out, capsys=capsys)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_fifo_instead_of_a_file_does_not_hang(src, tmp_path, capsys):
+    """A special file where a shard or config.json should be (reading a FIFO blocks forever): refused at once."""
+    (src / "model.safetensors.index.json").unlink()
+    for name in (SHARD1, "config.json"):
+        (src / name).unlink()
+        os.mkfifo(src / name)
+    rc, err = convert_within(30, src, tmp_path / "out", capsys)
+    assert rc == errors.EXIT_BAD_INPUT
+    assert_one_line_error(err, "config.json", "not a regular file")
+    (src / "config.json").unlink()
+    (src / "config.json").write_text(json.dumps(llama_config()))
+    rc, err = convert_within(30, src, tmp_path / "out", capsys)
+    assert rc == errors.EXIT_BAD_INPUT
+    assert_one_line_error(err, SHARD1, "not a regular file")
+    assert_not_a_checkpoint(tmp_path / "out")
+
+
 # --------------------------------------------------------------------------- tensors vs the model mapping
 
 

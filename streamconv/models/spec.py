@@ -59,6 +59,8 @@ def load_config(path: Path | str) -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
+    if path.exists() and not path.is_file():  # a FIFO or device would block
+        raise BadInputError(f"{path}: not a regular file; a Hugging Face model folder needs a config.json file")
     try:
         cfg = json.loads(path.read_text())
     except FileNotFoundError:

@@ -1,0 +1,278 @@
+"""``streamconv inspect <path>``: what a checkpoint holds, from its headers and metadata alone.
+
+The first thing to run on a strange checkpoint. Accepts a HF folder (or one ``.safetensors`` file, or
+its ``config.json``) and a torch_dist checkpoint (the folder holding ``.metadata``, an ``iter_*`` /
+``release`` folder, or their parent with ``latest_checkpointed_iteration.txt``). Prints every tensor
+(name, shape, dtype, bytes, file), the totals and the architecture (HF: ``config.json``; torch_dist: the
+``run_config.yaml`` Megatron-Bridge writes beside it). No weight is read, nothing is unpickled except
+``.metadata`` through the torch_dist reader's allow-list, and every problem is a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from streamconv.errors import BadInputError, StreamconvError
+
+METADATA_FILE = ".metadata"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+
+
+@dataclass
+class Entry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    bytes: int
+    file: str
+    chunks: int = 1  # stored pieces (torch_dist); 1 for safetensors
+
+
+@dataclass
+class Report:
+    kind: str  # "hf" | "torch_dist"
+    path: str  # the folder (or file) actually read
+    architecture: str | None
+    model: dict  # layers, hidden size, ... as far as known
+    check: str  # "ok" or what would stop a conversion
+    tensors: list[Entry]
+    objects: list[str] = field(default_factory=list)  # torch_dist BYTE_IO keys
+
+    def totals(self) -> dict:
+        dtypes: dict[str, int] = {}
+        for t in self.tensors:
+            dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.bytes
+        return {
+            "tensors": len(self.tensors),
+            "objects": len(self.objects),
+            "parameters": sum(math.prod(t.shape) for t in self.tensors),
+            "bytes": sum(t.bytes for t in self.tensors),
+            "files": len({t.file for t in self.tensors}),
+            "bytes_by_dtype": dtypes,
+        }
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        for t in d["tensors"]:
+            t["shape"] = list(t["shape"])
+            if self.kind == "hf":
+                del t["chunks"]
+        d["totals"] = self.totals()
+        return d
+
+
+def natural_key(name: str):
+    """``layers.2`` before ``layers.10``."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ------------------------------------------------------------------------------------------ detection
+
+
+def inspect_path(path: str | Path) -> Report:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise BadInputError(f"{p}: not found")
+    if p.is_file():
+        if p.name == METADATA_FILE:
+            return torch_dist_report(p.parent)
+        if p.name == "config.json":
+            return hf_report(p.parent)
+        return hf_file_report(p)
+    if (p / METADATA_FILE).is_file() or (p / TRACKER_FILE).is_file() or _checkpoint_subfolders(p):
+        return torch_dist_report(_resolve_torch_dist(p))
+    if any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file():
+        return hf_report(p)
+    raise BadInputError(f"{p}: not a checkpoint: no *.safetensors (Hugging Face), no {METADATA_FILE}, "
+                        f"{TRACKER_FILE} or iter_*/release folder (torch_dist)")
+
+
+def _checkpoint_subfolders(p: Path) -> list[Path]:
+    return [d for d in p.iterdir() if d.is_dir() and (d.name.startswith("iter_") or d.name == "release")]
+
+
+def _resolve_torch_dist(p: Path) -> Path:
+    from streamconv.mcore2hf import resolve_checkpoint
+
+    return resolve_checkpoint(p)
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face
+
+
+def hf_file_report(path: Path) -> Report:
+    from streamconv.formats.safetensors import read_header
+
+    infos = read_header(path)
+    tensors = [Entry(n, tuple(i.shape), dtype_name(i.dtype), i.nbytes, path.name) for n, i in infos.items()]
+    arch, model, check = _hf_architecture(path.parent, infos if (path.parent / "config.json").is_file() else None)
+    if not (path.parent / "config.json").is_file():
+        check = "one safetensors file without config.json: nothing to check it against"
+    return Report("hf", str(path), arch, model, check, sorted(tensors, key=lambda t: natural_key(t.name)))
+
+
+def hf_report(folder: Path) -> Report:
+    from streamconv.formats.safetensors import SafetensorsSource
+
+    source = SafetensorsSource(folder)
+    try:
+        infos = source.tensors
+        tensors = [Entry(n, tuple(i.shape), dtype_name(i.dtype), i.nbytes, i.path.name) for n, i in infos.items()]
+    finally:
+        source.close()
+    arch, model, check = _hf_architecture(folder, infos)
+    return Report("hf", str(folder), arch, model, check, sorted(tensors, key=lambda t: natural_key(t.name)))
+
+
+def _hf_architecture(folder: Path, infos: dict | None) -> tuple[str | None, dict, str]:
+    """(architecture, model facts, conversion check) from ``config.json``; a config streamconv cannot
+    convert is reported, not raised: inspect is for strange checkpoints."""
+    from streamconv.models.spec import load_config, spec_from_config
+    from streamconv.plan import check_source
+
+    if not (folder / "config.json").is_file():
+        return None, {}, "no config.json: the architecture is unknown"
+    cfg = load_config(folder)
+    archs = cfg.get("architectures")
+    named = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    try:
+        spec = spec_from_config(cfg)
+    except StreamconvError as e:
+        return named or str(cfg.get("model_type", "unknown")), {}, f"not convertible: {e}"
+    model = _spec_facts(spec)
+    if infos is None:
+        return spec.architecture, model, "ok"
+    try:
+        check_source(spec, infos)
+        check = "ok: every tensor the mapping needs is present with the shape config.json implies"
+    except StreamconvError as e:
+        check = str(e)
+    return spec.architecture, model, check
+
+
+def _spec_facts(spec) -> dict:
+    kinds: dict[str, int] = {}
+    for layer in spec.layers:
+        key = f"{layer.attention}+{layer.mlp}"
+        kinds[key] = kinds.get(key, 0) + 1
+    return {
+        "family": spec.family,
+        "layers": spec.num_layers,
+        "hidden_size": spec.hidden_size,
+        "attention_heads": spec.num_attention_heads,
+        "head_dim": spec.head_dim,
+        "vocab_size": spec.vocab_size,
+        "tied_embeddings": spec.tied_embeddings,
+        "layer_kinds": kinds,
+    }
+
+
+# ------------------------------------------------------------------------------------------ torch_dist
+
+
+def torch_dist_report(folder: Path) -> Report:
+    from streamconv.formats.torch_dist_reader import TorchDistSource
+
+    source = TorchDistSource(folder)  # .metadata through the allow-list unpickler, storage validated
+    try:
+        tensors = []
+        for key, meta in source.tensors.items():
+            files = sorted({c.file for c in meta.chunks}, key=natural_key)
+            where = files[0] + (f" +{len(files) - 1}" if len(files) > 1 else "") if files else ""
+            tensors.append(Entry(key, tuple(meta.shape), dtype_name(meta.dtype), meta.nbytes, where,
+                                 len(meta.chunks)))
+        objects = sorted(source.objects, key=natural_key)
+    finally:
+        source.close()
+    arch, model, check = _torch_dist_architecture(folder, {t.name: t.shape for t in tensors})
+    return Report("torch_dist", str(folder), arch, model, check, sorted(tensors, key=lambda t: natural_key(t.name)),
+                  objects)
+
+
+def _torch_dist_architecture(folder: Path, keys: dict[str, tuple]) -> tuple[str | None, dict, str]:
+    """From Megatron-Bridge's ``run_config.yaml`` when there (then the keys are checked against the
+    mapping); else a guess from the key layout."""
+    run_config = folder / "run_config.yaml"
+    per_layer = any(re.match(r"decoder\.layers\.\d+\.", k) for k in keys)
+    layout = {"layer_keys": "per-layer (heterogeneous)" if per_layer else "stacked [L, ...]"}
+    if not run_config.is_file():
+        guess = "heterogeneous GPT (DeciLM-like)" if per_layer else "GPT (Llama-like)" if keys else None
+        return guess, layout, "no run_config.yaml: architecture guessed from the key layout"
+    from streamconv.formats.run_config_reader import hf_config_from_run_config
+    from streamconv.models.spec import spec_from_config
+
+    try:
+        spec = spec_from_config(hf_config_from_run_config(run_config))
+    except StreamconvError as e:
+        return None, layout, f"{run_config.name}: {e}"
+    return spec.architecture, {**_spec_facts(spec), **layout}, _check_keys(spec, keys)
+
+
+def _check_keys(spec, keys: dict[str, tuple]) -> str:
+    """Does the checkpoint hold exactly the weights the mapping expects for ``spec``, in their shapes?"""
+    from streamconv.models import rules
+
+    expected = {b.key: tuple(b.global_shape) for b in rules.bindings(spec)}
+    missing = sorted(set(expected) - set(keys), key=natural_key)
+    if missing:
+        return f"{len(missing)} weight(s) the {spec.architecture} mapping needs are missing, first {missing[0]!r}"
+    wrong = [k for k, shape in expected.items() if tuple(keys[k]) != shape]
+    if wrong:
+        return f"{wrong[0]!r} has shape {list(keys[wrong[0]])} but run_config.yaml implies {list(expected[wrong[0]])}"
+    extra = sorted(set(keys) - set(expected), key=natural_key)
+    if extra:
+        return f"ok for the weights; {len(extra)} other tensor(s) (e.g. optimizer state), first {extra[0]!r}"
+    return "ok: every weight the mapping needs is present with the shape run_config.yaml implies"
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def render(report: Report, console) -> None:
+    from rich.table import Table
+
+    from streamconv.engine import fmt_bytes
+
+    torch_dist = report.kind == "torch_dist"
+    table = Table(title=f"{report.path} ({'torch_dist' if torch_dist else 'Hugging Face safetensors'})")
+    longest = max((len(t.name) for t in report.tensors), default=4)
+    for col in ("name", "shape", "dtype", "bytes", "file", *(("chunks",) if torch_dist else ())):
+        table.add_column(col, justify="right" if col in ("bytes", "chunks") else "left", overflow="fold",
+                         min_width=min(longest, 64) if col == "name" else None)
+    for t in report.tensors:
+        row = [t.name, "[" + ", ".join(map(str, t.shape)) + "]", t.dtype, fmt_bytes(t.bytes), t.file]
+        table.add_row(*row, *((str(t.chunks),) if torch_dist else ()))
+    console.print(table)
+    tot = report.totals()
+    grid = Table(show_header=False, box=None)
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("architecture", report.architecture or "unknown")
+    for key, value in report.model.items():
+        grid.add_row(f"  {key}", ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict)
+                     else str(value))
+    grid.add_row("tensors", f"{tot['tensors']:,}" + (f" (+{tot['objects']} objects)" if tot["objects"] else ""))
+    grid.add_row("parameters", f"{tot['parameters']:,} ({tot['parameters'] / 1e9:.3f} B)")
+    grid.add_row("bytes", f"{tot['bytes']:,} ({fmt_bytes(tot['bytes'])}) in {tot['files']} file(s)")
+    grid.add_row("by dtype", ", ".join(f"{d}: {fmt_bytes(b)}" for d, b in sorted(tot["bytes_by_dtype"].items())))
+    grid.add_row("check", report.check)
+    console.print(grid)
+
+
+def inspect_command(args) -> int:
+    report = inspect_path(args.path)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0
+    from rich.console import Console
+
+    render(report, Console())
+    return 0

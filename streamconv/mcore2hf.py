@@ -263,6 +263,7 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options) -> d
         "seconds": round(stats.seconds, 3),
         "mb_per_s": round(stats.bytes_done / 1e6 / max(stats.seconds, 1e-9), 1),
         "peak_rss_bytes": peak_rss(),
+        "peak_in_flight_bytes": stats.peak_in_flight,
         "max_memory_bytes": opts.max_memory,
     }
 

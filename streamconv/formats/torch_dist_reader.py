@@ -362,6 +362,28 @@ class TorchDistSource:
         """Rows ``[row0, row1)`` along dim ``len(index)`` of tensor ``name``, its leading dims fixed to
         ``index``: a new tensor of shape ``[row1 - row0, *shape[len(index)+1:]]``."""
         meta = self.info(name)
+        out = torch.empty((row1 - row0, *meta.shape[len(index) + 1:]) if row1 >= row0 else (0,), dtype=meta.dtype)
+        self.fill_rows(out, name, row0, row1, index)
+        return out
+
+    def read_into(self, chunk, buf: torch.Tensor) -> None:
+        """The engine's direct read: chunk ``reads`` land one after the other in the rows of ``buf`` (a
+        contiguous ``[rows, row_elems]`` tensor) with no intermediate copy; a read of another dtype is cast."""
+        row = 0
+        for r in chunk.reads:
+            n = r.row1 - r.row0
+            dst = buf[row:row + n]
+            row += n
+            if not dst.numel():
+                continue
+            if self.info(r.name).dtype == buf.dtype:
+                self.fill_rows(dst, r.name, r.row0, r.row1, r.index)
+            else:
+                dst.copy_(self.read_rows(r.name, r.row0, r.row1, r.index).reshape(dst.shape))
+
+    def fill_rows(self, out: torch.Tensor, name: str, row0: int, row1: int, index: tuple[int, ...] = ()) -> None:
+        """``read_rows`` into ``out``: a contiguous tensor of the tensor's dtype with as many elements."""
+        meta = self.info(name)
         shape, k = meta.shape, len(index)
         if k >= len(shape) or any(not 0 <= i < n for i, n in zip(index, shape)) or not 0 <= row0 <= row1 <= shape[k]:
             raise BadInputError(f"{self.folder}: rows [{row0}, {row1}) of index {list(index)} are outside tensor "
@@ -369,13 +391,12 @@ class TorchDistSource:
         lo = (*index, row0, *(0 for _ in shape[k + 1:]))
         hi = (*(i + 1 for i in index), row1, *shape[k + 1:])
         region = tuple(h - l for l, h in zip(lo, hi))
-        itemsize = _itemsize(meta.dtype)
-        out_shape = (row1 - row0, *shape[k + 1:])
-        nbytes = math.prod(region) * itemsize
-        if nbytes == 0:
-            return torch.empty(out_shape, dtype=meta.dtype)
-        buf = bytearray(nbytes)
-        out = torch.frombuffer(buf, dtype=meta.dtype).view(region)
+        if out.dtype != meta.dtype or not out.is_contiguous() or out.numel() != math.prod(region):
+            raise ValueError(f"fill_rows: {name}: needs a contiguous {meta.dtype} tensor of {math.prod(region)} "
+                             f"elements, got {out.dtype} {list(out.shape)}")
+        if out.numel() == 0:
+            return
+        out = out.view(region)
         boxes = []
         for c in self._candidates(meta, index):
             blo = tuple(max(a, o) for a, o in zip(lo, c.offsets))
@@ -391,8 +412,7 @@ class TorchDistSource:
                 f"{'overlap' if overlap else f'cover {covered} of {math.prod(region)} elements'}; the checkpoint is "
                 "inconsistent")
         for c, blo, bhi in boxes:
-            self._copy_box(meta, c, blo, bhi, lo, out, buf, itemsize)
-        return out.view(out_shape)
+            self._copy_box(meta, c, blo, bhi, lo, out)
 
     def item_info(self, key: str, offsets: tuple[int, ...] | None = None) -> ItemRef:
         """Where item ``(key, offsets)`` is stored (``file``, ``offset``, ``length``); offsets None: an object."""
@@ -506,7 +526,7 @@ class TorchDistSource:
                                 f".metadata ({meta.dtype} {list(c.sizes)})")
         return t
 
-    def _copy_box(self, meta, c: ItemRef, blo, bhi, lo, out: torch.Tensor, buf: bytearray, itemsize: int) -> None:
+    def _copy_box(self, meta, c: ItemRef, blo, bhi, lo, out: torch.Tensor) -> None:
         """Copy the part ``[blo, bhi)`` (global coordinates) of chunk ``c`` into ``out`` (region from ``lo``)."""
         local_lo = tuple(a - o for a, o in zip(blo, c.offsets))
         local_hi = tuple(b - o for b, o in zip(bhi, c.offsets))
@@ -518,10 +538,10 @@ class TorchDistSource:
             item = self._load_item(meta, c)
             dst.copy_(item[tuple(slice(a, b) for a, b in zip(local_lo, local_hi))])
             return
+        itemsize = _itemsize(meta.dtype)
         if layout.standard and _contiguous_box(local_lo, local_hi, c.sizes) and dst.is_contiguous():
             start = layout.storage_offset + sum(a * s for a, s in zip(local_lo, layout.stride))
-            first = dst.storage_offset() * itemsize
-            view = memoryview(buf)[first: first + dst.numel() * itemsize]
+            view = memoryview(dst.reshape(-1).view(torch.uint8).numpy())  # dst's own memory
             self._preadinto(c.file, view, layout.data_start + start * itemsize)
             return
         # strided on either side: copy through a bounded buffer, a slab of the outermost split dim at a time
@@ -541,9 +561,9 @@ class TorchDistSource:
     def _read_strided(self, c: ItemRef, layout: ItemLayout, lo, hi, itemsize: int) -> torch.Tensor:
         start = layout.storage_offset + sum(a * s for a, s in zip(lo, layout.stride))
         end = layout.storage_offset + sum((b - 1) * s for b, s in zip(hi, layout.stride)) + 1
-        data = bytearray((end - start) * itemsize)
-        self._preadinto(c.file, memoryview(data), layout.data_start + start * itemsize)
-        flat = torch.frombuffer(data, dtype=layout.dtype)
+        data = torch.empty((end - start) * itemsize, dtype=torch.uint8)
+        self._preadinto(c.file, memoryview(data.numpy()), layout.data_start + start * itemsize)
+        flat = data.view(layout.dtype)
         return flat.as_strided(tuple(b - a for a, b in zip(lo, hi)), layout.stride, 0)
 
 

@@ -194,6 +194,7 @@ def test_real_megatron_tp2_save_exports_the_same_tensors(tmp_path):
         assert {c.offsets[1] for c in fc1.chunks} == {0, 80, 160, 240}
         proj = reader.tensors["decoder.layers.self_attention.linear_proj.weight"]
         assert {c.offsets[2] for c in proj.chunks} == {0, 32}
+        assert reader.read_object("decoder.layers.mlp.linear_fc2._extra_state/shard_1_2") is None
         # any region reads back as torch DCP's own loader sees it
         meta = FileSystemReader(str(tp2)).read_metadata()
         state = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
@@ -210,6 +211,33 @@ def test_real_megatron_tp2_save_exports_the_same_tensors(tmp_path):
     mcore2hf(tp2, tmp_path / "out2", "--hf-config", src, "--max-memory", "24KiB")
     assert_bit_exact(load_folder(tmp_path / "out1"), load_folder(tmp_path / "out2"))
     assert_bit_exact(load_folder(src), load_folder(tmp_path / "out2"))
+
+
+def test_padded_vocabulary_from_torch_dcp_writer_is_cut_back(tmp_path):
+    """A checkpoint written by torch DCP itself (one item per tensor), with the vocabulary padded as Megatron-LM
+    pads it for training: the export drops the padding rows and is bit-exact."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    cfg = llama_config(**{**LLAMA, "vocab": 250})
+    src = make_checkpoint(tmp_path / "hf", cfg, seed=5, shards=1)
+    hf2mcore(src, tmp_path / "mcore")
+    ckpt = tmp_path / "mcore" / "iter_0000000"
+    meta = FileSystemReader(str(ckpt)).read_metadata()
+    state = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
+             for k, v in meta.state_dict_metadata.items() if hasattr(v, "size")}
+    dcp.load(state, storage_reader=FileSystemReader(str(ckpt)), no_dist=True)
+    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        state[key] = torch.cat([state[key], torch.full((6, cfg["hidden_size"]), 7.0)])  # 256 rows
+    padded = tmp_path / "padded"
+    dcp.save(state, checkpoint_id=str(padded), no_dist=True)
+    shutil.copy(ckpt / "run_config.yaml", padded / "run_config.yaml")
+
+    summary = mcore2hf(padded, tmp_path / "out")
+    assert summary["tensors"] == len(load_folder(src))
+    assert_bit_exact(load_folder(src), load_folder(tmp_path / "out"))
 
 
 # ---------------------------------------------------------------------------------------------- safety, errors
@@ -265,6 +293,11 @@ def test_config_that_does_not_match_the_checkpoint_is_refused(tmp_path, capsys):
     assert rc == 3 and "linear_fc1.weight" in err, err
     assert err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+    # --overwrite never deletes the input: an output folder holding the checkpoint is refused
+    rc, err = mcore2hf_fails(tmp_path / "mcore", tmp_path, "--overwrite", "--hf-config", src, capsys=capsys)
+    assert rc == 2 and "holds the input" in err, err
+    assert (tmp_path / "mcore" / "iter_0000000" / ".metadata").is_file() and (src / "config.json").is_file()
 
     (tmp_path / "mcore" / "iter_0000000" / "run_config.yaml").unlink()
     rc, err = mcore2hf_fails(tmp_path / "mcore", tmp_path / "out", capsys=capsys)

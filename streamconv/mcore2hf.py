@@ -132,7 +132,8 @@ def check_checkpoint(spec: ModelSpec, source: TorchDistSource) -> None:
 
 
 def _identity(ckpt: Path, plan: Plan) -> dict:
-    """What the export is made of: a re-run resumes only when this is unchanged."""
+    """What the export is made of: a re-run resumes only when this is unchanged (the memory budget, and so
+    the chunking, may differ: the shards' bytes do not depend on it)."""
     meta = ckpt / METADATA_FILE
     st = meta.stat()
     entries = [[(n, str(d), list(s)) for n, d, s in shard] for shard in shard_entries(plan)]
@@ -142,7 +143,6 @@ def _identity(ckpt: Path, plan: Plan) -> dict:
         "metadata": {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
                      "sha256": hashlib.sha256(meta.read_bytes()).hexdigest()},
         "shards": hashlib.sha256(json.dumps(entries).encode()).hexdigest(),
-        "chunk_bytes": plan.chunk_bytes,
     }
 
 

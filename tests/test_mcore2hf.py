@@ -154,6 +154,20 @@ def test_decilm_mixed_blocks_round_trip_is_bit_exact(tmp_path):
     assert written == cfg
 
 
+def test_decilm_config_from_a_bridge_run_config_that_encodes_only_the_differences():
+    """Bridge encodes ``hf_config.to_json_string()`` (values differing from the class defaults; Megatron-LM runs may
+    encode block_configs alone): the rest comes from the provider fields, and the model is the same."""
+    from streamconv.formats.run_config import provider_fields_decilm
+    from streamconv.formats.run_config_reader import hf_config_from_model_section
+
+    cfg = mixed_decilm_config()
+    fields = provider_fields_decilm(cfg)
+    fields["heterogeneous_layers_config_encoded_json"] = json.dumps({"block_configs": cfg["block_configs"]})
+    rebuilt = hf_config_from_model_section(fields)
+    assert spec_from_config(rebuilt) == spec_from_config(cfg)
+    assert rebuilt["architectures"] == ["DeciLMForCausalLM"] and rebuilt["torch_dtype"] == "bfloat16"
+
+
 def test_exported_llama_loads_in_transformers_with_identical_logits(tmp_path):
     from transformers import LlamaForCausalLM
 

@@ -1,8 +1,9 @@
 """The HF ``config.json`` a Megatron-Bridge checkpoint describes in its ``run_config.yaml`` (the inverse of
 ``run_config.provider_fields_*``), for ``mcore2hf`` without ``--hf-config``.
 
-- Heterogeneous (DeciLM / ``nemotron-nas``): ``model.heterogeneous_layers_config_encoded_json`` is the whole
-  HF config (Bridge passes ``hf_config.to_json_string()``), or ``heterogeneous_layers_config_path`` names it.
+- Heterogeneous (DeciLM / ``nemotron-nas``): ``model.heterogeneous_layers_config_encoded_json`` is the HF
+  config (Bridge passes ``hf_config.to_json_string()``: the values that differ from the class defaults), or
+  ``heterogeneous_layers_config_path`` names it; what it leaves out is filled from the provider fields.
 - Llama (``GPTModelProvider`` and its Llama subclasses): a ``LlamaForCausalLM`` config rebuilt from the
   provider fields (sizes, norm epsilon, rope base and scaling, tying, params dtype). Fields the provider does
   not hold (token ids, llama3 low/high frequency factors) take transformers' / Llama 3.1's defaults.
@@ -52,13 +53,54 @@ def hf_config_from_model_section(model: dict, where: Path | str = RUN_CONFIG_FIL
         except (OSError, ValueError) as e:
             raise BadInputError(f"{where}: the heterogeneous layers config is unreadable ({e}); pass --hf-config") \
                 from e
-        if not isinstance(cfg, dict) or not is_decilm(cfg):
-            raise UnsupportedModelError(f"{where}: the heterogeneous layers config is not a DeciLMForCausalLM "
-                                        "config.json; pass --hf-config")
-        cfg = dict(cfg)
-        cfg.setdefault("architectures", ["DeciLMForCausalLM"])
-        return cfg
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("block_configs"), list):
+            raise UnsupportedModelError(f"{where}: the heterogeneous layers config has no block_configs list; "
+                                        "pass --hf-config")
+        return _decilm_config(dict(cfg), model, where)
     return _llama_config(model, where)
+
+
+def _decilm_config(cfg: dict, m: dict, where) -> dict:
+    """The encoded config, completed from the provider fields: Bridge encodes ``to_json_string()``, which
+    leaves out values equal to the config class defaults (and Megatron-LM runs may encode block_configs only)."""
+    if cfg.get("architectures") and not is_decilm(cfg):
+        raise UnsupportedModelError(f"{where}: the heterogeneous layers config is for {cfg['architectures']}, not "
+                                    "DeciLMForCausalLM; pass --hf-config")
+    fill = {
+        "architectures": ["DeciLMForCausalLM"],
+        "model_type": "nemotron-nas",
+        "hidden_size": m.get("hidden_size"),
+        "num_attention_heads": m.get("num_attention_heads"),
+        "num_hidden_layers": m.get("num_layers"),
+        "vocab_size": m.get("vocab_size"),
+        "max_position_embeddings": m.get("seq_length"),
+        "rms_norm_eps": m.get("layernorm_epsilon"),
+        "rope_theta": m.get("rotary_base"),
+        "hidden_act": "silu",
+        "tie_word_embeddings": bool(m.get("share_embeddings_and_output_weights", False)),
+        "torch_dtype": _params_dtype(m),
+    }
+    if m.get("kv_channels") and m.get("hidden_size") and m.get("num_attention_heads") and \
+            m["kv_channels"] * m["num_attention_heads"] != m["hidden_size"]:
+        fill["head_dim"] = m["kv_channels"]
+    if m.get("rope_scaling") and "rope_scaling" not in cfg:
+        fill["rope_scaling"] = _llama3(m)
+    for key, value in fill.items():
+        if key not in cfg and value is not None:
+            cfg[key] = value
+    return cfg
+
+
+def _params_dtype(m: dict) -> str:
+    dtype = str(_target(m.get("params_dtype")) or "").removeprefix("torch.")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        dtype = "bfloat16" if m.get("bf16") else "float16" if m.get("fp16") else "float32"
+    return dtype
+
+
+def _llama3(m: dict) -> dict:
+    return {"rope_type": "llama3", "factor": float(m.get("rope_scaling_factor", 8.0)), "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 def _llama_config(m: dict, where) -> dict:
@@ -82,9 +124,7 @@ def _llama_config(m: dict, where) -> dict:
         raise UnsupportedModelError(f"{where}: model.{bad[0]}={m.get(bad[0])!r} is not a Llama model; streamconv "
                                     "exports LlamaForCausalLM and DeciLMForCausalLM")
     hidden, heads = need("hidden_size"), need("num_attention_heads")
-    dtype = str(_target(m.get("params_dtype")) or "").removeprefix("torch.")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        dtype = "bfloat16" if m.get("bf16") else "float16" if m.get("fp16") else "float32"
+    dtype = _params_dtype(m)
     cfg = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -110,9 +150,7 @@ def _llama_config(m: dict, where) -> dict:
     if kv_channels and kv_channels * heads != hidden:
         cfg["head_dim"] = kv_channels
     if m.get("rope_scaling"):
-        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": float(m.get("rope_scaling_factor", 8.0)),
-                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                               "original_max_position_embeddings": 8192}
+        cfg["rope_scaling"] = _llama3(m)
     elif m.get("seq_len_interpolation_factor"):
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(m["seq_len_interpolation_factor"])}
     return cfg

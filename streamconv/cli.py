@@ -73,9 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unused", action="store_true", help="ignore tensors the mapping does not use")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for Megatron-Bridge compatibility; streamconv never runs remote code")
+    p.add_argument("--no-staging", action="store_true",
+                   help="write .distcp files directly, without the zarr staging store (cannot resume)")
+    p.add_argument("--keep-staging", action="store_true",
+                   help="keep the zarr staging store (<megatron-path>/.streamconv/staging.zarr): the whole model "
+                        "in megatron layout, readable with zarr/xarray/tensorstore")
+    p.add_argument("--distcp-size", type=_size, default="2GiB", help="target size of each .distcp file (default 2GiB)")
     _add_engine(p)
     _add_common(p)
     p.set_defaults(func=cmd_hf2mcore)
+
+    p = sub.add_parser("verify", help="check, bit for bit, that every tensor of a torch_dist checkpoint equals "
+                                      "its HF source under the mapping")
+    p.add_argument("--hf-model", required=True, help="the HF model folder (or hub repo id) it was converted from")
+    p.add_argument("--megatron-path", required=True,
+                   help="the converted output: a folder with latest_checkpointed_iteration.txt, or the checkpoint "
+                        "folder itself (holding .metadata)")
+    _add_engine(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("mcore2hf", help="export a Megatron-Core torch_dist checkpoint to HF safetensors")
     p.add_argument("--megatron-path", required=True,
@@ -123,7 +139,10 @@ def cmd_hf2mcore(args) -> int:
     from streamconv.hf2mcore import Options, hf2mcore
 
     opts = Options(dtype=args.dtype, max_memory=args.max_memory, workers=args.workers, device=args.device,
-                   overwrite=args.overwrite, allow_unused=args.allow_unused, quiet=args.quiet or args.json)
+                   overwrite=args.overwrite, allow_unused=args.allow_unused, quiet=args.quiet or args.json,
+                   staging=not args.no_staging, keep_staging=args.keep_staging, file_bytes=args.distcp_size)
+    if args.no_staging and args.keep_staging:
+        raise UsageError("--keep-staging and --no-staging contradict each other; choose one")
     _check_device(args.device)
     summary = hf2mcore(args.hf_model, args.megatron_path, opts)
     _report(args, summary, f"wrote {summary['output']} ({summary['tensors']} tensors, {summary['bytes'] / 1e9:.2f} GB "
@@ -150,6 +169,13 @@ def cmd_inspect(args) -> int:
     from streamconv.inspect import inspect_command
 
     return inspect_command(args)
+
+
+def cmd_verify(args) -> int:
+    from streamconv.verify import verify_command
+
+    _check_device(args.device)
+    return verify_command(args)
 
 
 def cmd_plan(args) -> int:

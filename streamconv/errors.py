@@ -12,6 +12,7 @@ EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
 EXIT_IO = 4
+EXIT_MISMATCH = 5  # streamconv verify: the output differs from its source
 EXIT_INTERRUPTED = 130  # SIGINT (ctrl-C): 128 + 2
 EXIT_TERMINATED = 143  # SIGTERM: 128 + 15
 

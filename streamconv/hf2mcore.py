@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from streamconv import engine
+from streamconv import engine, resume
 from streamconv.errors import BadInputError, OutputError, UsageError, output_error
 from streamconv.formats import run_config
 from streamconv.formats.safetensors import SafetensorsSource
 from streamconv.formats.torch_dist import TorchDistSink, fsync_write
 from streamconv.models.spec import ModelSpec, load_config, spec_from_config
-from streamconv.plan import DEFAULT_CHUNK_BYTES, Plan, check_source, import_plan
+from streamconv.plan import DEFAULT_CHUNK_BYTES, DEFAULT_FILE_BYTES, Plan, check_source, import_plan
 from streamconv.progress import make_progress
 
 ITER_DIR = "iter_0000000"
@@ -68,11 +68,11 @@ def resolve_hf_model(hf_model: str, allow_patterns=HUB_PATTERNS) -> Path:
         ) from e
 
 
-def prepare_output(out: Path, overwrite: bool) -> Path:
+def prepare_output(out: Path, overwrite: bool, resume: bool = False) -> Path:
     """The ``iter_0000000`` folder, created empty; a non-empty ``out`` is refused unless ``overwrite``."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()) and not resume:
         if not overwrite:
             raise OutputError(f"{out}: output folder is not empty; choose another --megatron-path or pass --overwrite")
         try:
@@ -91,10 +91,10 @@ def prepare_output(out: Path, overwrite: bool) -> Path:
 
 
 def build_plan(source: SafetensorsSource, spec: ModelSpec, dtype: torch.dtype | None,
-               chunk_bytes: int, allow_unused: bool = False) -> Plan:
+               chunk_bytes: int, allow_unused: bool = False, file_bytes: int = DEFAULT_FILE_BYTES) -> Plan:
     check_source(spec, source.tensors, allow_unused=allow_unused)
     src_dtypes = {name: info.dtype for name, info in source.tensors.items()}
-    return import_plan(spec, src_dtypes, dtype, chunk_bytes=chunk_bytes)
+    return import_plan(spec, src_dtypes, dtype, chunk_bytes=chunk_bytes, file_bytes=file_bytes)
 
 
 @dataclass
@@ -106,6 +106,9 @@ class Options:
     overwrite: bool = False
     allow_unused: bool = False
     quiet: bool = False
+    staging: bool = True  # stage chunks in zarr and assemble (resumable); False: write .distcp directly
+    keep_staging: bool = False  # keep the zarr staging store (a readable zarr of the whole model)
+    file_bytes: int = DEFAULT_FILE_BYTES  # target size of each .distcp file
 
 
 def chunk_bytes_for(max_memory: int) -> int:
@@ -121,18 +124,33 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
     source = SafetensorsSource(folder)
     out = Path(megatron_path)
     try:
-        plan = build_plan(source, spec, parse_dtype(opts.dtype), chunk_bytes_for(opts.max_memory), opts.allow_unused)
+        dtype = parse_dtype(opts.dtype)
+        plan = build_plan(source, spec, dtype, chunk_bytes_for(opts.max_memory), opts.allow_unused, opts.file_bytes)
         need = engine.min_memory(plan, source)
         if need > opts.max_memory:
             raise UsageError(f"--max-memory {engine.fmt_bytes(opts.max_memory)} is below the "
                              f"{engine.fmt_bytes(need)} one chunk needs")
-        ckpt = prepare_output(out, opts.overwrite)
-        sink = TorchDistSink(ckpt, plan)
+        identity = resume.make_identity(folder, {i.path for i in source.tensors.values()}, plan,
+                                        dtype=str(dtype).removeprefix("torch.") if dtype else None,
+                                        file_bytes=opts.file_bytes,
+                                        staging=opts.staging)
+        resuming = resume.check_output(out, identity, opts.overwrite)  # refuses another conversion's folder
+        ckpt = prepare_output(out, opts.overwrite, resume=resuming)
+        if resuming:  # nothing may look complete while a resumed run works
+            resume.uncommit([out / TRACKER, out / run_config.LATEST_TRAIN_STATE_FILE, ckpt / ".metadata"])
+        journal = resume.Journal(out, identity)
+        if opts.staging:
+            from streamconv.formats.staging import StagedSink
+
+            sink = StagedSink(ckpt, plan, journal, keep_staging=opts.keep_staging)
+        else:
+            journal.close()
+            sink = TorchDistSink(ckpt, plan)
         progress = make_progress(opts.quiet, "hf2mcore", plan.total_bytes, len(plan.chunks), opts.max_memory)
         try:
             with progress:
                 stats = engine.run(plan, source, sink, max_memory=opts.max_memory, workers=opts.workers,
-                                   device=opts.device, progress=progress)
+                                   device=opts.device, progress=progress, skip=getattr(sink, "skip", None))
             write_bridge_files(folder, out, ckpt, spec, plan, hf_model)
             sink.close()
         except BaseException:
@@ -157,6 +175,9 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
         "mb_per_s": round(stats.bytes_done / 1e6 / max(stats.seconds, 1e-9), 1),
         "peak_rss_bytes": peak_rss(),
         "max_memory_bytes": opts.max_memory,
+        "staging": opts.staging,
+        "chunks_resumed": stats.chunks_skipped,
+        **getattr(sink, "report", {}),
     }
 
 

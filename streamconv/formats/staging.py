@@ -1,0 +1,538 @@
+"""The shard writer: output chunks staged in a Zarr v3 store, then assembled into ``torch_dist`` files.
+
+Staging store (``<megatron-path>/.streamconv/staging.zarr``, zarr-python 3 API): one array per megatron
+key in its global shape, uncompressed (a plain ``bytes`` codec, little-endian), ``write_empty_chunks`` on
+(an all-zero chunk is still a file, so "written" is never confused with "missing"), a regular chunk grid
+on which every plan chunk is a whole number of zarr chunks (the plan's row step; exactly one zarr chunk
+per plan chunk for the plans ``import_plan`` makes). numpy has no bfloat16: bf16 arrays are stored as
+their raw bits in ``uint16`` (fp8 in ``uint8``) and say so in their attributes (``torch_dtype``,
+``encoding``); float32/float16 arrays are stored as such. Every staged chunk's CRC-32 is recorded in the
+journal (``streamconv/resume.py``).
+
+Crash safety. zarr writes a chunk to ``<chunk>.<uuid>.partial`` and renames it, without fsync: a kill
+can leave ``.partial`` files (deleted on resume) and a power cut can leave a renamed chunk with missing
+bytes. So a staged chunk counts as committed only when its journal record exists AND its bytes, read
+back, match the recorded CRC-32 (checked on resume and again when the chunk is assembled): a torn or
+corrupted chunk is detected and redone. Staged chunks are not fsynced (they are deleted once assembled,
+and fsyncing them would write every byte to disk twice) except with ``--keep-staging``, where the store
+is kept as a product. What is committed for good is fsynced: each ``.distcp`` (temporary name, fsync,
+rename, folder fsync), the journal record naming it, and ``.metadata``, written last.
+
+Pipeline. The engine's thread stages chunk after chunk; a background thread assembles a ``.distcp`` as
+soon as every chunk of that file is staged (the plan orders chunks file by file), reading the staged
+chunks back (from the page cache, usually) and dropping them once the file is renamed into place, so
+staging costs one extra pass through memory, and disk space for at most a few files. ``--keep-staging``
+keeps the store: then it is a readable zarr of the whole model in megatron layout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import queue
+import shutil
+import threading
+import time
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streamconv.errors import OutputError, output_error
+from streamconv.formats.torch_dist import (COMMON_STATE, COMMON_STATE_KEY, DistcpFile, build_metadata, distcp_name,
+                                           fsync_dir, object_item_bytes, write_common_files)
+
+STORE_NAME = "staging.zarr"
+ENCODING_BF16 = "raw bfloat16 bits in uint16: view as bfloat16 (torch: .view(torch.bfloat16); numpy: ml_dtypes)"
+ENCODING_FP8 = "raw float8 bits in uint8: view as the torch_dtype attribute says"
+
+# torch dtype -> (zarr/numpy dtype, dtype to view a torch tensor as before .numpy())
+_ENCODINGS: dict[torch.dtype, tuple[str, torch.dtype]] = {
+    torch.float32: ("float32", torch.float32),
+    torch.float16: ("float16", torch.float16),
+    torch.float64: ("float64", torch.float64),
+    torch.bfloat16: ("uint16", torch.int16),
+    torch.float8_e4m3fn: ("uint8", torch.uint8),
+    torch.float8_e5m2: ("uint8", torch.uint8),
+    torch.int64: ("int64", torch.int64),
+    torch.int32: ("int32", torch.int32),
+    torch.int16: ("int16", torch.int16),
+    torch.int8: ("int8", torch.int8),
+    torch.uint8: ("uint8", torch.uint8),
+    torch.bool: ("bool", torch.bool),
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    zdtype, view = _ENCODINGS[t.dtype]
+    return t.contiguous().view(view).numpy().view(zdtype)
+
+
+def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    _, view = _ENCODINGS[dtype]
+    t = torch.from_numpy(np.ascontiguousarray(a).view(torch.empty((), dtype=view).numpy().dtype))
+    return t.view(dtype)
+
+
+def crc32(t: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes (C order)."""
+    return zlib.crc32(_to_numpy(t).reshape(-1).view(np.uint8))
+
+
+def grid_for(shape: tuple[int, ...], regions) -> tuple[int, ...]:
+    """The coarsest regular chunk shape on which every ``(offsets, sizes)`` region is whole chunks: per
+    dimension, the gcd of every region boundary inside the array (the row step for row-block plans)."""
+    grid = []
+    for d, n in enumerate(shape):
+        g = 0
+        for offsets, sizes in regions:
+            for b in (offsets[d], offsets[d] + sizes[d]):
+                if 0 < b < n:
+                    g = math.gcd(g, b)
+        grid.append(g or max(1, n))
+    return tuple(grid)
+
+
+def _standalone(t: torch.Tensor) -> torch.Tensor:
+    """A tensor owning exactly its bytes (``torch.save`` writes a view's whole base storage)."""
+    if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size() \
+            or not t.is_contiguous():
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+# --------------------------------------------------------------------------- test hooks
+
+def pause_point(point: str) -> None:
+    """Deterministic places for crash tests to SIGKILL a real conversion (no effect unless set).
+
+    ``STREAMCONV_TEST_PAUSE=<point>[:<n>]``: the n-th time ``point`` is reached (default 1), create the
+    file ``STREAMCONV_TEST_PAUSE_FILE`` and sleep until killed. Points: ``staged`` (a chunk staged and
+    journaled), ``assemble`` (an item appended to a ``.distcp`` being assembled), ``metadata`` (half of
+    ``.metadata`` written to its temporary file). ``STREAMCONV_TEST_SLOW=<seconds>``: sleep that long per
+    staged chunk, half before and half after its zarr write, so random kills land in varied places.
+    """
+    want = os.environ.get("STREAMCONV_TEST_PAUSE")
+    if not want:
+        return
+    name, _, n = want.partition(":")
+    if name != point:
+        return
+    with _hook_lock:
+        _hook_counts[point] += 1
+        hit = _hook_counts[point] == int(n or 1)
+    if hit:
+        Path(os.environ["STREAMCONV_TEST_PAUSE_FILE"]).write_text(point)
+        while True:
+            time.sleep(60)
+
+
+def _slow(fraction: float) -> None:
+    s = os.environ.get("STREAMCONV_TEST_SLOW")
+    if s:
+        time.sleep(float(s) * fraction)
+
+
+_hook_counts: dict[str, int] = defaultdict(int)
+_hook_lock = threading.Lock()
+
+
+# --------------------------------------------------------------------------- the store
+
+class StagedChunkMissing(Exception):
+    pass
+
+
+class StagingStore:
+    """The zarr staging store of one plan: write, read back, checksum and drop plan chunks."""
+
+    def __init__(self, path: Path, plan, fsync_chunks: bool = False):
+        import zarr
+        from zarr.storage import LocalStore
+
+        self.path = Path(path)
+        self.fsync_chunks = fsync_chunks
+        regions: dict[str, list] = defaultdict(list)
+        for c in plan.chunks:
+            regions[c.key].append((c.offsets, c.sizes))
+        try:
+            self.group = zarr.open_group(store=LocalStore(self.path), mode="a", zarr_format=3,
+                                         attributes={"streamconv": "megatron-core torch_dist layout, one array per key"})
+            self.arrays = {key: self._array(key, t.shape, t.dtype, grid_for(t.shape, regions[key]))
+                           for key, t in plan.targets.items()}
+        except OSError as e:
+            raise output_error(self.path, e) from e
+
+    def _array(self, key: str, shape, dtype: torch.dtype, grid):
+        zdtype, _ = _ENCODINGS[dtype]
+        attrs = {"torch_dtype": dtype_name(dtype)}
+        if dtype == torch.bfloat16:
+            attrs["encoding"] = ENCODING_BF16
+        elif zdtype == "uint8" and dtype != torch.uint8:
+            attrs["encoding"] = ENCODING_FP8
+        try:
+            a = self.group[key]
+            if (tuple(a.shape) == tuple(shape) and tuple(a.chunks) == tuple(grid) and str(a.dtype) == zdtype
+                    and a.attrs.get("torch_dtype") == attrs["torch_dtype"]):
+                return a
+        except KeyError:
+            pass
+        names = [f"{key}.dim{i}" for i in range(len(shape))]
+        if key.startswith("decoder.layers.") and not key.split(".")[2].isdigit():
+            names[0] = "layer"  # a stacked [L, ...] key: the same L for all of them, so they line up in xarray
+        return self.group.create_array(name=key, shape=tuple(shape), chunks=tuple(grid), dtype=zdtype,
+                                       compressors=None, filters=None, fill_value=0,
+                                       config={"write_empty_chunks": True}, attributes=attrs,
+                                       dimension_names=names, overwrite=True)
+
+    @staticmethod
+    def _region(chunk):
+        return tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
+
+    def chunk_paths(self, chunk) -> list[Path]:
+        """The zarr chunk files holding ``chunk`` (one for a plan on its own row step)."""
+        a = self.arrays[chunk.key]
+        ranges = [range(o // g, (o + s - 1) // g + 1) if s else range(0)
+                  for o, s, g in zip(chunk.offsets, chunk.sizes, a.chunks)]
+        base = self.path / chunk.key
+        out = [[]]
+        for r in ranges:
+            out = [prefix + [i] for prefix in out for i in r]
+        return [base / a.metadata.encode_chunk_key(tuple(c)) for c in out if len(c) == len(ranges)]
+
+    def write(self, chunk, tensor: torch.Tensor) -> int:
+        """Stage ``chunk``; returns the CRC-32 of its bytes."""
+        data = _to_numpy(tensor.reshape(chunk.sizes))
+        crc = zlib.crc32(data.reshape(-1).view(np.uint8))
+        try:
+            self.arrays[chunk.key][self._region(chunk)] = data
+            if self.fsync_chunks:
+                for p in self.chunk_paths(chunk):
+                    _fsync_file(p)
+        except OSError as e:
+            raise output_error(self.path / chunk.key, e) from e
+        return crc
+
+    def read(self, chunk, dtype: torch.dtype) -> torch.Tensor:
+        """The staged bytes of ``chunk`` (raises ``StagedChunkMissing`` if any of its files is absent)."""
+        for p in self.chunk_paths(chunk):
+            if not p.is_file():
+                raise StagedChunkMissing(str(p))
+        a = self.arrays[chunk.key][self._region(chunk)]
+        return _from_numpy(a, dtype).reshape(chunk.sizes)
+
+    def checksum(self, chunk, dtype: torch.dtype) -> int | None:
+        """CRC-32 of the staged chunk as it is on disk; None if missing or unreadable (torn)."""
+        try:
+            return crc32(self.read(chunk, dtype))
+        except Exception:  # a torn chunk file fails zarr's decode in various ways: it is redone
+            return None
+
+    def drop(self, chunk) -> None:
+        for p in self.chunk_paths(chunk):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    def clean_partials(self) -> int:
+        """Delete the temporary files a killed zarr write leaves (``<chunk>.<uuid>.partial``)."""
+        n = 0
+        for p in self.path.rglob("*.partial"):
+            p.unlink(missing_ok=True)
+            n += 1
+        return n
+
+    def fsync_all(self) -> None:
+        for dirpath, _, files in os.walk(self.path):
+            for f in files:
+                _fsync_file(Path(dirpath) / f)
+            fsync_dir(Path(dirpath))
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- the sink
+
+class _Stopped(Exception):
+    pass
+
+
+class StagedSink:
+    """The engine's sink for hf2mcore with staging: stage, assemble ``.distcp`` files, ``.metadata`` last.
+
+    Built on a ``resume.Journal``: records from an earlier run of the same conversion are replayed, every
+    staged chunk they name is checked against its CRC-32, and ``skip(chunk)`` tells the engine what is
+    already done. ``report`` counts what was resumed and what was redone.
+    """
+
+    def __init__(self, ckpt: Path, plan, journal, *, keep_staging: bool = False, extra_state=None,
+                 max_backlog: int = 2):
+        self.ckpt = Path(ckpt)
+        self.plan = plan
+        self.journal = journal
+        self.keep_staging = keep_staging
+        self.extra_state = extra_state
+        self.max_backlog = max_backlog
+        self.by_file: dict[int, list] = defaultdict(list)
+        for c in plan.chunks:
+            self.by_file[c.file].append(c)
+        self.crc: dict[tuple, int] = {}  # staged and verified chunks
+        self.assembled: dict[int, list] = {}  # file -> [(key, offsets, offset, length)]
+        self.report = {"chunks_verified": 0, "chunks_redone": 0, "files_resumed": 0, "partials_removed": 0}
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._backlog = 0
+        self._error: BaseException | None = None
+        self._stop = False
+        self._queue: queue.Queue = queue.Queue()
+        self._clean_leftovers()
+        self.store = StagingStore(journal.dir / STORE_NAME, plan, fsync_chunks=keep_staging)
+        self.report["partials_removed"] += self.store.clean_partials()
+        self._replay()
+        self.remaining = {f: sum(1 for c in cs if self._id(c) not in self.crc)
+                          for f, cs in self.by_file.items() if f not in self.assembled}
+        self._thread = threading.Thread(target=self._assembler, name="streamconv-assemble", daemon=True)
+        self._thread.start()
+        for f in sorted(self.remaining):
+            if self.remaining[f] == 0:
+                self._enqueue(f)
+
+    @property
+    def reserved_memory(self) -> int:
+        """Held outside the engine's chunks: the assembler's chunk read back, and its serialized copy."""
+        return 2 * self.plan.max_chunk_bytes()
+
+    def write_overhead(self, chunk) -> int:
+        """What ``write`` allocates: zarr's copy of the chunk on its way to the file."""
+        return chunk.nbytes
+
+    @staticmethod
+    def _id(chunk) -> tuple:
+        return chunk.key, tuple(chunk.offsets)
+
+    def _dtype(self, chunk) -> torch.dtype:
+        return self.plan.targets[chunk.key].dtype
+
+    # ------------------------------------------------------------------ resume
+
+    def _clean_leftovers(self) -> None:
+        """Temporary files of a killed run (ours, and ``prepare_output``'s write probe): never part of a checkpoint."""
+        for p in [*self.ckpt.glob("*.partial"), *self.ckpt.glob("*.tmp"), *self.ckpt.glob(".write-test")]:
+            p.unlink(missing_ok=True)
+            self.report["partials_removed"] += 1
+
+    def _replay(self) -> None:
+        chunk_recs: dict[tuple, int] = {}
+        file_recs: dict[int, dict] = {}
+        for rec in self.journal.records():
+            if rec["t"] == "chunk":
+                chunk_recs[(rec["key"], tuple(rec["offsets"]))] = rec["crc32"]
+            elif rec["t"] == "file":
+                file_recs[rec["file"]] = rec
+        for f, rec in file_recs.items():
+            path = self.ckpt / distcp_name(f)
+            items = [(k, tuple(o), off, n) for k, o, off, n in rec["items"]]
+            expect = [self._id(c) for c in self.by_file.get(f, [])]
+            if path.is_file() and path.stat().st_size == rec["size"] and [(k, o) for k, o, *_ in items] == expect:
+                self.assembled[f] = items
+                self.report["files_resumed"] += 1
+        for c in self.plan.chunks:
+            cid = self._id(c)
+            if c.file in self.assembled or cid not in chunk_recs:
+                continue
+            if self.store.checksum(c, self._dtype(c)) == chunk_recs[cid]:
+                self.crc[cid] = chunk_recs[cid]
+                self.report["chunks_verified"] += 1
+            else:  # torn, corrupted or dropped: do it again
+                self.report["chunks_redone"] += 1
+
+    def skip(self, chunk) -> bool:
+        return chunk.file in self.assembled or self._id(chunk) in self.crc
+
+    # ------------------------------------------------------------------ staging (engine thread)
+
+    def write(self, chunk, tensor: torch.Tensor) -> None:
+        self._check()
+        _slow(0.5)
+        crc = self.store.write(chunk, tensor)
+        _slow(0.5)
+        self.journal.append({"t": "chunk", "key": chunk.key, "offsets": list(chunk.offsets), "crc32": crc})
+        cid = self._id(chunk)
+        with self._lock:
+            self.crc[cid] = crc
+        pause_point("staged")
+        self.remaining[chunk.file] -= 1
+        if self.remaining[chunk.file] == 0:
+            self._enqueue(chunk.file)
+
+    def _enqueue(self, f: int) -> None:
+        with self._cond:  # back-pressure: at most max_backlog files staged and waiting for assembly
+            while self._backlog >= self.max_backlog and self._error is None:
+                self._cond.wait()
+            self._backlog += 1
+        self._check()
+        self._queue.put(f)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # ------------------------------------------------------------------ assembly (background thread)
+
+    def _assembler(self) -> None:
+        while True:
+            f = self._queue.get()
+            if f is None:
+                return
+            try:
+                if self._error is None and not self._stop:
+                    self._assemble(f)
+            except _Stopped:
+                pass
+            except BaseException as e:  # reported to the engine thread at its next write/close
+                self._error = e
+            finally:
+                with self._cond:
+                    self._backlog -= 1
+                    self._cond.notify_all()
+
+    def _assemble(self, f: int) -> None:
+        name = distcp_name(f)
+        tmp, final = self.ckpt / (name + ".partial"), self.ckpt / name
+        entries = []
+        try:
+            with open(tmp, "wb") as fh:
+                for c in self.by_file[f]:
+                    if self._stop:
+                        raise _Stopped
+                    t = self._staged(c)
+                    pos = fh.tell()
+                    torch.save(_standalone(t), fh)
+                    entries.append((c.key, tuple(c.offsets), pos, fh.tell() - pos))
+                    del t
+                    pause_point("assemble")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            fsync_dir(self.ckpt)
+        except OSError as e:
+            raise output_error(final, e) from e
+        self.journal.append({"t": "file", "file": f, "size": final.stat().st_size,
+                             "items": [[k, list(o), off, n] for k, o, off, n in entries]}, sync=True)
+        with self._lock:
+            self.assembled[f] = entries
+        if not self.keep_staging:
+            for c in self.by_file[f]:
+                self.store.drop(c)
+
+    def _staged(self, c) -> torch.Tensor:
+        """A staged chunk read back and checked against the CRC-32 recorded when it was staged."""
+        try:
+            t = self.store.read(c, self._dtype(c))
+        except StagedChunkMissing as e:
+            raise OutputError(f"{e}: staged chunk of {c.key} at {list(c.offsets)} disappeared; run the same "
+                              "command again to redo it") from None
+        if crc32(t) != self.crc[self._id(c)]:
+            raise OutputError(f"{self.store.path / c.key}: staged chunk at {list(c.offsets)} does not match its "
+                              "checksum (disk or memory corruption?); run the same command again to redo it")
+        return t
+
+    # ------------------------------------------------------------------ commit
+
+    def _wait_assembled(self) -> None:
+        with self._cond:
+            while self._backlog and self._error is None:
+                self._cond.wait()
+        self._check()
+        missing = [f for f in self.by_file if f not in self.assembled]
+        if missing:
+            raise RuntimeError(f"files {missing} were never assembled (chunks written: {self.remaining})")
+
+    def close(self) -> None:
+        """Wait for assembly; objects and common state; ``.metadata`` last (the commit)."""
+        self._wait_assembled()
+        self._shutdown()
+        if self.keep_staging:
+            self._refill_staging()
+            self.store.fsync_all()
+        else:
+            shutil.rmtree(self.store.path, ignore_errors=True)
+        storage = []  # in plan order, sharing the plan's key objects: the same .metadata bytes as a direct write
+        for f in sorted(self.by_file):
+            name = distcp_name(f)
+            storage += [(c.key, c.offsets, name, off, n) for c, (_, _, off, n) in zip(self.by_file[f], self.assembled[f])]
+        objects = DistcpFile(self.ckpt, self.plan.num_files)
+        try:
+            for key in self.plan.objects:
+                objects.append(key, None, object_item_bytes(self.extra_state))
+            objects.append(COMMON_STATE_KEY, None, object_item_bytes(dict(COMMON_STATE)))
+            objects.finish()
+        except BaseException:
+            objects.abort()
+            raise
+        storage += [(k, o, objects.name, off, n) for k, o, off, n in objects.entries]
+        write_common_files(self.ckpt)
+        targets = {k: (t.shape, t.dtype) for k, t in self.plan.targets.items()}
+        chunks_by_key: dict[str, list] = {k: [] for k in targets}
+        for c in self.plan.chunks:
+            chunks_by_key[c.key].append((c.offsets, c.sizes))
+        meta = build_metadata(targets, chunks_by_key, [*self.plan.objects, COMMON_STATE_KEY], storage)
+        write_metadata(self.ckpt, meta)
+        self.journal.append({"t": "done"}, sync=True)
+        self.journal.close()
+
+    def _refill_staging(self) -> None:
+        """``--keep-staging`` on a resumed run: chunks an earlier run dropped are read back from the ``.distcp``."""
+        import io
+
+        for f, entries in self.assembled.items():
+            path = self.ckpt / distcp_name(f)
+            with open(path, "rb") as fh:
+                for c, (_, _, off, n) in zip(self.by_file[f], entries):
+                    if all(p.is_file() for p in self.store.chunk_paths(c)):
+                        continue
+                    fh.seek(off)
+                    t = torch.load(io.BytesIO(fh.read(n)), map_location="cpu", weights_only=True)
+                    self.store.write(c, t)
+
+    def _shutdown(self) -> None:
+        self._stop = True
+        self._queue.put(None)
+        self._thread.join()
+
+    def abort(self) -> None:
+        """Stop the assembler (a ``.partial`` file may stay: the next run deletes it); state stays resumable."""
+        self._shutdown()
+        self.journal.close()
+
+
+def write_metadata(folder: Path, metadata) -> None:
+    """``.metadata`` to a temporary name, fsync, rename, fsync the folder: the commit of the checkpoint."""
+    data = pickle.dumps(metadata)
+    tmp, path = folder / ".metadata.tmp", folder / ".metadata"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            pause_point("metadata")
+            fh.write(data[len(data) // 2:])
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(folder)
+    except OSError as e:
+        raise output_error(path, e) from e

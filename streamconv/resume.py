@@ -1,0 +1,223 @@
+"""Resume: what a conversion's output folder remembers about itself, and whether a re-run may continue it.
+
+``<megatron-path>/.streamconv/`` holds:
+- ``identity.json``: what the output is made from, written before any data: the input's identity (each
+  source file's name, size, mtime and a hash of its safetensors header; hashes of ``config.json`` and the
+  index) and the settings that change output bytes (dtype, chunk size, file size, a digest of the plan).
+- ``journal.jsonl``: an append-only record of what is done, one JSON object per line: ``chunk`` (a chunk
+  staged, with its CRC-32), ``file`` (a ``.distcp`` assembled: size and the items it holds), ``done``.
+  A torn last line (a kill mid-append) is ignored: it only loses a record, and what it described is redone.
+- ``staging.zarr``: the Zarr v3 staging store (``formats/staging.py``).
+
+The same command on the same folder resumes; a different input or output-changing setting is refused with
+a one-line error naming what differs; ``--overwrite`` starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+from streamconv.errors import OutputError, output_error
+from streamconv.formats.torch_dist import fsync_dir, fsync_write
+
+STATE_DIR = ".streamconv"
+IDENTITY_FILE = "identity.json"
+JOURNAL_FILE = "journal.jsonl"
+FORMAT = 1  # bump when the journal or staging layout changes incompatibly
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _header_sha256(path: Path) -> str:
+    """Hash of a safetensors file's length prefix and JSON header (cheap: never the data)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        return _sha256(head + f.read(min(n, 100 * 1024**2)))
+
+
+def input_identity(folder: Path, shard_paths) -> dict:
+    """The input as a re-run sees it: shard names, sizes, mtimes, header hashes; config and index hashes."""
+    files = []
+    for path in sorted(set(Path(p) for p in shard_paths), key=lambda p: p.name):
+        st = path.stat()
+        files.append({"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                      "header_sha256": _header_sha256(path)})
+    extra = {}
+    for name in ("config.json", "model.safetensors.index.json"):
+        p = folder / name
+        if p.is_file():
+            extra[name] = _sha256(p.read_bytes())
+    return {"files": files, "json_sha256": extra}
+
+
+def plan_digest(plan) -> str:
+    """A digest of everything in the plan that decides output bytes (chunks, files, dtypes, objects)."""
+    h = hashlib.sha256()
+    for key, t in plan.targets.items():
+        h.update(f"T{key}|{t.shape}|{t.dtype}\n".encode())
+    for c in plan.chunks:
+        h.update(f"C{c.key}|{c.offsets}|{c.sizes}|{c.file}|{c.reads}\n".encode())
+    for key in plan.objects:
+        h.update(f"O{key}\n".encode())
+    return h.hexdigest()
+
+
+def make_identity(folder: Path, shard_paths, plan, *, dtype: str | None, file_bytes: int | None,
+                  staging: bool) -> dict:
+    return {
+        "format": FORMAT,
+        "input": input_identity(folder, shard_paths),
+        "settings": {"dtype": dtype or "auto", "chunk_bytes": plan.chunk_bytes, "file_bytes": file_bytes,
+                     "plan_sha256": plan_digest(plan)},
+        "staging": staging,
+    }
+
+
+def _fmt(n) -> str:
+    from streamconv.engine import fmt_bytes
+
+    return fmt_bytes(n) if isinstance(n, int) else str(n)
+
+
+def describe_difference(old: dict, new: dict) -> str | None:
+    """What differs between the identity an output was started with and this run's; None if resumable."""
+    if old.get("format") != new["format"]:
+        return "it was written by another streamconv version"
+    oi, ni = old.get("input", {}), new["input"]
+    if oi != ni:
+        ofiles = {f["name"]: f for f in oi.get("files", [])}
+        nfiles = {f["name"]: f for f in ni["files"]}
+        for name in sorted(set(ofiles) | set(nfiles)):
+            if name not in nfiles:
+                return f"it was made from a different input (had {name}, which this input lacks)"
+            if name not in ofiles:
+                return f"it was made from a different input (it had no {name})"
+            a, b = ofiles[name], nfiles[name]
+            for field, what in (("header_sha256", "tensor header"), ("size", "size"), ("mtime_ns", "modification time")):
+                if a.get(field) != b.get(field):
+                    return f"it was made from a different input ({name}: {what} differs)"
+        for name in sorted(set(oi.get("json_sha256", {})) | set(ni["json_sha256"])):
+            if oi.get("json_sha256", {}).get(name) != ni["json_sha256"].get(name):
+                return f"it was made from a different input ({name} differs)"
+        return "it was made from a different input"
+    os_, ns = old.get("settings", {}), new["settings"]
+    if os_.get("dtype") != ns["dtype"]:
+        return f"it was started with --dtype {os_.get('dtype')}, this run has --dtype {ns['dtype']}"
+    if os_.get("chunk_bytes") != ns["chunk_bytes"]:
+        return (f"it was started with {_fmt(os_.get('chunk_bytes'))} chunks, this run's --max-memory gives "
+                f"{_fmt(ns['chunk_bytes'])} chunks (use the --max-memory of the first run)")
+    if os_.get("file_bytes") != ns["file_bytes"]:
+        return f"it was started with --distcp-size {_fmt(os_.get('file_bytes'))}, this run has {_fmt(ns['file_bytes'])}"
+    if os_.get("plan_sha256") != ns["plan_sha256"]:
+        return "its conversion plan differs from this run's (another streamconv version or mapping)"
+    if old.get("staging") != new["staging"]:
+        if new["staging"]:
+            return "it was started with --no-staging, which cannot resume"
+        return "it was started with staging; resume it without --no-staging"
+    return None
+
+
+def _only_empty_folders(out: Path) -> bool:
+    return not any(p.is_file() or p.is_symlink() for p in out.rglob("*"))
+
+
+def check_output(out: Path, identity: dict, overwrite: bool) -> bool:
+    """Whether ``out`` may be used as is (a resumable run of this same conversion, or our own empty
+    leftovers); False for a fresh or to-be-overwritten folder. Refuses a folder from another conversion."""
+    if overwrite or not out.is_dir():
+        return False
+    path = out / STATE_DIR / IDENTITY_FILE
+    if not path.is_file():
+        return _only_empty_folders(out)  # e.g. killed before identity.json: nothing of value there
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise OutputError(f"{path}: unreadable ({e}); pass --overwrite to start over") from None
+    diff = describe_difference(old, identity)
+    if diff is not None:
+        raise OutputError(f"{out}: cannot resume: {diff}; pass --overwrite to start over, or choose another "
+                          "--megatron-path")
+    if not identity["staging"]:
+        raise OutputError(f"{out}: holds an earlier --no-staging run, which cannot resume; pass --overwrite to "
+                          "start over, or drop --no-staging")
+    return True
+
+
+def uncommit(paths) -> None:
+    """Remove a previous run's commit markers (tracker, ``.metadata``) before resuming, durably, so the
+    folder never looks complete while the resumed run works; they are written again at its end."""
+    parents = set()
+    for p in map(Path, paths):
+        try:
+            p.unlink()
+            parents.add(p.parent)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise output_error(p, e) from e
+    for d in parents:
+        fsync_dir(d)
+
+
+class Journal:
+    """``<out>/.streamconv``: the identity and the append-only journal of a conversion."""
+
+    def __init__(self, out: Path, identity: dict):
+        self.dir = Path(out) / STATE_DIR
+        self.path = self.dir / JOURNAL_FILE
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            ident = self.dir / IDENTITY_FILE
+            if not ident.is_file():  # a fresh start: no records of another run may survive
+                self.path.unlink(missing_ok=True)
+                fsync_write(ident, json.dumps(identity, indent=1).encode())
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise output_error(self.dir, e) from e
+        fsync_dir(self.dir)
+
+    def records(self) -> list[dict]:
+        """Every complete record, oldest first (a torn or garbled line is skipped)."""
+        out = []
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return out
+        for line in data.split(b"\n"):
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "t" in rec:
+                out.append(rec)
+        return out
+
+    def append(self, record: dict, sync: bool = False) -> None:
+        """One line, one ``write`` (O_APPEND); ``sync`` makes it (and all before it) durable."""
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        try:
+            os.write(self.fd, line)
+            if sync:
+                os.fsync(self.fd)
+        except OSError as e:
+            raise output_error(self.path, e) from e
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise output_error(self.path, e) from e
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -1,0 +1,246 @@
+"""``streamconv verify``: is every tensor of a torch_dist checkpoint, bit for bit, its HF source under the mapping?
+
+Streaming and memory-bounded like the conversion itself: the checkpoint's own items (read from
+``.metadata``, by ``(file, offset, length)``, with the restricted reader of ``formats/torch_dist_reader``)
+become the chunks of a plan whose recipes read the matching source rows; the engine runs that plan under
+``--max-memory`` and a comparing sink checks each item against what the source makes of it (same cast, same
+QKV / gate-up layouts). It does not depend on how the checkpoint was chunked (any row blocks, any number of
+layers per item), only on the mapping table.
+
+It reports, and exits 5 (``EXIT_MISMATCH``) on, any difference: a missing or unexpected tensor, a wrong
+shape or dtype, chunks that do not tile a tensor, a missing ``_extra_state`` object, and every item whose
+bytes differ (named by tensor and chunk offsets, with the count and first position of the differing
+elements) or that cannot be read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from streamconv import engine
+from streamconv.errors import EXIT_MISMATCH, BadInputError
+from streamconv.models import rules
+from streamconv.plan import Chunk, Plan, Read, Target, import_plan
+from streamconv.transforms import layout_segments, sources_for_fused_rows
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass
+class Report:
+    checkpoint: str
+    source: str
+    tensors: int = 0
+    items: int = 0
+    bytes: int = 0
+    items_checked: int = 0
+    mismatches: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def as_dict(self) -> dict:
+        return {"command": "verify", "checkpoint": self.checkpoint, "source": self.source, "ok": self.ok,
+                "tensors": self.tensors, "items": self.items, "items_checked": self.items_checked,
+                "bytes": self.bytes, "seconds": round(self.seconds, 3), "mismatches": self.mismatches}
+
+
+def first_difference(actual: torch.Tensor, expected: torch.Tensor) -> tuple[int, tuple[int, ...]] | None:
+    """(number of differing elements, index of the first) comparing bits; None if bit-identical."""
+    view = _INT_VIEW[expected.element_size()]
+    a = actual.contiguous().view(view).reshape(-1)
+    e = expected.contiguous().view(view).reshape(-1)
+    diff = a != e
+    n = int(diff.sum())
+    if n == 0:
+        return None
+    flat = int(diff.nonzero()[0, 0])
+    index = []
+    for size in reversed(expected.shape):
+        index.append(flat % size)
+        flat //= size
+    return n, tuple(reversed(index))
+
+
+class CompareSink:
+    """The engine's sink for verify: each expected chunk is compared with the checkpoint's item."""
+
+    def __init__(self, ckpt_source, report: Report):
+        self.ckpt = ckpt_source
+        self.report = report
+
+    def write_overhead(self, chunk) -> int:
+        return 2 * chunk.nbytes  # the item's bytes as read, and the tensor loaded from them
+
+    def write(self, chunk, expected: torch.Tensor) -> None:
+        where = f"{chunk.key} chunk at offsets {list(chunk.offsets)} sizes {list(chunk.sizes)}"
+        try:
+            actual = self.ckpt.read_item(chunk.key, chunk.offsets)
+        except BadInputError as e:
+            self.report.mismatches.append(f"{where}: unreadable ({e})")
+            return
+        self.report.items_checked += 1
+        if actual.dtype != expected.dtype or tuple(actual.shape) != tuple(expected.shape):
+            self.report.mismatches.append(f"{where}: holds {actual.dtype} {list(actual.shape)}, expected "
+                                          f"{expected.dtype} {list(expected.shape)}")
+            return
+        d = first_difference(actual, expected.reshape(actual.shape))
+        if d is not None:
+            n, index = d
+            self.report.mismatches.append(f"{where}: {n} of {actual.numel()} elements differ from the source "
+                                          f"(first at {list(index)})")
+
+    def close(self) -> None:
+        pass
+
+
+def _bindings_by_key(spec) -> dict[tuple[str, tuple[int, ...]], tuple]:
+    out = {}
+    for b in rules.bindings(spec):
+        segs = layout_segments(b.layout, [t.shape[0] for t in b.hf], b.heads_per_group, b.head_dim)
+        out[(b.key, tuple(b.index))] = (b, segs)
+    return out
+
+
+def region_reads(bindings, key: str, shape: tuple[int, ...], offsets, sizes) -> tuple[Read, ...]:
+    """The source row slices whose row-wise concatenation is region ``(offsets, sizes)`` of ``key``."""
+    lead = 1 if (key, (offsets[0],)) in bindings else 0
+    if any(o != 0 or s != n for o, s, n in zip(offsets[lead + 1:], sizes[lead + 1:], shape[lead + 1:])):
+        raise ValueError("split along a dimension other than rows")
+    reads = []
+    r0, r1 = offsets[lead], offsets[lead] + sizes[lead]
+    for idx in itertools.product(*(range(o, o + s) for o, s in zip(offsets[:lead], sizes[:lead]))):
+        b, segs = bindings[(key, tuple(idx))]
+        reads += [Read(b.hf[s].name, a, z) for s, a, z in sources_for_fused_rows(segs, r0, r1)]
+    return tuple(reads)
+
+
+def tiling_problem(shape: tuple[int, ...], regions) -> str | None:
+    """Whether ``regions`` (offsets, sizes) tile ``shape`` exactly; a description of the first problem."""
+    total = 0
+    for offsets, sizes in regions:
+        if len(offsets) != len(shape) or any(o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape)):
+            return f"chunk at {list(offsets)} sizes {list(sizes)} lies outside the tensor {list(shape)}"
+        total += math.prod(sizes)
+    if total != math.prod(shape):
+        return f"its chunks hold {total} elements, the tensor has {math.prod(shape)}"
+    boxes = sorted((tuple(o), tuple(o_ + s for o_, s in zip(o, sz))) for o, sz in regions)
+    for (lo0, hi0), (lo1, hi1) in zip(boxes, boxes[1:]):  # sorted by offsets: overlaps show up as neighbours
+        if all(max(a0, a1) < min(b0, b1) for a0, b0, a1, b1 in zip(lo0, hi0, lo1, hi1)):
+            return f"chunks at {list(lo0)} and {list(lo1)} overlap"
+    return None
+
+
+def expected_dtypes(spec, src_dtypes: dict, out_tensors: dict) -> Plan:
+    """The import plan whose dtypes match the checkpoint's (a run with ``--dtype`` casts every tensor)."""
+    out_dtypes = {t.dtype for t in out_tensors.values()}
+    try:
+        plan = import_plan(spec, src_dtypes, None)
+        if all(out_tensors[k].dtype == t.dtype for k, t in plan.targets.items() if k in out_tensors):
+            return plan
+    except BadInputError:
+        pass
+    if len(out_dtypes) == 1:
+        return import_plan(spec, src_dtypes, out_dtypes.pop())
+    return import_plan(spec, src_dtypes, None)
+
+
+def verify(hf_model: str, megatron_path: str, *, max_memory: int = engine.DEFAULT_MAX_MEMORY, workers: int = 4,
+           device: str = "cpu", quiet: bool = True) -> Report:
+    from streamconv.formats.safetensors import SafetensorsSource
+    from streamconv.formats.torch_dist_reader import TorchDistSource
+    from streamconv.hf2mcore import resolve_hf_model
+    from streamconv.mcore2hf import resolve_checkpoint
+    from streamconv.models.spec import load_config, spec_from_config
+    from streamconv.progress import make_progress
+
+    t0 = time.perf_counter()
+    folder = resolve_hf_model(hf_model)
+    spec = spec_from_config(load_config(folder))
+    ckpt_dir = resolve_checkpoint(megatron_path)
+    source = SafetensorsSource(folder)
+    ckpt = TorchDistSource(ckpt_dir)
+    report = Report(str(ckpt_dir), str(folder))
+    try:
+        src_dtypes = {name: info.dtype for name, info in source.tensors.items()}
+        for t in rules.hf_tensors(spec):
+            if t.name not in src_dtypes:
+                raise BadInputError(f"{folder}: tensor {t.name!r} is needed for {spec.architecture} but is not in "
+                                    "the source checkpoint")
+        ref = expected_dtypes(spec, src_dtypes, ckpt.tensors)
+        bindings = _bindings_by_key(spec)
+        report.tensors = len(ref.targets)
+        for key in sorted(set(ckpt.tensors) - set(ref.targets)):
+            report.mismatches.append(f"{key}: in the checkpoint but not made from any source tensor")
+        for key in ref.objects:
+            if key not in ckpt.objects:
+                report.mismatches.append(f"{key}: object missing (megatron-core refuses to load without it)")
+        targets: dict[str, Target] = {}
+        chunks: list[Chunk] = []
+        for key, want in ref.targets.items():
+            got = ckpt.tensors.get(key)
+            if got is None:
+                report.mismatches.append(f"{key}: tensor missing from the checkpoint")
+                continue
+            if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+                report.mismatches.append(f"{key}: is {got.dtype} {list(got.shape)}, expected {want.dtype} "
+                                         f"{list(want.shape)}")
+                continue
+            regions = [(tuple(c.offsets), tuple(c.sizes)) for c in got.chunks]
+            problem = tiling_problem(want.shape, regions)
+            if problem:
+                report.mismatches.append(f"{key}: {problem}")
+                continue
+            targets[key] = want
+            itemsize = torch.empty((), dtype=want.dtype).element_size()
+            for offsets, sizes in regions:
+                try:
+                    reads = region_reads(bindings, key, want.shape, offsets, sizes)
+                except ValueError as e:
+                    raise BadInputError(f"{ckpt_dir}: {key} chunk at {list(offsets)}: {e}; verify compares row "
+                                        "blocks only") from None
+                chunks.append(Chunk(key, offsets, sizes, reads, 0, math.prod(sizes) * itemsize))
+        report.items = len(chunks)
+        report.bytes = sum(c.nbytes for c in chunks)
+        plan = Plan("verify", spec, targets, chunks)
+        sink = CompareSink(ckpt, report)
+        progress = make_progress(quiet, "verify", report.bytes, len(chunks), max_memory)
+        with progress:
+            engine.run(plan, source, sink, max_memory=max_memory, workers=workers, device=device, progress=progress)
+    finally:
+        source.close()
+        ckpt.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def verify_command(args) -> int:
+    report = verify(args.hf_model, args.megatron_path, max_memory=args.max_memory, workers=args.workers,
+                    device=args.device, quiet=args.quiet or args.json)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0 if report.ok else EXIT_MISMATCH
+    for line in report.mismatches[:50]:
+        print(f"MISMATCH {line}", file=sys.stderr)
+    if len(report.mismatches) > 50:
+        print(f"... and {len(report.mismatches) - 50} more", file=sys.stderr)
+    summary = (f"{report.tensors} tensors, {report.items_checked}/{report.items} items, "
+               f"{engine.fmt_bytes(report.bytes)} of {report.checkpoint} against {report.source} "
+               f"in {report.seconds:.1f}s")
+    if report.ok:
+        if not args.quiet:
+            print(f"verify: OK: {summary}: every tensor is bit-identical to its source")
+        return 0
+    print(f"verify: FAILED: {len(report.mismatches)} problem(s); {summary}", file=sys.stderr)
+    return EXIT_MISMATCH
+

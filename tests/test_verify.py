@@ -1,0 +1,108 @@
+"""``streamconv verify``: passes on real conversions (any chunking, cast dtypes, DeciLM per-layer keys) and
+catches what a user must not miss: a flipped byte in a .distcp, the wrong source, a missing tensor."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from streamconv import errors
+from streamconv.cli import main
+from streamconv.formats.torch_dist_reader import TorchDistSource
+from streamconv.synth import llama_config, make_checkpoint, mixed_decilm_config
+
+CFG = llama_config(hidden=64, layers=2, heads=8, kv_heads=2, ffn=96, vocab=192)
+
+
+def convert(src, out, *extra) -> None:
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), "--quiet", *extra]) == 0
+
+
+def verify(src, out, capsys, *extra) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main(["verify", "--hf-model", str(src), "--megatron-path", str(out), *extra])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def bf16_src(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("v") / "hf", CFG, seed=7, shards=2, dtype=torch.bfloat16)
+
+
+def test_flipped_byte_in_a_distcp_is_named(bf16_src, tmp_path, capsys):
+    out = tmp_path / "out"
+    convert(bf16_src, out, "--max-memory", "64KiB")  # row-block chunks
+    rc, stdout, _ = verify(bf16_src, out, capsys, "--max-memory", "64KiB")
+    assert rc == 0 and stdout.startswith("verify: OK") and "bit-identical" in stdout
+
+    ckpt = out / "iter_0000000"
+    with TorchDistSource(ckpt) as td:
+        key = "decoder.layers.mlp.linear_fc1.weight"
+        chunk = td.tensors[key].chunks[3]
+        offsets, where = chunk.offsets, td.item_info(key, chunk.offsets)
+    path = ckpt / where.file
+    data = bytearray(path.read_bytes())
+    data[where.offset + where.length // 2] ^= 0x04  # inside the item's tensor data
+    path.write_bytes(data)
+
+    rc, _, err = verify(bf16_src, out, capsys)
+    assert rc == errors.EXIT_MISMATCH
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err  # the mismatch, and the verdict
+    assert lines[0].startswith(f"MISMATCH {key} chunk at offsets {list(offsets)}") and "1 of" in lines[0]
+    assert lines[1].startswith("verify: FAILED: 1 problem")
+
+    rc, stdout, _ = verify(bf16_src, out, capsys, "--json")
+    report = json.loads(stdout)
+    assert rc == errors.EXIT_MISMATCH and report["ok"] is False and len(report["mismatches"]) == 1
+    assert report["items_checked"] == report["items"] == sum(len(t.chunks) for t in TorchDistSource(ckpt).tensors.values())
+
+
+def test_any_chunking_and_the_wrong_source(bf16_src, tmp_path, capsys):
+    """Whole-layer items (default budget) verify too; another checkpoint of the same shapes does not."""
+    out = tmp_path / "out"
+    convert(bf16_src, out, "--no-staging")
+    rc, _, _ = verify(bf16_src, out, capsys, "--quiet")
+    assert rc == 0
+    other = make_checkpoint(tmp_path / "other", CFG, seed=8, shards=1, dtype=torch.bfloat16)
+    rc, stdout, _ = verify(other, out, capsys, "--json")
+    report = json.loads(stdout)
+    assert rc == errors.EXIT_MISMATCH and len(report["mismatches"]) == report["items"] > 0
+
+
+def test_decilm_with_cast_dtype(tmp_path, capsys):
+    cfg = mixed_decilm_config(hidden=64, heads=8, vocab=128)
+    src = make_checkpoint(tmp_path / "hf", cfg, seed=2, shards=2)  # fp32
+    out = tmp_path / "out"
+    convert(src, out, "--dtype", "bf16", "--max-memory", "128KiB")
+    rc, stdout, _ = verify(src, out, capsys, "--json")
+    report = json.loads(stdout)
+    assert rc == 0, report["mismatches"]
+    with TorchDistSource(out / "iter_0000000") as td:
+        assert any(k.startswith("decoder.layers.0.") for k in td.tensors)  # heterogeneous: per-layer keys
+        assert {t.dtype for t in td.tensors.values()} == {torch.bfloat16}
+        assert report["items"] == sum(len(t.chunks) for t in td.tensors.values())
+
+
+def test_missing_tensor_and_incomplete_checkpoint(bf16_src, tmp_path, capsys):
+    out = tmp_path / "out"
+    convert(bf16_src, out)
+    ckpt = out / "iter_0000000"
+    meta_path = ckpt / ".metadata"
+    good = meta_path.read_bytes()
+    meta = TorchDistSource(ckpt).metadata
+    del meta.state_dict_metadata["output_layer.weight"]
+    meta.storage_data = {k: v for k, v in meta.storage_data.items() if k.fqn != "output_layer.weight"}
+    meta_path.write_bytes(pickle.dumps(meta))
+    rc, _, err = verify(bf16_src, out, capsys)
+    assert rc == errors.EXIT_MISMATCH and "MISMATCH output_layer.weight: tensor missing from the checkpoint" in err
+
+    meta_path.write_bytes(good)
+    (out / "latest_checkpointed_iteration.txt").unlink()
+    meta_path.unlink()  # what an interrupted conversion looks like
+    rc, _, err = verify(bf16_src, out, capsys)
+    assert rc == errors.EXIT_BAD_INPUT and len(err.strip().splitlines()) == 1 and err.startswith("error: ")

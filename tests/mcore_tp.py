@@ -1,11 +1,12 @@
 """Re-save a torch_dist checkpoint with REAL megatron-core at tensor-parallel N (gloo, CPU processes).
 
-Each rank builds the Llama GPTModel with ``tensor_model_parallel_size=N`` (local spec), loads the source
-checkpoint with ``dist_checkpointing.load`` (default strictness) and saves it with
-``dist_checkpointing.save``: the output has the chunking a real TP=N training save has (row/column splits,
-SwiGLU gate/up halves per rank, ``__{rank}_{i}.distcp`` files per rank).
+Each rank builds the GPTModel with ``tensor_model_parallel_size=N`` (local spec; Llama, or DeciLM through
+``HeterogeneousTransformerConfig`` when the config has ``block_configs``), loads the source checkpoint with
+``dist_checkpointing.load`` (default strictness) and saves it with ``dist_checkpointing.save``: the output has
+the chunking a real TP=N training save has (row/column splits, SwiGLU gate/up halves per rank,
+``__{rank}_{i}.distcp`` files per rank). Several jobs share one set of processes (spawning is the slow part).
 
-    resave_tensor_parallel(hf_config, src_ckpt_dir, dst_dir, tp=2)
+    resave_tensor_parallel([(hf_config, src_ckpt_dir, dst_dir), ...], tp=2)
 """
 
 from __future__ import annotations
@@ -14,38 +15,53 @@ import os
 import tempfile
 
 
-def _worker(rank: int, world: int, init_file: str, cfg: dict, src: str, dst: str) -> None:
+def _worker(rank: int, world: int, init_file: str, jobs: list) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
     import torch
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    import json
+
     import mcore_harness as mh
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.heterogeneous.heterogeneous_layer_specs import get_gpt_heterogeneous_layer_spec
+    from megatron.core.transformer.heterogeneous.heterogeneous_config import HeterogeneousTransformerConfig
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     parallel_state.initialize_model_parallel(world, 1)
-    kwargs = mh._common_config_kwargs(cfg)
-    kwargs.update(tensor_model_parallel_size=world, perform_initialization=False)
-    config = TransformerConfig(**kwargs, num_query_groups=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-                               ffn_hidden_size=cfg["intermediate_size"])
-    model = mh._gpt_model(config, get_gpt_layer_local_spec(normalization="RMSNorm"), cfg)
-    mh.load_checkpoint(model, src, check_extra=False)
-    mh.save_reference_checkpoint(model, dst)
-    torch.distributed.barrier()
+    for cfg, src, dst in jobs:
+        kwargs = mh._common_config_kwargs(cfg)
+        kwargs.update(tensor_model_parallel_size=world, perform_initialization=False)
+        heads = cfg["num_attention_heads"]
+        if cfg.get("block_configs"):
+            config = HeterogeneousTransformerConfig(**kwargs, num_query_groups=heads,
+                                                    ffn_hidden_size=4 * cfg["hidden_size"],
+                                                    heterogeneous_layers_config_encoded_json=json.dumps(cfg))
+            spec = get_gpt_heterogeneous_layer_spec(config, use_te=False)
+        else:
+            config = TransformerConfig(**kwargs, num_query_groups=cfg.get("num_key_value_heads") or heads,
+                                       ffn_hidden_size=cfg["intermediate_size"])
+            spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        model = mh._gpt_model(config, spec, cfg)
+        mh.load_checkpoint(model, src, check_extra=False)
+        mh.save_reference_checkpoint(model, dst)
+        torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
-def resave_tensor_parallel(cfg: dict, src, dst, tp: int = 2) -> None:
+def resave_tensor_parallel(jobs: list, tp: int = 2) -> None:
+    """``jobs``: ``[(hf_config, src_ckpt_dir, dst_dir), ...]``."""
     import torch.multiprocessing as mp
 
     fd, init_file = tempfile.mkstemp(prefix="mcore_tp_pg_")
     os.close(fd)
     os.unlink(init_file)
     try:
-        mp.spawn(_worker, args=(tp, init_file, cfg, str(src), str(dst)), nprocs=tp, join=True)
+        jobs = [(cfg, str(src), str(dst)) for cfg, src, dst in jobs]
+        mp.spawn(_worker, args=(tp, init_file, jobs), nprocs=tp, join=True)
     finally:
         if os.path.exists(init_file):
             os.unlink(init_file)

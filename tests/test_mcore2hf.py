@@ -188,7 +188,9 @@ def test_exported_llama_loads_in_transformers_with_identical_logits(tmp_path):
 # ---------------------------------------------------------------------------------------------- real TP=2 save
 
 
-def test_real_megatron_tp2_save_exports_the_same_tensors(tmp_path):
+def test_real_megatron_tp2_saves_export_the_same_tensors(tmp_path):
+    """Llama (stacked keys) and DeciLM with every block variant (per-layer keys), each re-saved by real
+    megatron-core at TP=2, export to the same HF tensors as their TP=1 checkpoints."""
     mcore_tp = pytest.importorskip("mcore_tp")
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint import load as dcp_load
@@ -196,8 +198,12 @@ def test_real_megatron_tp2_save_exports_the_same_tensors(tmp_path):
     cfg = llama_config(hidden=64, layers=2, heads=8, kv_heads=2, ffn=160, vocab=256)
     src = make_checkpoint(tmp_path / "hf", cfg, seed=4, shards=2)
     hf2mcore(src, tmp_path / "tp1")
-    tp2 = tmp_path / "tp2"
-    mcore_tp.resave_tensor_parallel(cfg, tmp_path / "tp1" / "iter_0000000", tp2, tp=2)
+    hcfg = {**mixed_decilm_config(), "torch_dtype": "float32"}  # the harness builds fp32 models
+    hsrc = make_checkpoint(tmp_path / "hf_decilm", hcfg, seed=6, shards=2)
+    hf2mcore(hsrc, tmp_path / "decilm_tp1")
+    tp2, htp2 = tmp_path / "tp2", tmp_path / "decilm_tp2"
+    mcore_tp.resave_tensor_parallel([(cfg, tmp_path / "tp1" / "iter_0000000", tp2),
+                                     (hcfg, tmp_path / "decilm_tp1" / "iter_0000000", htp2)], tp=2)
 
     # the chunking is megatron's own: both ranks wrote files; fc1 holds gate/up halves per rank; proj/fc2 are
     # split by columns
@@ -209,49 +215,30 @@ def test_real_megatron_tp2_save_exports_the_same_tensors(tmp_path):
         proj = reader.tensors["decoder.layers.self_attention.linear_proj.weight"]
         assert {c.offsets[2] for c in proj.chunks} == {0, 32}
         assert reader.read_object("decoder.layers.mlp.linear_fc2._extra_state/shard_1_2") is None
-        # any region reads back as torch DCP's own loader sees it
-        meta = FileSystemReader(str(tp2)).read_metadata()
+    with TorchDistSource(htp2) as reader:
+        assert len(reader.tensors["decoder.layers.0.mlp.linear_fc1.weight"].chunks) == 4
+        assert len(reader.tensors["decoder.layers.2.self_attention.weight"].chunks) == 2  # a linear replacement
+    # any region reads back as torch DCP's own loader sees it
+    for folder in (tp2, htp2):
+        meta = FileSystemReader(str(folder)).read_metadata()
         state = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
                  for k, v in meta.state_dict_metadata.items() if hasattr(v, "size")}
-        dcp_load(state, storage_reader=FileSystemReader(str(tp2)), no_dist=True)
-        for key, full in state.items():
-            for index in ([(i,) for i in range(full.shape[0])] if key.startswith("decoder.layers.") else [()]):
-                part = full[index] if index else full
-                rows = part.shape[0]
-                for r0, r1 in ((0, rows), (1, rows - 1), (rows // 3, rows // 3 + 1)):
-                    assert torch.equal(reader.read_rows(key, r0, r1, index), part[r0:r1]), (key, index, r0, r1)
+        dcp_load(state, storage_reader=FileSystemReader(str(folder)), no_dist=True)
+        with TorchDistSource(folder) as reader:
+            for key, full in state.items():
+                stacked = key.startswith("decoder.layers.") and not key.split(".")[2].isdigit()
+                for index in ([(i,) for i in range(full.shape[0])] if stacked else [()]):
+                    part = full[index] if index else full
+                    rows = part.shape[0]
+                    for r0, r1 in ((0, rows), (1, rows - 1), (rows // 3, rows // 3 + 1)):
+                        assert torch.equal(reader.read_rows(key, r0, r1, index), part[r0:r1]), (key, index, r0, r1)
 
     mcore2hf(tmp_path / "tp1", tmp_path / "out1", "--hf-config", src)
     mcore2hf(tp2, tmp_path / "out2", "--hf-config", src, "--max-memory", "24KiB")
     assert_bit_exact(load_folder(tmp_path / "out1"), load_folder(tmp_path / "out2"))
     assert_bit_exact(load_folder(src), load_folder(tmp_path / "out2"))
-
-
-def test_padded_vocabulary_from_torch_dcp_writer_is_cut_back(tmp_path):
-    """A checkpoint written by torch DCP itself (one item per tensor), with the vocabulary padded as Megatron-LM
-    pads it for training: the export drops the padding rows and is bit-exact."""
-    import shutil
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-
-    cfg = llama_config(**{**LLAMA, "vocab": 250})
-    src = make_checkpoint(tmp_path / "hf", cfg, seed=5, shards=1)
-    hf2mcore(src, tmp_path / "mcore")
-    ckpt = tmp_path / "mcore" / "iter_0000000"
-    meta = FileSystemReader(str(ckpt)).read_metadata()
-    state = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
-             for k, v in meta.state_dict_metadata.items() if hasattr(v, "size")}
-    dcp.load(state, storage_reader=FileSystemReader(str(ckpt)), no_dist=True)
-    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        state[key] = torch.cat([state[key], torch.full((6, cfg["hidden_size"]), 7.0)])  # 256 rows
-    padded = tmp_path / "padded"
-    dcp.save(state, checkpoint_id=str(padded), no_dist=True)
-    shutil.copy(ckpt / "run_config.yaml", padded / "run_config.yaml")
-
-    summary = mcore2hf(padded, tmp_path / "out")
-    assert summary["tensors"] == len(load_folder(src))
-    assert_bit_exact(load_folder(src), load_folder(tmp_path / "out"))
+    mcore2hf(htp2, tmp_path / "decilm_out2", "--hf-config", hsrc, "--max-memory", "24KiB")
+    assert_bit_exact(load_folder(hsrc), load_folder(tmp_path / "decilm_out2"))
 
 
 # ---------------------------------------------------------------------------------------------- safety, errors

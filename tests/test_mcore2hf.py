@@ -98,7 +98,9 @@ def test_llama_round_trip_is_bit_exact(tmp_path, tied, dtype, config_from):
     assert ("lm_head.weight" in exported) == (not tied)
     assert summary["shards"] > 3 and summary["chunks"] > summary["tensors"]
     assert_index(out, exported)
-    assert all(f.stat().st_size <= 60_000 for f in out.glob("*.safetensors") if len(load_file(f)) > 1)
+    for f in out.glob("*.safetensors"):  # as save_pretrained: tensor bytes <= the limit, unless one tensor is bigger
+        sizes = [t.numel() * t.element_size() for t in load_file(f).values()]
+        assert len(sizes) == 1 or sum(sizes) <= 60_000, f.name
     written = json.loads((out / "config.json").read_text())
     if config_from == "hf_config":
         assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()

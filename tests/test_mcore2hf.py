@@ -87,7 +87,10 @@ LLAMA = dict(hidden=64, layers=3, heads=8, kv_heads=2, ffn=96, vocab=256)
 def test_llama_round_trip_is_bit_exact(tmp_path, tied, dtype, config_from):
     cfg = llama_config(**LLAMA, tied=tied)
     src = make_checkpoint(tmp_path / "hf", cfg, seed=7, dtype=dtype, shards=3)
-    hf2mcore(src, tmp_path / "mcore")
+    side = {"tokenizer_config.json": '{"model_max_length": 4096}', "generation_config.json": '{"do_sample": true}'}
+    for name, text in side.items():
+        (src / name).write_text(text)
+    hf2mcore(src, tmp_path / "mcore")  # keeps them in iter_0000000/tokenizer/, as Bridge does
     extra = ["--hf-config", src] if config_from == "hf_config" else []
     # small budget and shards: tensors are read in row blocks and spread over several shards
     summary = mcore2hf(tmp_path / "mcore", tmp_path / "out", "--max-memory", "32KiB", "--max-shard-size", "60KB",
@@ -107,6 +110,9 @@ def test_llama_round_trip_is_bit_exact(tmp_path, tied, dtype, config_from):
     else:  # rebuilt from run_config.yaml: describes the same model
         assert spec_from_config(written) == spec_from_config(json.loads((src / "config.json").read_text()))
     assert written["torch_dtype"] == str(dtype).removeprefix("torch.")
+    for name, text in side.items():  # from the --hf-config folder, or from the checkpoint's tokenizer/
+        assert (out / name).read_text() == text
+    assert sorted(summary["copied"]) == sorted(side)
     assert not (out / MARKER).exists() and not list(out.glob("*.partial"))
 
 

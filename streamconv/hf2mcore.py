@@ -78,7 +78,7 @@ def prepare_output(out: Path, overwrite: bool, resume: bool = False) -> Path:
         try:
             shutil.rmtree(out)
         except OSError as e:
-            raise output_error(e.filename or out, e) from e
+            raise output_error(out, e) from e
     ckpt = out / ITER_DIR
     try:
         ckpt.mkdir(parents=True, exist_ok=True)

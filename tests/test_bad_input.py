@@ -384,13 +384,47 @@ def test_read_only_output_folder(src, read_only_folder, capsys):
         assert not any(read_only_folder.iterdir())
 
 
-def test_disk_full_while_writing(src, tmpfs, capsys):
-    """A real full disk: a 256 KiB tmpfs, smaller than the ~430 KiB checkpoint."""
-    out = tmpfs("size=256k") / "out"
-    rc, err = convert(src, out, "--max-memory", "256KiB", capsys=capsys)
+def test_overwrite_of_a_read_only_folder(src, tmp_path, tmpfs, capsys):
+    """--overwrite cannot delete what is there: one line, and what was there is untouched."""
+    if os.geteuid() != 0:
+        out = tmp_path / "ro"
+        out.mkdir()
+        (out / "old.txt").write_text("old")
+        out.chmod(0o555)
+    else:
+        out = tmpfs("size=64k")
+        (out / "old.txt").write_text("old")
+        subprocess.run(["mount", "-o", "remount,ro", str(out)], check=True)
+    try:
+        rc, err = convert(src, out, "--overwrite", capsys=capsys)
+    finally:
+        out.chmod(0o755) if os.geteuid() != 0 else None
     assert rc == errors.EXIT_IO, err
-    assert_one_line_error(err, f"{out}/", "disk full", "free space")  # names the file it was writing
+    assert_one_line_error(err, str(out), "choose")
+    assert "read-only file system" in err or "permission denied" in err, err
+    assert (out / "old.txt").read_text() == "old"
+
+
+@pytest.mark.parametrize("mode", [(), ("--no-staging",)], ids=["staged", "direct"])
+def test_disk_full_while_writing_then_run_again(src, tmpfs, capsys, mode):
+    """A real full disk: a 256 KiB tmpfs, smaller than the ~430 KiB checkpoint. Then what the message says:
+    free space (grow the tmpfs) and run again, which finishes the conversion."""
+    disk = tmpfs("size=256k")
+    out = disk / "out"
+    rc, err = convert(src, out, "--max-memory", "256KiB", *mode, capsys=capsys)
+    assert rc == errors.EXIT_IO, err
+    assert_one_line_error(err, f"{out}/", "disk full", "free space", "run again")  # names the file it was writing
     assert_not_a_checkpoint(out)
+
+    subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+    if "--no-staging" in mode:
+        rc, err = convert(src, out, "--max-memory", "256KiB", *mode, capsys=capsys)
+        assert rc == errors.EXIT_IO
+        assert_one_line_error(err, str(out), "cannot resume", "--overwrite")
+        return
+    rc, err = convert(src, out, "--max-memory", "256KiB", capsys=capsys)
+    assert rc == 0, err
+    assert all((out / m).exists() for m in COMPLETE_MARKERS[1:]) and (out / "iter_0000000" / ".metadata").is_file()
 
 
 def test_file_size_limit_while_writing(src, tmp_path):
@@ -422,30 +456,52 @@ def test_output_error_messages():
 
 @pytest.fixture(scope="module")
 def bigger(tmp_path_factory) -> Path:
-    """Big enough (~25 MB) that a conversion with a small budget runs for a few seconds."""
-    cfg = llama_config(hidden=256, layers=8, heads=8, kv_heads=2, ffn=768, vocab=4096)
+    """Big enough (~8.5 MB, ~270 chunks at a 256 KiB budget) that a conversion can be caught mid-write."""
+    cfg = llama_config(hidden=128, layers=6, heads=8, kv_heads=2, ffn=384, vocab=4096)
     return make_checkpoint(tmp_path_factory.mktemp("bigger") / "hf", cfg, seed=2, shards=2)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_running_conversion(bigger, tmp_path, sig):
-    """A real CLI process interrupted mid-write: one line saying how to resume, exit 128+signal, and an
-    output folder that is not a checkpoint."""
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(bigger), "--megatron-path", str(out),
-           "--max-memory", "64KiB", "--quiet"]
+def interrupt_conversion(cmd: list[str], out: Path, sig: int) -> str:
+    """Start ``cmd``, send ``sig`` once it has written 256 KiB, return its stderr (exit code checked)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        if out.is_dir() and any(p.is_file() and p.stat().st_size for p in out.rglob("*")):
-            break  # writing has started
+        written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
+        if written >= 256 * 1024:
+            break  # mid-write
         time.sleep(0.005)
     assert proc.poll() is None, "conversion ended before it could be interrupted"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, err
+    return err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_running_conversion_then_resume(bigger, tmp_path, sig):
+    """A real CLI process interrupted mid-write: one line saying how to resume, exit 128+signal, an output
+    folder that is not a checkpoint; and doing what the line says (the same command again) finishes it."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(bigger), "--megatron-path", str(out),
+           "--max-memory", "256KiB", "--json"]
+    err = interrupt_conversion(cmd, out, sig)
     assert_one_line_error(err, f"interrupted by {signal.Signals(sig).name}", "not a loadable checkpoint",
                           "run the same command again to resume")
+    assert_not_a_checkpoint(out)
+    if sig == signal.SIGINT:
+        return  # resuming once is enough (tests/test_resume.py checks resumed output bit for bit)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["chunks_resumed"] > 0
+    assert all((out / m).exists() for m in COMPLETE_MARKERS[1:]) and (out / "iter_0000000" / ".metadata").is_file()
+
+
+def test_interrupt_unstaged_conversion_says_to_start_over(bigger, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(bigger), "--megatron-path", str(out),
+           "--max-memory", "256KiB", "--quiet", "--no-staging"]
+    err = interrupt_conversion(cmd, out, signal.SIGTERM)
+    assert_one_line_error(err, "interrupted by SIGTERM", "not a loadable checkpoint", "cannot resume", "--overwrite")
     assert_not_a_checkpoint(out)
 
 

@@ -427,6 +427,20 @@ def test_disk_full_while_writing_then_run_again(src, tmpfs, capsys, mode):
     assert all((out / m).exists() for m in COMPLETE_MARKERS[1:]) and (out / "iter_0000000" / ".metadata").is_file()
 
 
+def test_disk_full_while_exporting(src, tmp_path, tmpfs, capsys):
+    """mcore2hf on a full disk: one line, exit 4, and no HF folder that looks complete (no config.json,
+    no index, no shard under its final name)."""
+    mcore = tmp_path / "mcore"
+    assert convert(src, mcore, capsys=capsys)[0] == 0
+    out = tmpfs("size=128k") / "hf"
+    rc = main(["mcore2hf", "--megatron-path", str(mcore), "--hf-path", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == errors.EXIT_IO, err
+    assert_one_line_error(err, f"{out}/", "disk full", "free space")
+    names = os.listdir(out)
+    assert not {"config.json", "model.safetensors", "model.safetensors.index.json"} & set(names), names
+
+
 def test_file_size_limit_while_writing(src, tmp_path):
     """The kernel refuses a write mid-file (RLIMIT_FSIZE, EFBIG) in a real CLI process: one line, exit 4,
     nothing complete-looking. Runs everywhere, unlike the tmpfs mount."""

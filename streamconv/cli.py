@@ -204,6 +204,10 @@ def _report(args, summary: dict, line: str) -> None:
         print(json.dumps(summary, indent=2))
     elif not getattr(args, "quiet", False):
         print(line)
+        if sys.stdout.isatty():  # people get the one-screen summary too
+            from streamconv.progress import print_summary
+
+            print_summary(summary)
 
 
 def main(argv: list[str] | None = None) -> int:

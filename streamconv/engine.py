@@ -1,23 +1,38 @@
 """The engine: runs a plan chunk by chunk under a memory budget.
 
-Reads (``source.read_rows``) run ahead on worker threads; the calling thread transforms (gather + cast,
-on ``device``) and hands each finished piece to the sink, in plan order. Every chunk in flight is
-accounted at the bytes it will hold (its reads plus its output); a new chunk starts only while the total
-stays under the budget, so peak memory is bounded by ``max_memory`` whatever the model size.
+Data flows one way through three kinds of threads::
+
+    reader threads (--workers)        main thread                  writer thread
+    read_into(chunk, buffer)   ->   stage.start(buffer)    ->   stage.finish -> sink.write(chunk, tensor)
+    (scatter.py: file order)        (cast on --device)           (plan order)
+
+Every chunk is accounted from the moment its buffer is allocated until the sink has written it, at the
+bytes it can hold at most (``Job.cost``): its read buffer, its output if the cast makes a new tensor, the
+part of a read a generic source hands back, and what the sink allocates to write it
+(``sink.write_overhead(chunk)``, default: one serialized copy). Fixed buffers (the CUDA stage's pinned
+slots, ``sink.reserved_memory``) are taken off the budget up front. A chunk starts only when its cost
+fits, so what the engine holds never exceeds ``max_memory``, whatever the model size; the reads of the
+next chunks run while earlier ones are cast and written. Chunks reach the sink in plan order.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
 import math
+import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from streamconv import scatter
+from streamconv.device import CpuStage, make_stage
+from streamconv.errors import UsageError
+from streamconv.memory import Memory
 from streamconv.plan import Chunk, Plan
-from streamconv.transforms import gather
 
 DEFAULT_MAX_MEMORY = 2 * 1024**3
 
@@ -28,68 +43,218 @@ class Stats:
     chunks_done: int = 0
     chunks_skipped: int = 0
     seconds: float = 0.0
-    peak_in_flight: int = 0
+    peak_in_flight: int = 0  # most bytes accounted at once (<= budget)
+    budget: int = 0  # bytes chunks may hold (max_memory less fixed reservations)
+    read_seconds: float = 0.0  # time reader threads spent reading (summed over threads)
+    write_seconds: float = 0.0  # time the writer thread spent finishing and writing
+    wait_seconds: float = 0.0  # time the main thread waited for reads
 
 
-def chunk_cost(chunk: Chunk, source) -> int:
-    """Bytes a chunk holds while in flight: what it reads plus what it produces."""
-    read = sum(source.read_nbytes(r) for r in chunk.reads)
-    return read + chunk.nbytes
+@dataclass
+class Job:
+    chunk: Chunk
+    shape: tuple[int, int]  # the buffer: [rows, row_elems]
+    buf_dtype: torch.dtype  # what the reads are stored in (or the output dtype for generic sources)
+    out_dtype: torch.dtype
+    cost: int
+    buf: torch.Tensor | None = None
+    future: object = None
+    raws: list = field(default_factory=list)  # buffers taken from Memory: cached again when the job is done
+    slot: torch.Tensor | None = None  # CudaStage: the pinned slot the job is in
+
+
+def sink_overhead(sink, chunk: Chunk) -> int:
+    """Bytes ``sink.write`` allocates for ``chunk``: ``sink.write_overhead(chunk)``, or one copy."""
+    f = getattr(sink, "write_overhead", None)
+    return chunk.nbytes if f is None else f(chunk)
+
+
+def make_job(plan: Plan, chunk: Chunk, source, sink=None, stage=None) -> Job:
+    out_dtype = plan.targets[chunk.key].dtype
+    shape = scatter.buffer_shape(chunk)
+    src = scatter.read_dtype(source, chunk) or out_dtype  # mixed or unknown: each read is cast on copy
+    extra = 0
+    if not scatter.direct(source):  # each read comes back as a tensor of its own before it is copied
+        extra = max((source.read_nbytes(r) for r in chunk.reads), default=0)
+    src_bytes = shape[0] * shape[1] * src.itemsize
+    cost = (stage or CpuStage()).cost(src_bytes, chunk.nbytes, src == out_dtype) + extra + sink_overhead(sink, chunk)
+    return Job(chunk, shape, src, out_dtype, cost)
+
+
+def chunk_cost(plan: Plan, chunk: Chunk, source, sink=None) -> int:
+    """Bytes a chunk holds at most while in flight (on the CPU stage)."""
+    return make_job(plan, chunk, source, sink).cost
+
+
+def min_memory(plan: Plan, source, sink=None) -> int:
+    """The smallest budget that can run ``plan``: its largest single chunk (plus the sink's reserve)."""
+    return max((chunk_cost(plan, c, source, sink) for c in plan.chunks), default=0) + getattr(
+        sink, "reserved_memory", 0)
+
+
+def limit_malloc_retention() -> None:
+    """Make glibc return big buffers to the OS when they are freed.
+
+    glibc raises its mmap threshold (up to 32 MiB) after the first large free, so later chunk buffers
+    come from heaps (one per thread) that keep freed memory: RSS then creeps above what is in flight.
+    A fixed threshold keeps every buffer >= 1 MiB in its own mapping, unmapped on free.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixing it also stops the dynamic adjustment)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+class Writer:
+    """The writer thread: finishes each job's transform and hands it to the sink, in order."""
+
+    def __init__(self, sink, stage, memory: Memory, stats: Stats, progress):
+        self.sink, self.stage, self.memory, self.stats, self.progress = sink, stage, memory, stats, progress
+        self.error: BaseException | None = None
+        self.stopping = False
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="streamconv-write", daemon=True)
+        self._thread.start()
+
+    def put(self, job: Job, handle) -> None:
+        self.check()
+        self._queue.put((job, handle))
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if not self._thread.is_alive():
+            raise RuntimeError("the writer thread ended unexpectedly")
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            job, handle = item
+            if self.stopping:
+                self.stage.discard(job)
+                self.memory.release(job.cost)
+                continue
+            t0 = time.perf_counter()
+            try:
+                out = self.stage.finish(job, handle)
+                del handle
+                self.sink.write(job.chunk, out.view(job.chunk.sizes))
+                del out
+                self.memory.release(job.cost, keep=job.raws)  # the sink is done with them: reuse
+            except BaseException as e:  # reported to the main thread, which stops the run
+                self.error, self.stopping = e, True
+                self.stage.discard(job)
+                self.memory.release(job.cost)
+                continue
+            job.buf = None
+            job.raws.clear()
+            self.stats.write_seconds += time.perf_counter() - t0
+            self.stats.bytes_done += job.chunk.nbytes
+            self.stats.chunks_done += 1
+            if self.progress is not None:
+                self.progress.advance(job.chunk, self.memory.used)
+
+    def close(self, stop: bool = False) -> None:
+        """Wait for the queue to drain (``stop``: drop what is left); re-raise the thread's error."""
+        self.stopping = self.stopping or stop
+        self._queue.put(None)
+        self._thread.join()
+        if not stop and self.error is not None:
+            raise self.error
+
+
+def _timed(read_into, chunk: Chunk, buf: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    read_into(chunk, buf)
+    return time.perf_counter() - t0
 
 
 def run(plan: Plan, source, sink, *, max_memory: int = DEFAULT_MAX_MEMORY, workers: int = 4,
-        device: str = "cpu", progress=None, skip=None) -> Stats:
+        device: str = "cpu", progress=None, skip=None, stage=None) -> Stats:
     """Execute ``plan`` reading from ``source`` and writing to ``sink``.
 
     ``skip(chunk) -> bool`` marks chunks already done (resume). ``progress``, if given, gets
-    ``advance(chunk)`` after each chunk and ``memory(in_flight_bytes)`` as the budget changes.
+    ``advance(chunk, in_flight_bytes, skipped=False)`` after each chunk. ``stage`` overrides the one
+    ``device`` selects (tests).
     """
-    stats = Stats()
     t0 = time.perf_counter()
-    dev = torch.device(device)
-    in_flight: collections.deque = collections.deque()  # (chunk, future, cost)
-    used = 0
+    limit_malloc_retention()
+    sink_reserved = getattr(sink, "reserved_memory", 0)
+    chunks = plan.chunks
+    if stage is None:
+        jobs = [make_job(plan, c, source, sink) for c in chunks]
+        slot = max((j.shape[0] * j.shape[1] * max(j.buf_dtype.itemsize, j.out_dtype.itemsize) for j in jobs),
+                   default=1)
+        largest = max((j.cost for j in jobs), default=0)
+        del jobs
+        stage = make_stage(device, slot, max_memory - sink_reserved, largest, workers)
+    memory = Memory(max_memory - stage.reserved - sink_reserved)
+    stage.attach(memory)
+    stats = Stats(budget=memory.limit)
+    read_into = scatter.reader_for(source)
+    pending: collections.deque[Job] = collections.deque()
+    writer = Writer(sink, stage, memory, stats, progress)
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="streamconv-read")
 
-    def finish_oldest() -> None:
-        nonlocal used
-        chunk, fut, cost = in_flight.popleft()
-        parts = fut.result()
-        target = plan.targets[chunk.key]
-        out = gather([p.to(dev, non_blocking=True) for p in parts], target.dtype)
-        out = out.reshape(chunk.sizes)
-        if out.device.type != "cpu":
-            out = out.cpu()
-        sink.write(chunk, out)
-        del parts, out
-        used -= cost
-        stats.bytes_done += chunk.nbytes
-        stats.chunks_done += 1
-        if progress is not None:
-            progress.advance(chunk, used)
+    def hand_oldest() -> None:
+        job = pending.popleft()
+        w0 = time.perf_counter()
+        try:
+            stats.read_seconds += job.future.result()
+        except BaseException:
+            stage.discard(job)
+            memory.release(job.cost)
+            raise
+        stats.wait_seconds += time.perf_counter() - w0
+        writer.put(job, stage.start(job))
 
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="streamconv-read") as pool:
-        for chunk in plan.chunks:
+    try:
+        for chunk in chunks:
             if skip is not None and skip(chunk):
                 stats.chunks_skipped += 1
                 if progress is not None:
-                    progress.advance(chunk, used, skipped=True)
+                    progress.advance(chunk, memory.used, skipped=True)
                 continue
-            cost = chunk_cost(chunk, source)
-            while in_flight and used + cost > max_memory:
-                finish_oldest()
-            used += cost
-            stats.peak_in_flight = max(stats.peak_in_flight, used)
-            fut = pool.submit(lambda c=chunk: [source.read_rows(r.name, r.row0, r.row1, r.index) for r in c.reads])
-            in_flight.append((chunk, fut, cost))
-        while in_flight:
-            finish_oldest()
+            job = make_job(plan, chunk, source, sink, stage)
+            if job.cost > memory.limit:
+                fixed = max_memory - memory.limit
+                held = f" less {fmt_bytes(fixed)} of fixed buffers" if fixed else ""
+                raise UsageError(f"--max-memory {fmt_bytes(max_memory)}{held} is below the {fmt_bytes(job.cost)} "
+                                 f"chunk {chunk.key} {list(chunk.offsets)} needs; raise --max-memory")
+            acquired = False
+            while pending and not acquired:
+                acquired = stage.available() and memory.try_acquire(job.cost)
+                if not acquired:
+                    hand_oldest()
+            if not acquired:  # everything earlier is with the writer: wait for it to free memory
+                memory.acquire(job.cost, writer.check)
+            while True:
+                try:
+                    job.buf = stage.buffer(job, timeout=0.2)
+                    break
+                except queue.Empty:
+                    writer.check()
+            job.future = pool.submit(_timed, read_into, chunk, job.buf)
+            pending.append(job)
+        while pending:
+            hand_oldest()
+        writer.close()
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        writer.close(stop=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        memory.clear()
+        close = getattr(read_into, "close", None)
+        if close is not None:
+            close()
+    stats.peak_in_flight = memory.peak
     stats.seconds = time.perf_counter() - t0
     return stats
-
-
-def min_memory(plan: Plan, source) -> int:
-    """The smallest budget that can run ``plan``: its largest single chunk."""
-    return max((chunk_cost(c, source) for c in plan.chunks), default=0)
 
 
 def fmt_bytes(n: float) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from streamconv import engine, resume
+from streamconv import engine, resume, rss
 from streamconv.errors import BadInputError, OutputError, UsageError, output_error
 from streamconv.formats import run_config
 from streamconv.formats.safetensors import SafetensorsSource
@@ -112,8 +112,11 @@ class Options:
 
 
 def chunk_bytes_for(max_memory: int) -> int:
-    """Chunks small enough that several (reads + output) fit the budget at once."""
-    return max(4096, min(DEFAULT_CHUNK_BYTES, max_memory // 8))
+    """Chunks small enough that several (buffer, cast output, sink copy) fit the budget at once.
+
+    No floor: a tiny budget makes tiny chunks (at least one row each), which tests use to split every tensor.
+    """
+    return max(1, min(DEFAULT_CHUNK_BYTES, max_memory // 8))
 
 
 def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
@@ -146,13 +149,16 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
         else:
             journal.close()
             sink = TorchDistSink(ckpt, plan)
-        progress = make_progress(opts.quiet, "hf2mcore", plan.total_bytes, len(plan.chunks), opts.max_memory)
+        progress = make_progress(opts.quiet, "hf2mcore", plan.total_bytes, len(plan.chunks), opts.max_memory,
+                                 plan=plan)
         try:
+            rss.reset_peak()  # the conversion's own peak, apart from start-up (imports, planning)
             with progress:
                 stats = engine.run(plan, source, sink, max_memory=opts.max_memory, workers=opts.workers,
                                    device=opts.device, progress=progress, skip=getattr(sink, "skip", None))
             write_bridge_files(folder, out, ckpt, spec, plan, hf_model)
             sink.close()
+            conversion_peak = rss.window_peak()
         except BaseException:
             sink.abort()
             raise
@@ -174,7 +180,12 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
         "seconds": round(stats.seconds, 3),
         "mb_per_s": round(stats.bytes_done / 1e6 / max(stats.seconds, 1e-9), 1),
         "peak_rss_bytes": peak_rss(),
+        "conversion_peak_rss_bytes": conversion_peak,
         "max_memory_bytes": opts.max_memory,
+        "peak_in_flight_bytes": stats.peak_in_flight,
+        "chunk_bytes": plan.chunk_bytes,
+        "workers": opts.workers,
+        "device": opts.device,
         "staging": opts.staging,
         "chunks_resumed": stats.chunks_skipped,
         **getattr(sink, "report", {}),

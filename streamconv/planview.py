@@ -24,6 +24,8 @@ CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32"
 class ShapeSource:
     """What the engine's memory accounting needs from a source, computed from the spec (no weights)."""
 
+    direct_reads = True  # like a safetensors source: reads land in the chunk's buffer (engine/scatter.py)
+
     def __init__(self, spec, dtype: torch.dtype):
         self.shapes = {t.name: t.shape for t in rules.hf_tensors(spec)}
         self.dtype = dtype

@@ -148,9 +148,23 @@ def _staged_chunk_file(out: Path, record: dict) -> Path:
     return store.joinpath("c", *(str(o // g) for o, g in zip(record["offsets"], grid)))
 
 
+def kill_point_inside_a_file(src) -> int:
+    """A count n of staged chunks after which the file of chunks n-1 and n still waits for chunk n+1."""
+    from streamconv.formats.safetensors import SafetensorsSource
+    from streamconv.hf2mcore import build_plan, chunk_bytes_for
+    from streamconv.models.spec import load_config, spec_from_config
+
+    source = SafetensorsSource(src)
+    plan = build_plan(source, spec_from_config(load_config(src)), None, chunk_bytes_for(64 * 1024),
+                      file_bytes=40 * 1024)
+    source.close()
+    files = [c.file for c in plan.chunks]
+    return next(n for n in range(len(files) // 2, len(files) - 1) if files[n - 2] == files[n - 1] == files[n])
+
+
 def test_corrupted_and_torn_staged_chunks_are_redone(src, ref, tmp_path, capsys):
     out = tmp_path / "out"
-    kill_at(src, out, tmp_path, "staged:30")
+    kill_at(src, out, tmp_path, f"staged:{kill_point_inside_a_file(src)}")
     journal = (out / ".streamconv" / "journal.jsonl").read_text().splitlines()
     chunks = [json.loads(line) for line in journal if '"t":"chunk"' in line]
     assembled = {c["key"] + str(c["offsets"]) for line in journal if '"t":"file"' in line

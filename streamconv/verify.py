@@ -214,7 +214,7 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = engine.DEFAUL
         report.bytes = sum(c.nbytes for c in chunks)
         plan = Plan("verify", spec, targets, chunks)
         sink = CompareSink(ckpt, report)
-        progress = make_progress(quiet, "verify", report.bytes, len(chunks), max_memory)
+        progress = make_progress(quiet, "verify", report.bytes, len(chunks), max_memory, plan=plan)
         with progress:
             engine.run(plan, source, sink, max_memory=max_memory, workers=workers, device=device, progress=progress)
     finally:

@@ -69,7 +69,7 @@ def wait_until(cond, proc, timeout=60.0) -> None:
 
 
 def kill_at(src, out, tmp_path, point: str) -> None:
-    """Run the CLI until it reaches ``point`` (the pause hook in formats/staging.py), then SIGKILL it."""
+    """Run the CLI until it reaches ``point`` (streamconv/crashpoints.py), then SIGKILL it."""
     marker = tmp_path / f"reached-{point.replace(':', '-')}"
     proc = launch(src, out, STREAMCONV_TEST_PAUSE=point, STREAMCONV_TEST_PAUSE_FILE=str(marker))
     wait_until(marker.exists, proc)
@@ -108,10 +108,13 @@ def test_sigkill_at_random_moments_then_resume(src, ref, tmp_path, capsys):
     out = tmp_path / "out"
     rng = random.Random(20260529)
     kills = 0
+    started = tmp_path / "started"
     for _ in range(3):
-        # a deterministic slow-down (sleeps around each chunk's zarr write) spreads the work over ~1 s
-        proc = launch(src, out, STREAMCONV_TEST_SLOW="0.02")
-        wait_until(lambda: (out / ".streamconv" / "identity.json").is_file(), proc)
+        # a deterministic slow-down (sleeps around each chunk's zarr write) spreads the work over ~1 s;
+        # the kill comes at a random moment after the sink starts (resuming, staging, assembling, committing)
+        started.unlink(missing_ok=True)
+        proc = launch(src, out, STREAMCONV_TEST_SLOW="0.02", STREAMCONV_TEST_STARTED=str(started))
+        wait_until(started.exists, proc)
         time.sleep(rng.uniform(0.0, 0.6))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)

@@ -34,7 +34,6 @@ import queue
 import shutil
 import sys
 import threading
-import time
 import zlib
 from collections import defaultdict
 from pathlib import Path
@@ -42,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from streamconv import crashpoints
 from streamconv.errors import OutputError, output_error
 from streamconv.formats.torch_dist import (COMMON_STATE, COMMON_STATE_KEY, DistcpFile, build_metadata, distcp_name,
                                            fsync_dir, object_item_bytes, write_common_files)
@@ -113,42 +113,6 @@ def _standalone(t: torch.Tensor) -> torch.Tensor:
             or not t.is_contiguous():
         t = t.clone(memory_format=torch.contiguous_format)
     return t
-
-
-# --------------------------------------------------------------------------- test hooks
-
-def pause_point(point: str) -> None:
-    """Deterministic places for crash tests to SIGKILL a real conversion (no effect unless set).
-
-    ``STREAMCONV_TEST_PAUSE=<point>[:<n>]``: the n-th time ``point`` is reached (default 1), create the
-    file ``STREAMCONV_TEST_PAUSE_FILE`` and sleep until killed. Points: ``staged`` (a chunk staged and
-    journaled), ``assemble`` (an item appended to a ``.distcp`` being assembled), ``metadata`` (half of
-    ``.metadata`` written to its temporary file). ``STREAMCONV_TEST_SLOW=<seconds>``: sleep that long per
-    staged chunk, half before and half after its zarr write, so random kills land in varied places.
-    """
-    want = os.environ.get("STREAMCONV_TEST_PAUSE")
-    if not want:
-        return
-    name, _, n = want.partition(":")
-    if name != point:
-        return
-    with _hook_lock:
-        _hook_counts[point] += 1
-        hit = _hook_counts[point] == int(n or 1)
-    if hit:
-        Path(os.environ["STREAMCONV_TEST_PAUSE_FILE"]).write_text(point)
-        while True:
-            time.sleep(60)
-
-
-def _slow(fraction: float) -> None:
-    s = os.environ.get("STREAMCONV_TEST_SLOW")
-    if s:
-        time.sleep(float(s) * fraction)
-
-
-_hook_counts: dict[str, int] = defaultdict(int)
-_hook_lock = threading.Lock()
 
 
 # --------------------------------------------------------------------------- the store
@@ -320,6 +284,7 @@ class StagedSink:
         self._error: BaseException | None = None
         self._stop = False
         self._queue: queue.Queue = queue.Queue()
+        crashpoints.started()
         self._clean_leftovers()
         self.store = StagingStore(journal.dir / STORE_NAME, plan, fsync_chunks=keep_staging)
         self.report["partials_removed"] += self.store.clean_partials()
@@ -388,14 +353,14 @@ class StagedSink:
 
     def write(self, chunk, tensor: torch.Tensor) -> None:
         self._check()
-        _slow(0.5)
+        crashpoints.slow(0.5)
         crc = self.store.write(chunk, tensor)
-        _slow(0.5)
+        crashpoints.slow(0.5)
         self.journal.append({"t": "chunk", "key": chunk.key, "offsets": list(chunk.offsets), "crc32": crc})
         cid = self._id(chunk)
         with self._lock:
             self.crc[cid] = crc
-        pause_point("staged")
+        crashpoints.pause("staged")
         self.remaining[chunk.file] -= 1
         if self.remaining[chunk.file] == 0:
             self._enqueue(chunk.file)
@@ -445,7 +410,7 @@ class StagedSink:
                     torch.save(_standalone(t), fh)
                     entries.append((c.key, tuple(c.offsets), pos, fh.tell() - pos))
                     del t
-                    pause_point("assemble")
+                    crashpoints.pause("assemble")
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
@@ -546,7 +511,7 @@ def write_metadata(folder: Path, metadata) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data[: len(data) // 2])
             fh.flush()
-            pause_point("metadata")
+            crashpoints.pause("metadata")
             fh.write(data[len(data) // 2:])
             fh.flush()
             os.fsync(fh.fileno())

@@ -1,0 +1,53 @@
+"""Hooks for crash tests: deterministic places where a test can SIGKILL a real conversion process.
+
+They do nothing unless their environment variable is set (tests/test_resume.py sets them on the CLI
+subprocess it kills):
+
+- ``STREAMCONV_TEST_PAUSE=<point>[:<n>]``: the n-th time ``pause(point)`` is reached (default 1), create the
+  file ``STREAMCONV_TEST_PAUSE_FILE`` and sleep until killed. Points (formats/staging.py): ``staged`` (a
+  chunk staged and journaled), ``assemble`` (an item appended to a ``.distcp`` being assembled),
+  ``metadata`` (half of ``.metadata`` written to its temporary file).
+- ``STREAMCONV_TEST_SLOW=<seconds>``: ``slow(f)`` sleeps ``f`` times that (per staged chunk, half before and
+  half after its zarr write), so kills at random moments land in varied places.
+- ``STREAMCONV_TEST_STARTED=<file>``: ``started()`` creates that file (when the sink starts, before resuming),
+  so a test times its kill from there rather than from the interpreter's start.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+_counts: dict[str, int] = defaultdict(int)
+_lock = threading.Lock()
+
+
+def pause(point: str) -> None:
+    want = os.environ.get("STREAMCONV_TEST_PAUSE")
+    if not want:
+        return
+    name, _, n = want.partition(":")
+    if name != point:
+        return
+    with _lock:
+        _counts[point] += 1
+        hit = _counts[point] == int(n or 1)
+    if hit:
+        Path(os.environ["STREAMCONV_TEST_PAUSE_FILE"]).write_text(point)
+        while True:
+            time.sleep(60)
+
+
+def slow(fraction: float) -> None:
+    s = os.environ.get("STREAMCONV_TEST_SLOW")
+    if s:
+        time.sleep(float(s) * fraction)
+
+
+def started() -> None:
+    path = os.environ.get("STREAMCONV_TEST_STARTED")
+    if path:
+        Path(path).write_text(str(os.getpid()))

@@ -10,10 +10,13 @@ import torch
 import zarr
 
 from streamconv.cli import main
-from streamconv.formats.staging import StagingStore, grid_for
+from streamconv.formats.staging import StagingStore, chunk_coords, grid_for
 from streamconv.formats.torch_dist_reader import TorchDistSource
 from streamconv.plan import Chunk, Plan, Target
-from streamconv.synth import llama_config, make_checkpoint
+from streamconv.models import rules
+from streamconv.models.spec import spec_from_config
+from streamconv.plan import import_plan
+from streamconv.synth import REAL_CONFIGS, llama_config, make_checkpoint, real_config
 
 CFG = llama_config(hidden=64, layers=2, heads=8, kv_heads=2, ffn=96, vocab=192)
 
@@ -87,3 +90,20 @@ def test_uneven_chunks_map_onto_a_regular_grid(tmp_path):
     store.drop(chunks[1])
     assert store.checksum(chunks[1], torch.bfloat16) is None  # missing, not "zeros"
     assert store.checksum(chunks[0], torch.bfloat16) is not None
+
+
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+def test_real_models_stage_one_zarr_chunk_per_output_chunk(name):
+    """The plans of the real Nemotron models (Nano .. Ultra) put every output chunk in exactly one zarr
+    chunk of the staging grid, at the default chunk size and at a small one."""
+    spec = spec_from_config(real_config(name))
+    src = {t.name: torch.bfloat16 for t in rules.hf_tensors(spec)}
+    for chunk_bytes in (64 << 20, 16 << 20):
+        plan = import_plan(spec, src, None, chunk_bytes=chunk_bytes)
+        regions: dict[str, list] = {}
+        for c in plan.chunks:
+            regions.setdefault(c.key, []).append((c.offsets, c.sizes))
+        for key, regs in regions.items():
+            grid = grid_for(plan.targets[key].shape, regs)
+            assert all(len(chunk_coords(o, s, grid)) == 1 for o, s in regs), key
+            assert grid == max(regs, key=lambda r: r[1])[1] or len(regs) == 1, key  # the plan's own row step

@@ -101,6 +101,14 @@ def grid_for(shape: tuple[int, ...], regions) -> tuple[int, ...]:
     return tuple(grid)
 
 
+def chunk_coords(offsets, sizes, grid) -> list[tuple[int, ...]]:
+    """The zarr chunk coordinates covering region ``(offsets, sizes)`` on a chunk grid ``grid``."""
+    out: list[tuple[int, ...]] = [()]
+    for o, s, g in zip(offsets, sizes, grid):
+        out = [c + (i,) for c in out for i in (range(o // g, (o + s - 1) // g + 1) if s else ())]
+    return out
+
+
 def _is_prefix(sizes, grid) -> bool:
     """Whether a region of ``sizes`` at a chunk's origin is the first elements of the chunk in C order."""
     k = next((i for i, s in enumerate(sizes) if s != 1), len(sizes))  # leading 1s pin the origin
@@ -171,13 +179,8 @@ class StagingStore:
     def chunk_paths(self, chunk) -> list[Path]:
         """The zarr chunk files holding ``chunk`` (one for a plan on its own row step)."""
         a = self.arrays[chunk.key]
-        ranges = [range(o // g, (o + s - 1) // g + 1) if s else range(0)
-                  for o, s, g in zip(chunk.offsets, chunk.sizes, a.chunks)]
         base = self.path / chunk.key
-        out = [[]]
-        for r in ranges:
-            out = [prefix + [i] for prefix in out for i in r]
-        return [base / a.metadata.encode_chunk_key(tuple(c)) for c in out if len(c) == len(ranges)]
+        return [base / a.metadata.encode_chunk_key(c) for c in chunk_coords(chunk.offsets, chunk.sizes, a.chunks)]
 
     def write(self, chunk, tensor: torch.Tensor) -> int:
         """Stage ``chunk``; returns the CRC-32 of its bytes."""

@@ -145,8 +145,8 @@ def check_output(out: Path, identity: dict, overwrite: bool) -> bool:
         raise OutputError(f"{out}: cannot resume: {diff}; pass --overwrite to start over, or choose another "
                           "--megatron-path")
     if not identity["staging"]:
-        raise OutputError(f"{out}: holds an earlier --no-staging run, which cannot resume; pass --overwrite to "
-                          "start over, or drop --no-staging")
+        raise OutputError(f"{out}: holds a --no-staging conversion (finished or not), which cannot resume; pass "
+                          "--overwrite to convert again")
     return True
 
 

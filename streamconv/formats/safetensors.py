@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from streamconv.formats.atomic import commit
 from streamconv.errors import BadInputError, output_error
 
 # Headers of real checkpoints are a few hundred KiB; refuse absurd sizes before allocating.
@@ -321,10 +322,4 @@ class ShardWriter:
     def close(self) -> None:
         if self._next != len(self.entries):
             raise ValueError(f"{self.path}: {len(self.entries) - self._next} tensors were not written")
-        try:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
-            os.replace(self.tmp, self.path)
-        except OSError as e:
-            raise output_error(self.path, e) from e
+        commit(self.f, self.tmp, self.path)

@@ -43,6 +43,7 @@ import torch
 
 from streamconv import crashpoints
 from streamconv.errors import OutputError, output_error
+from streamconv.formats.atomic import commit, fsync_file
 from streamconv.formats.torch_dist import (COMMON_STATE, COMMON_STATE_KEY, DistcpFile, build_metadata, distcp_name,
                                            fsync_dir, object_item_bytes, write_common_files)
 
@@ -190,7 +191,7 @@ class StagingStore:
             self.arrays[chunk.key][self._region(chunk)] = data
             if self.fsync_chunks:
                 for p in self.chunk_paths(chunk):
-                    _fsync_file(p)
+                    fsync_file(p)
         except OSError as e:
             raise output_error(self.path / chunk.key, e) from e
         return crc
@@ -241,16 +242,8 @@ class StagingStore:
     def fsync_all(self) -> None:
         for dirpath, _, files in os.walk(self.path):
             for f in files:
-                _fsync_file(Path(dirpath) / f)
+                fsync_file(Path(dirpath) / f)
             fsync_dir(Path(dirpath))
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- the sink
@@ -414,10 +407,7 @@ class StagedSink:
                     entries.append((c.key, tuple(c.offsets), pos, fh.tell() - pos))
                     del t
                     crashpoints.pause("assemble")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-            fsync_dir(self.ckpt)
+                commit(fh, tmp, final)
         except OSError as e:
             raise output_error(final, e) from e
         self.journal.append({"t": "file", "file": f, "size": final.stat().st_size,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkSt
                                                    TensorStorageMetadata)
 
 from streamconv.errors import output_error
+from streamconv.formats.atomic import commit, fsync_dir, fsync_write  # noqa: F401 (re-exported)
 
 METADATA_JSON = {
     "sharded_backend": "torch_dist",
@@ -62,28 +62,6 @@ def object_item_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-def fsync_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temporary name, fsync, rename, fsync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as e:
-        raise output_error(path, e) from e
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class DistcpFile:
     """One ``.distcp`` file being appended to; ``finish()`` makes it appear under its final name."""
 
@@ -106,13 +84,7 @@ class DistcpFile:
         self.entries.append((key, offsets, pos, len(data)))
 
     def finish(self) -> None:
-        try:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
-            os.replace(self.tmp, self.path)
-        except OSError as e:
-            raise output_error(self.path, e) from e
+        commit(self.f, self.tmp, self.path)
 
     def abort(self) -> None:
         """Close without the final name; the ``.partial`` file never looks complete. Closing flushes the

@@ -10,7 +10,7 @@ from __future__ import annotations
 from streamconv.errors import UnsupportedModelError
 from streamconv.models import llama
 from streamconv.models.spec import (ATTN_FULL, ATTN_LINEAR, ATTN_NOOP, MLP_FULL, MLP_LINEAR, MLP_NOOP, LayerSpec,
-                                    ModelSpec, require)
+                                    ModelSpec, make_spec, require)
 
 # block_configs fields streamconv maps; any other field must be absent or hold one of its "off" values
 # (null/false in the published configs; newer DeciLM code adds fields such as llama4, mamba, moe, gated,
@@ -107,19 +107,5 @@ def parse_config(cfg: dict) -> ModelSpec:
     if cfg.get("position_embedding_type") not in (None, "rope"):
         raise UnsupportedModelError(f"config.json: position_embedding_type={str(cfg['position_embedding_type'])[:40]!r}"
                                     f" is not supported (streamconv maps rope)")
-    head_dim = cfg.get("head_dim") or hidden // heads
-    if cfg.get("head_dim") is None and hidden % heads:
-        raise UnsupportedModelError(f"config.json: hidden_size={hidden} is not a multiple of heads={heads}")
-    return ModelSpec(
-        family="decilm",
-        architecture="DeciLMForCausalLM",
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        head_dim=head_dim,
-        vocab_size=require(cfg, "vocab_size"),
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        layers=tuple(parse_layer(i, b, hidden, heads) for i, b in enumerate(blocks)),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-        torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
-        hf_config=cfg,
-    )
+    layers = [parse_layer(i, b, hidden, heads) for i, b in enumerate(blocks)]
+    return make_spec(cfg, "decilm", "DeciLMForCausalLM", layers, default_dtype="bfloat16")

@@ -7,7 +7,7 @@ a Llama model is stored by megatron-core with layers stacked on a leading axis.
 from __future__ import annotations
 
 from streamconv.errors import UnsupportedModelError
-from streamconv.models.spec import LayerSpec, ModelSpec, require
+from streamconv.models.spec import LayerSpec, ModelSpec, make_spec, require
 
 # Fields whose non-default values change the math megatron-core would run on these weights
 # (absent = transformers' LlamaConfig default, which is the first value).
@@ -33,28 +33,13 @@ def check_common(cfg: dict) -> None:
 
 def parse_config(cfg: dict) -> ModelSpec:
     check_common(cfg)
-    hidden = require(cfg, "hidden_size")
     heads = require(cfg, "num_attention_heads")
     n_layers = require(cfg, "num_hidden_layers")
     kv = cfg.get("num_key_value_heads") or heads
     ffn = require(cfg, "intermediate_size")
-    head_dim = cfg.get("head_dim") or hidden // heads
     if not isinstance(kv, int) or kv <= 0 or heads % kv:
         raise UnsupportedModelError(
             f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}"
         )
-    if cfg.get("head_dim") is None and hidden % heads:
-        raise UnsupportedModelError(f"config.json: hidden_size={hidden} is not a multiple of heads={heads}")
-    return ModelSpec(
-        family="llama",
-        architecture="LlamaForCausalLM",
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        head_dim=head_dim,
-        vocab_size=require(cfg, "vocab_size"),
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        layers=tuple(LayerSpec(num_query_groups=kv, ffn_hidden_size=ffn) for _ in range(n_layers)),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-        torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
-        hf_config=cfg,
-    )
+    layers = [LayerSpec(num_query_groups=kv, ffn_hidden_size=ffn) for _ in range(n_layers)]
+    return make_spec(cfg, "llama", "LlamaForCausalLM", layers, default_dtype="float32")

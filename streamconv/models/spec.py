@@ -118,6 +118,27 @@ def check_limits(spec: ModelSpec) -> None:
         raise UnsupportedModelError(f"config.json describes {spec.param_count():.3g} parameters: not a real model")
 
 
+def make_spec(cfg: dict, family: str, architecture: str, layers, default_dtype: str) -> ModelSpec:
+    """The ModelSpec fields every family reads the same way from ``config.json``, around its ``layers``."""
+    hidden = require(cfg, "hidden_size")
+    heads = require(cfg, "num_attention_heads")
+    if cfg.get("head_dim") is None and hidden % heads:
+        raise UnsupportedModelError(f"config.json: hidden_size={hidden} is not a multiple of heads={heads}")
+    return ModelSpec(
+        family=family,
+        architecture=architecture,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        head_dim=cfg.get("head_dim") or hidden // heads,
+        vocab_size=require(cfg, "vocab_size"),
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        layers=tuple(layers),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or default_dtype),
+        hf_config=cfg,
+    )
+
+
 def require(cfg: dict, key: str, kind=int):
     """A required config field of the given type, or a clear error."""
     value = cfg.get(key)

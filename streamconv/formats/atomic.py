@@ -1,0 +1,51 @@
+"""Atomic, durable file commits shared by every writer.
+
+A file is written under a temporary name and appears under its final name only when complete:
+flush, fsync, close, rename, fsync the folder (so the rename itself survives a power cut).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from streamconv.errors import output_error
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(fh, tmp: Path, final: Path) -> None:
+    """Make the open file ``fh`` (written at ``tmp``) appear complete at ``final``."""
+    try:
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except OSError as e:
+        raise output_error(final, e) from e
+
+
+def fsync_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fh = open(tmp, "wb")
+        fh.write(data)
+    except OSError as e:
+        raise output_error(path, e) from e
+    commit(fh, tmp, path)

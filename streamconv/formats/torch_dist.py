@@ -19,10 +19,6 @@ import pickle
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
-                                                   MetadataIndex, StorageMeta, TensorProperties,
-                                                   TensorStorageMetadata)
 
 from streamconv.errors import output_error
 from streamconv.formats.atomic import commit, fsync_dir, fsync_write  # noqa: F401 (re-exported)
@@ -95,9 +91,15 @@ class DistcpFile:
             pass
 
 
-def build_metadata(targets, chunks_by_key, objects, storage) -> Metadata:
+def build_metadata(targets, chunks_by_key, objects, storage):
     """``targets``: {key: (shape, dtype)}; ``chunks_by_key``: {key: [(offsets, sizes)]};
     ``objects``: [key]; ``storage``: [(key, offsets|None, relative_path, offset, length)]."""
+    # imported here: torch.distributed.checkpoint costs ~0.8 s to import, and only the commit needs it
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                       MetadataIndex, StorageMeta, TensorProperties,
+                                                       TensorStorageMetadata)
+
     sd_meta: dict = {}
     for key, (shape, dtype) in targets.items():
         sd_meta[key] = TensorStorageMetadata(
@@ -128,7 +130,7 @@ def write_common_files(folder: Path) -> None:
     fsync_write(folder / "metadata.json", json.dumps(METADATA_JSON).encode())
 
 
-def write_metadata(folder: Path, metadata: Metadata) -> None:
+def write_metadata(folder: Path, metadata) -> None:
     """The commit: after this the folder is a loadable checkpoint."""
     fsync_write(folder / ".metadata", pickle.dumps(metadata))
 

@@ -184,7 +184,9 @@ def run(plan: Plan, source, sink, *, max_memory: int = DEFAULT_MAX_MEMORY, worke
     limit_malloc_retention()
     sink_reserved = getattr(sink, "reserved_memory", 0)
     chunks = plan.chunks
-    if stage is None:
+    if stage is None and torch.device(device).type == "cpu":
+        stage = CpuStage()
+    elif stage is None:  # a CUDA stage sizes its pinned slots for the largest chunk buffer
         jobs = [make_job(plan, c, source, sink) for c in chunks]
         slot = max((j.shape[0] * j.shape[1] * max(j.buf_dtype.itemsize, j.out_dtype.itemsize) for j in jobs),
                    default=1)

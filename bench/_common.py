@@ -1,0 +1,307 @@
+"""Shared by the benchmarks: synthetic checkpoints, timed and memory-watched child processes, page-cache
+control, cgroup memory caps, a streaming comparison of two torch_dist checkpoints, and the machine."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+# --------------------------------------------------------------------------- synthetic checkpoints
+
+def family_config(size_gb: float) -> dict:
+    """A bf16 Llama of about ``size_gb`` GB; every size has the same tensor shapes, only more layers:
+    hidden 2048, 16 heads, 4 kv heads, ffn 8192, vocab 32000 (~122 MB per layer, 262 MB embeddings)."""
+    from streamconv.synth import llama_config
+
+    hidden, ffn, vocab, kv = 2048, 8192, 32000, 512
+    per_layer = ((hidden + 2 * kv) * hidden + hidden * hidden + 3 * ffn * hidden + 2 * hidden) * 2
+    layers = max(1, round((size_gb * 1e9 - 2 * vocab * hidden * 2) / per_layer))
+    return llama_config(hidden=hidden, layers=layers, heads=16, kv_heads=4, ffn=ffn, vocab=vocab)
+
+
+def checkpoint(workdir: Path, size_gb: float, dtype: str = "bf16") -> Path:
+    """The synthetic checkpoint of ``size_gb`` GB in ``workdir`` (generated once: tools/make_checkpoint.py)."""
+    import torch
+
+    from streamconv.synth import make_checkpoint
+
+    folder = workdir / f"hf-{size_gb:g}gb-{dtype}"
+    if (folder / "config.json").is_file():
+        return folder
+    cfg = family_config(size_gb if dtype == "bf16" else size_gb / 2)
+    need = size_gb * 1e9 * 1.05
+    require_space(workdir, need, f"the {size_gb:g} GB checkpoint")
+    t0 = time.perf_counter()
+    tmp = workdir / (folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_checkpoint(tmp, cfg, seed=0, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
+                    shards=max(2, math.ceil(size_gb / 5)), shuffle=False)
+    tmp.rename(folder)
+    print(f"  generated {folder} ({folder_bytes(folder) / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f}s",
+          flush=True)
+    return folder
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def require_space(where: Path, nbytes: float, what: str) -> None:
+    free = shutil.disk_usage(where).free
+    if free < nbytes + 2 * GiB:  # keep 2 GiB for everyone else on the disk
+        sys.exit(f"not enough disk space in {where} for {what}: {free / 1e9:.1f} GB free, "
+                 f"{(nbytes + 2 * GiB) / 1e9:.1f} GB needed (use --workdir elsewhere or smaller --sizes)")
+
+
+def rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- page cache
+
+WARM_PROGRAM = "import streamconv.hf2mcore, streamconv.formats.staging, safetensors.torch, torch.distributed.checkpoint"
+
+
+def drop_caches() -> bool:
+    """Cold data, warm program: write back and drop the page cache (needs root), then load Python, torch and
+    streamconv once so that what the next run reads from disk is its data, not the interpreter's libraries
+    (cp's are tiny). False (warm-cache numbers) where dropping is not permitted."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    subprocess.run([sys.executable, "-c", WARM_PROGRAM], check=True, capture_output=True)
+    return True
+
+
+# --------------------------------------------------------------------------- measured child processes
+
+@dataclass
+class Result:
+    wall: float
+    peak_rss: int  # polled: the sum over the child's process tree, at its highest
+    returncode: int
+    stdout: str = ""
+    stderr: str = ""
+    cgroup_peak: int | None = None  # memory.max_usage_in_bytes / memory.peak of the cap, when capped
+    oom_killed: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def measure(cmd: list[str], cap_bytes: int | None = None, poll: float = 0.02, timeout: float | None = None) -> Result:
+    """Run ``cmd``; wall time and the peak RSS of its process tree (psutil, every ``poll`` s).
+
+    ``cap_bytes``: run it in a fresh memory cgroup limited to that many bytes (the kernel kills it when its
+    memory exceeds the cap); raises if cgroups cannot be used here.
+    """
+    cgroup = MemoryCap(cap_bytes) if cap_bytes else None
+    peak = 0
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=cgroup.enter if cgroup else None)
+    ps = psutil.Process(proc.pid)
+    out: dict[str, str] = {}
+    readers = [threading.Thread(target=lambda k, f: out.__setitem__(k, f.read()), args=(k, f), daemon=True)
+               for k, f in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    for r in readers:
+        r.start()
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss(ps))
+        if timeout and time.perf_counter() - t0 > timeout:
+            proc.kill()
+        time.sleep(poll)
+    wall = time.perf_counter() - t0
+    for r in readers:
+        r.join()
+    res = Result(wall, peak, proc.returncode, out.get("stdout", ""), out.get("stderr", ""))
+    if cgroup:
+        res.cgroup_peak, res.oom_killed = cgroup.close()
+    return res
+
+
+class MemoryCap:
+    """A memory cgroup (v1 or v2) holding one child process, created before it starts, removed after."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        name = f"streamconv-bench-{os.getpid()}-{time.monotonic_ns()}"
+        v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+        if v2.is_file():
+            self.path, self.v2 = Path("/sys/fs/cgroup") / name, True
+        elif Path("/sys/fs/cgroup/memory").is_dir():
+            self.path, self.v2 = Path("/sys/fs/cgroup/memory") / name, False
+        else:
+            raise RuntimeError("no memory cgroup here")
+        self.path.mkdir()
+        try:
+            if self.v2:
+                (self.path / "memory.max").write_text(str(limit))
+                (self.path / "memory.swap.max").write_text("0")
+            else:
+                (self.path / "memory.limit_in_bytes").write_text(str(limit))
+        except OSError:
+            self.path.rmdir()
+            raise
+
+    def enter(self) -> None:  # in the child, before exec
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def close(self) -> tuple[int | None, bool]:
+        peak, oom = None, False
+        try:
+            if self.v2:
+                p = self.path / "memory.peak"
+                peak = int(p.read_text()) if p.is_file() else None
+                events = dict(line.split() for line in (self.path / "memory.events").read_text().splitlines())
+                oom = int(events.get("oom_kill", 0)) > 0
+            else:
+                peak = int((self.path / "memory.max_usage_in_bytes").read_text())
+                ctl = dict(line.split() for line in (self.path / "memory.oom_control").read_text().splitlines())
+                oom = int(ctl.get("oom_kill", 0)) > 0 or int((self.path / "memory.failcnt").read_text()) > 0
+        finally:
+            for _ in range(50):
+                try:
+                    self.path.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        return peak, oom
+
+
+def caps_available() -> bool:
+    try:
+        MemoryCap(1 << 30).close()
+        return True
+    except (OSError, RuntimeError):
+        return False
+
+
+def streamconv_cmd(src: Path, out: Path, max_memory: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(src), "--megatron-path", str(out),
+            "--overwrite", "--max-memory", max_memory, "--json", *extra]
+
+
+# --------------------------------------------------------------------------- checking outputs
+
+def same_tensors(a: Path, b: Path, block_bytes: int = 64 * MiB) -> str | None:
+    """None if the torch_dist checkpoints ``a`` and ``b`` hold the same tensors (keys, shapes, dtypes, bytes),
+    whatever their chunking; else what differs. Streams row blocks: memory stays at two blocks."""
+    import torch
+
+    from streamconv.formats.torch_dist_reader import TorchDistSource
+
+    sa, sb = TorchDistSource(a), TorchDistSource(b)
+    if set(sa.tensors) != set(sb.tensors):
+        return f"keys differ: {sorted(set(sa.tensors) ^ set(sb.tensors))[:5]}"
+    for key, ta in sa.tensors.items():
+        tb = sb.tensors[key]
+        if tuple(ta.shape) != tuple(tb.shape) or ta.dtype != tb.dtype:
+            return f"{key}: {ta.dtype} {list(ta.shape)} vs {tb.dtype} {list(tb.shape)}"
+        shape = tuple(ta.shape)
+        lead = shape[:-2] if len(shape) > 2 else ()
+        rows = shape[len(lead)] if shape else 1
+        row_bytes = math.prod(shape[len(lead) + 1:]) * ta.dtype.itemsize
+        step = max(1, block_bytes // max(1, row_bytes))
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[ta.dtype.itemsize]
+        for index in _indices(lead):
+            for r in range(0, rows, step):
+                x = sa.read_rows(key, r, min(rows, r + step), index)
+                y = sb.read_rows(key, r, min(rows, r + step), index)
+                if not torch.equal(x.view(bits), y.view(bits)):
+                    return f"{key} {list(index)} rows from {r} differ"
+    return None
+
+
+def _indices(lead: tuple[int, ...]):
+    if not lead:
+        yield ()
+        return
+    for i in range(lead[0]):
+        for rest in _indices(lead[1:]):
+            yield (i, *rest)
+
+
+# --------------------------------------------------------------------------- reporting
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    disk = shutil.disk_usage(ROOT)
+    fs = "?"
+    try:
+        fs = next(p.fstype for p in psutil.disk_partitions(all=True) if p.mountpoint == "/")
+    except StopIteration:
+        pass
+    import torch
+
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="minutes"),
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "nproc": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / GiB, 1),
+        "disk": f"{disk.total / 1e9:.0f} GB {fs}, {disk.free / 1e9:.0f} GB free",
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def fmt_gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f} GiB"
+
+
+def print_table(title: str, columns: list[str], rows: list[list]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, justify="right" if c not in columns[:1] else "left")
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    Console(width=160).print(t)

@@ -475,12 +475,24 @@ def bigger(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("bigger") / "hf", cfg, seed=2, shards=2)
 
 
+def bytes_under(folder: Path) -> int:
+    """Bytes of the files under ``folder`` right now; the converter renames and deletes files meanwhile."""
+    total = 0
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(dirpath, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
 def interrupt_conversion(cmd: list[str], out: Path, sig: int) -> str:
     """Start ``cmd``, send ``sig`` once it has written 256 KiB, return its stderr (exit code checked)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
+        written = bytes_under(out)
         if written >= 256 * 1024:
             break  # mid-write
         time.sleep(0.005)

@@ -43,7 +43,7 @@ import torch
 
 from streamconv import crashpoints
 from streamconv.errors import OutputError, output_error
-from streamconv.formats.atomic import commit, fsync_file
+from streamconv.formats.atomic import fsync_file
 from streamconv.formats.torch_dist import (COMMON_STATE, COMMON_STATE_KEY, DistcpFile, build_metadata, distcp_name,
                                            fsync_dir, object_item_bytes, write_common_files)
 
@@ -114,14 +114,6 @@ def _is_prefix(sizes, grid) -> bool:
     """Whether a region of ``sizes`` at a chunk's origin is the first elements of the chunk in C order."""
     k = next((i for i, s in enumerate(sizes) if s != 1), len(sizes))  # leading 1s pin the origin
     return all(s == g for s, g in zip(sizes[k + 1:], grid[k + 1:]))  # then a range from 0, then full dims
-
-
-def _standalone(t: torch.Tensor) -> torch.Tensor:
-    """A tensor owning exactly its bytes (``torch.save`` writes a view's whole base storage)."""
-    if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size() \
-            or not t.is_contiguous():
-        t = t.clone(memory_format=torch.contiguous_format)
-    return t
 
 
 # --------------------------------------------------------------------------- the store
@@ -393,23 +385,18 @@ class StagedSink:
                     self._cond.notify_all()
 
     def _assemble(self, f: int) -> None:
-        name = distcp_name(f)
-        tmp, final = self.ckpt / (name + ".partial"), self.ckpt / name
-        entries = []
+        out = DistcpFile(self.ckpt, f)
         try:
-            with open(tmp, "wb") as fh:
-                for c in self.by_file[f]:
-                    if self._stop:
-                        raise _Stopped
-                    t = self._staged(c)
-                    pos = fh.tell()
-                    torch.save(_standalone(t), fh)
-                    entries.append((c.key, tuple(c.offsets), pos, fh.tell() - pos))
-                    del t
-                    crashpoints.pause("assemble")
-                commit(fh, tmp, final)
-        except OSError as e:
-            raise output_error(final, e) from e
+            for c in self.by_file[f]:
+                if self._stop:
+                    raise _Stopped
+                out.append_tensor(c.key, tuple(c.offsets), self._staged(c))
+                crashpoints.pause("assemble")
+            out.finish()
+        except BaseException:
+            out.abort()
+            raise
+        final, entries = out.path, out.entries
         self.journal.append({"t": "file", "file": f, "size": final.stat().st_size,
                              "items": [[k, list(o), off, n] for k, o, off, n in entries]}, sync=True)
         with self._lock:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from streamconv.errors import output_error
-from streamconv.formats.atomic import commit, fsync_dir, fsync_write  # noqa: F401 (re-exported)
+from streamconv.formats.atomic import commit, fsync_dir, fsync_write  # noqa: F401 (fsync_dir re-exported)
 
 METADATA_JSON = {
     "sharded_backend": "torch_dist",
@@ -41,21 +41,36 @@ def distcp_name(file: int) -> str:
     return f"__0_{file}.distcp"
 
 
-def tensor_item_bytes(tensor: torch.Tensor) -> bytes:
-    """One tensor item exactly as torch DCP writes it (a standalone ``torch.save`` archive)."""
-    buf = io.BytesIO()
-    # clone views: torch.save dumps a view's whole base storage
-    t = tensor.detach().cpu()
-    if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
+def standalone(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor owning exactly its bytes: ``torch.save`` writes a view's whole base storage."""
+    t = t.detach().cpu()
+    if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size() \
+            or not t.is_contiguous():
         t = t.clone(memory_format=torch.contiguous_format)
-    torch.save(t, buf)
-    return buf.getvalue()
+    return t
 
 
 def object_item_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save([obj], buf)
     return buf.getvalue()
+
+
+class _Writes:
+    """The ``write`` torch.save calls, keeping the OSError that torch turns into a RuntimeError."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 class DistcpFile:
@@ -78,6 +93,22 @@ class DistcpFile:
         except OSError as e:
             raise output_error(self.tmp, e) from e
         self.entries.append((key, offsets, pos, len(data)))
+
+    def append_tensor(self, key: str, offsets: tuple[int, ...], tensor: torch.Tensor) -> None:
+        """One tensor item exactly as torch DCP writes it: a standalone ``torch.save`` archive, saved
+        straight into the file (no in-memory copy of the archive)."""
+        writer = _Writes(self.f)
+        try:
+            pos = self.f.tell()
+            torch.save(standalone(tensor), writer)
+            end = self.f.tell()
+        except OSError as e:
+            raise output_error(self.tmp, e) from e
+        except RuntimeError:  # torch.save reports a failed write (disk full) as its own RuntimeError
+            if writer.error is not None:
+                raise output_error(self.tmp, writer.error) from writer.error
+            raise
+        self.entries.append((key, offsets, pos, end - pos))
 
     def finish(self) -> None:
         commit(self.f, self.tmp, self.path)
@@ -153,7 +184,7 @@ class TorchDistSink:
         if self.current is None or self.current.name != distcp_name(chunk.file):
             self._finish_current()
             self.current = DistcpFile(self.folder, chunk.file)
-        self.current.append(chunk.key, chunk.offsets, tensor_item_bytes(tensor))
+        self.current.append_tensor(chunk.key, chunk.offsets, tensor)
 
     def _finish_current(self) -> None:
         if self.current is not None:

@@ -33,15 +33,6 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _shard_size(text: str) -> int:
-    from streamconv.mcore2hf import parse_shard_size
-
-    try:
-        return parse_shard_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout at the end")
@@ -103,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "run_config.yaml); tokenizer/generation files are copied from a folder")
     p.add_argument("--dtype", default=None,
                    help="output dtype: bf16, fp16, fp32 (default: keep each tensor's stored dtype)")
-    p.add_argument("--max-shard-size", type=_shard_size, default="5GB",
+    p.add_argument("--max-shard-size", type=_size, default="5GB",
                    help="largest safetensors shard, as save_pretrained reads it (default 5GB = 5*10^9 bytes)")
     p.add_argument("--overwrite", action="store_true", help="delete a non-empty output folder and start over")
     _add_engine(p)

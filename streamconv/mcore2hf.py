@@ -266,24 +266,3 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options) -> d
         "peak_in_flight_bytes": stats.peak_in_flight,
         "max_memory_bytes": opts.max_memory,
     }
-
-
-def parse_shard_size(text: str) -> int:
-    """``--max-shard-size`` as ``save_pretrained`` reads it: ``5GB`` = 5 * 10**9, ``5GiB`` = 5 * 2**30."""
-    s = text.strip().upper()
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "B": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            s, scale = s[: -len(unit)], mult
-            break
-    else:
-        scale = 1
-    try:
-        value = float(s)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (use e.g. 5GB, 500MB, 2GiB)") from None
-    if value <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
-    return int(value * scale)
-

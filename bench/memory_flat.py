@@ -62,7 +62,7 @@ def main() -> int:
             summary = json.loads(r.stdout)
             runs.append({"wall": r.wall, "polled_peak": r.peak_rss, "rusage_peak": summary["peak_rss_bytes"],
                          "conversion_peak": summary.get("conversion_peak_rss_bytes"),
-                         "engine_seconds": summary["seconds"], "mb_per_s": summary["mb_per_s"]})
+                         "engine_seconds": summary["engine_seconds"], "mb_per_s": summary["mb_per_s"]})
             print(f"  {size:g} GB run {i + 1}: {r.wall:.1f}s, peak RSS {c.fmt_gib(r.peak_rss)} (polled), "
                   f"{c.fmt_gib(summary['peak_rss_bytes'])} (getrusage)", flush=True)
         c.rmtree(out)

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                         sys.exit(f"{label} failed: {r.stderr.strip()[-2000:]}")
                     times.setdefault(label, []).append(r.wall)
                     peaks.setdefault(label, []).append(r.peak_rss)
-                    times.setdefault(label + " (engine)", []).append(json.loads(r.stdout)["seconds"])
+                    times.setdefault(label + " (engine)", []).append(json.loads(r.stdout)["engine_seconds"])
                     if run == 0:
                         if not ref.exists():
                             out.rename(ref)

@@ -22,6 +22,24 @@ from streamconv.models.spec import spec_from_config
 BLOCK_ELEMS = 1 << 22  # values generated per block (fixed: it is part of what makes output deterministic)
 
 
+def _common_fields(vocab, tied, dtype, rope_theta, rope_scaling) -> dict:
+    """The config.json fields Llama and DeciLM configs share."""
+    return {
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": rope_theta,
+        "rope_scaling": rope_scaling,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": tied,
+        "torch_dtype": dtype,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
 def llama_config(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=256, head_dim=None, tied=False,
                  dtype="float32", rope_theta=10000.0, **extra) -> dict:
     """A LlamaForCausalLM config.json dict."""
@@ -33,18 +51,7 @@ def llama_config(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=256, h
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "vocab_size": vocab,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": rope_theta,
-        "rope_scaling": None,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": tied,
-        "torch_dtype": dtype,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        **_common_fields(vocab, tied, dtype, rope_theta, None),
     }
     if head_dim is not None:
         cfg["head_dim"] = head_dim
@@ -167,18 +174,7 @@ def decilm_config(blocks: list[dict], hidden=64, heads=8, vocab=256, tied=False,
         "num_hidden_layers": len(blocks),
         "num_attention_heads": heads,
         "num_key_value_heads": None,
-        "vocab_size": vocab,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": rope_theta,
-        "rope_scaling": rope_scaling,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": tied,
-        "torch_dtype": dtype,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        **_common_fields(vocab, tied, dtype, rope_theta, rope_scaling),
     }
     cfg.update(extra)
     return cfg

@@ -21,7 +21,8 @@ from streamconv import engine, resume, rss
 from streamconv.errors import BadInputError, OutputError, UsageError, output_error
 from streamconv.formats import run_config
 from streamconv.formats.safetensors import SafetensorsSource
-from streamconv.formats.torch_dist import TorchDistSink, fsync_write
+from streamconv.formats.atomic import fsync_write
+from streamconv.formats.torch_dist import TorchDistSink
 from streamconv.models.spec import ModelSpec, load_config, spec_from_config
 from streamconv.plan import DEFAULT_CHUNK_BYTES, DEFAULT_FILE_BYTES, Plan, check_source, import_plan
 from streamconv.progress import make_progress

@@ -28,7 +28,7 @@ from streamconv.formats import run_config_reader
 from streamconv.formats.safetensors import DTYPE_NAMES
 from streamconv.formats.safetensors_sink import (INDEX_FILE, SafetensorsSink, shard_complete, shard_entries,
                                                  shard_name, write_index)
-from streamconv.formats.torch_dist import fsync_dir, fsync_write
+from streamconv.formats.atomic import fsync_dir, fsync_write
 from streamconv.formats.torch_dist_reader import METADATA_FILE, TorchDistSource
 from streamconv.hf2mcore import TOKENIZER_FILES, chunk_bytes_for, parse_dtype, peak_rss, resolve_hf_model
 from streamconv.models import rules

@@ -22,7 +22,7 @@ import struct
 from pathlib import Path
 
 from streamconv.errors import OutputError, output_error
-from streamconv.formats.torch_dist import fsync_dir, fsync_write
+from streamconv.formats.atomic import fsync_dir, fsync_write
 
 STATE_DIR = ".streamconv"
 IDENTITY_FILE = "identity.json"

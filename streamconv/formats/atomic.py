@@ -12,20 +12,16 @@ from pathlib import Path
 from streamconv.errors import output_error
 
 
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes the renames and deletions in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+fsync_dir = fsync_file = fsync_path  # the names say what is being made durable at each call
 
 
 def commit(fh, tmp: Path, final: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from streamconv.errors import BadInputError
 from streamconv.formats.safetensors import ShardWriter, read_header
-from streamconv.formats.torch_dist import fsync_dir, fsync_write
+from streamconv.formats.atomic import fsync_dir, fsync_write
 
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_METADATA = {"format": "pt"}

@@ -43,9 +43,9 @@ import torch
 
 from streamconv import crashpoints
 from streamconv.errors import OutputError, output_error
-from streamconv.formats.atomic import fsync_file
+from streamconv.formats.atomic import fsync_dir, fsync_file
 from streamconv.formats.torch_dist import (COMMON_STATE, COMMON_STATE_KEY, DistcpFile, build_metadata, distcp_name,
-                                           fsync_dir, object_item_bytes, write_common_files)
+                                           object_item_bytes, write_common_files)
 
 STORE_NAME = "staging.zarr"
 ENCODING_BF16 = "raw bfloat16 bits in uint16: view as bfloat16 (torch: .view(torch.bfloat16); numpy: ml_dtypes)"

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from streamconv.errors import output_error
-from streamconv.formats.atomic import commit, fsync_dir, fsync_write  # noqa: F401 (fsync_dir re-exported)
+from streamconv.formats.atomic import commit, fsync_write
 
 METADATA_JSON = {
     "sharded_backend": "torch_dist",

@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-staging", action="store_true",
                    help="keep the zarr staging store (<megatron-path>/.streamconv/staging.zarr): the whole model "
                         "in megatron layout, readable with zarr/xarray/tensorstore")
-    p.add_argument("--distcp-size", type=_size, default="2GiB", help="target size of each .distcp file (default 2GiB)")
+    p.add_argument("--distcp-size", type=_size, default="512MiB",
+                   help="target size of each .distcp file (default 512MiB; staged chunks of about two files are "
+                        "held in the page cache until their file is written)")
     _add_engine(p)
     _add_common(p)
     p.set_defaults(func=cmd_hf2mcore)

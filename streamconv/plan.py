@@ -19,7 +19,7 @@ from streamconv.models.spec import ModelSpec
 from streamconv.transforms import fused_rows_for_source, fused_rows_of, layout_segments, sources_for_fused_rows
 
 DEFAULT_CHUNK_BYTES = 64 * 1024**2
-DEFAULT_FILE_BYTES = 2 * 1024**3
+DEFAULT_FILE_BYTES = 512 * 1024**2
 DEFAULT_SHARD_BYTES = 5 * 10**9  # HF save_pretrained's max_shard_size="5GB"
 
 # Tensors some HF checkpoints carry that are not weights (recomputed buffers): ignored on import.

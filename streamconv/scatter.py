@@ -6,6 +6,7 @@ lands in its rows. For a safetensors source, the reads of a chunk are turned int
 by (file, offset), and runs that are contiguous in a file become one ``preadv`` into several places of
 the buffer: QKV's q rows of all query groups of a block are read in one sequential request that
 scatters them between the k and v rows. No copy is made in user space, and each file is read in order.
+Every byte of a source is read once: its pages are dropped from the page cache once read (pagecache.py).
 
 Sources other than safetensors fill the rows through ``read_rows`` (a source may also offer its own
 ``read_into(chunk_reads, buffer)``); a read whose dtype differs from the buffer's is cast on copy.
@@ -19,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from streamconv import pagecache
 from streamconv.errors import BadInputError
 from streamconv.plan import Chunk, Read
 
@@ -124,6 +126,7 @@ class FileScatter:
     def _read_run(self, run: list, raw) -> None:
         """One file range, contiguous, into several places of ``raw``."""
         path, pos = run[0][0], run[0][1]
+        start = pos
         views = [memoryview(raw[d:d + n]) for _, _, n, d in run]
         fd = self._fd(path)
         while views:
@@ -137,6 +140,7 @@ class FileScatter:
                 views.pop(0)
             if got:
                 views[0] = views[0][got:]
+        pagecache.drop(fd, start, pos - start)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from streamconv import pagecache
 from streamconv.errors import output_error
 
 
@@ -24,11 +25,14 @@ def fsync_path(path: Path) -> None:
 fsync_dir = fsync_file = fsync_path  # the names say what is being made durable at each call
 
 
-def commit(fh, tmp: Path, final: Path) -> None:
-    """Make the open file ``fh`` (written at ``tmp``) appear complete at ``final``."""
+def commit(fh, tmp: Path, final: Path, drop_cache: bool = False) -> None:
+    """Make the open file ``fh`` (written at ``tmp``) appear complete at ``final``; ``drop_cache``: let
+    its pages go once they are on disk (a converter's output is not read back by the converter)."""
     try:
         fh.flush()
         os.fsync(fh.fileno())
+        if drop_cache:
+            pagecache.drop(fh.fileno())
         fh.close()
         os.replace(tmp, final)
         fsync_dir(final.parent)

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from streamconv.formats.atomic import commit
 from streamconv.errors import BadInputError, output_error
+from streamconv.formats.atomic import commit
+from streamconv.pagecache import WriteBehind
 
 # Headers of real checkpoints are a few hundred KiB; refuse absurd sizes before allocating.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -281,7 +282,7 @@ class ShardWriter:
     """Writes one safetensors shard tensor by tensor, in the order of ``entries``.
 
     The file is written under ``<name>.partial``, fsynced and renamed on ``close()``, so a shard that
-    exists under its final name is always complete.
+    exists under its final name is always complete. Written behind (``pagecache.WriteBehind``).
     """
 
     def __init__(self, path: Path | str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata=None):
@@ -295,6 +296,7 @@ class ShardWriter:
             self.f.write(encode_header(self.entries, metadata))
         except OSError as e:
             raise output_error(self.tmp, e) from e
+        self.behind = WriteBehind(self.f.fileno())
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor whole, or in row blocks: call repeatedly until its rows are complete."""
@@ -313,6 +315,8 @@ class ShardWriter:
             raise ValueError(f"{name}: more data than its shape {list(shape)} holds")
         try:
             self.f.write(memoryview(data))
+            self.f.flush()
+            self.behind.wrote(self.f.tell())
         except OSError as e:
             raise output_error(self.tmp, e) from e
         self._pending -= data.nbytes
@@ -322,4 +326,4 @@ class ShardWriter:
     def close(self) -> None:
         if self._next != len(self.entries):
             raise ValueError(f"{self.path}: {len(self.entries) - self._next} tensors were not written")
-        commit(self.f, self.tmp, self.path)
+        commit(self.f, self.tmp, self.path, drop_cache=True)

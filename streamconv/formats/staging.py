@@ -18,10 +18,13 @@ and fsyncing them would write every byte to disk twice) except with ``--keep-sta
 is kept as a product. What is committed for good is fsynced: each ``.distcp`` (temporary name, fsync,
 rename, folder fsync), the journal record naming it, and ``.metadata``, written last.
 
-Pipeline. The engine's thread stages chunk after chunk; a background thread assembles a ``.distcp`` as
-soon as every chunk of that file is staged (the plan orders chunks file by file), reading the staged
-chunks back (from the page cache, usually) and dropping them once the file is renamed into place, so
-staging costs one extra pass through memory, and disk space for at most a few files. ``--keep-staging``
+Pipeline. The engine's thread stages chunk after chunk (plan order, which is file by file); a background
+thread appends each staged chunk to its ``.distcp`` as soon as it is staged, the bytes copied from the
+chunk file to the ``.distcp`` inside the kernel (``copy_file_range``; the archive framing around them is
+torch's own, see ``torch_dist.DistcpFile``), and drops a file's staged chunks once the file is renamed
+into place. The engine stages at most ``files_ahead`` files beyond the one being assembled, so staged
+chunks live in the page cache for seconds and are deleted before the kernel writes them out: staging
+costs one in-kernel copy of every byte, and disk space for about two ``.distcp`` files. ``--keep-staging``
 keeps the store: then it is a readable zarr of the whole model in megatron layout.
 """
 
@@ -30,7 +33,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import queue
 import shutil
 import sys
 import threading
@@ -44,8 +46,8 @@ import torch
 from streamconv import crashpoints
 from streamconv.errors import OutputError, output_error
 from streamconv.formats.atomic import fsync_dir, fsync_file
-from streamconv.formats.torch_dist import (COMMON_STATE, COMMON_STATE_KEY, DistcpFile, build_metadata, distcp_name,
-                                           object_item_bytes, write_common_files)
+from streamconv.formats.torch_dist import (COMMON_STATE, COMMON_STATE_KEY, DistcpFile, TornSource, build_metadata,
+                                           distcp_name, object_item_bytes, write_common_files)
 
 STORE_NAME = "staging.zarr"
 ENCODING_BF16 = "raw bfloat16 bits in uint16: view as bfloat16 (torch: .view(torch.bfloat16); numpy: ml_dtypes)"
@@ -188,26 +190,31 @@ class StagingStore:
             raise output_error(self.path / chunk.key, e) from e
         return crc
 
-    def read(self, chunk, dtype: torch.dtype) -> torch.Tensor:
-        """The staged bytes of ``chunk`` (raises ``StagedChunkMissing`` if any of its files is absent).
+    def raw_file(self, chunk) -> Path | None:
+        """The file whose first ``chunk.nbytes`` bytes are the chunk's elements in C order, if there is one:
+        when the chunk is one zarr chunk whose leading elements it is (always, for ``import_plan``'s row
+        blocks). With the plain little-endian ``bytes`` codec a chunk file is the chunk's elements in C
+        order (zarr pads an edge chunk to the full chunk shape; a row block is its prefix)."""
+        paths = self.chunk_paths(chunk)
+        if len(paths) == 1 and self.raw_layout and _is_prefix(chunk.sizes, self.arrays[chunk.key].chunks):
+            return paths[0]
+        return None
 
-        When the chunk is one zarr chunk whose leading elements it is (always, for ``import_plan``'s row
-        blocks), its bytes are read straight from the chunk file: with the plain little-endian ``bytes``
-        codec a chunk file is the chunk's elements in C order (zarr pads an edge chunk to the full chunk
-        shape; a row block is its prefix). Otherwise through zarr's own indexing.
-        """
+    def read(self, chunk, dtype: torch.dtype) -> torch.Tensor:
+        """The staged bytes of ``chunk`` (raises ``StagedChunkMissing`` if any of its files is absent):
+        straight from its ``raw_file`` if it has one, otherwise through zarr's own indexing."""
         paths = self.chunk_paths(chunk)
         for p in paths:
             if not p.is_file():
                 raise StagedChunkMissing(str(p))
-        a = self.arrays[chunk.key]
-        if len(paths) == 1 and self.raw_layout and _is_prefix(chunk.sizes, a.chunks):
+        raw = self.raw_file(chunk)
+        if raw is not None:
             nbytes = chunk.nbytes
-            data = np.fromfile(paths[0], dtype=np.uint8, count=nbytes)
+            data = np.fromfile(raw, dtype=np.uint8, count=nbytes)
             if data.nbytes != nbytes:
-                raise ValueError(f"{paths[0]}: torn staged chunk ({data.nbytes} of {nbytes} bytes)")
+                raise ValueError(f"{raw}: torn staged chunk ({data.nbytes} of {nbytes} bytes)")
             return torch.from_numpy(data).view(dtype).reshape(chunk.sizes)
-        return _from_numpy(a[self._region(chunk)], dtype).reshape(chunk.sizes)
+        return _from_numpy(self.arrays[chunk.key][self._region(chunk)], dtype).reshape(chunk.sizes)
 
     def checksum(self, chunk, dtype: torch.dtype) -> int | None:
         """CRC-32 of the staged chunk as it is on disk; None if missing or unreadable (torn)."""
@@ -253,42 +260,37 @@ class StagedSink:
     """
 
     def __init__(self, ckpt: Path, plan, journal, *, keep_staging: bool = False, extra_state=None,
-                 max_backlog: int = 2):
+                 files_ahead: int = 1):
         self.ckpt = Path(ckpt)
         self.plan = plan
         self.journal = journal
         self.keep_staging = keep_staging
         self.extra_state = extra_state
-        self.max_backlog = max_backlog
+        self.files_ahead = files_ahead
         self.by_file: dict[int, list] = defaultdict(list)
         for c in plan.chunks:
             self.by_file[c.file].append(c)
         self.crc: dict[tuple, int] = {}  # staged and verified chunks
         self.assembled: dict[int, list] = {}  # file -> [(key, offsets, offset, length)]
         self.report = {"chunks_verified": 0, "chunks_redone": 0, "files_resumed": 0, "partials_removed": 0}
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._backlog = 0
+        self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._stop = False
-        self._queue: queue.Queue = queue.Queue()
         crashpoints.started()
         self._clean_leftovers()
         self.store = StagingStore(journal.dir / STORE_NAME, plan, fsync_chunks=keep_staging)
         self.report["partials_removed"] += self.store.clean_partials()
         self._replay()
-        self.remaining = {f: sum(1 for c in cs if self._id(c) not in self.crc)
-                          for f, cs in self.by_file.items() if f not in self.assembled}
+        self._todo = [f for f in sorted(self.by_file) if f not in self.assembled]  # files left to assemble
+        self._assembling = self._todo[0] if self._todo else None
         self._thread = threading.Thread(target=self._assembler, name="streamconv-assemble", daemon=True)
         self._thread.start()
-        for f in sorted(self.remaining):
-            if self.remaining[f] == 0:
-                self._enqueue(f)
 
     @property
     def reserved_memory(self) -> int:
-        """Held outside the engine's chunks: the assembler's chunk read back, and its serialized copy."""
-        return 2 * self.plan.max_chunk_bytes()
+        """Held outside the engine's chunks: a chunk read back by the assembler, for chunks that are not
+        whole chunk files (none in ``import_plan``'s plans: those are copied file to file)."""
+        return max((c.nbytes for c in self.plan.chunks if self.store.raw_file(c) is None), default=0)
 
     def write_overhead(self, chunk) -> int:
         """What ``write`` allocates: zarr's copy of the chunk on its way to the file."""
@@ -340,26 +342,19 @@ class StagedSink:
     # ------------------------------------------------------------------ staging (engine thread)
 
     def write(self, chunk, tensor: torch.Tensor) -> None:
+        with self._cond:  # back-pressure: stage at most ``files_ahead`` files beyond the one being assembled
+            while (self._error is None and self._assembling is not None
+                   and chunk.file > self._assembling + self.files_ahead):
+                self._cond.wait()
         self._check()
         crashpoints.slow(0.5)
         crc = self.store.write(chunk, tensor)
         crashpoints.slow(0.5)
         self.journal.append({"t": "chunk", "key": chunk.key, "offsets": list(chunk.offsets), "crc32": crc})
-        cid = self._id(chunk)
-        with self._lock:
-            self.crc[cid] = crc
+        with self._cond:
+            self.crc[self._id(chunk)] = crc
+            self._cond.notify_all()
         crashpoints.pause("staged")
-        self.remaining[chunk.file] -= 1
-        if self.remaining[chunk.file] == 0:
-            self._enqueue(chunk.file)
-
-    def _enqueue(self, f: int) -> None:
-        with self._cond:  # back-pressure: at most max_backlog files staged and waiting for assembly
-            while self._backlog >= self.max_backlog and self._error is None:
-                self._cond.wait()
-            self._backlog += 1
-        self._check()
-        self._queue.put(f)
 
     def _check(self) -> None:
         if self._error is not None:
@@ -368,29 +363,39 @@ class StagedSink:
     # ------------------------------------------------------------------ assembly (background thread)
 
     def _assembler(self) -> None:
-        while True:
-            f = self._queue.get()
-            if f is None:
-                return
-            try:
-                if self._error is None and not self._stop:
-                    self._assemble(f)
-            except _Stopped:
-                pass
-            except BaseException as e:  # reported to the engine thread at its next write/close
-                self._error = e
-            finally:
+        """Files in plan order; each chunk appended as soon as it is staged, so the staged chunks of a
+        file live only until that file is renamed into place."""
+        try:
+            for f in self._todo:
                 with self._cond:
-                    self._backlog -= 1
+                    self._assembling = f
                     self._cond.notify_all()
+                self._assemble(f)
+        except _Stopped:
+            pass
+        except BaseException as e:  # reported to the engine thread at its next write/close
+            self._error = e
+        finally:
+            with self._cond:
+                self._assembling = None
+                self._cond.notify_all()
+
+    def _wait_staged(self, c) -> None:
+        cid = self._id(c)
+        with self._cond:
+            while cid not in self.crc:
+                if self._stop:
+                    raise _Stopped
+                self._cond.wait()
 
     def _assemble(self, f: int) -> None:
         out = DistcpFile(self.ckpt, f)
         try:
             for c in self.by_file[f]:
+                self._wait_staged(c)
                 if self._stop:
                     raise _Stopped
-                out.append_tensor(c.key, tuple(c.offsets), self._staged(c))
+                self._append(out, c)
                 crashpoints.pause("assemble")
             out.finish()
         except BaseException:
@@ -399,31 +404,39 @@ class StagedSink:
         final, entries = out.path, out.entries
         self.journal.append({"t": "file", "file": f, "size": final.stat().st_size,
                              "items": [[k, list(o), off, n] for k, o, off, n in entries]}, sync=True)
-        with self._lock:
+        with self._cond:
             self.assembled[f] = entries
         if not self.keep_staging:
             for c in self.by_file[f]:
                 self.store.drop(c)
 
-    def _staged(self, c) -> torch.Tensor:
-        """A staged chunk read back. Not checksummed again: a chunk staged by this process is what it
-        wrote (through the page cache); one staged by an earlier run was checked by ``_replay``."""
+    def _append(self, out: DistcpFile, c) -> None:
+        """Append a staged chunk to ``out``: copied file to file by the kernel when its chunk file holds it
+        as is, else read back. Not checksummed again: a chunk staged by this process is what it wrote
+        (through the page cache); one staged by an earlier run was checked by ``_replay``."""
         try:
-            return self.store.read(c, self._dtype(c))
-        except (StagedChunkMissing, ValueError) as e:
+            raw = self.store.raw_file(c)
+            if raw is None:
+                out.append_tensor(c.key, tuple(c.offsets), self.store.read(c, self._dtype(c)))
+            else:
+                out.append_copy(c.key, tuple(c.offsets), c.sizes, self._dtype(c), raw, self.crc[self._id(c)])
+        except (StagedChunkMissing, FileNotFoundError, TornSource, ValueError) as e:
             raise OutputError(f"{e}: staged chunk of {c.key} at {list(c.offsets)} is missing or torn; run the "
                               "same command again to redo it") from None
 
     # ------------------------------------------------------------------ commit
 
     def _wait_assembled(self) -> None:
-        with self._cond:
-            while self._backlog and self._error is None:
-                self._cond.wait()
+        unstaged = [c for c in self.plan.chunks if c.file not in self.assembled and self._id(c) not in self.crc]
+        if unstaged:  # the engine is done: nothing else will stage them
+            self._shutdown()
+            raise RuntimeError(f"{len(unstaged)} chunks were never staged, first {unstaged[0].key} "
+                               f"{list(unstaged[0].offsets)}")
+        self._thread.join()
         self._check()
         missing = [f for f in self.by_file if f not in self.assembled]
         if missing:
-            raise RuntimeError(f"files {missing} were never assembled (chunks written: {self.remaining})")
+            raise RuntimeError(f"files {missing} were never assembled")
 
     def close(self) -> None:
         """Wait for assembly; objects and common state; ``.metadata`` last (the commit)."""
@@ -473,8 +486,9 @@ class StagedSink:
                     self.store.write(c, t)
 
     def _shutdown(self) -> None:
-        self._stop = True
-        self._queue.put(None)
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
         self._thread.join()
 
     def abort(self) -> None:

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
+import struct
+import zipfile
+import zlib
 from pathlib import Path
 
 import torch
 
 from streamconv.errors import output_error
 from streamconv.formats.atomic import commit, fsync_write
+from streamconv.pagecache import WriteBehind, copy_range
 
 METADATA_JSON = {
     "sharded_backend": "torch_dist",
@@ -56,11 +61,18 @@ def object_item_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-class _Writes:
-    """The ``write`` torch.save calls, keeping the OSError that torch turns into a RuntimeError."""
+class _Framed:
+    """The file object ``torch.save`` writes one tensor item to, under ``torch.serialization.skip_data``.
 
-    def __init__(self, f):
-        self.f, self.error = f, None
+    With ``skip_data`` torch writes the archive's records and, where the storage's bytes belong, seeks
+    over them (its documented way of leaving them to "a separate pass"). That seek is where ``fill(n)``
+    writes them, straight into the file. ``error`` keeps the OSError that torch turns into a RuntimeError.
+    """
+
+    def __init__(self, f, fill):
+        self.f, self.fill = f, fill
+        self.error: OSError | None = None
+        self.data_end: int | None = None  # where the storage's bytes end
 
     def write(self, data) -> int:
         try:
@@ -69,49 +81,141 @@ class _Writes:
             self.error = e
             raise
 
+    def seek(self, n: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_CUR or self.data_end is not None:
+            raise io.UnsupportedOperation("a tensor item has one storage, filled in place")
+        try:
+            self.fill(n)
+        except OSError as e:
+            self.error = e
+            raise
+        self.data_end = self.f.tell()
+        return self.data_end
+
     def flush(self) -> None:
         self.f.flush()
 
 
+_CRC = struct.Struct("<I")
+_U64 = (1 << 64) - 1
+
+
+def _hash_combine(seed: int, value: int) -> int:
+    """``c10::hash_combine`` on 64 bits: how torch folds each record's CRC-32 into the serialization id."""
+    return (seed ^ ((value + 0x9E3779B9 + ((seed << 6) & _U64) + (seed >> 2)) & _U64)) & _U64
+
+
+def _complete_item(fd: int, start: int, end: int, crc: int) -> None:
+    """Make the archive at ``[start, end)``, framed under ``skip_data``, byte for byte what a plain
+    ``torch.save`` writes: the storage record's CRC-32 (``crc``) goes into its data descriptor and central
+    directory entry, and ``.data/serialization_id`` (its last 20 digits fold every record's CRC-32) is
+    recomputed with it, along with its own CRC-32. (An empty storage has no data descriptor: nothing to do.)"""
+    from streamconv.formats.torch_dist_reader import FileSlice
+
+    z = zipfile.ZipFile(FileSlice(fd, start, end - start))
+    cd_at = start + z.start_dir  # central directory entries follow each other in infolist order
+    combined = 0
+    for info in z.infolist():
+        name_len, extra_len = struct.unpack("<HH", os.pread(fd, 4, start + info.header_offset + 26))
+        data_at = start + info.header_offset + 30 + name_len + extra_len
+        record_crc = info.CRC
+        if info.filename.endswith("/data/0"):
+            record_crc = crc
+        elif info.filename.endswith("/.data/serialization_id"):
+            sid = os.pread(fd, info.file_size, data_at)
+            new = sid[:-20] + b"%020d" % combined
+            if len(new) != len(sid):
+                raise ValueError(f"unexpected serialization id {sid!r}")
+            os.pwrite(fd, new, data_at)
+            record_crc = zlib.crc32(new)
+        if record_crc != info.CRC:
+            if os.pread(fd, 4, data_at + info.file_size) != b"PK\x07\x08":
+                raise ValueError(f"torch.save wrote no data descriptor after {info.filename}")
+            os.pwrite(fd, _CRC.pack(record_crc), data_at + info.file_size + 4)
+            os.pwrite(fd, _CRC.pack(record_crc), cd_at + 16)
+        if info.flag_bits & 0x08 and not info.filename.endswith("/.data/serialization_id"):
+            combined = _hash_combine(combined, record_crc)  # torch folds the CRC of each data descriptor
+        cd_at += 46 + len(info.orig_filename.encode()) + len(info.extra) + len(info.comment)
+
+
 class DistcpFile:
-    """One ``.distcp`` file being appended to; ``finish()`` makes it appear under its final name."""
+    """One ``.distcp`` file being appended to; ``finish()`` makes it appear under its final name.
+
+    A tensor item is the archive ``torch.save(tensor)`` writes (same records, names, alignment, CRC-32s),
+    framed by torch under ``skip_data`` while its storage's bytes are written here: from memory
+    (``append_tensor``) or copied inside the kernel from a staged chunk file (``append_copy``). Appended
+    bytes are written behind (``pagecache.WriteBehind``): the page cache holds about two items.
+    """
 
     def __init__(self, folder: Path, file: int):
         self.name = distcp_name(file)
         self.path = folder / self.name
         self.tmp = folder / (self.name + ".partial")
         try:
-            self.f = open(self.tmp, "wb")
+            self.f = open(self.tmp, "w+b")  # read too: an item's CRC-32 is patched after reading its directory
         except OSError as e:
             raise output_error(self.tmp, e) from e
+        self.behind = WriteBehind(self.f.fileno())
         self.entries: list[tuple[str, tuple[int, ...] | None, int, int]] = []  # key, offsets, offset, length
 
     def append(self, key: str, offsets: tuple[int, ...] | None, data: bytes | memoryview) -> None:
         try:
             pos = self.f.tell()
             self.f.write(data)
+            self._written()
         except OSError as e:
             raise output_error(self.tmp, e) from e
         self.entries.append((key, offsets, pos, len(data)))
 
     def append_tensor(self, key: str, offsets: tuple[int, ...], tensor: torch.Tensor) -> None:
-        """One tensor item exactly as torch DCP writes it: a standalone ``torch.save`` archive, saved
-        straight into the file (no in-memory copy of the archive)."""
-        writer = _Writes(self.f)
+        """One tensor item, its bytes written from ``tensor``'s memory."""
+        tensor = standalone(tensor)
+        data = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+        self._append_item(key, offsets, tensor, lambda n: self.f.write(memoryview(data)), zlib.crc32(data))
+
+    def append_copy(self, key: str, offsets: tuple[int, ...], sizes, dtype: torch.dtype, src: Path, crc: int) -> None:
+        """One tensor item of ``sizes``/``dtype``, its bytes copied from the start of file ``src`` (whose
+        CRC-32 is ``crc``) by the kernel."""
+        def fill(n: int) -> None:
+            self.f.flush()
+            pos = self.f.tell()
+            fd = os.open(src, os.O_RDONLY)
+            try:
+                got = copy_range(fd, 0, self.f.fileno(), pos, n)
+            finally:
+                os.close(fd)
+            if got != n:
+                raise TornSource(f"{src}: torn staged chunk ({got} of {n} bytes)")
+            self.f.seek(pos + n)
+
+        # torch.save only reads this tensor's shape, dtype and storage size: its memory is never touched
+        like = torch.empty(tuple(sizes), dtype=dtype)
+        self._append_item(key, offsets, like, fill, crc)
+
+    def _append_item(self, key, offsets, tensor: torch.Tensor, fill, crc: int) -> None:
+        framed = _Framed(self.f, fill)
         try:
             pos = self.f.tell()
-            torch.save(standalone(tensor), writer)
+            with torch.serialization.skip_data():
+                torch.save(tensor, framed)
+            self.f.flush()
             end = self.f.tell()
+            _complete_item(self.f.fileno(), pos, end, crc)
+            self._written()
         except OSError as e:
             raise output_error(self.tmp, e) from e
         except RuntimeError:  # torch.save reports a failed write (disk full) as its own RuntimeError
-            if writer.error is not None:
-                raise output_error(self.tmp, writer.error) from writer.error
+            if framed.error is not None:
+                raise output_error(self.tmp, framed.error) from framed.error
             raise
         self.entries.append((key, offsets, pos, end - pos))
 
+    def _written(self) -> None:
+        self.f.flush()
+        self.behind.wrote(self.f.tell())
+
     def finish(self) -> None:
-        commit(self.f, self.tmp, self.path)
+        commit(self.f, self.tmp, self.path, drop_cache=True)
 
     def abort(self) -> None:
         """Close without the final name; the ``.partial`` file never looks complete. Closing flushes the
@@ -120,6 +224,10 @@ class DistcpFile:
             self.f.close()
         except OSError:
             pass
+
+
+class TornSource(ValueError):
+    """A staged chunk file shorter than its chunk."""
 
 
 def build_metadata(targets, chunks_by_key, objects, storage):

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from streamconv import pagecache
 from streamconv.errors import BadInputError
 
 METADATA_FILE = ".metadata"
@@ -179,7 +180,7 @@ class _ItemUnpickler(pickle.Unpickler):
         return _Storage(storage_type[1], str(key), int(numel))
 
 
-class _FileSlice(io.RawIOBase):
+class FileSlice(io.RawIOBase):
     """A read-only, seekable view of ``[start, start+length)`` of a file descriptor (for zipfile)."""
 
     def __init__(self, fd: int, start: int, length: int):
@@ -210,7 +211,7 @@ def parse_tensor_item(fd: int, offset: int, length: int) -> ItemLayout | None:
     """The layout of the ``torch.save`` archive at ``[offset, offset+length)``; None if it is not a plain,
     uncompressed, little-endian tensor archive (the caller then falls back to ``torch.load``)."""
     try:
-        z = zipfile.ZipFile(_FileSlice(fd, offset, length))
+        z = zipfile.ZipFile(FileSlice(fd, offset, length))
         names = {i.filename: i for i in z.infolist()}
         pkl = next(n for n in names if n.endswith("/data.pkl") or n == "data.pkl")
         prefix = pkl[: -len("data.pkl")]
@@ -490,6 +491,7 @@ class TorchDistSource:
             if got <= 0:
                 raise BadInputError(f"{self.folder / rel}: unexpected end of file; copy the checkpoint again")
             done += got
+        pagecache.drop(fd, offset, done)  # rows are read once (pagecache.py)
 
     def _candidates(self, meta: TensorMeta, index: tuple[int, ...]) -> list[ItemRef]:
         """Chunks that may overlap leading index ``index`` (bucketed by layer for stacked keys)."""

@@ -66,12 +66,13 @@ class _Framed:
 
     With ``skip_data`` torch writes the archive's records and, where the storage's bytes belong, seeks
     over them (its documented way of leaving them to "a separate pass"). That seek is where ``fill(n)``
-    writes them, straight into the file. ``error`` keeps the OSError that torch turns into a RuntimeError.
+    writes them, straight into the file. ``error`` keeps the error (a failed write, a torn source) that
+    torch turns into a RuntimeError of its own.
     """
 
     def __init__(self, f, fill):
         self.f, self.fill = f, fill
-        self.error: OSError | None = None
+        self.error: BaseException | None = None
         self.data_end: int | None = None  # where the storage's bytes end
 
     def write(self, data) -> int:
@@ -86,7 +87,7 @@ class _Framed:
             raise io.UnsupportedOperation("a tensor item has one storage, filled in place")
         try:
             self.fill(n)
-        except OSError as e:
+        except BaseException as e:
             self.error = e
             raise
         self.data_end = self.f.tell()
@@ -205,8 +206,10 @@ class DistcpFile:
         except OSError as e:
             raise output_error(self.tmp, e) from e
         except RuntimeError:  # torch.save reports a failed write (disk full) as its own RuntimeError
-            if framed.error is not None:
+            if isinstance(framed.error, OSError):
                 raise output_error(self.tmp, framed.error) from framed.error
+            if framed.error is not None:
+                raise framed.error from None
             raise
         self.entries.append((key, offsets, pos, end - pos))
 

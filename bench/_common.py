@@ -106,6 +106,7 @@ class Result:
     stderr: str = ""
     cgroup_peak: int | None = None  # memory.max_usage_in_bytes / memory.peak of the cap, when capped
     oom_killed: bool = False
+    timed_out: bool = False  # killed by ``measure`` after ``timeout`` seconds
     extra: dict = field(default_factory=dict)
 
     @property
@@ -134,7 +135,7 @@ def measure(cmd: list[str], cap_bytes: int | None = None, poll: float = 0.02, ti
     memory exceeds the cap); raises if cgroups cannot be used here.
     """
     cgroup = MemoryCap(cap_bytes) if cap_bytes else None
-    peak = 0
+    peak, timed_out = 0, False
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=cgroup.enter if cgroup else None)
@@ -146,13 +147,14 @@ def measure(cmd: list[str], cap_bytes: int | None = None, poll: float = 0.02, ti
         r.start()
     while proc.poll() is None:
         peak = max(peak, _tree_rss(ps))
-        if timeout and time.perf_counter() - t0 > timeout:
+        if timeout and not timed_out and time.perf_counter() - t0 > timeout:
             proc.kill()
+            timed_out = True
         time.sleep(poll)
     wall = time.perf_counter() - t0
     for r in readers:
         r.join()
-    res = Result(wall, peak, proc.returncode, out.get("stdout", ""), out.get("stderr", ""))
+    res = Result(wall, peak, proc.returncode, out.get("stdout", ""), out.get("stderr", ""), timed_out=timed_out)
     if cgroup:
         res.cgroup_peak, res.oom_killed = cgroup.close()
     return res

@@ -5,11 +5,11 @@
 Generates a synthetic bf16 Llama checkpoint of about ``--size-mb`` MB (once, in ``--workdir``), then converts
 it alternately with staging (the default: stage in zarr, assemble, resumable) and with ``--no-staging``
 (direct writes, not resumable), ``--runs`` times each, in this process (Python and torch imports are not
-timed; the source stays in the page cache, as it would after the first pass on a big machine). Timed: the
-whole ``hf2mcore()`` call, from plan to ``.metadata`` and tracker (every ``.distcp`` is fsynced in both
-modes). Two file sizes: the default 2 GiB (this model fits one .distcp, so assembly cannot start before
-staging ends: the worst case) and ``--distcp-size`` = model/6 (several files, as any real model has: the
-assembly of one file overlaps the staging of the next). Reports the median and min of each, the staging
+timed; streamconv drops the source's pages once read, so each run reads it from disk or from what the
+kernel kept). Timed: the whole ``hf2mcore()`` call, from plan to ``.metadata`` and tracker (every
+``.distcp`` is fsynced in both modes). Two file sizes: 2 GiB (this model fits one .distcp: its staged
+chunks all stay until that file is complete, the worst case) and ``--distcp-size`` = model/6 (several
+files, as any real model has with the default 512 MiB). Reports the median and min of each, the staging
 overhead, and checks that both modes wrote the same bytes.
 """
 

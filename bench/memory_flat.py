@@ -78,7 +78,7 @@ def main() -> int:
     c.print_table(f"streamconv hf2mcore --max-memory {args.max_memory} {args.extra} (medians; "
                   f"{'cold' if cold else 'warm'} cache)",
                   ["model", "runs", "wall", "engine", "wall rate", "peak RSS (psutil)", "peak RSS (getrusage)",
-                   "peak RSS converting", f"<= budget + 0.75 GiB"], rows)
+                   "peak RSS converting", "<= budget + 0.75 GiB"], rows)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     if not args.keep and not args.workdir:

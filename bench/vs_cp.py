@@ -152,6 +152,7 @@ def main(argv=None) -> int:
         src = c.checkpoint(work, size, args.dtype)
         model = c.folder_bytes(src)
         capped = {}
+        limit = None  # the naive converter may thrash under the cap instead of being killed: it gets 10x
         for label, cmd in (("streamconv staged", c.streamconv_cmd(src, work / "out", args.max_memory, *cast)),
                            ("naive (load all, dcp.save)",
                             [sys.executable, NAIVE, "--hf-model", str(src), "--megatron-path", str(work / "out")])):
@@ -159,11 +160,15 @@ def main(argv=None) -> int:
                 continue
             c.rmtree(work / "out")
             c.drop_caches()
-            r = c.measure(cmd, cap_bytes=cap)
+            r = c.measure(cmd, cap_bytes=cap, timeout=limit)
+            if limit is None:
+                limit = max(120.0, 10 * r.wall)  # streamconv's time, tenfold
             capped[label] = {"ok": r.ok, "wall": r.wall, "peak_rss": r.peak_rss, "cgroup_peak": r.cgroup_peak,
-                             "oom_killed": r.oom_killed, "returncode": r.returncode}
-            outcome = "completed" if r.ok else ("killed: out of memory" if r.oom_killed or r.returncode == -9
-                                                else f"failed (exit {r.returncode})")
+                             "oom_killed": r.oom_killed, "timed_out": r.timed_out, "returncode": r.returncode}
+            outcome = ("completed" if r.ok else
+                       f"stopped after {r.wall:.0f} s (10x streamconv's time), not done: thrashing under the cap"
+                       if r.timed_out else
+                       "killed: out of memory" if r.oom_killed or r.returncode == -9 else f"failed (exit {r.returncode})")
             rows.append([f"{model / 1e9:.2f} GB", f"{label} under a {c.fmt_gib(cap)} cap", f"{r.wall:.1f} s",
                          f"{model / 1e6 / r.wall:.0f} MB/s" if r.ok else "", "", "", c.fmt_gib(r.peak_rss), "",
                          outcome])

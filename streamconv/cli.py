@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for Megatron-Bridge compatibility; streamconv never runs remote code")
     p.add_argument("--no-staging", action="store_true",
-                   help="write .distcp files directly, without the zarr staging store (cannot resume)")
+                   help="write .distcp files directly, without the zarr staging store (faster; resumes whole "
+                        ".distcp files only)")
     p.add_argument("--keep-staging", action="store_true",
                    help="keep the zarr staging store (<megatron-path>/.streamconv/staging.zarr): the whole model "
                         "in megatron layout, readable with zarr/xarray/tensorstore")
@@ -221,9 +222,6 @@ def main(argv: list[str] | None = None) -> int:
             if args.debug:
                 raise
             sig, hint = interrupt.received(), INTERRUPT_HINTS.get(args.command)
-            if hint and getattr(args, "no_staging", False):  # a direct (unstaged) run cannot resume
-                hint = hint.replace("run the same command again to resume",
-                                    "--no-staging runs cannot resume: run it again with --overwrite")
             print(f"error: interrupted by {signal.Signals(sig).name}" + (f"; {hint}" if hint else ""), file=sys.stderr)
             return 128 + sig
         except OSError as e:  # an I/O error no command turned into a StreamconvError: still one line

@@ -151,8 +151,7 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
 
             sink = StagedSink(ckpt, plan, journal, keep_staging=opts.keep_staging)
         else:
-            journal.close()
-            sink = TorchDistSink(ckpt, plan)
+            sink = TorchDistSink(ckpt, plan, journal=journal)
         progress = make_progress(opts.quiet, "hf2mcore", plan.total_bytes, len(plan.chunks), opts.max_memory,
                                  plan=plan)
         try:

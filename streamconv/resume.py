@@ -9,6 +9,8 @@
   A torn last line (a kill mid-append) is ignored: it only loses a record, and what it described is redone.
 - ``staging.zarr``: the Zarr v3 staging store (``formats/staging.py``).
 
+Both sinks resume whole ``.distcp`` files (``committed_files``); the staged sink also keeps staged chunks.
+
 The same command on the same folder resumes; a different input or output-changing setting is refused with
 a one-line error naming what differs; ``--overwrite`` starts over.
 """
@@ -119,7 +121,7 @@ def describe_difference(old: dict, new: dict) -> str | None:
         return "its conversion plan differs from this run's (another streamconv version or mapping)"
     if old.get("staging") != new["staging"]:
         if new["staging"]:
-            return "it was started with --no-staging, which cannot resume"
+            return "it was started with --no-staging; resume it with --no-staging"
         return "it was started with staging; resume it without --no-staging"
     return None
 
@@ -144,9 +146,6 @@ def check_output(out: Path, identity: dict, overwrite: bool) -> bool:
     if diff is not None:
         raise OutputError(f"{out}: cannot resume: {diff}; pass --overwrite to start over, or choose another "
                           "--megatron-path")
-    if not identity["staging"]:
-        raise OutputError(f"{out}: holds a --no-staging conversion (finished or not), which cannot resume; pass "
-                          "--overwrite to convert again")
     return True
 
 
@@ -221,3 +220,41 @@ class Journal:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+LEFTOVER_PATTERNS = ("*.partial", "*.tmp", ".write-test")
+
+
+def clean_leftovers(ckpt: Path) -> int:
+    """Delete a killed run's temporary files (ours, and ``prepare_output``'s write probe): never part of a
+    checkpoint. Returns how many."""
+    n = 0
+    for pattern in LEFTOVER_PATTERNS:
+        for p in Path(ckpt).glob(pattern):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def file_record(file: int, path: Path, entries) -> dict:
+    """The journal record of a committed ``.distcp`` file: its size and items ``(key, offsets, offset, length)``."""
+    return {"t": "file", "file": file, "size": path.stat().st_size,
+            "items": [[k, list(o), off, n] for k, o, off, n in entries]}
+
+
+def committed_files(records, ckpt: Path, by_file: dict) -> dict[int, list]:
+    """The ``.distcp`` files an earlier run committed and that are still there as recorded: {file: items}.
+    ``by_file``: {file: [chunk]} of this run's plan (a file whose items are not those chunks is redone)."""
+    from streamconv.formats.torch_dist import distcp_name
+
+    done = {}
+    for rec in records:
+        if rec.get("t") != "file":
+            continue
+        f = rec["file"]
+        path = Path(ckpt) / distcp_name(f)
+        items = [(k, tuple(o), off, n) for k, o, off, n in rec["items"]]
+        expect = [(c.key, tuple(c.offsets)) for c in by_file.get(f, [])]
+        if path.is_file() and path.stat().st_size == rec["size"] and [(k, o) for k, o, *_ in items] == expect:
+            done[f] = items
+    return done

@@ -1,7 +1,8 @@
 """Crash safety and exact resume of hf2mcore, with real processes: a real CLI process is SIGKILLed (at
 random moments, mid-assembly of a .distcp, mid-.metadata), re-run until done, and the output must be
-byte-identical to an uninterrupted run, pass ``streamconv verify``, and never look complete before the end.
-Torn/corrupted staged chunks are detected and redone; another input or setting on the folder is refused."""
+byte-identical to an uninterrupted run, pass ``streamconv verify``, and never look complete before the end;
+with staging (the default) and with ``--no-staging`` (which resumes whole .distcp files). Torn/corrupted
+staged chunks are detected and redone; another input or setting on the folder is refused."""
 
 from __future__ import annotations
 
@@ -54,9 +55,12 @@ def output_files(out: Path) -> dict[str, bytes]:
     return files
 
 
-def launch(src, out, **env) -> subprocess.Popen:
+MODES = pytest.mark.parametrize("mode", [(), ("--no-staging",)], ids=["staged", "direct"])
+
+
+def launch(src, out, *extra, **env) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(src), "--megatron-path", str(out),
-           "--quiet", *SETTINGS]
+           "--quiet", *SETTINGS, *extra]
     return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -68,10 +72,10 @@ def wait_until(cond, proc, timeout=60.0) -> None:
         time.sleep(0.005)
 
 
-def kill_at(src, out, tmp_path, point: str) -> None:
+def kill_at(src, out, tmp_path, point: str, *extra) -> None:
     """Run the CLI until it reaches ``point`` (streamconv/crashpoints.py), then SIGKILL it."""
     marker = tmp_path / f"reached-{point.replace(':', '-')}"
-    proc = launch(src, out, STREAMCONV_TEST_PAUSE=point, STREAMCONV_TEST_PAUSE_FILE=str(marker))
+    proc = launch(src, out, *extra, STREAMCONV_TEST_PAUSE=point, STREAMCONV_TEST_PAUSE_FILE=str(marker))
     wait_until(marker.exists, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -90,10 +94,10 @@ def assert_never_complete_early(out: Path, ref: dict[str, bytes]) -> None:
                {k: v for k, v in ref.items() if not k.startswith("../")}
 
 
-def finish_and_check(src, out, ref, capsys) -> dict:
+def finish_and_check(src, out, ref, capsys, *extra) -> dict:
     """Re-run the same command until done: identical to the uninterrupted run, and verify passes."""
     capsys.readouterr()
-    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), "--json", *SETTINGS]) == 0
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), "--json", *SETTINGS, *extra]) == 0
     summary = json.loads(capsys.readouterr().out)
     got = output_files(out)
     assert sorted(got) == sorted(ref)
@@ -104,7 +108,8 @@ def finish_and_check(src, out, ref, capsys) -> dict:
     return summary
 
 
-def test_sigkill_at_random_moments_then_resume(src, ref, tmp_path, capsys):
+@MODES
+def test_sigkill_at_random_moments_then_resume(src, ref, tmp_path, capsys, mode):
     out = tmp_path / "out"
     rng = random.Random(20260529)
     kills = 0
@@ -113,7 +118,7 @@ def test_sigkill_at_random_moments_then_resume(src, ref, tmp_path, capsys):
         # a deterministic slow-down (sleeps around each chunk's zarr write) spreads the work over ~1 s;
         # the kill comes at a random moment after the sink starts (resuming, staging, assembling, committing)
         started.unlink(missing_ok=True)
-        proc = launch(src, out, STREAMCONV_TEST_SLOW="0.02", STREAMCONV_TEST_STARTED=str(started))
+        proc = launch(src, out, *mode, STREAMCONV_TEST_SLOW="0.02", STREAMCONV_TEST_STARTED=str(started))
         wait_until(started.exists, proc)
         time.sleep(rng.uniform(0.0, 0.6))
         if proc.poll() is None:
@@ -122,23 +127,24 @@ def test_sigkill_at_random_moments_then_resume(src, ref, tmp_path, capsys):
         proc.wait(timeout=60)
         assert_never_complete_early(out, ref)
     assert kills >= 2
-    summary = finish_and_check(src, out, ref, capsys)
+    summary = finish_and_check(src, out, ref, capsys, *mode)
     assert summary["chunks_resumed"] > 0
 
 
-def test_sigkill_during_assembly_and_while_writing_metadata(src, ref, tmp_path, capsys):
+@MODES
+def test_sigkill_during_assembly_and_while_writing_metadata(src, ref, tmp_path, capsys, mode):
     out = tmp_path / "out"
-    kill_at(src, out, tmp_path, "assemble:7")  # the 7th item appended to a .distcp being assembled
+    kill_at(src, out, tmp_path, "assemble:7", *mode)  # the 7th item appended to a .distcp being assembled
     ckpt = out / ITER
     assert list(ckpt.glob("*.distcp.partial")), "killed mid-assembly: a .distcp under its temporary name"
     assert not (ckpt / ".metadata").exists() and not (out / TRACKER).exists()
 
-    kill_at(src, out, tmp_path, "metadata")  # half of .metadata written to its temporary file
+    kill_at(src, out, tmp_path, "metadata", *mode)  # half of .metadata written to its temporary file
     assert (ckpt / ".metadata.tmp").exists() and not (ckpt / ".metadata").exists()
     assert not (out / TRACKER).exists() and not list(ckpt.glob("*.partial"))
     assert len(list(ckpt.glob("*.distcp"))) == sum(n.endswith(".distcp") for n in ref)
 
-    summary = finish_and_check(src, out, ref, capsys)
+    summary = finish_and_check(src, out, ref, capsys, *mode)
     assert summary["files_resumed"] == sum(n.endswith(".distcp") for n in ref) - 1  # all but the objects file
     assert summary["chunks"] == 0  # nothing to convert again
     assert not (ckpt / ".metadata.tmp").exists()

@@ -43,11 +43,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamconv import crashpoints
+from streamconv import crashpoints, resume
 from streamconv.errors import OutputError, output_error
 from streamconv.formats.atomic import fsync_dir, fsync_file
-from streamconv.formats.torch_dist import (COMMON_STATE, COMMON_STATE_KEY, DistcpFile, TornSource, build_metadata,
-                                           distcp_name, object_item_bytes, write_common_files)
+from streamconv.formats.torch_dist import DistcpFile, TornSource, chunks_by_file, commit_checkpoint, distcp_name
 
 STORE_NAME = "staging.zarr"
 ENCODING_BF16 = "raw bfloat16 bits in uint16: view as bfloat16 (torch: .view(torch.bfloat16); numpy: ml_dtypes)"
@@ -267,9 +266,7 @@ class StagedSink:
         self.keep_staging = keep_staging
         self.extra_state = extra_state
         self.files_ahead = files_ahead
-        self.by_file: dict[int, list] = defaultdict(list)
-        for c in plan.chunks:
-            self.by_file[c.file].append(c)
+        self.by_file = chunks_by_file(plan)
         self.crc: dict[tuple, int] = {}  # staged and verified chunks
         self.assembled: dict[int, list] = {}  # file -> [(key, offsets, offset, length)]
         self.report = {"chunks_verified": 0, "chunks_redone": 0, "files_resumed": 0, "partials_removed": 0}
@@ -277,7 +274,7 @@ class StagedSink:
         self._error: BaseException | None = None
         self._stop = False
         crashpoints.started()
-        self._clean_leftovers()
+        self.report["partials_removed"] += resume.clean_leftovers(self.ckpt)
         self.store = StagingStore(journal.dir / STORE_NAME, plan, fsync_chunks=keep_staging)
         self.report["partials_removed"] += self.store.clean_partials()
         self._replay()
@@ -305,27 +302,11 @@ class StagedSink:
 
     # ------------------------------------------------------------------ resume
 
-    def _clean_leftovers(self) -> None:
-        """Temporary files of a killed run (ours, and ``prepare_output``'s write probe): never part of a checkpoint."""
-        for p in [*self.ckpt.glob("*.partial"), *self.ckpt.glob("*.tmp"), *self.ckpt.glob(".write-test")]:
-            p.unlink(missing_ok=True)
-            self.report["partials_removed"] += 1
-
     def _replay(self) -> None:
-        chunk_recs: dict[tuple, int] = {}
-        file_recs: dict[int, dict] = {}
-        for rec in self.journal.records():
-            if rec["t"] == "chunk":
-                chunk_recs[(rec["key"], tuple(rec["offsets"]))] = rec["crc32"]
-            elif rec["t"] == "file":
-                file_recs[rec["file"]] = rec
-        for f, rec in file_recs.items():
-            path = self.ckpt / distcp_name(f)
-            items = [(k, tuple(o), off, n) for k, o, off, n in rec["items"]]
-            expect = [self._id(c) for c in self.by_file.get(f, [])]
-            if path.is_file() and path.stat().st_size == rec["size"] and [(k, o) for k, o, *_ in items] == expect:
-                self.assembled[f] = items
-                self.report["files_resumed"] += 1
+        records = self.journal.records()
+        chunk_recs = {(r["key"], tuple(r["offsets"])): r["crc32"] for r in records if r["t"] == "chunk"}
+        self.assembled = resume.committed_files(records, self.ckpt, self.by_file)
+        self.report["files_resumed"] = len(self.assembled)
         for c in self.plan.chunks:
             cid = self._id(c)
             if c.file in self.assembled or cid not in chunk_recs:
@@ -401,11 +382,9 @@ class StagedSink:
         except BaseException:
             out.abort()
             raise
-        final, entries = out.path, out.entries
-        self.journal.append({"t": "file", "file": f, "size": final.stat().st_size,
-                             "items": [[k, list(o), off, n] for k, o, off, n in entries]}, sync=True)
+        self.journal.append(resume.file_record(f, out.path, out.entries), sync=True)
         with self._cond:
-            self.assembled[f] = entries
+            self.assembled[f] = out.entries
         if not self.keep_staging:
             for c in self.by_file[f]:
                 self.store.drop(c)
@@ -447,27 +426,7 @@ class StagedSink:
             self.store.fsync_all()
         else:
             shutil.rmtree(self.store.path, ignore_errors=True)
-        storage = []  # in plan order, sharing the plan's key objects: the same .metadata bytes as a direct write
-        for f in sorted(self.by_file):
-            name = distcp_name(f)
-            storage += [(c.key, c.offsets, name, off, n) for c, (_, _, off, n) in zip(self.by_file[f], self.assembled[f])]
-        objects = DistcpFile(self.ckpt, self.plan.num_files)
-        try:
-            for key in self.plan.objects:
-                objects.append(key, None, object_item_bytes(self.extra_state))
-            objects.append(COMMON_STATE_KEY, None, object_item_bytes(dict(COMMON_STATE)))
-            objects.finish()
-        except BaseException:
-            objects.abort()
-            raise
-        storage += [(k, o, objects.name, off, n) for k, o, off, n in objects.entries]
-        write_common_files(self.ckpt)
-        targets = {k: (t.shape, t.dtype) for k, t in self.plan.targets.items()}
-        chunks_by_key: dict[str, list] = {k: [] for k in targets}
-        for c in self.plan.chunks:
-            chunks_by_key[c.key].append((c.offsets, c.sizes))
-        meta = build_metadata(targets, chunks_by_key, [*self.plan.objects, COMMON_STATE_KEY], storage)
-        write_metadata(self.ckpt, meta)
+        commit_checkpoint(self.ckpt, self.plan, self.by_file, self.assembled, self.extra_state)
         self.journal.append({"t": "done"}, sync=True)
         self.journal.close()
 
@@ -495,21 +454,3 @@ class StagedSink:
         """Stop the assembler (a ``.partial`` file may stay: the next run deletes it); state stays resumable."""
         self._shutdown()
         self.journal.close()
-
-
-def write_metadata(folder: Path, metadata) -> None:
-    """``.metadata`` to a temporary name, fsync, rename, fsync the folder: the commit of the checkpoint."""
-    data = pickle.dumps(metadata)
-    tmp, path = folder / ".metadata.tmp", folder / ".metadata"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data[: len(data) // 2])
-            fh.flush()
-            crashpoints.pause("metadata")
-            fh.write(data[len(data) // 2:])
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(folder)
-    except OSError as e:
-        raise output_error(path, e) from e

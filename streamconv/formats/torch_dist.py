@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from streamconv import crashpoints
 from streamconv.errors import output_error
-from streamconv.formats.atomic import commit, fsync_write
+from streamconv.formats.atomic import commit, fsync_dir, fsync_write
 from streamconv.pagecache import WriteBehind, copy_range
 
 METADATA_JSON = {
@@ -273,53 +274,118 @@ def write_common_files(folder: Path) -> None:
 
 
 def write_metadata(folder: Path, metadata) -> None:
-    """The commit: after this the folder is a loadable checkpoint."""
-    fsync_write(folder / ".metadata", pickle.dumps(metadata))
+    """``.metadata`` to a temporary name, fsync, rename, fsync the folder: the commit of the checkpoint."""
+    data = pickle.dumps(metadata)
+    tmp, path = folder / ".metadata.tmp", folder / ".metadata"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            crashpoints.pause("metadata")
+            fh.write(data[len(data) // 2:])
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(folder)
+    except OSError as e:
+        raise output_error(path, e) from e
+
+
+def commit_checkpoint(folder: Path, plan, by_file: dict, entries: dict, extra_state=None) -> None:
+    """After every tensor file: the objects file (every ``_extra_state`` key and the common state), the common
+    files, then ``.metadata`` last. ``by_file``: {file: [chunk]} of the plan; ``entries``: {file: items} as
+    written. Storage is listed in plan order with the plan's own key objects, so ``.metadata`` has the same
+    bytes however the files were written (staged or direct, in one run or resumed)."""
+    storage = []
+    for f in sorted(by_file):
+        name = distcp_name(f)
+        storage += [(c.key, c.offsets, name, off, n) for c, (_, _, off, n) in zip(by_file[f], entries[f])]
+    objects = DistcpFile(folder, plan.num_files)
+    try:
+        for key in plan.objects:
+            objects.append(key, None, object_item_bytes(extra_state))
+        objects.append(COMMON_STATE_KEY, None, object_item_bytes(dict(COMMON_STATE)))
+        objects.finish()
+    except BaseException:
+        objects.abort()
+        raise
+    storage += [(k, o, objects.name, off, n) for k, o, off, n in objects.entries]
+    write_common_files(folder)
+    targets = {k: (t.shape, t.dtype) for k, t in plan.targets.items()}
+    chunks_by_key: dict[str, list] = {k: [] for k in targets}
+    for c in plan.chunks:
+        chunks_by_key[c.key].append((c.offsets, c.sizes))
+    write_metadata(folder, build_metadata(targets, chunks_by_key, [*plan.objects, COMMON_STATE_KEY], storage))
+
+
+def chunks_by_file(plan) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for c in plan.chunks:
+        out.setdefault(c.file, []).append(c)
+    return out
 
 
 class TorchDistSink:
-    """The engine's sink for hf2mcore: chunks (in plan order) -> ``.distcp`` files -> ``.metadata``.
+    """The engine's sink for hf2mcore without staging: chunks (in plan order) -> ``.distcp`` files ->
+    ``.metadata``. With a ``resume.Journal``, each committed file is journaled and a re-run skips the files
+    an earlier run committed (the file being written when it was killed is redone).
 
     ``extra_state`` is the object every ``_extra_state`` key holds (megatron's local linear layers
     save ``None``).
     """
 
-    def __init__(self, folder: Path, plan, extra_state=None):
+    def __init__(self, folder: Path, plan, extra_state=None, journal=None):
+        from streamconv import resume
+
         self.folder = Path(folder)
         self.plan = plan
         self.extra_state = extra_state
+        self.journal = journal
+        self.by_file = chunks_by_file(plan)
         self.current: DistcpFile | None = None
-        self.storage: list[tuple[str, tuple[int, ...] | None, str, int, int]] = []
+        self.entries: dict[int, list] = {}
+        self.report = {"files_resumed": 0, "partials_removed": 0}
+        if journal is not None:
+            crashpoints.started()
+            self.report["partials_removed"] = resume.clean_leftovers(self.folder)
+            self.entries = resume.committed_files(journal.records(), self.folder, self.by_file)
+            self.report["files_resumed"] = len(self.entries)
+
+    def skip(self, chunk) -> bool:
+        return chunk.file in self.entries
 
     def write(self, chunk, tensor: torch.Tensor) -> None:
+        crashpoints.slow(1.0)
         if self.current is None or self.current.name != distcp_name(chunk.file):
             self._finish_current()
             self.current = DistcpFile(self.folder, chunk.file)
+            self._file = chunk.file
         self.current.append_tensor(chunk.key, chunk.offsets, tensor)
+        crashpoints.pause("assemble")
 
     def _finish_current(self) -> None:
         if self.current is not None:
             self.current.finish()
-            self.storage += [(k, o, self.current.name, off, n) for k, o, off, n in self.current.entries]
+            self.entries[self._file] = self.current.entries
+            if self.journal is not None:
+                from streamconv import resume
+
+                self.journal.append(resume.file_record(self._file, self.current.path, self.current.entries), sync=True)
             self.current = None
 
     def close(self) -> None:
         """Objects, common state, then ``.metadata`` last."""
         self._finish_current()
-        objects = DistcpFile(self.folder, self.plan.num_files)
-        for key in self.plan.objects:
-            objects.append(key, None, object_item_bytes(self.extra_state))
-        objects.append(COMMON_STATE_KEY, None, object_item_bytes(dict(COMMON_STATE)))
-        objects.finish()
-        self.storage += [(k, o, objects.name, off, n) for k, o, off, n in objects.entries]
-        write_common_files(self.folder)
-        targets = {k: (t.shape, t.dtype) for k, t in self.plan.targets.items()}
-        chunks_by_key: dict[str, list] = {k: [] for k in targets}
-        for c in self.plan.chunks:
-            chunks_by_key[c.key].append((c.offsets, c.sizes))
-        meta = build_metadata(targets, chunks_by_key, [*self.plan.objects, COMMON_STATE_KEY], self.storage)
-        write_metadata(self.folder, meta)
+        missing = [f for f in self.by_file if f not in self.entries]
+        if missing:
+            raise RuntimeError(f"files {missing} were never written")
+        commit_checkpoint(self.folder, self.plan, self.by_file, self.entries, self.extra_state)
+        if self.journal is not None:
+            self.journal.append({"t": "done"}, sync=True)
+            self.journal.close()
 
     def abort(self) -> None:
         if self.current is not None:
             self.current.abort()
+        if self.journal is not None:
+            self.journal.close()

@@ -46,8 +46,9 @@ def test_megatron_loads_and_logits_match_transformers(tmp_path, case):
     cfg = llama_config(**kwargs)
     src = make_checkpoint(tmp_path / "hf", cfg, seed=3, shards=shards)
     assert len(list(src.glob("*.safetensors"))) == shards
-    convert(src, tmp_path / "mcore")
+    convert(src, tmp_path / "mcore", "--distcp-size", "64KiB")  # several .distcp files, as any real model has
     ckpt = tmp_path / "mcore" / "iter_0000000"
+    assert len(list(ckpt.glob("*.distcp"))) >= 4
     assert (tmp_path / "mcore" / "latest_checkpointed_iteration.txt").read_text() == "0"
     assert (ckpt / "run_config.yaml").is_file()
 

@@ -17,7 +17,7 @@ whose archive cannot be parsed this way is loaded whole with ``torch.load(weight
     src.tensors["decoder.layers.mlp.linear_fc1.weight"]    # TensorMeta(shape, dtype, chunks)
     src.read_rows(key, row0, row1, index=(layer,))         # rows of one layer of a stacked key
     src.read_object("common_state/shard_0_1")              # BYTE_IO items, restricted unpickling
-    src.read_item(key, offsets)                            # one stored chunk, whole (torch.load weights_only)
+    src.read_item(key, offsets)                            # one stored chunk, whole
 """
 
 from __future__ import annotations
@@ -429,12 +429,21 @@ class TorchDistSource:
         return self._pread(ref.file, ref.offset, ref.length)
 
     def read_item(self, key: str, offsets: tuple[int, ...]) -> torch.Tensor:
-        """The whole tensor stored as chunk ``offsets`` of ``key`` (shape = that chunk's ``sizes``)."""
+        """The whole tensor stored as chunk ``offsets`` of ``key`` (shape = that chunk's ``sizes``): its
+        bytes read straight into the tensor when the archive is a plain one (its layout parsed through the
+        allow-list unpickler), else ``torch.load(weights_only=True)`` of the item."""
         meta = self.info(key)
         offsets = tuple(offsets)
         for c in meta.chunks:
             if c.offsets == offsets:
-                return self._load_item(meta, c)
+                layout = self._layout(meta, c)
+                if layout is None or not layout.standard:
+                    return self._load_item(meta, c)
+                t = torch.empty(c.sizes, dtype=meta.dtype)
+                if t.numel():
+                    self._preadinto(c.file, memoryview(t.reshape(-1).view(torch.uint8).numpy()),
+                                    layout.data_start + layout.storage_offset * _itemsize(meta.dtype))
+                return t
         raise BadInputError(f"{self.folder}: no chunk of {key!r} at offsets {list(offsets)} in {METADATA_FILE}")
 
     def read_object(self, key: str):

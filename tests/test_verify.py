@@ -3,8 +3,11 @@ catches what a user must not miss: a flipped byte in a .distcp, the wrong source
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
+import struct
+import zipfile
 
 import pytest
 import torch
@@ -106,3 +109,26 @@ def test_missing_tensor_and_incomplete_checkpoint(bf16_src, tmp_path, capsys):
     meta_path.unlink()  # what an interrupted conversion looks like
     rc, _, err = verify(bf16_src, out, capsys)
     assert rc == errors.EXIT_BAD_INPUT and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+
+
+def test_a_broken_item_archive_is_named_unreadable(bf16_src, tmp_path, capsys):
+    """An item whose torch.save archive is damaged (its data.pkl record) is not read around: verify names it."""
+    out = tmp_path / "out"
+    convert(bf16_src, out, "--max-memory", "64KiB")
+    ckpt = out / "iter_0000000"
+    with TorchDistSource(ckpt) as td:
+        key = "decoder.layers.self_attention.linear_qkv.weight"
+        chunk = td.tensors[key].chunks[1]
+        offsets, where = chunk.offsets, td.item_info(key, chunk.offsets)
+    path = ckpt / where.file
+    data = bytearray(path.read_bytes())
+    item = zipfile.ZipFile(io.BytesIO(bytes(data[where.offset:where.offset + where.length])))
+    info = item.getinfo(next(n for n in item.namelist() if n.endswith("/data.pkl")))
+    name_len, extra_len = struct.unpack_from("<HH", data, where.offset + info.header_offset + 26)
+    start = where.offset + info.header_offset + 30 + name_len + extra_len
+    data[start:start + 16] = b"\xff" * 16  # the pickle's opening bytes
+    path.write_bytes(data)
+
+    rc, _, err = verify(bf16_src, out, capsys)
+    assert rc == errors.EXIT_MISMATCH
+    assert f"MISMATCH {key} chunk at offsets {list(offsets)}" in err and "unreadable" in err, err

@@ -87,20 +87,7 @@ class FileScatter:
 
     def extent(self, r: Read) -> tuple:
         """``(path, file offset, length)`` of a read."""
-        info = self.source.info(r.name)
-        full = info.shape
-        shape = full[len(r.index):]
-        rows = shape[0] if shape else 1
-        if (len(r.index) > len(full) or any(not 0 <= i < n for i, n in zip(r.index, full))
-                or not 0 <= r.row0 <= r.row1 <= rows):
-            raise BadInputError(f"{info.path}: rows [{r.row0}, {r.row1}) of index {list(r.index)} are outside "
-                                f"tensor {r.name!r} {list(full)}")
-        row_bytes = math.prod(shape[1:]) * info.dtype.itemsize
-        first = 0
-        for i, n in zip(r.index, full):  # row-major: the leading index is a row number
-            first = first * n + i
-        first = first * rows + r.row0
-        return info.path, info.start + first * row_bytes, (r.row1 - r.row0) * row_bytes
+        return self.source.extent(r.name, r.row0, r.row1, r.index)
 
     def __call__(self, chunk: Chunk, buf: torch.Tensor) -> None:
         if buf.dtype != read_dtype(self.source, chunk):

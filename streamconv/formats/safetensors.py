@@ -228,8 +228,9 @@ class SafetensorsSource:
         shape = info.shape[len(read.index):]
         return (read.row1 - read.row0) * math.prod(shape[1:]) * itemsize(info.dtype)
 
-    def read_rows(self, name: str, row0: int, row1: int, index: tuple[int, ...] = ()) -> torch.Tensor:
-        """Rows ``[row0, row1)`` of tensor ``name`` (along dim 0, after the leading ``index``)."""
+    def extent(self, name: str, row0: int, row1: int, index: tuple[int, ...] = ()) -> tuple[Path, int, int]:
+        """``(file, byte offset, length)`` of rows ``[row0, row1)`` of tensor ``name`` (along dim 0, after the
+        leading ``index``): one contiguous range, as tensors are stored row-major."""
         info = self.info(name)
         full = info.shape
         shape = full[len(index):]
@@ -243,19 +244,25 @@ class SafetensorsSource:
         for i, n in zip(index, full):  # row-major: flatten the leading index into a row number
             first_row = first_row * n + i
         first_row = first_row * rows + row0
-        length = (row1 - row0) * row_bytes
+        return info.path, info.start + first_row * row_bytes, (row1 - row0) * row_bytes
+
+    def read_rows(self, name: str, row0: int, row1: int, index: tuple[int, ...] = ()) -> torch.Tensor:
+        """Rows ``[row0, row1)`` of tensor ``name`` (along dim 0, after the leading ``index``)."""
+        path, pos, length = self.extent(name, row0, row1, index)
+        shape = self.info(name).shape[len(index):]
         buf = bytearray(length)
         view = memoryview(buf)
-        fd, pos, done = self._fd(info.path), info.start + first_row * row_bytes, 0
+        fd, done = self._fd(path), 0
         while done < length:
             got = os.preadv(fd, [view[done:]], pos + done)
             if got <= 0:
-                raise BadInputError(f"{info.path}: unexpected end of file reading tensor {name!r}; re-download it")
+                raise BadInputError(f"{path}: unexpected end of file reading tensor {name!r}; re-download it")
             done += got
         out_shape = (row1 - row0, *shape[1:]) if shape else ()
+        dtype = self.info(name).dtype
         if length == 0:
-            return torch.empty(out_shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=info.dtype).view(out_shape)
+            return torch.empty(out_shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).view(out_shape)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -36,6 +36,15 @@ def bf16_src(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("v") / "hf", CFG, seed=7, shards=2, dtype=torch.bfloat16)
 
 
+def item_bytes(ckpt, key: str, i: int):
+    """The ``i``-th stored chunk of ``key``: its offsets, its ``.distcp`` path, where it lies, the file's bytes."""
+    with TorchDistSource(ckpt) as td:
+        chunk = td.tensors[key].chunks[i]
+        where = td.item_info(key, chunk.offsets)
+    path = ckpt / where.file
+    return chunk.offsets, path, where, bytearray(path.read_bytes())
+
+
 def test_flipped_byte_in_a_distcp_is_named(bf16_src, tmp_path, capsys):
     out = tmp_path / "out"
     convert(bf16_src, out, "--max-memory", "64KiB")  # row-block chunks
@@ -43,12 +52,8 @@ def test_flipped_byte_in_a_distcp_is_named(bf16_src, tmp_path, capsys):
     assert rc == 0 and stdout.startswith("verify: OK") and "bit-identical" in stdout
 
     ckpt = out / "iter_0000000"
-    with TorchDistSource(ckpt) as td:
-        key = "decoder.layers.mlp.linear_fc1.weight"
-        chunk = td.tensors[key].chunks[3]
-        offsets, where = chunk.offsets, td.item_info(key, chunk.offsets)
-    path = ckpt / where.file
-    data = bytearray(path.read_bytes())
+    key = "decoder.layers.mlp.linear_fc1.weight"
+    offsets, path, where, data = item_bytes(ckpt, key, 3)
     data[where.offset + where.length // 2] ^= 0x04  # inside the item's tensor data
     path.write_bytes(data)
 
@@ -115,13 +120,8 @@ def test_a_broken_item_archive_is_named_unreadable(bf16_src, tmp_path, capsys):
     """An item whose torch.save archive is damaged (its data.pkl record) is not read around: verify names it."""
     out = tmp_path / "out"
     convert(bf16_src, out, "--max-memory", "64KiB")
-    ckpt = out / "iter_0000000"
-    with TorchDistSource(ckpt) as td:
-        key = "decoder.layers.self_attention.linear_qkv.weight"
-        chunk = td.tensors[key].chunks[1]
-        offsets, where = chunk.offsets, td.item_info(key, chunk.offsets)
-    path = ckpt / where.file
-    data = bytearray(path.read_bytes())
+    key = "decoder.layers.self_attention.linear_qkv.weight"
+    offsets, path, where, data = item_bytes(out / "iter_0000000", key, 1)
     item = zipfile.ZipFile(io.BytesIO(bytes(data[where.offset:where.offset + where.length])))
     info = item.getinfo(next(n for n in item.namelist() if n.endswith("/data.pkl")))
     name_len, extra_len = struct.unpack_from("<HH", data, where.offset + info.header_offset + 26)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from streamconv import crashpoints
+from streamconv import crashpoints, resume
 from streamconv.errors import output_error
 from streamconv.formats.atomic import commit, fsync_dir, fsync_write
 from streamconv.pagecache import WriteBehind, copy_range
@@ -150,6 +150,7 @@ class DistcpFile:
     """
 
     def __init__(self, folder: Path, file: int):
+        self.file = file
         self.name = distcp_name(file)
         self.path = folder / self.name
         self.tmp = folder / (self.name + ".partial")
@@ -335,8 +336,6 @@ class TorchDistSink:
     """
 
     def __init__(self, folder: Path, plan, extra_state=None, journal=None):
-        from streamconv import resume
-
         self.folder = Path(folder)
         self.plan = plan
         self.extra_state = extra_state
@@ -356,22 +355,20 @@ class TorchDistSink:
 
     def write(self, chunk, tensor: torch.Tensor) -> None:
         crashpoints.slow(1.0)
-        if self.current is None or self.current.name != distcp_name(chunk.file):
+        if self.current is None or self.current.file != chunk.file:
             self._finish_current()
             self.current = DistcpFile(self.folder, chunk.file)
-            self._file = chunk.file
         self.current.append_tensor(chunk.key, chunk.offsets, tensor)
         crashpoints.pause("assemble")
 
     def _finish_current(self) -> None:
         if self.current is not None:
-            self.current.finish()
-            self.entries[self._file] = self.current.entries
-            if self.journal is not None:
-                from streamconv import resume
-
-                self.journal.append(resume.file_record(self._file, self.current.path, self.current.entries), sync=True)
+            done = self.current
+            done.finish()
             self.current = None
+            self.entries[done.file] = done.entries
+            if self.journal is not None:
+                self.journal.append(resume.file_record(done.file, done.path, done.entries), sync=True)
 
     def close(self) -> None:
         """Objects, common state, then ``.metadata`` last."""

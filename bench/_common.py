@@ -4,6 +4,7 @@ control, cgroup memory caps, a streaming comparison of two torch_dist checkpoint
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import platform
@@ -215,6 +216,16 @@ def caps_available() -> bool:
         return True
     except (OSError, RuntimeError):
         return False
+
+
+def finish(args, report: dict, work: Path) -> int:
+    """The end of a bench script: the JSON report if ``--json``, and the work folder removed unless it was
+    given (``--workdir``) or kept (``--keep``)."""
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    if not args.keep and not args.workdir:
+        rmtree(work)
+    return 0
 
 
 def streamconv_cmd(src: Path, out: Path, max_memory: str, *extra: str) -> list[str]:

@@ -79,11 +79,7 @@ def main() -> int:
                   f"{'cold' if cold else 'warm'} cache)",
                   ["model", "runs", "wall", "engine", "wall rate", "peak RSS (psutil)", "peak RSS (getrusage)",
                    "peak RSS converting", "<= budget + 0.75 GiB"], rows)
-    if args.json:
-        print(json.dumps(report, indent=2, default=str))
-    if not args.keep and not args.workdir:
-        c.rmtree(work)
-    return 0
+    return c.finish(args, report, work)
 
 
 if __name__ == "__main__":

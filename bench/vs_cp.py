@@ -182,11 +182,7 @@ def main(argv=None) -> int:
                   f"(medians of {args.runs}; {'cold' if cold else 'WARM'} page cache; wall includes start-up)",
                   ["model", "method", "wall", "rate", "vs cp -r + sync", "naive / this", "peak RSS", "engine only",
                    "output check"], rows)
-    if args.json:
-        print(json.dumps(report, indent=2, default=str))
-    if not args.keep and not args.workdir:
-        c.rmtree(work)
-    return 0
+    return c.finish(args, report, work)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from streamconv import scatter
+from streamconv import copier, scatter
+from streamconv.copier import Phases
 from streamconv.device import CpuStage, make_stage
 from streamconv.errors import UsageError
 from streamconv.memory import Memory
@@ -48,6 +49,8 @@ class Stats:
     read_seconds: float = 0.0  # time reader threads spent reading (summed over threads)
     write_seconds: float = 0.0  # time the writer thread spent finishing and writing
     wait_seconds: float = 0.0  # time the main thread waited for reads
+    phases: Phases = field(default_factory=Phases)  # the direct path's seconds per phase (copier.py)
+    path: str = "buffered"  # "direct" (copier.py: pieces straight to their place) or "buffered" (below)
 
 
 @dataclass
@@ -181,6 +184,12 @@ def run(plan: Plan, source, sink, *, max_memory: int = DEFAULT_MAX_MEMORY, worke
     ``device`` selects (tests).
     """
     t0 = time.perf_counter()
+    if stage is None and copier.usable(source, sink, device):
+        stats = Stats(path="direct")
+        copier.run(plan, source, sink, max_memory=max_memory, workers=workers, progress=progress, skip=skip,
+                   stats=stats)
+        stats.seconds = time.perf_counter() - t0
+        return stats
     limit_malloc_retention()
     sink_reserved = getattr(sink, "reserved_memory", 0)
     chunks = plan.chunks

@@ -24,7 +24,7 @@ from streamconv.errors import BadInputError, OutputError, UsageError, output_err
 from streamconv.formats import run_config
 from streamconv.formats.safetensors import SafetensorsSource
 from streamconv.formats.atomic import fsync_write
-from streamconv.formats.torch_dist import TorchDistSink
+from streamconv.formats.torch_dist_sink import TorchDistSink
 from streamconv.models.spec import ModelSpec, load_config, spec_from_config
 from streamconv.plan import DEFAULT_CHUNK_BYTES, DEFAULT_FILE_BYTES, Plan, check_source, import_plan
 from streamconv.progress import make_progress
@@ -146,24 +146,31 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
         if resuming:  # nothing may look complete while a resumed run works
             resume.uncommit([out / TRACKER, out / run_config.LATEST_TRAIN_STATE_FILE, ckpt / ".metadata"])
         journal = resume.Journal(out, identity)
-        if opts.staging:
-            from streamconv.formats.staging import StagedSink
+        t0 = time.perf_counter()  # the conversion's own work: resume checks, engine, commit
+        cpu0 = rss.cpu_seconds()
+        view = None
+        if opts.keep_staging:
+            from streamconv.formats.staging import StagingStore
 
-            sink = StagedSink(ckpt, plan, journal, keep_staging=opts.keep_staging)
-        else:
-            sink = TorchDistSink(ckpt, plan, journal=journal)
+            view = StagingStore(journal.dir / resume.STAGING_STORE, plan, fsync_chunks=True)
+            view.check_raw(plan)
+        try:
+            sink = TorchDistSink(ckpt, plan, journal, chunk_journal=opts.staging, view=view)
+        except BaseException:
+            journal.close()
+            raise
         progress = make_progress(opts.quiet, "hf2mcore", plan.total_bytes, len(plan.chunks), opts.max_memory,
                                  plan=plan)
         try:
             rss.reset_peak()  # the conversion's own peak, apart from start-up (imports, planning)
             preload("torch.distributed.checkpoint.filesystem")  # .metadata's classes, for the commit
-            t0 = time.perf_counter()
             with progress:
                 stats = engine.run(plan, source, sink, max_memory=opts.max_memory, workers=opts.workers,
                                    device=opts.device, progress=progress, skip=getattr(sink, "skip", None))
             write_bridge_files(folder, out, ckpt, spec, plan, hf_model)
             sink.close()
-            seconds = time.perf_counter() - t0  # engine, assembly tail and commit
+            seconds = time.perf_counter() - t0
+            cpu = rss.cpu_seconds() - cpu0
             conversion_peak = rss.window_peak()
         except BaseException:
             sink.abort()
@@ -185,6 +192,9 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
         "bytes": stats.bytes_done,
         "seconds": round(seconds, 3),
         "engine_seconds": round(stats.seconds, 3),
+        "cpu_seconds": round(cpu, 3),
+        "engine_path": stats.path,
+        "phases": phase_seconds(stats),
         "mb_per_s": round(stats.bytes_done / 1e6 / max(seconds, 1e-9), 1),
         "peak_rss_bytes": peak_rss(),
         "conversion_peak_rss_bytes": conversion_peak,
@@ -197,6 +207,14 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
         "chunks_resumed": stats.chunks_skipped,
         **getattr(sink, "report", {}),
     }
+
+
+def phase_seconds(stats) -> dict:
+    """Seconds per phase of the engine (summed over its threads): the profile ``bench/profile.py`` reads."""
+    if stats.path == "direct":
+        return {k: round(v, 3) for k, v in vars(stats.phases).items()}
+    return {"read": round(stats.read_seconds, 3), "wait_for_reads": round(stats.wait_seconds, 3),
+            "cast_and_write": round(stats.write_seconds, 3)}
 
 
 def write_bridge_files(folder: Path, out: Path, ckpt: Path, spec: ModelSpec, plan: Plan, hf_model: str) -> None:

@@ -4,12 +4,14 @@
 - ``identity.json``: what the output is made from, written before any data: the input's identity (each
   source file's name, size, mtime and a hash of its safetensors header; hashes of ``config.json`` and the
   index) and the settings that change output bytes (dtype, chunk size, file size, a digest of the plan).
-- ``journal.jsonl``: an append-only record of what is done, one JSON object per line: ``chunk`` (a chunk
-  staged, with its CRC-32), ``file`` (a ``.distcp`` assembled: size and the items it holds), ``done``.
+- ``journal.jsonl``: an append-only record of what is done, one JSON object per line: ``chunk`` (a chunk's
+  bytes and framing written in its ``.distcp.partial``, with its CRC-32), ``file`` (a ``.distcp`` committed
+  under its final name: size and the items it holds), ``done``.
   A torn last line (a kill mid-append) is ignored: it only loses a record, and what it described is redone.
-- ``staging.zarr``: the Zarr v3 staging store (``formats/staging.py``).
+- ``staging.zarr``: with ``--keep-staging``, a Zarr v3 view of the model (``formats/staging.py``).
 
-Both sinks resume whole ``.distcp`` files (``committed_files``); the staged sink also keeps staged chunks.
+A re-run keeps committed ``.distcp`` files (``committed_files``) and, by default, every journaled chunk of a
+``.partial`` file whose bytes still match its CRC-32 (``formats/torch_dist_sink.py``).
 
 The same command on the same folder resumes; a different input or output-changing setting is refused with
 a one-line error naming what differs; ``--overwrite`` starts over.
@@ -29,7 +31,7 @@ from streamconv.formats.atomic import fsync_dir, fsync_write
 STATE_DIR = ".streamconv"
 IDENTITY_FILE = "identity.json"
 JOURNAL_FILE = "journal.jsonl"
-FORMAT = 1  # bump when the journal or staging layout changes incompatibly
+FORMAT = 2  # bump when the journal or staging layout changes incompatibly
 
 
 def _sha256(data: bytes) -> str:
@@ -225,15 +227,28 @@ class Journal:
 LEFTOVER_PATTERNS = ("*.partial", "*.tmp", ".write-test")
 
 
-def clean_leftovers(ckpt: Path) -> int:
+def clean_leftovers(ckpt: Path, keep=()) -> int:
     """Delete a killed run's temporary files (ours, and ``prepare_output``'s write probe): never part of a
-    checkpoint. Returns how many."""
+    checkpoint, except the names in ``keep`` (``.partial`` files whose journaled chunks resume). Returns how
+    many were deleted."""
     n = 0
     for pattern in LEFTOVER_PATTERNS:
         for p in Path(ckpt).glob(pattern):
+            if p.name in keep and not p.is_symlink():
+                continue
             p.unlink(missing_ok=True)
             n += 1
     return n
+
+
+STAGING_STORE = "staging.zarr"  # the --keep-staging view (formats/staging.py)
+
+
+def drop_staging(journal: "Journal") -> None:
+    """Remove a ``--keep-staging`` view an earlier run of this output left (this run keeps none)."""
+    import shutil
+
+    shutil.rmtree(journal.dir / STAGING_STORE, ignore_errors=True)
 
 
 def file_record(file: int, path: Path, entries) -> dict:

@@ -46,3 +46,9 @@ def reset_peak() -> bool:
 def window_peak() -> int:
     """Peak RSS since the last ``reset_peak()`` (the whole-run peak where that is unsupported)."""
     return _status("VmHWM") or run_peak()
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) this process has used so far, all threads."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime

@@ -76,7 +76,8 @@ class FileScatter:
         self.source = source
         self._fds: dict = {}
 
-    def _fd(self, path) -> int:
+    def fd(self, path) -> int:
+        """The open descriptor of ``path`` (opened once, shared by the reader threads)."""
         fd = self._fds.get(path)
         if fd is None:
             fd = os.open(path, os.O_RDONLY)
@@ -115,7 +116,7 @@ class FileScatter:
         path, pos = run[0][0], run[0][1]
         start = pos
         views = [memoryview(raw[d:d + n]) for _, _, n, d in run]
-        fd = self._fd(path)
+        fd = self.fd(path)
         while views:
             got = os.preadv(fd, views, pos)
             if got <= 0:

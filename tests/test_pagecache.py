@@ -1,8 +1,8 @@
 """What the writers put on disk and what they leave in the page cache.
 
-- A ``.distcp`` tensor item is byte for byte the archive ``torch.save(tensor)`` writes, whether its bytes
-  come from memory or are copied file to file by the kernel from a staged chunk (torch frames the item
-  under ``skip_data``; streamconv completes the CRC-32s and the serialization id).
+- A ``.distcp`` tensor item is byte for byte the archive ``torch.save(tensor)`` writes, though its framing
+  comes from ``torch.save`` under ``skip_data`` before its bytes are written, in place, by any thread
+  (streamconv completes the CRC-32s and the serialization id).
 - A conversion leaves neither its source's nor its output's pages in the page cache (``pagecache.py``).
 """
 
@@ -21,7 +21,8 @@ import torch
 
 from streamconv import pagecache
 from streamconv.cli import main
-from streamconv.formats.torch_dist import DistcpFile
+from streamconv.formats.torch_dist import tensor_item_bytes
+from streamconv.formats.torch_dist_reader import TorchDistSource
 from streamconv.synth import llama_config, make_checkpoint
 
 TENSORS = [
@@ -41,37 +42,33 @@ def torch_save_bytes(t: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def items(path, entries) -> list[bytes]:
-    data = path.read_bytes()
-    return [data[off:off + n] for _, _, off, n in entries]
-
-
-@pytest.mark.parametrize("how", ["memory", "kernel copy"])
-def test_items_are_what_torch_save_writes(tmp_path, how):
-    f = DistcpFile(tmp_path, 0)
-    for i, t in enumerate(TENSORS):
-        if how == "memory":
-            f.append_tensor(f"k{i}", (0,), t)
-        else:
-            raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-            staged = tmp_path / f"staged{i}"
-            staged.write_bytes(raw + b"zarr pads edge chunks")  # only the chunk's own bytes are copied
-            f.append_copy(f"k{i}", (0,), tuple(t.shape), t.dtype, staged, zlib.crc32(raw))
-    f.finish()
-    for t, item in zip(TENSORS, items(f.path, f.entries)):
+def test_items_are_what_torch_save_writes():
+    for t in TENSORS:
+        item = tensor_item_bytes(t)
         assert item == torch_save_bytes(t)
         assert zipfile.ZipFile(io.BytesIO(item)).testzip() is None  # every CRC-32 right
         assert torch.equal(torch.load(io.BytesIO(item), weights_only=True), t)
 
 
-def test_a_torn_staged_chunk_is_refused(tmp_path):
-    f = DistcpFile(tmp_path, 0)
-    staged = tmp_path / "staged"
-    staged.write_bytes(b"\0" * 10)
-    with pytest.raises(ValueError, match="torn staged chunk"):
-        f.append_copy("k", (0,), (4, 4), torch.float32, staged, 0)
-    f.abort()
-    assert not f.path.exists()
+@pytest.mark.parametrize("mode", [[], ["--no-staging"], ["--workers", "1"], ["--dtype", "fp16"]],
+                         ids=["staged", "direct", "one-worker", "cast"])
+def test_a_conversions_items_are_what_torch_save_writes(tmp_path, mode):
+    """Every tensor item of a real conversion (chunks placed by several threads, framing completed after
+    their bytes) is byte for byte ``torch.save`` of the tensor it holds."""
+    cfg = llama_config(hidden=64, layers=2, heads=4, kv_heads=2, ffn=160, vocab=300)
+    src = make_checkpoint(tmp_path / "hf", cfg, seed=6, shards=2, dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), "--quiet",
+                 "--max-memory", "64KiB", "--distcp-size", "64KiB", *mode]) == 0
+    ckpt = out / "iter_0000000"
+    td = TorchDistSource(ckpt)
+    n = 0
+    for key, meta in td.tensors.items():
+        for c in meta.chunks:
+            item = (ckpt / c.file).read_bytes()[c.offset:c.offset + c.length]
+            assert item == torch_save_bytes(torch.load(io.BytesIO(item), weights_only=True)), key
+            n += 1
+    assert n > 20
 
 
 def test_copy_range_without_copy_file_range(tmp_path, monkeypatch):

@@ -1,40 +1,24 @@
-"""The shard writer: output chunks staged in a Zarr v3 store, then assembled into ``torch_dist`` files.
+"""The Zarr v3 view of a conversion (``--keep-staging``): the whole model in megatron layout.
 
-Staging store (``<megatron-path>/.streamconv/staging.zarr``, zarr-python 3 API): one array per megatron
-key in its global shape, uncompressed (a plain ``bytes`` codec, little-endian), ``write_empty_chunks`` on
-(an all-zero chunk is still a file, so "written" is never confused with "missing"), a regular chunk grid
-on which every plan chunk is a whole number of zarr chunks (the plan's row step; exactly one zarr chunk
-per plan chunk for the plans ``import_plan`` makes). numpy has no bfloat16: bf16 arrays are stored as
-their raw bits in ``uint16`` (fp8 in ``uint8``) and say so in their attributes (``torch_dtype``,
-``encoding``); float32/float16 arrays are stored as such. Every staged chunk's CRC-32 is recorded in the
-journal (``streamconv/resume.py``).
+``<megatron-path>/.streamconv/staging.zarr`` (zarr-python 3 API): one array per megatron key in its global
+shape, uncompressed (a plain ``bytes`` codec, little-endian), ``write_empty_chunks`` on, a regular chunk grid
+on which every plan chunk is exactly one zarr chunk (the plan's row step; ``import_plan``'s row blocks are
+each one chunk, or its leading rows for the last block of an array, which zarr pads to the full chunk
+shape). numpy has no bfloat16: bf16 arrays are stored as their raw bits in ``uint16`` (fp8 in ``uint8``)
+and say so in their attributes (``torch_dtype``, ``encoding``); float32/float16 arrays are stored as such.
 
-Crash safety. zarr writes a chunk to ``<chunk>.<uuid>.partial`` and renames it, without fsync: a kill
-can leave ``.partial`` files (deleted on resume) and a power cut can leave a renamed chunk with missing
-bytes. So a staged chunk counts as committed only when its journal record exists AND its bytes, read
-back, match the recorded CRC-32 (checked on resume and again when the chunk is assembled): a torn or
-corrupted chunk is detected and redone. Staged chunks are not fsynced (they are deleted once assembled,
-and fsyncing them would write every byte to disk twice) except with ``--keep-staging``, where the store
-is kept as a product. What is committed for good is fsynced: each ``.distcp`` (temporary name, fsync,
-rename, folder fsync), the journal record naming it, and ``.metadata``, written last.
-
-Pipeline. The engine's thread stages chunk after chunk (plan order, which is file by file); a background
-thread appends each staged chunk to its ``.distcp`` as soon as it is staged, the bytes copied from the
-chunk file to the ``.distcp`` inside the kernel (``copy_file_range``; the archive framing around them is
-torch's own, see ``torch_dist.DistcpFile``), and drops a file's staged chunks once the file is renamed
-into place. The engine stages at most ``files_ahead`` files beyond the one being assembled, so staged
-chunks live in the page cache for seconds and are deleted before the kernel writes them out: staging
-costs one in-kernel copy of every byte, and disk space for about two ``.distcp`` files. ``--keep-staging``
-keeps the store: then it is a readable zarr of the whole model in megatron layout.
+The torch_dist sink (``torch_dist_sink.py``) writes every chunk's bytes into its ``.distcp`` and, in the
+same pass from the same buffer, into its zarr chunk file here (``open_chunk``/``close_chunk``): one extra
+write per byte, no extra read. A chunk a resumed run did not write (an earlier run did, or it was dropped)
+is copied from its ``.distcp`` at the end (``finish``), and the store is fsynced. Without
+``--keep-staging`` there is no store: the journal (``resume.py``) keeps what resume needs.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
-import threading
 import zlib
 from collections import defaultdict
 from pathlib import Path
@@ -42,12 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamconv import crashpoints, resume
-from streamconv.errors import OutputError, output_error
+from streamconv.errors import UsageError, output_error
 from streamconv.formats.atomic import fsync_dir, fsync_file
-from streamconv.formats.torch_dist import DistcpFile, TornSource, chunks_by_file, commit_checkpoint, distcp_name
+from streamconv.pagecache import copy_range
 
-STORE_NAME = "staging.zarr"
+STORE_NAME = "staging.zarr"  # = resume.STAGING_STORE
 ENCODING_BF16 = "raw bfloat16 bits in uint16: view as bfloat16 (torch: .view(torch.bfloat16); numpy: ml_dtypes)"
 ENCODING_FP8 = "raw float8 bits in uint8: view as the torch_dtype attribute says"
 
@@ -132,6 +115,7 @@ class StagingStore:
         self.path = Path(path)
         self.fsync_chunks = fsync_chunks
         self.raw_layout = sys.byteorder == "little"  # chunk files hold the raw little-endian elements
+        self.written: set[tuple] = set()  # chunks whose bytes this run wrote
         regions: dict[str, list] = defaultdict(list)
         for c in plan.chunks:
             regions[c.key].append((c.offsets, c.sizes))
@@ -236,220 +220,60 @@ class StagingStore:
             n += 1
         return n
 
+    # ------------------------------------------------------------------ the view written beside the .distcp
+
+    def check_raw(self, plan) -> None:
+        """Every chunk must be one zarr chunk file holding its bytes as they are (``raw_file``)."""
+        if not self.raw_layout:
+            raise UsageError("--keep-staging needs a little-endian host (zarr chunks hold raw little-endian bytes)")
+        odd = next((c for c in plan.chunks if self.raw_file(c) is None), None)
+        if odd is not None:
+            raise UsageError(f"--keep-staging: chunk {odd.key} {list(odd.offsets)} is not one zarr chunk")
+
+    def _padded_nbytes(self, chunk) -> int:
+        a = self.arrays[chunk.key]
+        return math.prod(a.chunks) * np.dtype(str(a.dtype)).itemsize
+
+    def open_chunk(self, chunk) -> int:
+        """A descriptor to write ``chunk``'s bytes to, from offset 0 of its zarr chunk file."""
+        path = self.raw_file(chunk)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            raise output_error(path, e) from e
+
+    def close_chunk(self, chunk, fd: int) -> None:
+        """The chunk's bytes are written: pad it to zarr's full chunk shape (zeros: the fill value)."""
+        try:
+            os.ftruncate(fd, self._padded_nbytes(chunk))
+        except OSError as e:
+            raise output_error(self.raw_file(chunk), e) from e
+        finally:
+            os.close(fd)
+        self.written.add((chunk.key, tuple(chunk.offsets)))
+
+    def finish(self, sink) -> None:
+        """Chunks this run did not write are copied from their ``.distcp``; then the store is made durable."""
+        for c in sink.plan.chunks:
+            if (c.key, tuple(c.offsets)) in self.written:
+                continue
+            path, at, n = sink.item_bytes(c)
+            fd = self.open_chunk(c)
+            try:
+                src = os.open(path, os.O_RDONLY)
+                try:
+                    copy_range(src, at, fd, 0, n)
+                finally:
+                    os.close(src)
+            except OSError as e:
+                os.close(fd)
+                raise output_error(self.raw_file(c), e) from e
+            self.close_chunk(c, fd)
+        self.fsync_all()
+
     def fsync_all(self) -> None:
         for dirpath, _, files in os.walk(self.path):
             for f in files:
                 fsync_file(Path(dirpath) / f)
             fsync_dir(Path(dirpath))
-
-
-# --------------------------------------------------------------------------- the sink
-
-class _Stopped(Exception):
-    pass
-
-
-class StagedSink:
-    """The engine's sink for hf2mcore with staging: stage, assemble ``.distcp`` files, ``.metadata`` last.
-
-    Built on a ``resume.Journal``: records from an earlier run of the same conversion are replayed, every
-    staged chunk they name is checked against its CRC-32, and ``skip(chunk)`` tells the engine what is
-    already done. ``report`` counts what was resumed and what was redone.
-    """
-
-    def __init__(self, ckpt: Path, plan, journal, *, keep_staging: bool = False, extra_state=None,
-                 files_ahead: int = 1):
-        self.ckpt = Path(ckpt)
-        self.plan = plan
-        self.journal = journal
-        self.keep_staging = keep_staging
-        self.extra_state = extra_state
-        self.files_ahead = files_ahead
-        self.by_file = chunks_by_file(plan)
-        self.crc: dict[tuple, int] = {}  # staged and verified chunks
-        self.assembled: dict[int, list] = {}  # file -> [(key, offsets, offset, length)]
-        self.report = {"chunks_verified": 0, "chunks_redone": 0, "files_resumed": 0, "partials_removed": 0}
-        self._cond = threading.Condition()
-        self._error: BaseException | None = None
-        self._stop = False
-        crashpoints.started()
-        self.report["partials_removed"] += resume.clean_leftovers(self.ckpt)
-        self.store = StagingStore(journal.dir / STORE_NAME, plan, fsync_chunks=keep_staging)
-        self.report["partials_removed"] += self.store.clean_partials()
-        self._replay()
-        self._todo = [f for f in sorted(self.by_file) if f not in self.assembled]  # files left to assemble
-        self._assembling = self._todo[0] if self._todo else None
-        self._thread = threading.Thread(target=self._assembler, name="streamconv-assemble", daemon=True)
-        self._thread.start()
-
-    @property
-    def reserved_memory(self) -> int:
-        """Held outside the engine's chunks: a chunk read back by the assembler, for chunks that are not
-        whole chunk files (none in ``import_plan``'s plans: those are copied file to file)."""
-        return max((c.nbytes for c in self.plan.chunks if self.store.raw_file(c) is None), default=0)
-
-    def write_overhead(self, chunk) -> int:
-        """What ``write`` allocates: zarr's copy of the chunk on its way to the file."""
-        return chunk.nbytes
-
-    @staticmethod
-    def _id(chunk) -> tuple:
-        return chunk.key, tuple(chunk.offsets)
-
-    def _dtype(self, chunk) -> torch.dtype:
-        return self.plan.targets[chunk.key].dtype
-
-    # ------------------------------------------------------------------ resume
-
-    def _replay(self) -> None:
-        records = self.journal.records()
-        chunk_recs = {(r["key"], tuple(r["offsets"])): r["crc32"] for r in records if r["t"] == "chunk"}
-        self.assembled = resume.committed_files(records, self.ckpt, self.by_file)
-        self.report["files_resumed"] = len(self.assembled)
-        for c in self.plan.chunks:
-            cid = self._id(c)
-            if c.file in self.assembled or cid not in chunk_recs:
-                continue
-            if self.store.checksum(c, self._dtype(c)) == chunk_recs[cid]:
-                self.crc[cid] = chunk_recs[cid]
-                self.report["chunks_verified"] += 1
-            else:  # torn, corrupted or dropped: do it again
-                self.report["chunks_redone"] += 1
-
-    def skip(self, chunk) -> bool:
-        return chunk.file in self.assembled or self._id(chunk) in self.crc
-
-    # ------------------------------------------------------------------ staging (engine thread)
-
-    def write(self, chunk, tensor: torch.Tensor) -> None:
-        with self._cond:  # back-pressure: stage at most ``files_ahead`` files beyond the one being assembled
-            while (self._error is None and self._assembling is not None
-                   and chunk.file > self._assembling + self.files_ahead):
-                self._cond.wait()
-        self._check()
-        crashpoints.slow(0.5)
-        crc = self.store.write(chunk, tensor)
-        crashpoints.slow(0.5)
-        self.journal.append({"t": "chunk", "key": chunk.key, "offsets": list(chunk.offsets), "crc32": crc})
-        with self._cond:
-            self.crc[self._id(chunk)] = crc
-            self._cond.notify_all()
-        crashpoints.pause("staged")
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    # ------------------------------------------------------------------ assembly (background thread)
-
-    def _assembler(self) -> None:
-        """Files in plan order; each chunk appended as soon as it is staged, so the staged chunks of a
-        file live only until that file is renamed into place."""
-        try:
-            for f in self._todo:
-                with self._cond:
-                    self._assembling = f
-                    self._cond.notify_all()
-                self._assemble(f)
-        except _Stopped:
-            pass
-        except BaseException as e:  # reported to the engine thread at its next write/close
-            self._error = e
-        finally:
-            with self._cond:
-                self._assembling = None
-                self._cond.notify_all()
-
-    def _wait_staged(self, c) -> None:
-        cid = self._id(c)
-        with self._cond:
-            while cid not in self.crc:
-                if self._stop:
-                    raise _Stopped
-                self._cond.wait()
-
-    def _assemble(self, f: int) -> None:
-        out = DistcpFile(self.ckpt, f)
-        try:
-            for c in self.by_file[f]:
-                self._wait_staged(c)
-                if self._stop:
-                    raise _Stopped
-                self._append(out, c)
-                crashpoints.pause("assemble")
-            out.finish()
-        except BaseException:
-            out.abort()
-            raise
-        self.journal.append(resume.file_record(f, out.path, out.entries), sync=True)
-        with self._cond:
-            self.assembled[f] = out.entries
-        if not self.keep_staging:
-            for c in self.by_file[f]:
-                self.store.drop(c)
-
-    def _append(self, out: DistcpFile, c) -> None:
-        """Append a staged chunk to ``out``: copied file to file by the kernel when its chunk file holds it
-        as is, else read back. Not checksummed again: a chunk staged by this process is what it wrote
-        (through the page cache); one staged by an earlier run was checked by ``_replay``."""
-        try:
-            raw = self.store.raw_file(c)
-            if raw is None:
-                out.append_tensor(c.key, tuple(c.offsets), self.store.read(c, self._dtype(c)))
-            else:
-                out.append_copy(c.key, tuple(c.offsets), c.sizes, self._dtype(c), raw, self.crc[self._id(c)])
-        except (StagedChunkMissing, FileNotFoundError, TornSource, ValueError) as e:
-            raise OutputError(f"{e}: staged chunk of {c.key} at {list(c.offsets)} is missing or torn; run the "
-                              "same command again to redo it") from None
-
-    # ------------------------------------------------------------------ commit
-
-    def _wait_assembled(self) -> None:
-        unstaged = [c for c in self.plan.chunks if c.file not in self.assembled and self._id(c) not in self.crc]
-        if unstaged:  # the engine is done: nothing else will stage them
-            self._shutdown()
-            raise RuntimeError(f"{len(unstaged)} chunks were never staged, first {unstaged[0].key} "
-                               f"{list(unstaged[0].offsets)}")
-        self._thread.join()
-        self._check()
-        missing = [f for f in self.by_file if f not in self.assembled]
-        if missing:
-            raise RuntimeError(f"files {missing} were never assembled")
-
-    def close(self) -> None:
-        """Wait for assembly; objects and common state; ``.metadata`` last (the commit)."""
-        self._wait_assembled()
-        self._shutdown()
-        if self.keep_staging:
-            self._refill_staging()
-            self.store.fsync_all()
-        else:
-            shutil.rmtree(self.store.path, ignore_errors=True)
-        commit_checkpoint(self.ckpt, self.plan, self.by_file, self.assembled, self.extra_state)
-        self.journal.append({"t": "done"}, sync=True)
-        self.journal.close()
-
-    def _refill_staging(self) -> None:
-        """``--keep-staging`` on a resumed run: chunks an earlier run dropped are read back from the ``.distcp``."""
-        import io
-
-        for f, entries in self.assembled.items():
-            path = self.ckpt / distcp_name(f)
-            with open(path, "rb") as fh:
-                for c, (_, _, off, n) in zip(self.by_file[f], entries):
-                    if all(p.is_file() for p in self.store.chunk_paths(c)):
-                        continue
-                    fh.seek(off)
-                    t = torch.load(io.BytesIO(fh.read(n)), map_location="cpu", weights_only=True)
-                    self.store.write(c, t)
-
-    def _shutdown(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        self._thread.join()
-
-    def abort(self) -> None:
-        """Stop the assembler (a ``.partial`` file may stay: the next run deletes it); state stays resumable."""
-        self._shutdown()
-        self.journal.close()

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from streamconv import crashpoints, resume
+from streamconv import crashpoints
+from streamconv.checksum import crc32
 from streamconv.errors import output_error
 from streamconv.formats.atomic import commit, fsync_dir, fsync_write
-from streamconv.pagecache import WriteBehind, copy_range
 
 METADATA_JSON = {
     "sharded_backend": "torch_dist",
@@ -62,40 +62,72 @@ def object_item_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-class _Framed:
-    """The file object ``torch.save`` writes one tensor item to, under ``torch.serialization.skip_data``.
+class _Recorder:
+    """The file object ``torch.save`` writes a tensor item to under ``torch.serialization.skip_data``: it
+    keeps what torch writes and where, and the one seek over the storage's bytes (torch's documented way of
+    leaving them to "a separate pass")."""
 
-    With ``skip_data`` torch writes the archive's records and, where the storage's bytes belong, seeks
-    over them (its documented way of leaving them to "a separate pass"). That seek is where ``fill(n)``
-    writes them, straight into the file. ``error`` keeps the error (a failed write, a torn source) that
-    torch turns into a RuntimeError of its own.
-    """
-
-    def __init__(self, f, fill):
-        self.f, self.fill = f, fill
-        self.error: BaseException | None = None
-        self.data_end: int | None = None  # where the storage's bytes end
+    def __init__(self):
+        self.parts: list[tuple[int, bytes]] = []
+        self.pos = 0
+        self.hole: tuple[int, int] | None = None  # (offset, length) of the storage's bytes
 
     def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
+        self.parts.append((self.pos, bytes(data)))
+        self.pos += len(data)
+        return len(data)
 
     def seek(self, n: int, whence: int = os.SEEK_SET) -> int:
-        if whence != os.SEEK_CUR or self.data_end is not None:
-            raise io.UnsupportedOperation("a tensor item has one storage, filled in place")
-        try:
-            self.fill(n)
-        except BaseException as e:
-            self.error = e
-            raise
-        self.data_end = self.f.tell()
-        return self.data_end
+        if whence != os.SEEK_CUR or self.hole is not None:
+            raise io.UnsupportedOperation("a tensor item has one storage")
+        self.hole = (self.pos, n)
+        self.pos += n
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
 
     def flush(self) -> None:
-        self.f.flush()
+        pass
+
+
+class _Holed(io.RawIOBase):
+    """``prefix + <hole of n bytes> + suffix`` as a seekable file, for zipfile (which never reads the hole)."""
+
+    def __init__(self, prefix: bytes, n: int, suffix: bytes):
+        self.prefix, self.n, self.suffix, self.pos = prefix, n, suffix, 0
+        self.length = len(prefix) + n + len(suffix)
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, pos, whence=0):
+        self.pos = {0: pos, 1: self.pos + pos, 2: self.length + pos}[whence]
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+    def readinto(self, b):
+        out = bytearray()
+        end = min(self.length, self.pos + len(b))
+        p = self.pos
+        while p < end:
+            if p < len(self.prefix):
+                piece = self.prefix[p:end]
+            elif p < len(self.prefix) + self.n:
+                piece = bytes(min(end, len(self.prefix) + self.n) - p)
+            else:
+                q = p - len(self.prefix) - self.n
+                piece = self.suffix[q:q + end - p]
+            out += piece
+            p += len(piece)
+        b[:len(out)] = out
+        self.pos = end
+        return len(out)
 
 
 _CRC = struct.Struct("<I")
@@ -107,47 +139,104 @@ def _hash_combine(seed: int, value: int) -> int:
     return (seed ^ ((value + 0x9E3779B9 + ((seed << 6) & _U64) + (seed >> 2)) & _U64)) & _U64
 
 
-def _complete_item(fd: int, start: int, end: int, crc: int) -> None:
-    """Make the archive at ``[start, end)``, framed under ``skip_data``, byte for byte what a plain
-    ``torch.save`` writes: the storage record's CRC-32 (``crc``) goes into its data descriptor and central
-    directory entry, and ``.data/serialization_id`` (its last 20 digits fold every record's CRC-32) is
-    recomputed with it, along with its own CRC-32. (An empty storage has no data descriptor: nothing to do.)"""
-    from streamconv.formats.torch_dist_reader import FileSlice
+class ItemFrame:
+    """The archive ``torch.save(tensor)`` writes for one tensor of ``sizes``/``dtype``, around its bytes.
 
-    z = zipfile.ZipFile(FileSlice(fd, start, end - start))
-    cd_at = start + z.start_dir  # central directory entries follow each other in infolist order
-    combined = 0
-    for info in z.infolist():
-        name_len, extra_len = struct.unpack("<HH", os.pread(fd, 4, start + info.header_offset + 26))
-        data_at = start + info.header_offset + 30 + name_len + extra_len
-        record_crc = info.CRC
-        if info.filename.endswith("/data/0"):
-            record_crc = crc
-        elif info.filename.endswith("/.data/serialization_id"):
-            sid = os.pread(fd, info.file_size, data_at)
-            new = sid[:-20] + b"%020d" % combined
-            if len(new) != len(sid):
-                raise ValueError(f"unexpected serialization id {sid!r}")
-            os.pwrite(fd, new, data_at)
-            record_crc = zlib.crc32(new)
-        if record_crc != info.CRC:
-            if os.pread(fd, 4, data_at + info.file_size) != b"PK\x07\x08":
-                raise ValueError(f"torch.save wrote no data descriptor after {info.filename}")
-            os.pwrite(fd, _CRC.pack(record_crc), data_at + info.file_size + 4)
-            os.pwrite(fd, _CRC.pack(record_crc), cd_at + 16)
-        if info.flag_bits & 0x08 and not info.filename.endswith("/.data/serialization_id"):
-            combined = _hash_combine(combined, record_crc)  # torch folds the CRC of each data descriptor
-        cd_at += 46 + len(info.orig_filename.encode()) + len(info.extra) + len(info.comment)
+    An item is ``prefix + <the tensor's bytes> + suffix(crc)``, byte for byte what ``torch.save`` writes:
+    the prefix is fixed by shape and dtype; the suffix holds the storage record's CRC-32 (in its data
+    descriptor and central directory entry) and ``.data/serialization_id``, whose last 20 digits fold every
+    record's CRC-32 (and which has a CRC-32 of its own). So where every item of a ``.distcp`` file lies is
+    known from the plan alone, before a byte is read; the CRC-32 completes an item once its bytes are written.
+    """
+
+    def __init__(self, sizes, dtype: torch.dtype):
+        like = torch.empty(tuple(sizes), dtype=dtype)  # torch.save reads shape, dtype, storage size only
+        rec = _Recorder()
+        with torch.serialization.skip_data():
+            torch.save(like, rec)
+        self.nbytes = like.numel() * like.element_size()
+        hole_at, hole_len = rec.hole if rec.hole is not None else (rec.pos, 0)
+        if hole_len != self.nbytes:
+            raise ValueError(f"torch.save framed {hole_len} storage bytes for a {self.nbytes}-byte tensor")
+        self.prefix = b"".join(d for p, d in rec.parts if p < hole_at)
+        suffix = bytearray(b"".join(d for p, d in rec.parts if p >= hole_at))
+        self._patches: list[tuple[str, int]] = []  # ("data"|"sid", offset in suffix) of a CRC-32 field
+        self._folded: list[int | None] = []  # each data-descriptor record's CRC (None: the storage's)
+        self._sid: tuple[int, int] | None = None  # (offset, length) of the serialization id in suffix
+        base = len(self.prefix) + self.nbytes
+        item = _Holed(self.prefix, self.nbytes, bytes(suffix))
+        z = zipfile.ZipFile(item)
+        cd_at = z.start_dir
+        for info in z.infolist():
+            item.seek(info.header_offset + 26)
+            name_len, extra_len = struct.unpack("<HH", item.read(4))
+            data_at = info.header_offset + 30 + name_len + extra_len  # in the whole item
+            is_data = info.filename.endswith("/data/0")
+            is_sid = info.filename.endswith("/.data/serialization_id")
+            if self.nbytes == 0:  # an empty storage: torch.save wrote the real archive, nothing to complete
+                break
+            if is_data or is_sid:
+                if not info.flag_bits & 0x08:
+                    raise ValueError(f"torch.save wrote no data descriptor after {info.filename}")
+                dd = data_at + info.file_size - base  # the data descriptor, in suffix
+                if bytes(suffix[dd:dd + 4]) != b"PK\x07\x08":
+                    raise ValueError(f"torch.save wrote no data descriptor after {info.filename}")
+                kind = "data" if is_data else "sid"
+                self._patches += [(kind, dd + 4), (kind, cd_at - base + 16)]
+                if is_sid:
+                    self._sid = (data_at - base, info.file_size)
+            if info.flag_bits & 0x08 and not is_sid:
+                self._folded.append(None if is_data else info.CRC)
+            cd_at += 46 + len(info.orig_filename.encode()) + len(info.extra) + len(info.comment)
+        if self.nbytes and not any(k == "data" for k, _ in self._patches):
+            raise ValueError("torch.save wrote no storage record")
+        self._suffix = bytes(suffix)
+        self.length = len(self.prefix) + self.nbytes + len(self._suffix)
+
+    def suffix(self, crc: int) -> bytes:
+        """The bytes after the tensor's, for a tensor whose bytes have CRC-32 ``crc``."""
+        if not self._patches:  # an empty storage: no record to complete
+            return self._suffix
+        out = bytearray(self._suffix)
+        crcs = {"data": crc}
+        if self._sid is not None:
+            combined = 0
+            for c in self._folded:
+                combined = _hash_combine(combined, crc if c is None else c)
+            at, n = self._sid
+            sid = bytes(out[at:at + n - 20]) + b"%020d" % combined
+            if len(sid) != n:
+                raise ValueError(f"unexpected serialization id {bytes(out[at:at + n])!r}")
+            out[at:at + n] = sid
+            crcs["sid"] = zlib.crc32(sid)
+        for kind, at in self._patches:
+            out[at:at + 4] = _CRC.pack(crcs[kind])
+        return bytes(out)
+
+
+_frames: dict[tuple, ItemFrame] = {}
+
+
+def frame_for(sizes, dtype: torch.dtype) -> ItemFrame:
+    """The ``ItemFrame`` of a tensor of ``sizes``/``dtype`` (cached: chunks of a kind share their shape)."""
+    key = (tuple(sizes), dtype)
+    f = _frames.get(key)
+    if f is None:
+        f = _frames.setdefault(key, ItemFrame(sizes, dtype))
+    return f
+
+
+def tensor_item_bytes(tensor: torch.Tensor) -> bytes:
+    """One tensor item, byte for byte ``torch.save(tensor)`` (for small tensors held in memory)."""
+    tensor = standalone(tensor)
+    data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    frame = frame_for(tensor.shape, tensor.dtype)
+    return frame.prefix + data + frame.suffix(crc32(data))
 
 
 class DistcpFile:
-    """One ``.distcp`` file being appended to; ``finish()`` makes it appear under its final name.
-
-    A tensor item is the archive ``torch.save(tensor)`` writes (same records, names, alignment, CRC-32s),
-    framed by torch under ``skip_data`` while its storage's bytes are written here: from memory
-    (``append_tensor``) or copied inside the kernel from a staged chunk file (``append_copy``). Appended
-    bytes are written behind (``pagecache.WriteBehind``): the page cache holds about two items.
-    """
+    """A small ``.distcp`` file built by appending whole items (the objects file); ``finish()`` makes it
+    appear under its final name (temporary name, fsync, rename)."""
 
     def __init__(self, folder: Path, file: int):
         self.file = file
@@ -155,69 +244,18 @@ class DistcpFile:
         self.path = folder / self.name
         self.tmp = folder / (self.name + ".partial")
         try:
-            self.f = open(self.tmp, "w+b")  # read too: an item's CRC-32 is patched after reading its directory
+            self.f = open(self.tmp, "wb")
         except OSError as e:
             raise output_error(self.tmp, e) from e
-        self.behind = WriteBehind(self.f.fileno())
         self.entries: list[tuple[str, tuple[int, ...] | None, int, int]] = []  # key, offsets, offset, length
 
     def append(self, key: str, offsets: tuple[int, ...] | None, data: bytes | memoryview) -> None:
         try:
             pos = self.f.tell()
             self.f.write(data)
-            self._written()
         except OSError as e:
             raise output_error(self.tmp, e) from e
         self.entries.append((key, offsets, pos, len(data)))
-
-    def append_tensor(self, key: str, offsets: tuple[int, ...], tensor: torch.Tensor) -> None:
-        """One tensor item, its bytes written from ``tensor``'s memory."""
-        tensor = standalone(tensor)
-        data = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
-        self._append_item(key, offsets, tensor, lambda n: self.f.write(memoryview(data)), zlib.crc32(data))
-
-    def append_copy(self, key: str, offsets: tuple[int, ...], sizes, dtype: torch.dtype, src: Path, crc: int) -> None:
-        """One tensor item of ``sizes``/``dtype``, its bytes copied from the start of file ``src`` (whose
-        CRC-32 is ``crc``) by the kernel."""
-        def fill(n: int) -> None:
-            self.f.flush()
-            pos = self.f.tell()
-            fd = os.open(src, os.O_RDONLY)
-            try:
-                got = copy_range(fd, 0, self.f.fileno(), pos, n)
-            finally:
-                os.close(fd)
-            if got != n:
-                raise TornSource(f"{src}: torn staged chunk ({got} of {n} bytes)")
-            self.f.seek(pos + n)
-
-        # torch.save only reads this tensor's shape, dtype and storage size: its memory is never touched
-        like = torch.empty(tuple(sizes), dtype=dtype)
-        self._append_item(key, offsets, like, fill, crc)
-
-    def _append_item(self, key, offsets, tensor: torch.Tensor, fill, crc: int) -> None:
-        framed = _Framed(self.f, fill)
-        try:
-            pos = self.f.tell()
-            with torch.serialization.skip_data():
-                torch.save(tensor, framed)
-            self.f.flush()
-            end = self.f.tell()
-            _complete_item(self.f.fileno(), pos, end, crc)
-            self._written()
-        except OSError as e:
-            raise output_error(self.tmp, e) from e
-        except RuntimeError:  # torch.save reports a failed write (disk full) as its own RuntimeError
-            if isinstance(framed.error, OSError):
-                raise output_error(self.tmp, framed.error) from framed.error
-            if framed.error is not None:
-                raise framed.error from None
-            raise
-        self.entries.append((key, offsets, pos, end - pos))
-
-    def _written(self) -> None:
-        self.f.flush()
-        self.behind.wrote(self.f.tell())
 
     def finish(self) -> None:
         commit(self.f, self.tmp, self.path, drop_cache=True)
@@ -229,10 +267,6 @@ class DistcpFile:
             self.f.close()
         except OSError:
             pass
-
-
-class TornSource(ValueError):
-    """A staged chunk file shorter than its chunk."""
 
 
 def build_metadata(targets, chunks_by_key, objects, storage):
@@ -324,65 +358,3 @@ def chunks_by_file(plan) -> dict[int, list]:
     for c in plan.chunks:
         out.setdefault(c.file, []).append(c)
     return out
-
-
-class TorchDistSink:
-    """The engine's sink for hf2mcore without staging: chunks (in plan order) -> ``.distcp`` files ->
-    ``.metadata``. With a ``resume.Journal``, each committed file is journaled and a re-run skips the files
-    an earlier run committed (the file being written when it was killed is redone).
-
-    ``extra_state`` is the object every ``_extra_state`` key holds (megatron's local linear layers
-    save ``None``).
-    """
-
-    def __init__(self, folder: Path, plan, extra_state=None, journal=None):
-        self.folder = Path(folder)
-        self.plan = plan
-        self.extra_state = extra_state
-        self.journal = journal
-        self.by_file = chunks_by_file(plan)
-        self.current: DistcpFile | None = None
-        self.entries: dict[int, list] = {}
-        self.report = {"files_resumed": 0, "partials_removed": 0}
-        if journal is not None:
-            crashpoints.started()
-            self.report["partials_removed"] = resume.clean_leftovers(self.folder)
-            self.entries = resume.committed_files(journal.records(), self.folder, self.by_file)
-            self.report["files_resumed"] = len(self.entries)
-
-    def skip(self, chunk) -> bool:
-        return chunk.file in self.entries
-
-    def write(self, chunk, tensor: torch.Tensor) -> None:
-        crashpoints.slow(1.0)
-        if self.current is None or self.current.file != chunk.file:
-            self._finish_current()
-            self.current = DistcpFile(self.folder, chunk.file)
-        self.current.append_tensor(chunk.key, chunk.offsets, tensor)
-        crashpoints.pause("assemble")
-
-    def _finish_current(self) -> None:
-        if self.current is not None:
-            done = self.current
-            done.finish()
-            self.current = None
-            self.entries[done.file] = done.entries
-            if self.journal is not None:
-                self.journal.append(resume.file_record(done.file, done.path, done.entries), sync=True)
-
-    def close(self) -> None:
-        """Objects, common state, then ``.metadata`` last."""
-        self._finish_current()
-        missing = [f for f in self.by_file if f not in self.entries]
-        if missing:
-            raise RuntimeError(f"files {missing} were never written")
-        commit_checkpoint(self.folder, self.plan, self.by_file, self.entries, self.extra_state)
-        if self.journal is not None:
-            self.journal.append({"t": "done"}, sync=True)
-            self.journal.close()
-
-    def abort(self) -> None:
-        if self.current is not None:
-            self.current.abort()
-        if self.journal is not None:
-            self.journal.close()

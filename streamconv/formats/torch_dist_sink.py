@@ -1,0 +1,251 @@
+"""The hf2mcore sink: every chunk written once, in its final place in its ``.distcp`` file.
+
+Where each item lies is fixed by the plan before any byte is read: items follow each other in plan order,
+and an item is ``ItemFrame.prefix + <chunk bytes> + ItemFrame.suffix(crc)`` (torch.save's own archive,
+``torch_dist.ItemFrame``). So ``place(chunk)`` says where a chunk's bytes go, the engine writes them there
+(on any of its threads, in any order), and ``placed(chunk, placement, crc)`` completes the item: the
+framing around the bytes, a journal record with the CRC-32, and, once a file has all its chunks, its
+commit (fsync, rename from ``.partial``, a journal record, fsync). ``write(chunk, tensor)`` does the same
+from a tensor in memory (the buffered engine path: --device cuda, other sources). After the last file:
+the objects file, the common files, then ``.metadata`` (``torch_dist.commit_checkpoint``).
+
+Resume (``resume.Journal``). With ``chunk_journal`` (the default, "staged" mode), each chunk's record is
+its commit: a re-run keeps every committed file and, in each ``.partial`` file left by the killed run,
+every chunk whose bytes still have the recorded CRC-32 (read back and checked once; its framing is written
+again), and redoes the rest. Without it (``--no-staging``), whole files are kept and ``.partial`` files
+are redone. The output is byte for byte the same in both modes, resumed or not.
+
+``view`` (``--keep-staging``): a ``staging.StagingStore`` that receives every chunk's bytes too, in the
+same pass: a Zarr v3 view of the model in megatron layout.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from streamconv import crashpoints, pagecache, resume
+from streamconv.checksum import crc32
+from streamconv.copier import Placement
+from streamconv.errors import output_error
+from streamconv.formats.atomic import fsync_dir
+from streamconv.formats.torch_dist import chunks_by_file, commit_checkpoint, distcp_name, frame_for, standalone
+
+VERIFY_PIECE = 4 << 20
+
+
+def layout(plan) -> tuple[dict[tuple, tuple[int, int]], dict[int, int], dict[int, list]]:
+    """Where every chunk's item lies: ``{(key, offsets): (item offset, data offset)}``, each file's size, and
+    each file's items ``[(key, offsets, offset, length)]`` in plan order (what ``.metadata`` records)."""
+    slots, sizes, entries = {}, {}, {}
+    for c in plan.chunks:
+        frame = frame_for(c.sizes, plan.targets[c.key].dtype)
+        at = sizes.get(c.file, 0)
+        slots[(c.key, tuple(c.offsets))] = (at, at + len(frame.prefix))
+        entries.setdefault(c.file, []).append((c.key, tuple(c.offsets), at, frame.length))
+        sizes[c.file] = at + frame.length
+    return slots, sizes, entries
+
+
+def _pwrite(fd: int, data, at: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
+
+
+class _Open:
+    """A ``.distcp`` being written under its temporary name."""
+
+    def __init__(self, folder: Path, file: int, size: int, fresh: bool):
+        self.file = file
+        self.path = folder / distcp_name(file)
+        self.tmp = folder / (distcp_name(file) + ".partial")
+        try:
+            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+            self.fd = os.open(self.tmp, flags | (os.O_TRUNC if fresh else 0), 0o644)
+            os.ftruncate(self.fd, size)  # every item has its place: a hole until written
+        except OSError as e:
+            raise output_error(self.tmp, e) from e
+
+    def commit(self) -> None:
+        try:
+            os.fsync(self.fd)
+            pagecache.drop(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.tmp, self.path)
+            fsync_dir(self.path.parent)
+        except OSError as e:
+            raise output_error(self.path, e) from e
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class TorchDistSink:
+    def __init__(self, ckpt: Path, plan, journal, *, chunk_journal: bool = True, view=None, extra_state=None):
+        self.ckpt = Path(ckpt)
+        self.plan = plan
+        self.journal = journal
+        self.chunk_journal = chunk_journal
+        self.view = view
+        self.extra_state = extra_state
+        self.by_file = chunks_by_file(plan)
+        self.slots, self.sizes, self.entries = layout(plan)
+        self.report = {"files_resumed": 0, "chunks_verified": 0, "chunks_redone": 0, "partials_removed": 0}
+        self.done: set[tuple] = set()  # chunks whose items are complete in a ``.partial`` file
+        self.committed: dict[int, list] = {}  # files under their final name
+        self._open: dict[int, _Open] = {}
+        self._left: dict[int, int] = {}  # chunks still to come per file
+        self._lock = threading.Lock()
+        crashpoints.started()
+        records = journal.records()
+        self.committed = resume.committed_files(records, self.ckpt, self.by_file)
+        self.report["files_resumed"] = len(self.committed)
+        keep = set()
+        if chunk_journal:
+            keep = {distcp_name(f) + ".partial" for f in self.by_file if f not in self.committed}
+        self.report["partials_removed"] = resume.clean_leftovers(self.ckpt, keep=keep)
+        for f, chunks in self.by_file.items():
+            if f not in self.committed:
+                self._left[f] = len(chunks)
+        if chunk_journal:
+            self._resume_partials(records)
+
+    # ------------------------------------------------------------------ resume
+
+    def _resume_partials(self, records) -> None:
+        """Keep the chunks of each ``.partial`` file whose bytes still have their recorded CRC-32."""
+        recs = {(r["key"], tuple(r["offsets"])): r["crc32"] for r in records if r.get("t") == "chunk"}
+        for f in list(self._left):
+            tmp = self.ckpt / (distcp_name(f) + ".partial")
+            if not tmp.is_file() or tmp.is_symlink():
+                continue
+            if tmp.stat().st_size != self.sizes[f]:
+                tmp.unlink()
+                self.report["partials_removed"] += 1
+                continue
+            opened = self._file(f, fresh=False)
+            for c in self.by_file[f]:
+                cid = (c.key, tuple(c.offsets))
+                if cid not in recs:
+                    continue
+                if self._crc_on_disk(opened.fd, self.slots[cid][1], c.nbytes) == recs[cid]:
+                    self._complete(c, opened.fd, recs[cid])  # its framing, again: cheap, and never torn
+                    self.done.add(cid)
+                    self._left[f] -= 1
+                    self.report["chunks_verified"] += 1
+                else:  # torn, corrupted or never written: done again
+                    self.report["chunks_redone"] += 1
+            if self._left[f] == 0:
+                self._commit_file(f)
+
+    @staticmethod
+    def _crc_on_disk(fd: int, at: int, n: int) -> int:
+        crc, done = 0, 0
+        while done < n:
+            data = os.pread(fd, min(VERIFY_PIECE, n - done), at + done)
+            if not data:
+                return -1
+            crc = crc32(data, crc)
+            done += len(data)
+        pagecache.drop(fd, at, n)
+        return crc
+
+    def skip(self, chunk) -> bool:
+        return chunk.file in self.committed or (chunk.key, tuple(chunk.offsets)) in self.done
+
+    # ------------------------------------------------------------------ writing (any engine thread)
+
+    def _file(self, f: int, fresh: bool = True) -> _Open:
+        with self._lock:
+            opened = self._open.get(f)
+            if opened is None:
+                opened = self._open[f] = _Open(self.ckpt, f, self.sizes[f], fresh)
+            return opened
+
+    def place(self, chunk) -> Placement:
+        opened = self._file(chunk.file)
+        also = []
+        if self.view is not None:
+            also.append((self.view.open_chunk(chunk), 0))
+        return Placement(opened.fd, self.slots[(chunk.key, tuple(chunk.offsets))][1], opened.tmp, also)
+
+    def placed(self, chunk, place: Placement, crc: int) -> None:
+        """``chunk``'s bytes are at ``place``: complete its item, journal it, commit its file when full."""
+        for fd, _ in place.also:
+            self.view.close_chunk(chunk, fd)
+        self._complete(chunk, place.fd, crc)
+        crashpoints.slow(1.0)
+        if self.chunk_journal:
+            self.journal.append({"t": "chunk", "key": chunk.key, "offsets": list(chunk.offsets), "crc32": crc})
+        crashpoints.pause("chunk")
+        with self._lock:
+            self._left[chunk.file] -= 1
+            full = self._left[chunk.file] == 0
+        if full:
+            self._commit_file(chunk.file)
+
+    def write(self, chunk, tensor: torch.Tensor) -> None:
+        """A chunk held in memory (the buffered engine path)."""
+        t = standalone(tensor)
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        place = self.place(chunk)
+        try:
+            _pwrite(place.fd, data, place.offset)
+            for fd, at in place.also:
+                _pwrite(fd, data, at)
+        except OSError as e:
+            raise output_error(place.path, e) from e
+        self.placed(chunk, place, crc32(data))
+
+    def _complete(self, chunk, fd: int, crc: int) -> None:
+        frame = frame_for(chunk.sizes, self.plan.targets[chunk.key].dtype)
+        item_at, data_at = self.slots[(chunk.key, tuple(chunk.offsets))]
+        try:
+            _pwrite(fd, frame.prefix, item_at)
+            _pwrite(fd, frame.suffix(crc), data_at + frame.nbytes)
+        except OSError as e:
+            raise output_error(self.ckpt / (distcp_name(chunk.file) + ".partial"), e) from e
+
+    def _commit_file(self, f: int) -> None:
+        with self._lock:
+            opened = self._open.pop(f)
+        opened.commit()
+        self.journal.append(resume.file_record(f, opened.path, self.entries[f]), sync=True)
+        with self._lock:
+            self.committed[f] = self.entries[f]
+
+    # ------------------------------------------------------------------ the end
+
+    def close(self) -> None:
+        """Objects, common state, then ``.metadata`` last (the commit)."""
+        missing = [f for f in self.by_file if f not in self.committed]
+        if missing:
+            raise RuntimeError(f"files {missing} were never completed")
+        if self.view is not None:
+            self.view.finish(self)
+        else:
+            resume.drop_staging(self.journal)
+        commit_checkpoint(self.ckpt, self.plan, self.by_file, self.committed, self.extra_state)
+        self.journal.append({"t": "done"}, sync=True)
+        self.journal.close()
+
+    def abort(self) -> None:
+        """Close what is open; ``.partial`` files stay for the next run (which checks them)."""
+        with self._lock:
+            for opened in self._open.values():
+                opened.close()
+            self._open.clear()
+        self.journal.close()
+
+    def item_bytes(self, chunk) -> tuple[Path, int, int]:
+        """Where a committed chunk's bytes are: (file, data offset, length)."""
+        return self.ckpt / distcp_name(chunk.file), self.slots[(chunk.key, tuple(chunk.offsets))][1], chunk.nbytes
+

@@ -150,6 +150,39 @@ class _Stopped(Exception):
     pass
 
 
+class _FileQueue:
+    """Which chunk a worker does next: the next one of the file it is writing, else the first chunk of a
+    file nobody writes yet, else (at the end) the next one of any file. Writers of one file would queue
+    on its inode lock; one file per worker keeps them apart, and each worker's reads sequential."""
+
+    def __init__(self, chunks):
+        self.files: dict[int, list] = {}
+        for c in chunks:
+            self.files.setdefault(c.file, []).append(c)
+        for f in self.files:
+            self.files[f].reverse()  # pop() from the end = plan order
+        self.busy: set[int] = set()
+
+    def next(self, mine):
+        """``(file, chunk)`` for a worker that was writing ``mine``; ``chunk`` None when all are taken."""
+        if mine not in self.files:
+            mine = None
+            free = [f for f in self.files if f not in self.busy]
+            if free:
+                mine = min(free)
+                self.busy.add(mine)
+            elif self.files:
+                mine = min(self.files)  # every file has a writer: help the oldest
+            else:
+                return None, None
+        left = self.files[mine]
+        chunk = left.pop()
+        if not left:
+            del self.files[mine]
+            self.busy.discard(mine)
+        return mine, chunk
+
+
 def run(plan, source, sink, *, max_memory: int, workers: int, progress, skip, stats) -> None:
     """Run ``plan`` on the direct path (see the module docstring); fills ``stats`` (``engine.Stats``)."""
     from streamconv.scatter import FileScatter
@@ -171,14 +204,15 @@ def run(plan, source, sink, *, max_memory: int, workers: int, progress, skip, st
     stop = threading.Event()
     lock = threading.Lock()
     errors: list[BaseException] = []
-    it = iter(todo)
+    queue = _FileQueue(todo)
     crews = [_Worker(source, files, piece) for _ in range(n)]
 
     def work(w: _Worker) -> None:
+        mine = None
         try:
             while not stop.is_set():
                 with lock:
-                    chunk = next(it, None)
+                    mine, chunk = queue.next(mine)
                 if chunk is None:
                     return
                 place = sink.place(chunk)

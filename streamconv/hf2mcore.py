@@ -8,11 +8,9 @@ Output layout, as Megatron-Bridge's import writes it::
 
 from __future__ import annotations
 
-import importlib
 import io
 import resource
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +161,6 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
                                  plan=plan)
         try:
             rss.reset_peak()  # the conversion's own peak, apart from start-up (imports, planning)
-            preload("torch.distributed.checkpoint.filesystem")  # .metadata's classes, for the commit
             with progress:
                 stats = engine.run(plan, source, sink, max_memory=opts.max_memory, workers=opts.workers,
                                    device=opts.device, progress=progress, skip=getattr(sink, "skip", None))
@@ -231,18 +228,6 @@ def write_bridge_files(folder: Path, out: Path, ckpt: Path, spec: ModelSpec, pla
         (ckpt / "tokenizer").mkdir(exist_ok=True)
         for name in present:
             fsync_write(ckpt / "tokenizer" / name, (folder / name).read_bytes())
-
-
-def preload(module: str) -> None:
-    """Import ``module`` on a background thread while the engine runs (torch.distributed.checkpoint takes
-    ~0.7 s to import; the commit at the end needs it). A failure here is left for that import to report."""
-    def load() -> None:
-        try:
-            importlib.import_module(module)
-        except BaseException:
-            pass
-
-    threading.Thread(target=load, name="streamconv-preload", daemon=True).start()
 
 
 def peak_rss() -> int:

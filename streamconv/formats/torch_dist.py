@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 import struct
 import zipfile
 import zlib
@@ -27,6 +26,7 @@ import torch
 from streamconv import crashpoints
 from streamconv.checksum import crc32
 from streamconv.errors import output_error
+from streamconv.formats import dcp_pickle
 from streamconv.formats.atomic import commit, fsync_dir, fsync_write
 
 METADATA_JSON = {
@@ -271,33 +271,10 @@ class DistcpFile:
 
 def build_metadata(targets, chunks_by_key, objects, storage):
     """``targets``: {key: (shape, dtype)}; ``chunks_by_key``: {key: [(offsets, sizes)]};
-    ``objects``: [key]; ``storage``: [(key, offsets|None, relative_path, offset, length)]."""
-    # imported here: torch.distributed.checkpoint costs ~0.8 s to import, and only the commit needs it
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
-                                                       MetadataIndex, StorageMeta, TensorProperties,
-                                                       TensorStorageMetadata)
-
-    sd_meta: dict = {}
-    for key, (shape, dtype) in targets.items():
-        sd_meta[key] = TensorStorageMetadata(
-            properties=TensorProperties(dtype=dtype),
-            size=torch.Size(shape),
-            chunks=[ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s in chunks_by_key[key]],
-        )
-    for key in objects:
-        sd_meta[key] = BytesStorageMetadata()
-    storage_data = {}
-    for key, offsets, rel, off, length in storage:
-        index = MetadataIndex(key, torch.Size(offsets) if offsets is not None else None)
-        storage_data[index] = _StorageInfo(rel, off, length)
-    return Metadata(
-        state_dict_metadata=sd_meta,
-        planner_data=None,
-        storage_data=storage_data,
-        storage_meta=StorageMeta(checkpoint_id=None, save_id=None, load_id=None),
-        version="1.0.0",
-    )
+    ``objects``: [key]; ``storage``: [(key, offsets|None, relative_path, offset, length)]. The ``Metadata``
+    as ``dcp_pickle`` stand-ins (no import of torch.distributed.checkpoint: see that module)."""
+    return dcp_pickle.metadata({k: (shape, str(dtype).removeprefix("torch.")) for k, (shape, dtype) in targets.items()},
+                               chunks_by_key, objects, storage)
 
 
 def write_common_files(folder: Path) -> None:
@@ -310,7 +287,7 @@ def write_common_files(folder: Path) -> None:
 
 def write_metadata(folder: Path, metadata) -> None:
     """``.metadata`` to a temporary name, fsync, rename, fsync the folder: the commit of the checkpoint."""
-    data = pickle.dumps(metadata)
+    data = dcp_pickle.dumps(metadata)
     tmp, path = folder / ".metadata.tmp", folder / ".metadata"
     try:
         with open(tmp, "wb") as fh:

@@ -65,14 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for Megatron-Bridge compatibility; streamconv never runs remote code")
     p.add_argument("--no-staging", action="store_true",
-                   help="write .distcp files directly, without the zarr staging store (faster; resumes whole "
-                        ".distcp files only)")
+                   help="journal whole .distcp files only, not each chunk: a re-run redoes the file a kill "
+                        "interrupted (the output is the same)")
     p.add_argument("--keep-staging", action="store_true",
-                   help="keep the zarr staging store (<megatron-path>/.streamconv/staging.zarr): the whole model "
-                        "in megatron layout, readable with zarr/xarray/tensorstore")
+                   help="also write a zarr v3 view of the model (<megatron-path>/.streamconv/staging.zarr), in "
+                        "megatron layout, readable with zarr/xarray/tensorstore (one more write per byte)")
     p.add_argument("--distcp-size", type=_size, default="512MiB",
-                   help="target size of each .distcp file (default 512MiB; staged chunks of about two files are "
-                        "held in the page cache until their file is written)")
+                   help="target size of each .distcp file (default 512MiB; each --workers thread writes its own "
+                        "file, and a resumed run re-checks the unfinished ones)")
     _add_engine(p)
     _add_common(p)
     p.set_defaults(func=cmd_hf2mcore)

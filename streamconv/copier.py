@@ -243,7 +243,8 @@ def run(plan, source, sink, *, max_memory: int, workers: int, progress, skip, st
     except BaseException:
         stop.set()
         for t in threads:
-            t.join()
+            if t.ident is not None:  # started (a signal may come while they are being started)
+                t.join()
         raise
     finally:
         files.close()

@@ -27,6 +27,7 @@ class RichProgress:
         self.budget = budget
         self.total_chunks = total_chunks
         self.chunks = 0
+        self.kept = 0  # bytes an earlier run did, kept by this one
         self._lock = threading.Lock()
         # chunks still to come per output tensor: a tensor is done when its last chunk is
         self._left: dict[str, int] = {}
@@ -67,11 +68,17 @@ class RichProgress:
             if left is not None:
                 self._left[chunk.key] = left - 1
                 self.tensors += left == 1
+            if skipped:  # kept from an earlier run: not this run's work, so neither its rate nor its ETA
+                self.kept += chunk.nbytes
+                self.progress.update(self.task, total=self.progress.tasks[0].total - chunk.nbytes,
+                                     counts=self._counts(), where=f"{fmt_bytes(self.kept)} kept from the last run")
+                return
             layer = chunk.layer
             where = f"layer {layer}" if layer is not None else chunk.key.split(".")[0]
+            if self.kept:
+                where += f" ({fmt_bytes(self.kept)} kept)"
             self.progress.update(self.task, advance=chunk.nbytes, counts=self._counts(),
-                                 mem=f"{fmt_bytes(in_flight)}/{fmt_bytes(self.budget)}",
-                                 where=where + (" (resumed)" if skipped else ""))
+                                 mem=f"{fmt_bytes(in_flight)}/{fmt_bytes(self.budget)}", where=where)
 
 
 class NullProgress:

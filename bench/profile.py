@@ -1,0 +1,225 @@
+#!/usr/bin/env python
+"""Where a conversion's time goes, against `cp -r` of the same folder: the engine's cost per byte.
+
+    python bench/profile.py [--sizes 3] [--where tmpfs,disk] [--rounds 3] [--workers 4] [--resume] [--small]
+
+Per model size and place (``tmpfs``: source and output in /dev/shm, where ``cp`` is a memcpy and the ratio
+shows the program's own cost per byte; ``disk``: the work folder, source warm in the page cache, every run
+ending with ``sync``), alternating ``cp -r``, ``streamconv hf2mcore`` (default) and ``--no-staging`` for
+``--rounds`` rounds; medians of:
+- wall time of the whole process (start-up included) and the conversion's own ``seconds`` (``--json``:
+  from the resume checks to the commit);
+- CPU seconds per GB (user + sys) of the whole process, and of the conversion alone (``cpu_seconds``);
+- the per-phase seconds the engine reports (``phases``: read, cast, crc, write, complete; summed over
+  its threads).
+``--resume``: a default run SIGKILLed once half its chunks are done (a crash-test hook: it follows progress,
+not the clock), then re-run: the re-run's ``seconds`` against a fresh run's. ``--small``: the Ultra-253B
+block pattern at small width (many small per-layer tensors), default vs ``--no-staging``. ``--startup``: a
+tiny model's whole-process wall time. Outputs of both modes are checked byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c  # noqa: E402
+
+
+def run(cmd, env=None) -> dict:
+    """Run ``cmd``; wall and CPU seconds (user + sys of the child), and its --json summary if any."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if p.returncode != 0:
+        sys.exit(f"failed ({p.returncode}): {' '.join(map(str, cmd))}\n{p.stderr[-2000:]}")
+    out = {"wall": wall, "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)}
+    if p.stdout.strip().startswith("{"):
+        out["summary"] = json.loads(p.stdout)
+    return out
+
+
+def hf2mcore(src: Path, out: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(src), "--megatron-path", str(out),
+            "--overwrite", "--json", *extra]
+
+
+def same_output(a: Path, b: Path) -> bool:
+    a, b = a / "iter_0000000", b / "iter_0000000"
+    names = sorted(p.name for p in a.iterdir() if p.suffix == ".distcp" or p.name == ".metadata")
+    return names == sorted(p.name for p in b.iterdir() if p.suffix == ".distcp" or p.name == ".metadata") and all(
+        filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+
+
+def killed_at_half(src: Path, out: Path, extra, tmp: Path) -> None:
+    """A default run SIGKILLed once half of its chunks are done."""
+    from streamconv.formats.safetensors import SafetensorsSource
+    from streamconv.hf2mcore import build_plan, chunk_bytes_for
+    from streamconv.models.spec import load_config, spec_from_config
+
+    source = SafetensorsSource(src)
+    plan = build_plan(source, spec_from_config(load_config(src)), None, chunk_bytes_for(2 * 1024**3))
+    source.close()
+    marker = tmp / "half"
+    marker.unlink(missing_ok=True)
+    env = {**os.environ, "STREAMCONV_TEST_PAUSE": f"chunk:{len(plan.chunks) // 2}",
+           "STREAMCONV_TEST_PAUSE_FILE": str(marker)}
+    p = subprocess.Popen(hf2mcore(src, out, *extra), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not marker.exists():
+        if p.poll() is not None:
+            sys.exit(f"the run to kill ended first: {p.stderr.read()[-2000:]}")
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
+def phases(results) -> dict:
+    keys = results[0]["summary"].get("phases", {})
+    return {k: round(c.median([r["summary"]["phases"][k] for r in results]), 2) for k in keys}
+
+
+def measure_place(src: Path, work: Path, where: str, rounds: int, extra) -> dict:
+    gb = c.folder_bytes(src) / 1e9
+    sync = where == "disk"
+    rows: dict[str, list] = {"cp -r": [], "default": [], "--no-staging": []}
+    for _ in range(rounds):
+        dst = work / "cp"
+        c.rmtree(dst)
+        rows["cp -r"].append(run(["sh", "-c", f"cp -r '{src}' '{dst}'" + (" && sync" if sync else "")]))
+        c.rmtree(dst)
+        for name, flags in (("default", []), ("--no-staging", ["--no-staging"])):
+            out = work / name.strip("-")
+            c.rmtree(out)
+            r = run(hf2mcore(src, out, *flags, *extra))
+            if sync:
+                subprocess.run(["sync"])
+            rows[name].append(r)
+    assert same_output(work / "default", work / "no-staging"), "the two modes wrote different bytes"
+    cp = c.median([r["wall"] for r in rows["cp -r"]])
+    report = {"gb": round(gb, 3), "where": where, "cp_wall": round(cp, 2), "cp_cpu_per_gb": round(
+        c.median([r["cpu"] for r in rows["cp -r"]]) / gb, 2)}
+    for name in ("default", "--no-staging"):
+        rs = rows[name]
+        seconds = c.median([r["summary"]["seconds"] for r in rs])
+        report[name] = {
+            "wall": round(c.median([r["wall"] for r in rs]), 2),
+            "seconds": round(seconds, 2),
+            "seconds_vs_cp": round(seconds / cp, 2),
+            "wall_vs_cp": round(c.median([r["wall"] for r in rs]) / cp, 2),
+            "cpu_per_gb": round(c.median([r["cpu"] for r in rs]) / gb, 2),
+            "conversion_cpu_per_gb": round(c.median([r["summary"]["cpu_seconds"] for r in rs]) / gb, 2),
+            "phases": phases(rs),
+            "peak_rss_gib": round(max(r["summary"]["peak_rss_bytes"] for r in rs) / c.GiB, 2),
+        }
+    for name in ("default", "--no-staging"):
+        c.rmtree(work / name.strip("-"))
+    return report
+
+
+def measure_resume(src: Path, work: Path, rounds: int, extra) -> dict:
+    fresh, resumed = [], []
+    out = work / "resume"
+    for _ in range(rounds):
+        c.rmtree(out)
+        fresh.append(run(hf2mcore(src, out, *extra))["summary"]["seconds"])
+        c.rmtree(out)
+        killed_at_half(src, out, extra, work)
+        again = run([a for a in hf2mcore(src, out, *extra) if a != "--overwrite"])["summary"]
+        resumed.append(again["seconds"])
+    c.rmtree(out)
+    f, r = c.median(fresh), c.median(resumed)
+    return {"fresh_seconds": round(f, 2), "resumed_seconds": round(r, 2), "ratio": round(r / f, 2)}
+
+
+def measure_small(work: Path, rounds: int, extra) -> dict:
+    from streamconv.synth import make_checkpoint, real_config, scale_config
+
+    import torch
+
+    src = work / "ultra-small"
+    if not (src / "config.json").is_file():
+        make_checkpoint(src, scale_config(real_config("ultra-253b-v1"), hidden=256, heads=16, layers=None,
+                                          vocab=2048), seed=0, dtype=torch.bfloat16, shards=2)
+    times: dict[str, list] = {"default": [], "--no-staging": []}
+    for _ in range(rounds):
+        for name, flags in (("default", []), ("--no-staging", ["--no-staging"])):
+            times[name].append(run(hf2mcore(src, work / "small-out", *flags, *extra))["summary"]["seconds"])
+    c.rmtree(work / "small-out")
+    d, n = c.median(times["default"]), c.median(times["--no-staging"])
+    return {"gb": round(c.folder_bytes(src) / 1e9, 3), "default_seconds": round(d, 2),
+            "no_staging_seconds": round(n, 2), "ratio": round(d / n, 2)}
+
+
+def measure_startup(work: Path, rounds: int) -> dict:
+    from streamconv.synth import llama_config, make_checkpoint
+
+    src = make_checkpoint(work / "tiny", llama_config(), seed=0)
+    walls = [run(hf2mcore(src, work / "tiny-out", "--quiet"))["wall"] for _ in range(rounds)]
+    return {"tiny_wall": round(c.median(walls), 2), "tiny_bytes": c.folder_bytes(src)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="3", help="model sizes in GB (default 3)")
+    ap.add_argument("--where", default="tmpfs,disk", help="tmpfs, disk or both (default)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=None, help="--workers for streamconv (default: its own)")
+    ap.add_argument("--resume", action="store_true", help="also measure a resumed run after a kill at half")
+    ap.add_argument("--small", action="store_true", help="also the Ultra-253B block pattern at small width")
+    ap.add_argument("--startup", action="store_true", help="also a tiny model's wall time")
+    ap.add_argument("--workdir", help="where the disk runs work (default: a temporary folder under /var/tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    extra = ["--workers", str(args.workers)] if args.workers else []
+    disk = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="streamconv-profile-", dir="/var/tmp"))
+    shm = Path(tempfile.mkdtemp(prefix="streamconv-profile-", dir="/dev/shm")) if Path("/dev/shm").is_dir() else None
+    report = {"machine": c.machine(), "places": []}
+    try:
+        for size in [float(s) for s in args.sizes.split(",") if s]:
+            src_disk = c.checkpoint(disk, size)
+            for where in [w for w in args.where.split(",") if w]:
+                if where == "tmpfs":
+                    if shm is None:
+                        continue
+                    src = shm / src_disk.name
+                    if not src.exists():
+                        shutil.copytree(src_disk, src)
+                    work = shm
+                else:
+                    src, work = src_disk, disk
+                place = measure_place(src, work, where, args.rounds, extra)
+                if args.resume:
+                    place["resume"] = measure_resume(src, work, args.rounds, extra)
+                report["places"].append(place)
+                print(json.dumps(place), flush=True)
+                if where == "tmpfs":
+                    c.rmtree(src)
+        if args.small:
+            report["small"] = measure_small(shm or disk, args.rounds, extra)
+            print(json.dumps(report["small"]), flush=True)
+        if args.startup:
+            report["startup"] = measure_startup(shm or disk, args.rounds)
+            print(json.dumps(report["startup"]), flush=True)
+    finally:
+        if shm is not None:
+            c.rmtree(shm)
+    return c.finish(args, report, disk)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

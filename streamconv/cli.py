@@ -24,6 +24,22 @@ INTERRUPT_HINTS = {
 }
 
 
+def engine_workers() -> int:
+    from streamconv.engine import default_workers
+
+    return default_workers()
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of threads: {text!r}") from None
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"--workers {n}: choose 1 to 256 threads")
+    return n
+
+
 def _size(text: str) -> int:
     from streamconv.engine import parse_size
 
@@ -42,7 +58,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", type=_size, default="2GiB",
                    help="bound on the bytes the engine holds in flight (default 2GiB)")
-    p.add_argument("--workers", type=int, default=4, help="reader threads (default 4)")
+    p.add_argument("--workers", type=_workers, default=None,
+                   help="threads that read, convert and write (default: the CPUs this process may use, at most 8)")
     p.add_argument("--device", default="cpu", help="where transforms run: cpu (default) or cuda")
 
 
@@ -132,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_hf2mcore(args) -> int:
     from streamconv.hf2mcore import Options, hf2mcore
 
-    opts = Options(dtype=args.dtype, max_memory=args.max_memory, workers=args.workers, device=args.device,
+    opts = Options(dtype=args.dtype, max_memory=args.max_memory, workers=args.workers or engine_workers(),
+                   device=args.device,
                    overwrite=args.overwrite, allow_unused=args.allow_unused, quiet=args.quiet or args.json,
                    staging=not args.no_staging, keep_staging=args.keep_staging, file_bytes=args.distcp_size)
     if args.no_staging and args.keep_staging:
@@ -149,7 +167,8 @@ def cmd_mcore2hf(args) -> int:
     from streamconv.mcore2hf import Options, mcore2hf
 
     opts = Options(hf_config=args.hf_config, dtype=args.dtype, max_memory=args.max_memory,
-                   max_shard_size=args.max_shard_size, workers=args.workers, device=args.device,
+                   max_shard_size=args.max_shard_size, workers=args.workers or engine_workers(),
+                   device=args.device,
                    overwrite=args.overwrite, quiet=args.quiet or args.json)
     _check_device(args.device)
     summary = mcore2hf(args.megatron_path, args.hf_path, opts)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import math
+import os
 import queue
 import threading
 import time
@@ -36,6 +37,17 @@ from streamconv.memory import Memory
 from streamconv.plan import Chunk, Plan
 
 DEFAULT_MAX_MEMORY = 2 * 1024**3
+
+
+def default_workers() -> int:
+    """One engine thread per CPU this process may use, at most 8: on tmpfs, more threads than cores only
+    contend (measured: 3 GB on 2 CPUs, 2 threads 1.53 s, 4 threads 1.65 s); beyond 8, file systems seldom
+    gain."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
 
 
 @dataclass

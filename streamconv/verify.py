@@ -227,7 +227,8 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = engine.DEFAUL
 
 
 def verify_command(args) -> int:
-    report = verify(args.hf_model, args.megatron_path, max_memory=args.max_memory, workers=args.workers,
+    report = verify(args.hf_model, args.megatron_path, max_memory=args.max_memory,
+                    workers=args.workers or engine.default_workers(),
                     device=args.device, quiet=args.quiet or args.json)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))

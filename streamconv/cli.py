@@ -41,7 +41,7 @@ def _workers(text: str) -> int:
 
 
 def _size(text: str) -> int:
-    from streamconv.engine import parse_size
+    from streamconv.units import parse_size
 
     try:
         return parse_size(text)
@@ -235,24 +235,50 @@ def main(argv: list[str] | None = None) -> int:
         except StreamconvError as e:
             if args.debug:
                 raise
-            print(f"error: {e}", file=sys.stderr)
-            return e.exit_code
+            return _fail(args, f"error: {e}", e.exit_code)
         except KeyboardInterrupt:
             if args.debug:
                 raise
             sig, hint = interrupt.received(), INTERRUPT_HINTS.get(args.command)
-            print(f"error: interrupted by {signal.Signals(sig).name}" + (f"; {hint}" if hint else ""), file=sys.stderr)
-            return 128 + sig
+            return _fail(args, f"error: interrupted by {signal.Signals(sig).name}" + (f"; {hint}" if hint else ""),
+                         128 + sig)
         except OSError as e:  # an I/O error no command turned into a StreamconvError: still one line
             if args.debug:
                 raise
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                print(f"error: {output_error(e.filename, e)}", file=sys.stderr)
-            else:
-                print(f"error: {e.filename or 'I/O error'}: {e.strerror or e}", file=sys.stderr)
-            return EXIT_IO
-        except Exception as e:  # a bug: keep the user's screen clean unless asked
+                return _fail(args, f"error: {output_error(e.filename, e)}", EXIT_IO)
+            return _fail(args, f"error: {e.filename or 'I/O error'}: {e.strerror or e}", EXIT_IO)
+        except MemoryError:
             if args.debug:
                 raise
-            print(f"internal error: {type(e).__name__}: {e} (run again with --debug for a traceback)", file=sys.stderr)
-            return EXIT_INTERNAL
+            return _fail(args, "error: out of memory (a process limit such as ulimit -v, or the host); lower "
+                               "--max-memory and --workers, or raise the limit", EXIT_IO)
+        except RuntimeError as e:
+            if args.debug or "can't start new thread" not in str(e):
+                return _internal(args, e)
+            return _fail(args, "error: cannot start a thread (a process or memory limit such as ulimit -u or -v); "
+                               "lower --workers, or raise the limit", EXIT_IO)
+        except Exception as e:  # a bug: keep the user's screen clean unless asked
+            return _internal(args, e)
+
+
+def _internal(args, e: Exception) -> int:
+    if args.debug:
+        raise e
+    return _fail(args, f"internal error: {type(e).__name__}: {e} (run again with --debug for a traceback)",
+                 EXIT_INTERNAL)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``): a file name from an input can never
+    forge another line or colour the terminal."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _fail(args, line: str, code: int) -> int:
+    """One line on stderr; with ``--json``, also an error object on stdout for scripts."""
+    line = printable(line)
+    print(line, file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": line.split(": ", 1)[-1], "exit_code": code}))
+    return code

@@ -4,11 +4,11 @@ They do nothing unless their environment variable is set (tests/test_resume.py s
 subprocess it kills):
 
 - ``STREAMCONV_TEST_PAUSE=<point>[:<n>]``: the n-th time ``pause(point)`` is reached (default 1), create the
-  file ``STREAMCONV_TEST_PAUSE_FILE`` and sleep until killed. Points (formats/staging.py): ``staged`` (a
-  chunk staged and journaled), ``assemble`` (an item appended to a ``.distcp`` being assembled),
-  ``metadata`` (half of ``.metadata`` written to its temporary file).
-- ``STREAMCONV_TEST_SLOW=<seconds>``: ``slow(f)`` sleeps ``f`` times that (per staged chunk, half before and
-  half after its zarr write), so kills at random moments land in varied places.
+  file ``STREAMCONV_TEST_PAUSE_FILE`` and stop the whole process (SIGSTOP: no other thread goes on) until
+  it is killed. Points: ``chunk`` (a chunk written and journaled, formats/torch_dist_sink.py), ``metadata``
+  (half of ``.metadata`` written to its temporary file).
+- ``STREAMCONV_TEST_SLOW=<seconds>``: ``slow(f)`` sleeps ``f`` times that (per chunk, once it is written),
+  so a test can see a run at work before it signals it.
 - ``STREAMCONV_TEST_STARTED=<file>``: ``started()`` creates that file (when the sink starts, before resuming),
   so a test times its kill from there rather than from the interpreter's start.
 """
@@ -16,6 +16,7 @@ subprocess it kills):
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections import defaultdict
@@ -35,9 +36,10 @@ def pause(point: str) -> None:
     with _lock:
         _counts[point] += 1
         hit = _counts[point] == int(n or 1)
-    if hit:
+    if hit:  # the whole process stops here (every thread), so what the test sees is what a kill leaves
         Path(os.environ["STREAMCONV_TEST_PAUSE_FILE"]).write_text(point)
-        while True:
+        os.kill(os.getpid(), signal.SIGSTOP)
+        while True:  # resumed by SIGCONT instead of killed: stay here
             time.sleep(60)
 
 

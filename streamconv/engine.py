@@ -34,6 +34,7 @@ from streamconv.copier import Phases
 from streamconv.device import CpuStage, make_stage
 from streamconv.errors import UsageError
 from streamconv.memory import Memory
+from streamconv.units import fmt_bytes, parse_size  # noqa: F401  (re-exported: engine.fmt_bytes)
 from streamconv.plan import Chunk, Plan
 
 DEFAULT_MAX_MEMORY = 2 * 1024**3
@@ -278,27 +279,3 @@ def run(plan: Plan, source, sink, *, max_memory: int = DEFAULT_MAX_MEMORY, worke
     stats.peak_in_flight = memory.peak
     stats.seconds = time.perf_counter() - t0
     return stats
-
-
-def fmt_bytes(n: float) -> str:
-    if n < 1024:
-        return f"{int(n)} B"
-    exp = min(int(math.log(n, 1024)), 5)
-    return f"{n / 1024**exp:.1f} {'BKMGTP'[exp]}iB"
-
-
-def parse_size(text: str) -> int:
-    """A size flag -> bytes, read as ``save_pretrained`` reads ``max_shard_size``: ``5GB`` = 5 * 10**9,
-    ``2GiB`` = 2 * 2**30; a bare ``K``/``M``/``G``/``T`` (``1.5G``) is binary too; no unit = bytes."""
-    s = text.strip().upper()
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "B": 1}
-    scale = next((mult for unit, mult in units.items() if s.endswith(unit)), 1)
-    s = next((s[: -len(unit)] for unit in units if s.endswith(unit)), s)
-    try:
-        value = float(s)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 2GiB, 5GB)") from None
-    if not 0 < value < float("inf"):
-        raise ValueError(f"size must be positive: {text!r}")
-    return int(value * scale)

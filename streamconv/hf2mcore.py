@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import io
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from streamconv import engine, resume, rss
+from streamconv import engine, outdir, resume, rss
 from streamconv.errors import BadInputError, OutputError, UsageError, output_error
 from streamconv.formats import run_config
 from streamconv.formats.safetensors import SafetensorsSource
@@ -70,17 +69,18 @@ def resolve_hf_model(hf_model: str, allow_patterns=HUB_PATTERNS) -> Path:
         ) from e
 
 
+def commit_markers(out: Path) -> list[Path]:
+    """What makes ``out`` look like a finished checkpoint, newest first: removed first when it is undone."""
+    return [out / TRACKER, out / run_config.LATEST_TRAIN_STATE_FILE, out / ITER_DIR / ".metadata"]
+
+
 def prepare_output(out: Path, overwrite: bool, resume: bool = False) -> Path:
-    """The ``iter_0000000`` folder, created empty; a non-empty ``out`` is refused unless ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not resume:
+    """The ``iter_0000000`` folder, created empty; a non-empty ``out`` is refused unless ``overwrite`` (then
+    emptied, its commit markers first). The caller holds ``out``'s lock."""
+    if out.is_dir() and not outdir.is_empty(out) and not resume:
         if not overwrite:
             raise OutputError(f"{out}: output folder is not empty; choose another --megatron-path or pass --overwrite")
-        try:
-            shutil.rmtree(out)
-        except OSError as e:
-            raise output_error(out, e) from e
+        outdir.clear(out, markers=[m.relative_to(out) for m in commit_markers(out)])
     ckpt = out / ITER_DIR
     try:
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -126,8 +126,9 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
     folder = resolve_hf_model(hf_model)
     cfg = load_config(folder)
     spec = spec_from_config(cfg)
+    out = Path(megatron_path).expanduser()
+    outdir.refuse_overlap(out, [folder], "--megatron-path")
     source = SafetensorsSource(folder)
-    out = Path(megatron_path)
     try:
         dtype = parse_dtype(opts.dtype)
         plan = build_plan(source, spec, dtype, chunk_bytes_for(opts.max_memory), opts.allow_unused, opts.file_bytes)
@@ -139,42 +140,49 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
                                         dtype=str(dtype).removeprefix("torch.") if dtype else None,
                                         file_bytes=opts.file_bytes,
                                         staging=opts.staging)
-        resuming = resume.check_output(out, identity, opts.overwrite)  # refuses another conversion's folder
-        ckpt = prepare_output(out, opts.overwrite, resume=resuming)
-        if resuming:  # nothing may look complete while a resumed run works
-            resume.uncommit([out / TRACKER, out / run_config.LATEST_TRAIN_STATE_FILE, ckpt / ".metadata"])
-        journal = resume.Journal(out, identity)
-        t0 = time.perf_counter()  # the conversion's own work: resume checks, engine, commit
-        cpu0 = rss.cpu_seconds()
-        view = None
-        if opts.keep_staging:
-            from streamconv.formats.staging import StagingStore
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"{out}: exists and is not a folder")
+        with outdir.OutputLock(out):  # one writer: held from the identity check to the tracker
+            resuming = resume.check_output(out, identity, opts.overwrite)  # refuses another conversion's folder
+            ckpt = prepare_output(out, opts.overwrite, resume=resuming)
+            if resuming:  # nothing may look complete while a resumed run works
+                resume.uncommit(commit_markers(out))
+            journal = resume.Journal(out, identity)
+            t0 = time.perf_counter()  # the conversion's own work: resume checks, engine, commit
+            cpu0 = rss.cpu_seconds()
+            view = None
+            if opts.keep_staging:
+                from streamconv.formats.staging import StagingStore
 
-            view = StagingStore(journal.dir / resume.STAGING_STORE, plan, fsync_chunks=True)
-            view.check_raw(plan)
-        try:
-            sink = TorchDistSink(ckpt, plan, journal, chunk_journal=opts.staging, view=view)
-        except BaseException:
-            journal.close()
-            raise
-        progress = make_progress(opts.quiet, "hf2mcore", plan.total_bytes, len(plan.chunks), opts.max_memory,
-                                 plan=plan)
-        try:
-            rss.reset_peak()  # the conversion's own peak, apart from start-up (imports, planning)
-            with progress:
-                stats = engine.run(plan, source, sink, max_memory=opts.max_memory, workers=opts.workers,
-                                   device=opts.device, progress=progress, skip=getattr(sink, "skip", None))
-            write_bridge_files(folder, out, ckpt, spec, plan, hf_model)
-            sink.close()
-            seconds = time.perf_counter() - t0
-            cpu = rss.cpu_seconds() - cpu0
-            conversion_peak = rss.window_peak()
-        except BaseException:
-            sink.abort()
-            raise
-        # what Bridge / Megatron-LM look for in <out> comes after the commit (.metadata): never before
-        fsync_write(out / run_config.LATEST_TRAIN_STATE_FILE, (ckpt / run_config.TRAIN_STATE_FILE).read_bytes())
-        fsync_write(out / TRACKER, run_config.tracker_text(0).encode())
+                view = StagingStore(journal.dir / resume.STAGING_STORE, plan, fsync_chunks=True)
+                view.check_raw(plan)
+            try:
+                sink = TorchDistSink(ckpt, plan, journal, chunk_journal=opts.staging, view=view)
+            except BaseException:
+                journal.close()
+                raise
+            progress = make_progress(opts.quiet, "hf2mcore", plan.total_bytes, len(plan.chunks), opts.max_memory,
+                                     plan=plan)
+            try:
+                rss.reset_peak()  # the conversion's own peak, apart from start-up (imports, planning)
+                with progress:
+                    stats = engine.run(plan, source, sink, max_memory=opts.max_memory, workers=opts.workers,
+                                       device=opts.device, progress=progress, skip=getattr(sink, "skip", None))
+                write_bridge_files(folder, out, ckpt, spec, plan, hf_model)
+                sink.close()
+                seconds = time.perf_counter() - t0
+                cpu = rss.cpu_seconds() - cpu0
+                conversion_peak = rss.window_peak()
+            except BaseException:
+                sink.abort()
+                raise
+            # what Bridge / Megatron-LM look for in <out> comes after the commit (.metadata): never before
+            try:
+                fsync_write(out / run_config.LATEST_TRAIN_STATE_FILE, (ckpt / run_config.TRAIN_STATE_FILE).read_bytes())
+                fsync_write(out / TRACKER, run_config.tracker_text(0).encode())
+            except BaseException:  # a folder that is not all there must not look complete: undo the commit
+                resume.uncommit(commit_markers(out))
+                raise
     finally:
         source.close()
     return {

@@ -239,7 +239,7 @@ def _check_keys(spec, keys: dict[str, tuple]) -> str:
 def render(report: Report, console) -> None:
     from rich.table import Table
 
-    from streamconv.engine import fmt_bytes
+    from streamconv.units import fmt_bytes
 
     torch_dist = report.kind == "torch_dist"
     table = Table(title=f"{report.path} ({'torch_dist' if torch_dist else 'Hugging Face safetensors'})")

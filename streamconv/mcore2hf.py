@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from streamconv import engine
+from streamconv import engine, outdir
 from streamconv.errors import BadInputError, OutputError, UsageError, output_error
 from streamconv.formats import run_config_reader
 from streamconv.formats.safetensors import DTYPE_NAMES
@@ -70,7 +69,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         text = tracker.read_text(errors="replace").strip()
         if text == "release":
             sub = p / "release"
-        elif text.isdigit():
+        elif text.isascii() and text.isdigit():
             sub = p / f"iter_{int(text):07d}"
         else:
             raise BadInputError(f"{tracker}: holds {text[:40]!r}, not an iteration number or 'release'")
@@ -146,21 +145,14 @@ def _identity(ckpt: Path, plan: Plan) -> dict:
     }
 
 
-def prepare_output(out: Path, overwrite: bool, identity: dict, protected: list[Path]) -> bool:
-    """Create ``out`` (or resume in it); returns True when resuming. ``protected``: folders (the input)
-    that ``--overwrite`` must never delete."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder")
-    resolved = out.resolve()
-    for p in protected:
-        p = p.resolve()
-        if p == resolved or resolved in p.parents:
-            raise UsageError(f"{out}: the output folder holds the input {p}; choose another --hf-path")
+def prepare_output(out: Path, overwrite: bool, identity: dict) -> bool:
+    """Create ``out`` (or resume in it); returns True when resuming. The caller holds its lock and has
+    refused an ``out`` that overlaps the input (``outdir.refuse_overlap``)."""
     marker = out / MARKER
     resume = False
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and not outdir.is_empty(out):
         if overwrite:
-            shutil.rmtree(out)
+            outdir.clear(out, markers=[INDEX_FILE])
         elif marker.is_file():
             try:
                 previous = json.loads(marker.read_text())
@@ -216,6 +208,9 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options) -> d
     if opts.max_shard_size <= 0:
         raise UsageError("--max-shard-size must be positive")
     out = Path(hf_path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
+    outdir.refuse_overlap(out, [ckpt] + ([cfg_folder] if cfg_folder is not None else []), "--hf-path")
     source = TorchDistSource(ckpt)
     try:
         check_checkpoint(spec, source)
@@ -225,26 +220,26 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options) -> d
         if need > opts.max_memory:
             raise UsageError(f"--max-memory {engine.fmt_bytes(opts.max_memory)} is below the "
                              f"{engine.fmt_bytes(need)} one chunk needs")
-        protected = [ckpt] + ([cfg_folder] if cfg_folder is not None else [])
-        prepare_output(out, opts.overwrite, _identity(ckpt, plan), protected)
-        entries = shard_entries(plan)
-        done = {i for i, e in enumerate(entries) if shard_complete(out / shard_name(i, plan.num_files), e)}
-        sink = SafetensorsSink(out, plan, skip=done)
-        progress = make_progress(opts.quiet, "mcore2hf", plan.total_bytes, len(plan.chunks), opts.max_memory)
-        try:
-            with progress:
-                stats = engine.run(plan, source, sink, max_memory=opts.max_memory, workers=opts.workers,
-                                   device=opts.device, progress=progress, skip=lambda c: c.file in done)
-            sink.close()
-        except BaseException:
-            sink.abort()
-            raise
-        write_config(out, cfg, verbatim, plan, out_dtype is not None)
-        side = [cfg_folder] if cfg_folder is not None else []
-        copied = copy_side_files(out, side + [ckpt / run_config_reader.TOKENIZER_DIR])
-        write_index(out, plan)  # last: with it a sharded folder is complete
-        (out / MARKER).unlink(missing_ok=True)
-        fsync_dir(out)
+        with outdir.OutputLock(out):
+            prepare_output(out, opts.overwrite, _identity(ckpt, plan))
+            entries = shard_entries(plan)
+            done = {i for i, e in enumerate(entries) if shard_complete(out / shard_name(i, plan.num_files), e)}
+            sink = SafetensorsSink(out, plan, skip=done)
+            progress = make_progress(opts.quiet, "mcore2hf", plan.total_bytes, len(plan.chunks), opts.max_memory)
+            try:
+                with progress:
+                    stats = engine.run(plan, source, sink, max_memory=opts.max_memory, workers=opts.workers,
+                                       device=opts.device, progress=progress, skip=lambda c: c.file in done)
+                sink.close()
+            except BaseException:
+                sink.abort()
+                raise
+            write_config(out, cfg, verbatim, plan, out_dtype is not None)
+            side = [cfg_folder] if cfg_folder is not None else []
+            copied = copy_side_files(out, side + [ckpt / run_config_reader.TOKENIZER_DIR])
+            write_index(out, plan)  # last: with it a sharded folder is complete
+            (out / MARKER).unlink(missing_ok=True)
+            fsync_dir(out)
     finally:
         source.close()
     return {

@@ -95,8 +95,33 @@ def row_blocks(rows: int, row_bytes: int, chunk_bytes: int) -> list[tuple[int, i
     return [(r, min(rows, r + step)) for r in range(0, rows, step)] or [(0, 0)]
 
 
+# The companions of quantized weights (Model Optimizer FP8/NVFP4, fine-grained FP8, compressed-tensors):
+# a weight stored next to one of these is not the weight until it is scaled.
+QUANT_COMPANION = re.compile(r"(^|\.)(weight_scale(_inv|_2)?|input_scale|k_scale|v_scale|input_global_scale|"
+                             r"weight_global_scale|weight_zero_point|weight_packed|qweight|qzeros|scales)$")
+FLOAT8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+          if hasattr(torch, n)}
+
+
+def check_quantization(spec: ModelSpec, infos: dict) -> None:
+    """A quantized checkpoint is refused whole: its scale tensors are never "unused" (``--allow-unused``
+    does not apply to them) and a float8 weight is never copied or cast as if it were the weight."""
+    expected = {t.name for t in rules.hf_tensors(spec)}
+    companions = sorted(n for n in infos if QUANT_COMPANION.search(n))
+    fp8 = sorted(n for n in expected if n in infos and infos[n].dtype in FLOAT8)
+    if companions or fp8:
+        first = companions[0] if companions else fp8[0]
+        where = getattr(infos[first], "path", None)
+        what = (f"{len(companions)} quantization tensor(s) such as {first!r}" if companions
+                else f"float8 weights such as {first!r}")
+        raise BadInputError(f"{str(where.parent) + ': ' if where is not None else ''}this is a quantized checkpoint "
+                            f"({what}); streamconv converts bf16/fp16/fp32 checkpoints only (--allow-unused does not "
+                            "apply to quantization scales); use the unquantized model")
+
+
 def check_source(spec: ModelSpec, infos: dict, allow_unused: bool = False) -> None:
     """Every HF tensor the mapping needs is present with the right shape; nothing unexpected is there."""
+    check_quantization(spec, infos)
     expected = {t.name: t.shape for t in rules.hf_tensors(spec)}
     for name, shape in expected.items():
         if name not in infos:

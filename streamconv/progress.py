@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import threading
 
-from streamconv.engine import fmt_bytes
+from streamconv.units import fmt_bytes
 
 # rich is imported where a bar or a table is drawn: a --quiet or --json run never loads it (0.2 s here)
 

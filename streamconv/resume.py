@@ -2,7 +2,7 @@
 
 ``<megatron-path>/.streamconv/`` holds:
 - ``identity.json``: what the output is made from, written before any data: the input's identity (each
-  source file's name, size, mtime and a hash of its safetensors header; hashes of ``config.json`` and the
+  source file's name, size, mtime, ctime, inode and a hash of its safetensors header; hashes of ``config.json`` and the
   index) and the settings that change output bytes (dtype, chunk size, file size, a digest of the plan).
 - ``journal.jsonl``: an append-only record of what is done, one JSON object per line: ``chunk`` (a chunk's
   bytes and framing written in its ``.distcp.partial``, with its CRC-32), ``file`` (a ``.distcp`` committed
@@ -26,7 +26,7 @@ import struct
 from pathlib import Path
 
 from streamconv.errors import OutputError, output_error
-from streamconv.formats.atomic import fsync_dir, fsync_write
+from streamconv.formats.atomic import NOFOLLOW, fsync_dir, fsync_write
 
 STATE_DIR = ".streamconv"
 IDENTITY_FILE = "identity.json"
@@ -52,7 +52,7 @@ def input_identity(folder: Path, shard_paths) -> dict:
     for path in sorted(set(Path(p) for p in shard_paths), key=lambda p: p.name):
         st = path.stat()
         files.append({"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                      "header_sha256": _header_sha256(path)})
+                      "ctime_ns": st.st_ctime_ns, "inode": st.st_ino, "header_sha256": _header_sha256(path)})
     extra = {}
     for name in ("config.json", "model.safetensors.index.json"):
         p = folder / name
@@ -85,7 +85,7 @@ def make_identity(folder: Path, shard_paths, plan, *, dtype: str | None, file_by
 
 
 def _fmt(n) -> str:
-    from streamconv.engine import fmt_bytes
+    from streamconv.units import fmt_bytes
 
     return fmt_bytes(n) if isinstance(n, int) else str(n)
 
@@ -104,7 +104,9 @@ def describe_difference(old: dict, new: dict) -> str | None:
             if name not in ofiles:
                 return f"it was made from a different input (it had no {name})"
             a, b = ofiles[name], nfiles[name]
-            for field, what in (("header_sha256", "tensor header"), ("size", "size"), ("mtime_ns", "modification time")):
+            for field, what in (("header_sha256", "tensor header"), ("size", "size"), ("mtime_ns", "modification time"),
+                                ("inode", "file (another inode: replaced or copied)"),
+                                ("ctime_ns", "status-change time: its bytes or metadata were touched")):
                 if a.get(field) != b.get(field):
                     return f"it was made from a different input ({name}: {what} differs)"
         for name in sorted(set(oi.get("json_sha256", {})) | set(ni["json_sha256"])):
@@ -129,7 +131,8 @@ def describe_difference(old: dict, new: dict) -> str | None:
 
 
 def _only_empty_folders(out: Path) -> bool:
-    return not any(p.is_file() or p.is_symlink() for p in out.rglob("*"))
+    """Nothing but empty folders (and the output's lock file: ``outdir.LOCK_FILE``)."""
+    return not any((p.is_file() or p.is_symlink()) and p.name != ".streamconv.lock" for p in out.rglob("*"))
 
 
 def check_output(out: Path, identity: dict, overwrite: bool) -> bool:
@@ -179,7 +182,7 @@ class Journal:
             if not ident.is_file():  # a fresh start: no records of another run may survive
                 self.path.unlink(missing_ok=True)
                 fsync_write(ident, json.dumps(identity, indent=1).encode())
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o644)
         except OSError as e:
             raise output_error(self.dir, e) from e
         fsync_dir(self.dir)

@@ -25,6 +25,21 @@ def fsync_path(path: Path) -> None:
 fsync_dir = fsync_file = fsync_path  # the names say what is being made durable at each call
 
 
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def create_temporary(tmp: Path):
+    """A new, empty temporary file at ``tmp``, opened for writing (``wb``). Whatever is at that name first
+    goes (a planted symlink is removed, never followed), and the file is created with ``O_EXCL|O_NOFOLLOW``:
+    a link that appears in between makes this fail instead of writing through it."""
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
+    return os.fdopen(fd, "wb")
+
+
 def commit(fh, tmp: Path, final: Path, drop_cache: bool = False) -> None:
     """Make the open file ``fh`` (written at ``tmp``) appear complete at ``final``; ``drop_cache``: let
     its pages go once they are on disk (a converter's output is not read back by the converter)."""
@@ -44,7 +59,7 @@ def fsync_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        fh = open(tmp, "wb")
+        fh = create_temporary(tmp)
         fh.write(data)
     except OSError as e:
         raise output_error(path, e) from e

@@ -14,6 +14,8 @@ Pure: YAML text in, dict out; ``yaml.safe_load`` only.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import yaml
@@ -44,12 +46,35 @@ def _target(value) -> str | None:
     return value.get("_target_") if isinstance(value, dict) else value
 
 
+SIDE_FILE_LIMIT = 16 * 1024 * 1024  # a config.json is kilobytes; nothing bigger is read
+
+
+def _side_file(name, where) -> str:
+    """The text of a file ``run_config.yaml`` names: only a regular file inside the checkpoint folder (the
+    run config's own), of at most ``SIDE_FILE_LIMIT`` bytes; never a device, a FIFO or a path elsewhere."""
+    base = Path(where).parent.resolve()
+    p = Path(str(name))
+    p = (p if p.is_absolute() else base / p).resolve()
+    if base not in p.parents:
+        raise ValueError(f"it names {name!r}, outside the checkpoint folder")
+    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{name!r} is not a regular file")
+        if st.st_size > SIDE_FILE_LIMIT:
+            raise ValueError(f"{name!r} has {st.st_size} bytes, more than a config can")
+        return os.read(fd, SIDE_FILE_LIMIT + 1).decode("utf-8")
+    finally:
+        os.close(fd)
+
+
 def hf_config_from_model_section(model: dict, where: Path | str = RUN_CONFIG_FILE) -> dict:
     encoded = model.get("heterogeneous_layers_config_encoded_json")
     config_path = model.get("heterogeneous_layers_config_path")
     if encoded or config_path:
         try:
-            cfg = json.loads(encoded) if encoded else json.loads(Path(config_path).read_text())
+            cfg = json.loads(encoded) if encoded else json.loads(_side_file(config_path, where))
         except (OSError, ValueError) as e:
             raise BadInputError(f"{where}: the heterogeneous layers config is unreadable ({e}); pass --hf-config") \
                 from e

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from streamconv.errors import BadInputError, output_error
-from streamconv.formats.atomic import commit
+from streamconv.formats.atomic import commit, create_temporary
 from streamconv.pagecache import WriteBehind
 
 # Headers of real checkpoints are a few hundred KiB; refuse absurd sizes before allocating.
@@ -299,7 +299,7 @@ class ShardWriter:
         self._next = 0
         self._pending = 0  # bytes still owed for the current tensor
         try:
-            self.f = open(self.tmp, "wb")
+            self.f = create_temporary(self.tmp)
             self.f.write(encode_header(self.entries, metadata))
         except OSError as e:
             raise output_error(self.tmp, e) from e

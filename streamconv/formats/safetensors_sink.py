@@ -93,6 +93,11 @@ class SafetensorsSink:
         self._finish_current()
 
     def abort(self) -> None:
+        """Close the shard being written (its ``.partial`` stays for the next run to redo). Closing flushes
+        its buffer, which fails again on a full disk: that second error is not the one to report."""
         if self.writer is not None:
-            self.writer.f.close()
+            try:
+                self.writer.f.close()
+            except OSError:
+                pass
             self.writer = None

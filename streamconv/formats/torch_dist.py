@@ -27,7 +27,7 @@ from streamconv import crashpoints
 from streamconv.checksum import crc32
 from streamconv.errors import output_error
 from streamconv.formats import dcp_pickle
-from streamconv.formats.atomic import commit, fsync_dir, fsync_write
+from streamconv.formats.atomic import commit, create_temporary, fsync_dir, fsync_write
 
 METADATA_JSON = {
     "sharded_backend": "torch_dist",
@@ -244,7 +244,7 @@ class DistcpFile:
         self.path = folder / self.name
         self.tmp = folder / (self.name + ".partial")
         try:
-            self.f = open(self.tmp, "wb")
+            self.f = create_temporary(self.tmp)
         except OSError as e:
             raise output_error(self.tmp, e) from e
         self.entries: list[tuple[str, tuple[int, ...] | None, int, int]] = []  # key, offsets, offset, length
@@ -290,7 +290,7 @@ def write_metadata(folder: Path, metadata) -> None:
     data = dcp_pickle.dumps(metadata)
     tmp, path = folder / ".metadata.tmp", folder / ".metadata"
     try:
-        with open(tmp, "wb") as fh:
+        with create_temporary(tmp) as fh:
             fh.write(data[: len(data) // 2])
             fh.flush()
             crashpoints.pause("metadata")

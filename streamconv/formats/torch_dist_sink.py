@@ -9,11 +9,11 @@ commit (fsync, rename from ``.partial``, a journal record, fsync). ``write(chunk
 from a tensor in memory (the buffered engine path: --device cuda, other sources). After the last file:
 the objects file, the common files, then ``.metadata`` (``torch_dist.commit_checkpoint``).
 
-Resume (``resume.Journal``). With ``chunk_journal`` (the default, "staged" mode), each chunk's record is
-its commit: a re-run keeps every committed file and, in each ``.partial`` file left by the killed run,
-every chunk whose bytes still have the recorded CRC-32 (read back and checked once; its framing is written
-again), and redoes the rest. Without it (``--no-staging``), whole files are kept and ``.partial`` files
-are redone. The output is byte for byte the same in both modes, resumed or not.
+Resume (``resume.Journal``). With ``chunk_journal`` (the default), each chunk's record is its commit,
+written once its bytes and framing are on disk (``fdatasync``): a re-run keeps every committed file and,
+in each ``.partial`` file left by the killed run, every journaled chunk, without reading it again, and
+redoes the rest. Without it (``--no-staging``), whole files are kept and ``.partial`` files are redone.
+The output is byte for byte the same in both modes, resumed or not.
 
 ``view`` (``--keep-staging``): a ``staging.StagingStore`` that receives every chunk's bytes too, in the
 same pass: a Zarr v3 view of the model in megatron layout.
@@ -31,11 +31,8 @@ from streamconv import crashpoints, pagecache, resume
 from streamconv.checksum import crc32
 from streamconv.copier import Placement
 from streamconv.errors import output_error
-from streamconv.formats.atomic import fsync_dir
+from streamconv.formats.atomic import NOFOLLOW, fsync_dir
 from streamconv.formats.torch_dist import chunks_by_file, commit_checkpoint, distcp_name, frame_for, standalone
-
-VERIFY_PIECE = 4 << 20
-
 
 def layout(plan) -> tuple[dict[tuple, tuple[int, int]], dict[int, int], dict[int, list]]:
     """Where every chunk's item lies: ``{(key, offsets): (item offset, data offset)}``, each file's size, and
@@ -57,6 +54,15 @@ def _pwrite(fd: int, data, at: int) -> None:
         view, at = view[n:], at + n
 
 
+def _create(path: Path) -> int:
+    """A new file (what was at ``path`` goes; ``O_EXCL|O_NOFOLLOW``: never written through a link)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
+
+
 class _Open:
     """A ``.distcp`` being written under its temporary name."""
 
@@ -65,8 +71,10 @@ class _Open:
         self.path = folder / distcp_name(file)
         self.tmp = folder / (distcp_name(file) + ".partial")
         try:
-            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-            self.fd = os.open(self.tmp, flags | (os.O_TRUNC if fresh else 0), 0o644)
+            if fresh:  # a new file, never through a link planted at its name
+                self.fd = _create(self.tmp)
+            else:  # a killed run's file, checked by the caller
+                self.fd = os.open(self.tmp, os.O_RDWR | NOFOLLOW)
             os.ftruncate(self.fd, size)  # every item has its place: a hole until written
         except OSError as e:
             raise output_error(self.tmp, e) from e
@@ -88,6 +96,20 @@ class _Open:
             self.fd = -1
 
 
+def chunks_of_last_open(records, file_of: dict) -> set:
+    """The chunks journaled since their file's ``.partial`` was last created (an ``open`` record): the
+    records of an earlier ``.partial`` of the same name, finished or thrown away since, do not count."""
+    live: dict[int, set] = {}
+    for r in records:
+        if r.get("t") == "open":
+            live[r["file"]] = set()
+        elif r.get("t") == "chunk":
+            cid = (r["key"], tuple(r["offsets"]))
+            if cid in file_of:
+                live.setdefault(file_of[cid], set()).add(cid)
+    return set().union(*live.values()) if live else set()
+
+
 class TorchDistSink:
     def __init__(self, ckpt: Path, plan, journal, *, chunk_journal: bool = True, view=None, extra_state=None):
         self.ckpt = Path(ckpt)
@@ -98,7 +120,7 @@ class TorchDistSink:
         self.extra_state = extra_state
         self.by_file = chunks_by_file(plan)
         self.slots, self.sizes, self.entries = layout(plan)
-        self.report = {"files_resumed": 0, "chunks_verified": 0, "chunks_redone": 0, "partials_removed": 0}
+        self.report = {"files_resumed": 0, "chunks_kept": 0, "partials_removed": 0}
         self.done: set[tuple] = set()  # chunks whose items are complete in a ``.partial`` file
         self.committed: dict[int, list] = {}  # files under their final name
         self._open: dict[int, _Open] = {}
@@ -121,42 +143,26 @@ class TorchDistSink:
     # ------------------------------------------------------------------ resume
 
     def _resume_partials(self, records) -> None:
-        """Keep the chunks of each ``.partial`` file whose bytes still have their recorded CRC-32."""
-        recs = {(r["key"], tuple(r["offsets"])): r["crc32"] for r in records if r.get("t") == "chunk"}
+        """Keep the journaled chunks of each ``.partial`` file: a chunk's record is written only after its
+        bytes and framing are on disk (``fdatasync``), so a record that survived a crash names a chunk that
+        did; a chunk without one (a kill mid-chunk, a lost last line) is done again."""
+        recs = chunks_of_last_open(records, {(c.key, tuple(c.offsets)): c.file for c in self.plan.chunks})
         for f in list(self._left):
             tmp = self.ckpt / (distcp_name(f) + ".partial")
             if not tmp.is_file() or tmp.is_symlink():
                 continue
-            if tmp.stat().st_size != self.sizes[f]:
+            if tmp.stat().st_size != self.sizes[f]:  # not the file this plan lays out: start it again
                 tmp.unlink()
                 self.report["partials_removed"] += 1
                 continue
-            opened = self._file(f, fresh=False)
+            self._file(f, fresh=False)
             for c in self.by_file[f]:
-                cid = (c.key, tuple(c.offsets))
-                if cid not in recs:
-                    continue
-                if self._crc_on_disk(opened.fd, self.slots[cid][1], c.nbytes) == recs[cid]:
-                    self._complete(c, opened.fd, recs[cid])  # its framing, again: cheap, and never torn
-                    self.done.add(cid)
+                if (c.key, tuple(c.offsets)) in recs:
+                    self.done.add((c.key, tuple(c.offsets)))
                     self._left[f] -= 1
-                    self.report["chunks_verified"] += 1
-                else:  # torn, corrupted or never written: done again
-                    self.report["chunks_redone"] += 1
+                    self.report["chunks_kept"] += 1
             if self._left[f] == 0:
                 self._commit_file(f)
-
-    @staticmethod
-    def _crc_on_disk(fd: int, at: int, n: int) -> int:
-        crc, done = 0, 0
-        while done < n:
-            data = os.pread(fd, min(VERIFY_PIECE, n - done), at + done)
-            if not data:
-                return -1
-            crc = crc32(data, crc)
-            done += len(data)
-        pagecache.drop(fd, at, n)
-        return crc
 
     def skip(self, chunk) -> bool:
         return chunk.file in self.committed or (chunk.key, tuple(chunk.offsets)) in self.done
@@ -167,6 +173,8 @@ class TorchDistSink:
         with self._lock:
             opened = self._open.get(f)
             if opened is None:
+                if fresh and self.chunk_journal:  # the chunk records of any earlier file of this name are void
+                    self.journal.append({"t": "open", "file": f}, sync=True)
                 opened = self._open[f] = _Open(self.ckpt, f, self.sizes[f], fresh)
             return opened
 
@@ -184,6 +192,10 @@ class TorchDistSink:
         self._complete(chunk, place.fd, crc)
         crashpoints.slow(1.0)
         if self.chunk_journal:
+            try:  # the record is the chunk's commit: its bytes are on disk before the record exists
+                os.fdatasync(place.fd)
+            except OSError as e:
+                raise output_error(place.path, e) from e
             self.journal.append({"t": "chunk", "key": chunk.key, "offsets": list(chunk.offsets), "crc32": crc})
         crashpoints.pause("chunk")
         with self._lock:

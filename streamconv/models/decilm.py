@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from streamconv.errors import UnsupportedModelError
 from streamconv.models import llama
-from streamconv.models.spec import (ATTN_FULL, ATTN_LINEAR, ATTN_NOOP, MLP_FULL, MLP_LINEAR, MLP_NOOP, LayerSpec,
-                                    ModelSpec, make_spec, require)
+from streamconv.models.spec import (ATTN_FULL, ATTN_LINEAR, ATTN_NOOP, MAX_DIM, MLP_FULL, MLP_LINEAR, MLP_NOOP,
+                                    LayerSpec, ModelSpec, make_spec, require)
 
 # block_configs fields streamconv maps; any other field must be absent or hold one of its "off" values
 # (null/false in the published configs; newer DeciLM code adds fields such as llama4, mamba, moe, gated,
@@ -90,6 +90,8 @@ def parse_layer(i: int, block, hidden: int, heads: int) -> LayerSpec:
         mlp, width = MLP_FULL, ffn_hidden_size(mult, hidden)
         if width <= 0:
             raise _refuse(i, f"ffn.ffn_mult={mult} gives an empty FFN at hidden_size={hidden}")
+        if width > MAX_DIM:
+            raise _refuse(i, f"ffn.ffn_mult={mult} gives an FFN of {width:.3g} at hidden_size={hidden}: not a real model")
     return LayerSpec(attention, groups, mlp, width)
 
 

@@ -133,10 +133,18 @@ def make_spec(cfg: dict, family: str, architecture: str, layers, default_dtype: 
         vocab_size=require(cfg, "vocab_size"),
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         layers=tuple(layers),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        rms_norm_eps=norm_eps(cfg),
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or default_dtype),
         hf_config=cfg,
     )
+
+
+def norm_eps(cfg: dict) -> float:
+    """``rms_norm_eps``: a finite number in (0, 1) (the RMSNorm epsilon of every Nemotron is 1e-5 or 1e-6)."""
+    value = cfg.get("rms_norm_eps", 1e-5)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise UnsupportedModelError(f"config.json: rms_norm_eps={str(value)[:40]} must be a number between 0 and 1")
+    return float(value)
 
 
 def require(cfg: dict, key: str, kind=int):

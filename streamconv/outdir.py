@@ -1,0 +1,110 @@
+"""The output folder of a command: never the input, one writer at a time, cleared markers first.
+
+- ``refuse_overlap``: an output that is, contains or lies inside an input (symlinks resolved) is refused
+  before anything is created or deleted (``--overwrite`` would delete the model being read).
+- ``OutputLock``: an exclusive ``flock`` on ``<out>/.streamconv.lock`` (which holds the owner's pid), held
+  for the whole run; a second run on the same folder is refused at once, naming that pid. The owner
+  removes the file when it ends (while holding the lock; a run that opened the old file checks, once
+  it has the lock, that the name still leads to it), so a folder carries no lock file between runs.
+- ``clear``: empty a folder for ``--overwrite``: the commit markers first (tracker, ``.metadata``, the
+  index), so a kill in the middle never leaves an old checkpoint's markers over a half-deleted folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from streamconv.errors import OutputError, UsageError, output_error
+from streamconv.formats.atomic import NOFOLLOW
+
+LOCK_FILE = ".streamconv.lock"
+
+
+def refuse_overlap(out: Path, inputs, flag: str) -> None:
+    """``out`` must be apart from every folder in ``inputs``: not the same, not above, not inside."""
+    o = Path(out).expanduser().resolve()
+    for i in inputs:
+        p = Path(i).expanduser().resolve()
+        if p == o:
+            raise UsageError(f"{out}: the output folder is the input {p}; choose another {flag}")
+        if o in p.parents:
+            raise UsageError(f"{out}: the output folder holds the input {p}; choose another {flag}")
+        if p in o.parents:
+            raise UsageError(f"{out}: the output folder lies inside the input {p}; choose another {flag}")
+
+
+class OutputLock:
+    """``with OutputLock(out):`` -- this process is the only streamconv writing ``out`` (created if needed)."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        path = self.out / LOCK_FILE
+        for _ in range(100):  # a lock file removed by its owner between our open and our flock: open again
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)
+            except OSError as e:
+                raise output_error(path, e) from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                os.close(fd)
+                raise OutputError(f"{self.out}: another streamconv is writing this folder (pid {owner}); wait for "
+                                  "it to end, or choose another output folder") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:
+            raise OutputError(f"{self.out}: cannot lock {LOCK_FILE} (it keeps disappearing)")
+        self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            raise output_error(path, e) from e
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Remove the lock file, then let go (holding the lock, so no one else's file is removed; a run that
+        opened it meanwhile sees it gone and opens a new one)."""
+        if self.fd is not None:
+            try:
+                (self.out / LOCK_FILE).unlink()
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+def clear(out: Path, markers) -> None:
+    """Delete everything in ``out`` but the lock file: ``markers`` (paths relative to ``out``) first."""
+    try:
+        for m in markers:
+            p = Path(out) / m
+            if p.is_file() or p.is_symlink():
+                p.unlink()
+        for p in Path(out).iterdir():
+            if p.name == LOCK_FILE:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    except OSError as e:
+        raise output_error(out, e) from e
+
+
+def is_empty(out: Path) -> bool:
+    """Nothing in ``out`` but (maybe) our lock file."""
+    return not any(p.name != LOCK_FILE for p in Path(out).iterdir())

@@ -23,17 +23,25 @@ from streamconv.formats.atomic import NOFOLLOW
 LOCK_FILE = ".streamconv.lock"
 
 
+def _both(path) -> set[Path]:
+    """A path as given (absolute, normalized) and with its symlinks resolved."""
+    p = Path(path).expanduser()
+    return {Path(os.path.abspath(p)), p.resolve()}
+
+
 def refuse_overlap(out: Path, inputs, flag: str) -> None:
-    """``out`` must be apart from every folder in ``inputs``: not the same, not above, not inside."""
-    o = Path(out).expanduser().resolve()
+    """``out`` must be apart from every folder in ``inputs``: not the same, not above, not inside, both as
+    the paths are written and with symlinks resolved (``--overwrite`` deletes what is under ``out``)."""
+    outs = _both(out)
     for i in inputs:
-        p = Path(i).expanduser().resolve()
-        if p == o:
-            raise UsageError(f"{out}: the output folder is the input {p}; choose another {flag}")
-        if o in p.parents:
-            raise UsageError(f"{out}: the output folder holds the input {p}; choose another {flag}")
-        if p in o.parents:
-            raise UsageError(f"{out}: the output folder lies inside the input {p}; choose another {flag}")
+        for p in _both(i):
+            for o in outs:
+                if p == o:
+                    raise UsageError(f"{out}: the output folder is the input {p}; choose another {flag}")
+                if o in p.parents:
+                    raise UsageError(f"{out}: the output folder holds the input {p}; choose another {flag}")
+                if p in o.parents:
+                    raise UsageError(f"{out}: the output folder lies inside the input {p}; choose another {flag}")
 
 
 class OutputLock:

@@ -28,6 +28,7 @@ import io
 import math
 import os
 import pickle
+import stat
 import struct
 import threading
 import zipfile
@@ -104,7 +105,10 @@ def load_metadata(path: Path | str):
 
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise BadInputError(f"{path}: not a regular file; a checkpoint's {METADATA_FILE} must be one")
+        size = st.st_size
         if size > MAX_METADATA_BYTES:
             raise BadInputError(f"{path}: {size} bytes is too large for a torch_dist .metadata")
         data = path.read_bytes()
@@ -306,10 +310,13 @@ class TorchDistSource:
                                     "not read; save the checkpoint without them")
             if rel not in sizes:
                 try:
-                    sizes[rel] = (self.folder / rel).stat().st_size
+                    st = (self.folder / rel).stat()
                 except OSError:
                     raise BadInputError(f"{self.folder / rel}: missing; the checkpoint is incomplete "
                                         "(every file named in .metadata is needed)") from None
+                if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
+                    raise BadInputError(f"{self.folder / rel}: not a regular file; a checkpoint file must be one")
+                sizes[rel] = st.st_size
             if off < 0 or length < 0 or off + length > sizes[rel]:
                 raise BadInputError(f"{self.folder / rel}: item {index.fqn!r} ends at byte {off + length} but the "
                                     f"file has {sizes[rel]} bytes: truncated; copy the checkpoint again")

@@ -1,0 +1,314 @@
+"""The holes an adversarial pass found (issue 14), each closed: real processes, real files, crafted inputs.
+
+Nothing lost (an output on or around the input, two writers on one folder, a changed source on resume,
+planted symlinks, a failed commit), nothing silently wrong (quantized weights), nothing that hangs or runs
+away (a FIFO or /dev/zero named by a checkpoint), and one clean line for what a checkpoint can forge.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from streamconv import errors
+from streamconv.cli import main
+from streamconv.synth import llama_config, make_checkpoint, mixed_decilm_config
+
+CFG = llama_config(hidden=64, layers=2, heads=4, kv_heads=2, ffn=160, vocab=300)
+SMALL = ["--max-memory", "64KiB", "--distcp-size", "40KiB"]
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("src") / "hf", CFG, seed=1, shards=2, dtype=torch.bfloat16)
+
+
+def run_cli(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamconv", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def one_line(r: subprocess.CompletedProcess, code: int, *needles: str) -> str:
+    err = r.stderr.strip()
+    assert r.returncode == code, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------------------ 1. the output is never the input
+
+@pytest.mark.parametrize("where", ["same", "parent", "inside"])
+def test_an_output_on_or_around_the_input_is_refused_before_anything_is_deleted(src, tmp_path, where):
+    model = tmp_path / "models" / "hf"
+    model.parent.mkdir()
+    os.symlink(src, model)  # reached through a symlink: resolved
+    before = snapshot(src)
+    out = {"same": model, "parent": model.parent, "inside": model / "mcore"}[where]
+    r = run_cli("hf2mcore", "--hf-model", model, "--megatron-path", out, "--overwrite", "--quiet")
+    one_line(r, errors.EXIT_USAGE, "--megatron-path", "input")
+    assert snapshot(src) == before
+    assert not (src / "mcore").exists()
+
+
+def test_an_export_into_or_around_its_checkpoint_is_refused(src, tmp_path):
+    out = tmp_path / "mc"
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), "--quiet"]) == 0
+    before = snapshot(out)
+    for hf in (out, out / "iter_0000000" / "hf", tmp_path):
+        r = run_cli("mcore2hf", "--megatron-path", out, "--hf-path", hf, "--overwrite", "--quiet")
+        one_line(r, errors.EXIT_USAGE, "--hf-path")
+    assert snapshot(out) == before
+
+
+# ------------------------------------------------------------------------ 2. one writer per folder
+
+def start_paused(src, out, point="chunk:1", *extra) -> subprocess.Popen:
+    """A conversion stopped (SIGSTOP, every thread) at ``point``; returns once it is there."""
+    marker = out.parent / f"paused-{out.name}"
+    marker.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(src),
+                             "--megatron-path", str(out), "--quiet", *SMALL, *extra],
+                            env={**os.environ, "STREAMCONV_TEST_PAUSE": point, "STREAMCONV_TEST_PAUSE_FILE": str(marker)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+    return proc
+
+
+def test_a_second_run_on_a_folder_being_written_is_refused(src, tmp_path):
+    out = tmp_path / "out"
+    other = make_checkpoint(tmp_path / "other", llama_config(hidden=32, layers=1, heads=2, kv_heads=1, ffn=64,
+                                                             vocab=100), seed=2)
+    first = start_paused(src, out)
+    try:
+        for model in (src, other):  # the same conversion, and another model (the race that mixed two models)
+            r = run_cli("hf2mcore", "--hf-model", model, "--megatron-path", out, "--quiet", *SMALL)
+            one_line(r, errors.EXIT_IO, "another streamconv is writing this folder", f"pid {first.pid}")
+        r = run_cli("hf2mcore", "--hf-model", src, "--megatron-path", out, "--quiet", "--overwrite", *SMALL)
+        one_line(r, errors.EXIT_IO, "another streamconv is writing this folder")
+    finally:
+        first.kill()
+        first.wait()
+    r = run_cli("hf2mcore", "--hf-model", src, "--megatron-path", out, "--quiet", *SMALL)  # now it resumes
+    assert r.returncode == 0, r.stderr
+    assert not (out / ".streamconv.lock").exists()  # a finished folder carries no lock file
+    assert main(["verify", "--hf-model", str(src), "--megatron-path", str(out), "--quiet"]) == 0
+
+
+# ------------------------------------------------------------------------ 3. a source changed before resume
+
+def test_a_source_changed_in_place_is_not_resumed(src, tmp_path):
+    model = tmp_path / "hf"
+    model.mkdir()
+    for p in src.iterdir():
+        (model / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    proc = start_paused(model, out, "chunk:3")
+    proc.kill()
+    proc.wait()
+    shard = sorted(model.glob("*.safetensors"))[0]
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x40  # a flipped bit in a tensor, the header, size and mtime as they were
+    shard.write_bytes(data)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert shard.stat().st_size == st.st_size and shard.stat().st_mtime_ns == st.st_mtime_ns
+    r = run_cli("hf2mcore", "--hf-model", model, "--megatron-path", out, "--quiet", *SMALL)
+    one_line(r, errors.EXIT_IO, "cannot resume", shard.name, "status-change time")
+
+
+# ------------------------------------------------------------------------ 4. quantized weights
+
+def test_a_quantized_checkpoint_is_refused_even_with_allow_unused(src, tmp_path):
+    model = tmp_path / "fp8"
+    model.mkdir()
+    (model / "config.json").write_bytes((src / "config.json").read_bytes())
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for p in src.glob("*.safetensors"):
+        tensors.update(load_file(p))
+    for name in list(tensors):
+        if name.endswith("proj.weight"):
+            w = tensors[name].float()
+            scale = w.abs().max() / 448
+            tensors[name] = (w / scale).to(torch.float8_e4m3fn)
+            tensors[name + "_scale"] = scale.reshape(())
+            tensors[name.replace(".weight", ".input_scale")] = torch.tensor(1.0)
+    save_file(tensors, model / "model.safetensors")
+    for extra in ([], ["--allow-unused"]):
+        r = run_cli("hf2mcore", "--hf-model", model, "--megatron-path", tmp_path / f"out{len(extra)}", "--quiet",
+                    *extra)
+        one_line(r, errors.EXIT_BAD_INPUT, "quantized checkpoint", "--allow-unused does not apply")
+        assert not (tmp_path / f"out{len(extra)}" / "iter_0000000" / ".metadata").exists()
+
+
+# ------------------------------------------------------------------------ 5. planted symlinks
+
+def test_temporaries_never_write_through_a_planted_symlink(src, tmp_path):
+    out = tmp_path / "out"
+    (out / "iter_0000000").mkdir(parents=True)
+    victims = []
+    for name in ("latest_checkpointed_iteration.txt.tmp", "latest_train_state.pt.tmp",
+                 "iter_0000000/.metadata.tmp", "iter_0000000/__0_0.distcp.partial", "iter_0000000/common.pt.tmp"):
+        victim = tmp_path / f"victim-{name.replace('/', '-')}"
+        victim.write_text("precious")
+        os.symlink(victim, out / name)
+        victims.append(victim)
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), "--quiet", "--overwrite"]) == 0
+    assert all(v.read_text() == "precious" for v in victims)
+    assert main(["verify", "--hf-model", str(src), "--megatron-path", str(out), "--quiet"]) == 0
+
+
+# ------------------------------------------------------------------------ 6. a failed commit is undone
+
+def test_a_disk_full_at_the_tracker_leaves_no_commit_markers(src, tmp_path, monkeypatch, capsys):
+    """The disk fills exactly when the tracker is written (the last file): nothing may look complete."""
+    from streamconv import hf2mcore as h
+
+    real = h.fsync_write
+
+    def full_at_tracker(path, data):
+        if Path(path).name == h.TRACKER:
+            raise errors.output_error(path, OSError(errno.ENOSPC, "No space left on device", str(path)))
+        return real(path, data)
+
+    monkeypatch.setattr(h, "fsync_write", full_at_tracker)
+    out = tmp_path / "out"
+    for mode in ([], ["--no-staging"]):
+        rc = main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), "--quiet", "--overwrite", *mode])
+        assert rc == errors.EXIT_IO
+        assert h.TRACKER in capsys.readouterr().err
+        for marker in ("latest_checkpointed_iteration.txt", "latest_train_state.pt", "iter_0000000/.metadata"):
+            assert not (out / marker).exists(), marker
+    monkeypatch.setattr(h, "fsync_write", real)
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), "--quiet", "--no-staging"]) == 0
+    assert (out / "latest_checkpointed_iteration.txt").is_file()
+
+
+def test_a_kill_during_overwrite_never_leaves_old_markers_over_missing_files(src, tmp_path):
+    out = tmp_path / "out"
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), "--quiet", *SMALL]) == 0
+    proc = start_paused(src, out, "chunk:1", "--overwrite")
+    proc.kill()
+    proc.wait()
+    assert not (out / "iter_0000000" / ".metadata").exists()
+    assert not (out / "latest_checkpointed_iteration.txt").exists()
+
+
+# ------------------------------------------------------------------------ 7-10. what a checkpoint can forge
+
+@pytest.fixture(scope="module")
+def decilm_ckpt(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("decilm")
+    hf = make_checkpoint(base / "hf", mixed_decilm_config(hidden=64, heads=4, vocab=128), seed=2)
+    out = base / "mc"
+    assert main(["hf2mcore", "--hf-model", str(hf), "--megatron-path", str(out), "--quiet"]) == 0
+    return out
+
+
+def with_config_path(ckpt: Path, tmp_path: Path, target: str) -> Path:
+    """A copy of ``ckpt`` whose run_config.yaml names ``target`` as the layers config (no encoded json)."""
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    import yaml
+
+    rc = copy / "iter_0000000" / "run_config.yaml"
+    cfg = yaml.safe_load(rc.read_text())
+    del cfg["model"]["heterogeneous_layers_config_encoded_json"]
+    cfg["model"]["heterogeneous_layers_config_path"] = target
+    rc.write_text(yaml.safe_dump(cfg))
+    return copy
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "layers.fifo", "/etc/hostname", "../../outside.json"])
+def test_a_layers_config_path_is_read_only_inside_the_checkpoint(decilm_ckpt, tmp_path, target):
+    """A device, a FIFO inside the checkpoint, files outside it: refused at once, nothing read or waited for."""
+    ckpt = with_config_path(decilm_ckpt, tmp_path, target)
+    if target.endswith(".fifo"):
+        os.mkfifo(ckpt / "iter_0000000" / target)
+    (tmp_path / "outside.json").write_text(json.dumps(mixed_decilm_config(hidden=64, heads=4, vocab=128)))
+    r = run_cli("mcore2hf", "--megatron-path", ckpt, "--hf-path", tmp_path / "hf", "--quiet", timeout=60)
+    one_line(r, errors.EXIT_BAD_INPUT, "heterogeneous layers config", "--hf-config")
+
+
+def test_a_fifo_in_place_of_a_checkpoint_file_is_refused(src, tmp_path):
+    out = tmp_path / "out"
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), "--quiet", *SMALL]) == 0
+    victim = sorted((out / "iter_0000000").glob("*.distcp"))[0]
+    victim.unlink()
+    os.mkfifo(victim)
+    for cmd in (["mcore2hf", "--megatron-path", out, "--hf-path", tmp_path / "hf"],
+                ["verify", "--hf-model", src, "--megatron-path", out],
+                ["inspect", out]):
+        r = run_cli(*cmd, "--quiet" if cmd[0] != "inspect" else "--json", timeout=60)
+        one_line(r, errors.EXIT_BAD_INPUT, victim.name, "not a regular file")
+    meta = out / "iter_0000000" / ".metadata"
+    meta.unlink()
+    os.mkfifo(meta)
+    r = run_cli("mcore2hf", "--megatron-path", out, "--hf-path", tmp_path / "hf2", "--quiet", timeout=60)
+    one_line(r, errors.EXIT_BAD_INPUT, ".metadata")  # no hang: a FIFO is not taken for the file
+
+
+def test_a_tracker_with_a_non_ascii_digit_is_bad_input(src, tmp_path):
+    out = tmp_path / "out"
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), "--quiet"]) == 0
+    (out / "latest_checkpointed_iteration.txt").write_text("²")
+    r = run_cli("mcore2hf", "--megatron-path", out, "--hf-path", tmp_path / "hf", "--quiet")
+    one_line(r, errors.EXIT_BAD_INPUT, "latest_checkpointed_iteration.txt", "not an iteration number")
+
+
+# ------------------------------------------------------------------------ 13-14. messages and limits
+
+def test_control_characters_from_inputs_are_escaped(src, tmp_path):
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_bytes((src / "config.json").read_bytes())
+    evil = "model\n\x1b[31merror: all good\x1b[0m.safetensors"
+    (model / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.embed_tokens.weight": evil}}))
+    r = run_cli("hf2mcore", "--hf-model", model, "--megatron-path", tmp_path / "out", "--quiet", "--json")
+    err = one_line(r, errors.EXIT_BAD_INPUT)
+    assert "\x1b" not in err and "\\x1b" in err and "\\n" in err
+    assert json.loads(r.stdout)["exit_code"] == errors.EXIT_BAD_INPUT  # --json: an error object for scripts
+
+
+@pytest.mark.parametrize("field,value", [("rms_norm_eps", float("nan")), ("rms_norm_eps", -1.0)])
+def test_nonsense_norm_epsilon_is_refused(src, tmp_path, field, value):
+    model = tmp_path / "hf"
+    model.mkdir()
+    for p in src.iterdir():
+        if p.name != "config.json":
+            os.symlink(p, model / p.name)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg[field] = value
+    (model / "config.json").write_text(json.dumps(cfg))
+    r = run_cli("hf2mcore", "--hf-model", model, "--megatron-path", tmp_path / "out", "--quiet")
+    one_line(r, errors.EXIT_BAD_INPUT, field)
+
+
+def test_a_huge_ffn_mult_is_refused(tmp_path):
+    cfg = mixed_decilm_config(hidden=64, heads=4, vocab=128)
+    block = next(b for b in cfg["block_configs"] if b["ffn"].get("ffn_mult"))
+    block["ffn"]["ffn_mult"] = 1e30
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(cfg))
+    r = run_cli("plan", "--hf-model", model / "config.json")
+    one_line(r, errors.EXIT_BAD_INPUT, "ffn_mult", "not a real model")

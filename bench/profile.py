@@ -5,7 +5,7 @@
 
 Per model size and place (``tmpfs``: source and output in /dev/shm, where ``cp`` is a memcpy and the ratio
 shows the program's own cost per byte; ``disk``: the work folder, source warm in the page cache, every run
-ending with ``sync``), alternating ``cp -r``, ``streamconv hf2mcore`` (default) and ``--no-staging`` for
+ending with ``sync``; ``disk-cold``: the same with the page cache dropped before every run), alternating ``cp -r``, ``streamconv hf2mcore`` (default) and ``--no-staging`` for
 ``--rounds`` rounds; medians of:
 - wall time of the whole process (start-up included) and the conversion's own ``seconds`` (``--json``:
   from the resume checks to the commit);
@@ -94,15 +94,23 @@ def phases(results) -> dict:
 
 def measure_place(src: Path, work: Path, where: str, rounds: int, extra) -> dict:
     gb = c.folder_bytes(src) / 1e9
-    sync = where == "disk"
+    sync = where.startswith("disk")
+    cold = where == "disk-cold"  # the page cache dropped before every run (root)
+
+    def before():
+        if cold and not c.drop_caches():
+            sys.exit("--where disk-cold needs root (to drop the page cache)")
+
     rows: dict[str, list] = {"cp -r": [], "default": [], "--no-staging": []}
     for i in range(rounds):
         dst = work / "cp"
         c.rmtree(dst)
+        before()
         rows["cp -r"].append(run(["sh", "-c", f"cp -r '{src}' '{dst}'" + (" && sync" if sync else "")]))
         c.rmtree(dst)  # one output at a time beside the source: tmpfs holds them in RAM
         for name, flags in (("default", []), ("--no-staging", ["--no-staging"])):
             out = work / name.strip("-")
+            before()
             r = run(hf2mcore(src, out, *flags, *extra))
             if sync:
                 subprocess.run(["sync"])
@@ -177,7 +185,9 @@ def measure_startup(work: Path, rounds: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="3", help="model sizes in GB (default 3)")
-    ap.add_argument("--where", default="tmpfs,disk", help="tmpfs, disk or both (default)")
+    ap.add_argument("--where", default="tmpfs,disk",
+                    help="tmpfs, disk (source warm in the page cache), disk-cold (dropped before every run, root); "
+                         "comma-separated (default tmpfs,disk)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=None, help="--workers for streamconv (default: its own)")
     ap.add_argument("--resume", action="store_true", help="also measure a resumed run after a kill at half")

@@ -28,6 +28,7 @@ from streamconv.checksum import crc32
 from streamconv.errors import output_error
 from streamconv.formats import dcp_pickle
 from streamconv.formats.atomic import commit, create_temporary, fsync_dir, fsync_write
+from streamconv.formats.torch_dist_reader import RandomAccess
 
 METADATA_JSON = {
     "sharded_backend": "torch_dist",
@@ -91,43 +92,27 @@ class _Recorder:
         pass
 
 
-class _Holed(io.RawIOBase):
-    """``prefix + <hole of n bytes> + suffix`` as a seekable file, for zipfile (which never reads the hole)."""
+class _Holed(RandomAccess):
+    """``prefix + <hole of n bytes> + suffix`` as a file, for zipfile (which never reads the hole)."""
 
     def __init__(self, prefix: bytes, n: int, suffix: bytes):
         self.prefix, self.n, self.suffix, self.pos = prefix, n, suffix, 0
         self.length = len(prefix) + n + len(suffix)
 
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def seek(self, pos, whence=0):
-        self.pos = {0: pos, 1: self.pos + pos, 2: self.length + pos}[whence]
-        return self.pos
-
-    def tell(self):
-        return self.pos
-
-    def readinto(self, b):
+    def read_at(self, offset: int, n: int) -> bytes:
         out = bytearray()
-        end = min(self.length, self.pos + len(b))
-        p = self.pos
-        while p < end:
-            if p < len(self.prefix):
-                piece = self.prefix[p:end]
-            elif p < len(self.prefix) + self.n:
-                piece = bytes(min(end, len(self.prefix) + self.n) - p)
+        end = offset + n
+        hole_at, hole_end = len(self.prefix), len(self.prefix) + self.n
+        while offset < end:
+            if offset < hole_at:
+                piece = self.prefix[offset:min(end, hole_at)]
+            elif offset < hole_end:
+                piece = bytes(min(end, hole_end) - offset)
             else:
-                q = p - len(self.prefix) - self.n
-                piece = self.suffix[q:q + end - p]
+                piece = self.suffix[offset - hole_end:end - hole_end]
             out += piece
-            p += len(piece)
-        b[:len(out)] = out
-        self.pos = end
-        return len(out)
+            offset += len(piece)
+        return bytes(out)
 
 
 _CRC = struct.Struct("<I")

@@ -184,11 +184,14 @@ class _ItemUnpickler(pickle.Unpickler):
         return _Storage(storage_type[1], str(key), int(numel))
 
 
-class FileSlice(io.RawIOBase):
-    """A read-only, seekable view of ``[start, start+length)`` of a file descriptor (for zipfile)."""
+class RandomAccess(io.RawIOBase):
+    """A read-only, seekable file of ``length`` bytes whose reads are ``read_at(offset, n)`` (for zipfile)."""
 
-    def __init__(self, fd: int, start: int, length: int):
-        self.fd, self.start, self.length, self.pos = fd, start, length, 0
+    length = 0
+    pos = 0
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        raise NotImplementedError
 
     def readable(self):
         return True
@@ -205,10 +208,20 @@ class FileSlice(io.RawIOBase):
 
     def readinto(self, b):
         n = max(0, min(len(b), self.length - self.pos))
-        data = os.pread(self.fd, n, self.start + self.pos) if n else b""
+        data = self.read_at(self.pos, n) if n else b""
         b[:len(data)] = data
         self.pos += len(data)
         return len(data)
+
+
+class FileSlice(RandomAccess):
+    """``[start, start+length)`` of a file descriptor."""
+
+    def __init__(self, fd: int, start: int, length: int):
+        self.fd, self.start, self.length, self.pos = fd, start, length, 0
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        return os.pread(self.fd, n, self.start + offset)
 
 
 def parse_tensor_item(fd: int, offset: int, length: int) -> ItemLayout | None:

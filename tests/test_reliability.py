@@ -7,6 +7,7 @@ away (a FIFO or /dev/zero named by a checkpoint), and one clean line for what a 
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import os
@@ -312,3 +313,136 @@ def test_a_huge_ffn_mult_is_refused(tmp_path):
     (model / "config.json").write_text(json.dumps(cfg))
     r = run_cli("plan", "--hf-model", model / "config.json")
     one_line(r, errors.EXIT_BAD_INPUT, "ffn_mult", "not a real model")
+
+
+# ------------------------------------------------------------------------ 8, 10. crafted .metadata and items
+
+def crafted(src, tmp_path, change) -> Path:
+    """A conversion of ``src`` whose .metadata (loaded with the real classes) ``change(meta, ckpt)`` edits."""
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import Metadata  # noqa: F401  (the classes the pickle names)
+
+    out = tmp_path / "mc"
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), "--quiet"]) == 0
+    ckpt = out / "iter_0000000"
+    meta = pickle.loads((ckpt / ".metadata").read_bytes())  # our own file, in a test
+    change(meta, ckpt)
+    (ckpt / ".metadata").write_bytes(pickle.dumps(meta))
+    return out
+
+
+def first_tensor_item(meta):
+    return next((i, v) for i, v in meta.storage_data.items() if i.offset is not None)
+
+
+def append_item(ckpt: Path, rel: str, data: bytes) -> int:
+    path = ckpt / rel
+    at = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(data)
+    return at
+
+
+def item_archive(pickle_bytes: bytes, storage: bytes, compress: int = 0) -> bytes:
+    """A zip laid out as torch.save's, with the given data.pkl (``compress``: zipfile's method for it)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("archive/data.pkl", pickle_bytes, compress_type=compress or zipfile.ZIP_STORED)
+        z.writestr("archive/byteorder", b"little")
+        z.writestr("archive/data/0", storage)
+        z.writestr("archive/version", b"3\n")
+    return buf.getvalue()
+
+
+def tensor_pickle(sizes, storage_offset: int) -> bytes:
+    """data.pkl of a bf16 tensor of ``sizes`` at ``storage_offset`` of its storage (torch.save's record)."""
+    import io
+    import pickle
+
+    class Storage:  # pickled by persistent id, as torch.save does
+        pass
+
+    numel = 1
+    for n in sizes:
+        numel *= n
+    storage = Storage()
+
+    class P(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.BFloat16Storage, "0", "cpu", numel) if obj is storage else None
+
+    strides = tuple(int(torch.empty(sizes).stride(i)) for i in range(len(sizes)))
+    buf = io.BytesIO()
+    P(buf, protocol=2).dump(_Rebuild(storage, storage_offset, sizes, strides))
+    return buf.getvalue()
+
+
+class _Rebuild:
+    def __init__(self, storage, offset, sizes, strides):
+        self.args = (storage, offset, tuple(sizes), strides, False, collections.OrderedDict())
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, self.args
+
+
+def test_an_item_whose_storage_offset_points_before_its_storage_is_refused(src, tmp_path):
+    def change(meta, ckpt):
+        index, info = first_tensor_item(meta)
+        sizes = tuple(meta.state_dict_metadata[index.fqn].chunks[0].sizes)
+        numel = 1
+        for n in sizes:
+            numel *= n
+        item = item_archive(tensor_pickle(sizes, -10), bytes(2 * numel))
+        info.offset = append_item(ckpt, info.relative_path, item)
+        info.length = len(item)
+
+    out = crafted(src, tmp_path, change)
+    r = run_cli("mcore2hf", "--megatron-path", out, "--hf-path", tmp_path / "hf", "--quiet")
+    one_line(r, errors.EXIT_BAD_INPUT, "storage offset -10")
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_a_compressed_item_is_refused_before_it_inflates(src, tmp_path):
+    import zipfile
+
+    def change(meta, ckpt):
+        index, info = first_tensor_item(meta)
+        sizes = tuple(meta.state_dict_metadata[index.fqn].chunks[0].sizes)
+        numel = 1
+        for n in sizes:
+            numel *= n
+        bomb = tensor_pickle(sizes, 0) + bytes(256 << 20)  # 256 MiB of zeros after the pickle
+        item = item_archive(bomb, bytes(2 * numel), compress=zipfile.ZIP_DEFLATED)
+        assert len(item) < 2 << 20  # a small item
+        info.offset = append_item(ckpt, info.relative_path, item)
+        info.length = len(item)
+
+    out = crafted(src, tmp_path, change)
+    r = run_cli("mcore2hf", "--megatron-path", out, "--hf-path", tmp_path / "hf", "--quiet", "--max-memory", "64MiB")
+    one_line(r, errors.EXIT_BAD_INPUT, "compressed records")
+
+
+def test_overlapping_items_are_refused(src, tmp_path):
+    def change(meta, ckpt):
+        items = [(i, v) for i, v in meta.storage_data.items() if i.offset is not None]
+        (_, a), (_, b) = items[0], next((i, v) for i, v in items[1:] if v.relative_path == items[0][1].relative_path)
+        b.offset = a.offset  # two entries, one item
+
+    out = crafted(src, tmp_path, change)
+    for cmd in (["mcore2hf", "--megatron-path", out, "--hf-path", tmp_path / "hf", "--quiet"],
+                ["verify", "--hf-model", src, "--megatron-path", out, "--quiet"]):
+        one_line(run_cli(*cmd), errors.EXIT_BAD_INPUT, "overlap")
+
+
+def test_malformed_allow_listed_metadata_is_bad_input_not_a_bug(src, tmp_path):
+    def change(meta, ckpt):
+        key = next(k for k, v in meta.state_dict_metadata.items() if hasattr(v, "size"))
+        meta.state_dict_metadata[key].size = None  # an allow-listed object holding nonsense
+
+    out = crafted(src, tmp_path, change)
+    r = run_cli("mcore2hf", "--megatron-path", out, "--hf-path", tmp_path / "hf", "--quiet")
+    one_line(r, errors.EXIT_BAD_INPUT, ".metadata", "malformed")

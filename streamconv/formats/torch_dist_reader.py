@@ -224,20 +224,46 @@ class FileSlice(RandomAccess):
         return os.pread(self.fd, n, self.start + offset)
 
 
+MAX_ITEM_PICKLE = 1 << 20  # a tensor item's data.pkl is a few hundred bytes
+
+
+class ItemRefused(ValueError):
+    """An item that is no archive ``torch.save`` writes, in a way that reading it would be unsafe or wrong."""
+
+
+def _bounded_read(z: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    if info.file_size > limit:
+        raise ItemRefused(f"its {info.filename} declares {info.file_size} bytes")
+    with z.open(info) as f:
+        data = f.read(limit + 1)  # a record that inflates past what it declares stops here
+    if len(data) > limit:
+        raise ItemRefused(f"its {info.filename} inflates past {limit} bytes")
+    return data
+
+
 def parse_tensor_item(fd: int, offset: int, length: int) -> ItemLayout | None:
-    """The layout of the ``torch.save`` archive at ``[offset, offset+length)``; None if it is not a plain,
-    uncompressed, little-endian tensor archive (the caller then falls back to ``torch.load``)."""
+    """The layout of the ``torch.save`` archive at ``[offset, offset+length)``; None if it is not a plain
+    tensor archive (the caller then falls back to ``torch.load`` of the item, bounded by its length).
+    Raises ``ItemRefused`` for a compressed record (torch.save never compresses; inflating one could take
+    any amount of memory), a pickle too large, or a storage offset that points outside the storage."""
     try:
         z = zipfile.ZipFile(FileSlice(fd, offset, length))
-        names = {i.filename: i for i in z.infolist()}
+        infos = z.infolist()
+        if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+            raise ItemRefused("it has compressed records")
+        names = {i.filename: i for i in infos}
         pkl = next(n for n in names if n.endswith("/data.pkl") or n == "data.pkl")
         prefix = pkl[: -len("data.pkl")]
-        if prefix + "byteorder" in names and z.read(prefix + "byteorder") != b"little":
+        if prefix + "byteorder" in names and _bounded_read(z, names[prefix + "byteorder"], 64) != b"little":
             return None
-        record = _ItemUnpickler(io.BytesIO(z.read(pkl))).load()
+        record = _ItemUnpickler(io.BytesIO(_bounded_read(z, names[pkl], MAX_ITEM_PICKLE))).load()
         if not (isinstance(record, tuple) and record[0] == "tensor"):
             return None
         _, storage, storage_offset, size, stride = record
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (storage_offset, *size, *stride)):
+            raise ItemRefused("its shape, strides or storage offset are not integers")
+        if storage_offset < 0 or storage_offset > storage.numel:
+            raise ItemRefused(f"its storage offset {storage_offset} lies outside its {storage.numel}-element storage")
         info = names[f"{prefix}data/{storage.key}"]
         itemsize = torch.empty((), dtype=storage.dtype).element_size()
         if info.compress_type != zipfile.ZIP_STORED or info.file_size != storage.numel * itemsize:
@@ -252,12 +278,27 @@ def parse_tensor_item(fd: int, offset: int, length: int) -> ItemLayout | None:
             return None
         data_start = offset + info.header_offset + 30 + name_len + extra_len
         return ItemLayout(data_start, storage.dtype, storage_offset, size, stride)
+    except ItemRefused:
+        raise
     except (zipfile.BadZipFile, pickle.UnpicklingError, StopIteration, KeyError, ValueError, TypeError,
             struct.error, EOFError, AttributeError, IndexError):
         return None
 
 
 # --------------------------------------------------------------------------- the source
+
+
+def _refuse_overlaps(folder: Path, storage: dict) -> None:
+    """No two items of ``.metadata`` may share bytes of a file: each would then read the other's."""
+    by_file: dict[str, list] = collections.defaultdict(list)
+    for (key, _), ref in storage.items():
+        by_file[ref.file].append((ref.offset, ref.offset + ref.length, key))
+    for rel, spans in by_file.items():
+        spans.sort()
+        for (a0, a1, ka), (b0, b1, kb) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise BadInputError(f"{folder / rel}: items {ka!r} and {kb!r} overlap (bytes {b0}..{min(a1, b1)}) in "
+                                    f"{METADATA_FILE}; this is not a checkpoint torch_dist wrote, or it was tampered with")
 
 
 @dataclass(frozen=True)
@@ -304,10 +345,22 @@ class TorchDistSource:
     """
 
     def __init__(self, folder: Path | str):
-        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-
         self.folder = Path(folder)
         self.metadata = load_metadata(self.folder / METADATA_FILE)
+        try:
+            self._parse()
+        except (TypeError, AttributeError, ValueError, KeyError) as e:  # allow-listed types, nonsense values
+            raise BadInputError(f"{self.folder / METADATA_FILE}: malformed ({type(e).__name__}: {e}); this is not "
+                                "a checkpoint torch_dist wrote, or it was tampered with") from None
+        self._fds: dict[str, int] = {}
+        self._layouts: dict[tuple[str, int], ItemLayout | None] = {}
+        self._lock = threading.Lock()
+        self._by_layer: dict[str, dict[int, list[ItemRef]]] = {}
+
+    def _parse(self) -> None:
+        """``tensors``, ``objects`` and where every item is, from ``.metadata``, every number checked."""
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
         storage: dict[tuple[str, tuple[int, ...] | None], ItemRef] = {}
         sizes: dict[str, int] = {}
         for index, info in self.metadata.storage_data.items():
@@ -360,11 +413,8 @@ class TorchDistSource:
             else:
                 raise BadInputError(f"{self.folder / METADATA_FILE}: entry {key!r} is of unknown kind "
                                     f"{type(md).__name__}")
+        _refuse_overlaps(self.folder, storage)
         self._storage = storage
-        self._fds: dict[str, int] = {}
-        self._layouts: dict[tuple[str, int], ItemLayout | None] = {}
-        self._lock = threading.Lock()
-        self._by_layer: dict[str, dict[int, list[ItemRef]]] = {}
 
     # ------------------------------------------------------------------ engine interface
 
@@ -537,7 +587,11 @@ class TorchDistSource:
     def _layout(self, meta: TensorMeta, c: ItemRef) -> ItemLayout | None:
         cache_key = (c.file, c.offset)
         if cache_key not in self._layouts:
-            layout = parse_tensor_item(self._fd(c.file), c.offset, c.length)
+            try:
+                layout = parse_tensor_item(self._fd(c.file), c.offset, c.length)
+            except ItemRefused as e:
+                raise BadInputError(f"{self.folder / c.file}: chunk {list(c.offsets)} of {meta.key!r} is refused: "
+                                    f"{e}; this is not a checkpoint torch_dist wrote, or it was tampered with") from None
             if layout is not None and (layout.size != c.sizes or layout.dtype != meta.dtype):
                 raise BadInputError(
                     f"{self.folder / c.file}: chunk {list(c.offsets)} of {meta.key!r} holds a {layout.dtype} "

@@ -121,8 +121,15 @@ def chunk_bytes_for(max_memory: int) -> int:
     return max(1, min(DEFAULT_CHUNK_BYTES, max_memory // 8))
 
 
+MIN_MAX_MEMORY = 32 * 1024  # chunks of 4 KiB: each .distcp item carries ~1.5 KB of torch.save framing
+
+
 def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
     """Convert; returns the summary (bytes, seconds, peak RSS, ...)."""
+    if opts.max_memory < MIN_MAX_MEMORY:
+        raise UsageError(f"--max-memory {engine.fmt_bytes(opts.max_memory)} is below the minimum of "
+                         f"{engine.fmt_bytes(MIN_MAX_MEMORY)}: smaller chunks would make the checkpoint much larger "
+                         "than the model (each item carries ~1.5 KB of framing); the default 2GiB suits most hosts")
     folder = resolve_hf_model(hf_model)
     cfg = load_config(folder)
     spec = spec_from_config(cfg)

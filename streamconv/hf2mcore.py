@@ -161,7 +161,7 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
             if opts.keep_staging:
                 from streamconv.formats.staging import StagingStore
 
-                view = StagingStore(journal.dir / resume.STAGING_STORE, plan, fsync_chunks=True)
+                view = StagingStore(journal.dir / resume.STAGING_STORE, plan)  # fsynced whole at the end
                 view.check_raw(plan)
             try:
                 sink = TorchDistSink(ckpt, plan, journal, chunk_journal=opts.staging, view=view)

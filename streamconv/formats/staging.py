@@ -212,14 +212,6 @@ class StagingStore:
             except FileNotFoundError:
                 pass
 
-    def clean_partials(self) -> int:
-        """Delete the temporary files a killed zarr write leaves (``<chunk>.<uuid>.partial``)."""
-        n = 0
-        for p in self.path.rglob("*.partial"):
-            p.unlink(missing_ok=True)
-            n += 1
-        return n
-
     # ------------------------------------------------------------------ the view written beside the .distcp
 
     def check_raw(self, plan) -> None:

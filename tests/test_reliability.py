@@ -10,9 +10,11 @@ from __future__ import annotations
 import collections
 import errno
 import json
+import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,8 +87,9 @@ def start_paused(src, out, point="chunk:1", *extra) -> subprocess.Popen:
                              "--megatron-path", str(out), "--quiet", *SMALL, *extra],
                             env={**os.environ, "STREAMCONV_TEST_PAUSE": point, "STREAMCONV_TEST_PAUSE_FILE": str(marker)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not marker.exists():
+    while not marker.exists():  # the run's own progress decides when, not a timer
         assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.005)
     return proc
 
 
@@ -336,12 +339,16 @@ def first_tensor_item(meta):
     return next((i, v) for i, v in meta.storage_data.items() if i.offset is not None)
 
 
-def append_item(ckpt: Path, rel: str, data: bytes) -> int:
-    path = ckpt / rel
-    at = path.stat().st_size
+def replace_first_item(meta, ckpt: Path, make) -> None:
+    """Point the first tensor chunk of ``meta`` at ``make(sizes, nbytes)``, appended to its file."""
+    index, info = first_tensor_item(meta)
+    sizes = tuple(meta.state_dict_metadata[index.fqn].chunks[0].sizes)
+    item = make(sizes, 2 * math.prod(sizes))  # bf16
+    path = ckpt / info.relative_path
+    info.offset = path.stat().st_size
     with open(path, "ab") as f:
-        f.write(data)
-    return at
+        f.write(item)
+    info.length = len(item)
 
 
 def item_archive(pickle_bytes: bytes, storage: bytes, compress: int = 0) -> bytes:
@@ -391,14 +398,7 @@ class _Rebuild:
 
 def test_an_item_whose_storage_offset_points_before_its_storage_is_refused(src, tmp_path):
     def change(meta, ckpt):
-        index, info = first_tensor_item(meta)
-        sizes = tuple(meta.state_dict_metadata[index.fqn].chunks[0].sizes)
-        numel = 1
-        for n in sizes:
-            numel *= n
-        item = item_archive(tensor_pickle(sizes, -10), bytes(2 * numel))
-        info.offset = append_item(ckpt, info.relative_path, item)
-        info.length = len(item)
+        replace_first_item(meta, ckpt, lambda sizes, nbytes: item_archive(tensor_pickle(sizes, -10), bytes(nbytes)))
 
     out = crafted(src, tmp_path, change)
     r = run_cli("mcore2hf", "--megatron-path", out, "--hf-path", tmp_path / "hf", "--quiet")
@@ -409,17 +409,14 @@ def test_an_item_whose_storage_offset_points_before_its_storage_is_refused(src, 
 def test_a_compressed_item_is_refused_before_it_inflates(src, tmp_path):
     import zipfile
 
-    def change(meta, ckpt):
-        index, info = first_tensor_item(meta)
-        sizes = tuple(meta.state_dict_metadata[index.fqn].chunks[0].sizes)
-        numel = 1
-        for n in sizes:
-            numel *= n
-        bomb = tensor_pickle(sizes, 0) + bytes(256 << 20)  # 256 MiB of zeros after the pickle
-        item = item_archive(bomb, bytes(2 * numel), compress=zipfile.ZIP_DEFLATED)
+    def bomb(sizes, nbytes):
+        item = item_archive(tensor_pickle(sizes, 0) + bytes(256 << 20),  # 256 MiB of zeros after the pickle
+                            bytes(nbytes), compress=zipfile.ZIP_DEFLATED)
         assert len(item) < 2 << 20  # a small item
-        info.offset = append_item(ckpt, info.relative_path, item)
-        info.length = len(item)
+        return item
+
+    def change(meta, ckpt):
+        replace_first_item(meta, ckpt, bomb)
 
     out = crafted(src, tmp_path, change)
     r = run_cli("mcore2hf", "--megatron-path", out, "--hf-path", tmp_path / "hf", "--quiet", "--max-memory", "64MiB")

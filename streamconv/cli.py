@@ -72,11 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"streamconv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("hf2mcore", help="convert a HF safetensors checkpoint to Megatron-Core torch_dist")
+    p = sub.add_parser("hf2mcore", aliases=["import"],
+                       help="convert a HF safetensors checkpoint to Megatron-Core torch_dist (alias: import)")
     p.add_argument("--hf-model", required=True, help="HF model folder or hub repo id (owner/name)")
     p.add_argument("--megatron-path", required=True, help="output folder (gets iter_0000000/ and the tracker file)")
-    p.add_argument("--dtype", default=None,
-                   help="output dtype: bf16, fp16, fp32 (default: keep each tensor's source dtype)")
+    p.add_argument("--dtype", "--torch-dtype", dest="dtype", default=None,
+                   help="output dtype: bf16, fp16, fp32 or bfloat16, float16, float32 (default: keep each tensor's "
+                        "source dtype)")
     p.add_argument("--overwrite", action="store_true", help="delete a non-empty output folder and start over")
     p.add_argument("--allow-unused", action="store_true", help="ignore tensors the mapping does not use")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "file, and a resumed run re-checks the unfinished ones)")
     _add_engine(p)
     _add_common(p)
-    p.set_defaults(func=cmd_hf2mcore)
+    p.set_defaults(func=cmd_hf2mcore, command="hf2mcore")
 
     p = sub.add_parser("verify", help="check, bit for bit, that every tensor of a torch_dist checkpoint equals "
                                       "its HF source under the mapping")
@@ -104,22 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("mcore2hf", help="export a Megatron-Core torch_dist checkpoint to HF safetensors")
+    p = sub.add_parser("mcore2hf", aliases=["export"],
+                       help="export a Megatron-Core torch_dist checkpoint to HF safetensors (alias: export)")
     p.add_argument("--megatron-path", required=True,
                    help="checkpoint folder (holding .metadata), an iter_*/release folder, or their parent with "
                         "latest_checkpointed_iteration.txt")
     p.add_argument("--hf-path", required=True, help="output folder (safetensors shards, index, config.json)")
-    p.add_argument("--hf-config", default=None,
+    p.add_argument("--hf-config", "--hf-model", dest="hf_config", default=None,
                    help="HF model folder, config.json or hub id describing the model (default: the checkpoint's "
-                        "run_config.yaml); tokenizer/generation files are copied from a folder")
-    p.add_argument("--dtype", default=None,
-                   help="output dtype: bf16, fp16, fp32 (default: keep each tensor's stored dtype)")
+                        "run_config.yaml); tokenizer/generation files are copied from a folder. --hf-model is "
+                        "Megatron-Bridge's spelling")
+    p.add_argument("--dtype", "--torch-dtype", dest="dtype", default=None,
+                   help="output dtype: bf16, fp16, fp32 or bfloat16, float16, float32 (default: keep each tensor's "
+                        "stored dtype)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for Megatron-Bridge compatibility; streamconv never runs remote code")
     p.add_argument("--max-shard-size", type=_size, default="5GB",
                    help="largest safetensors shard, as save_pretrained reads it (default 5GB = 5*10^9 bytes)")
     p.add_argument("--overwrite", action="store_true", help="delete a non-empty output folder and start over")
     _add_engine(p)
     _add_common(p)
-    p.set_defaults(func=cmd_mcore2hf)
+    p.set_defaults(func=cmd_mcore2hf, command="mcore2hf")
 
     p = sub.add_parser("plan", help="print the conversion plan without reading weights")
     p.add_argument("--hf-model", required=True, help="HF model folder, config.json, or hub repo id")

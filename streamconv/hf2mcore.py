@@ -56,8 +56,14 @@ def resolve_hf_model(hf_model: str, allow_patterns=HUB_PATTERNS) -> Path:
         return path
     if path.is_file() and path.name == "config.json":
         return path.parent
-    if path.exists() or hf_model.startswith((".", "/", "~")) or hf_model.count("/") != 1:
-        raise BadInputError(f"{hf_model}: not a model folder and not a Hugging Face repo id (owner/name)")
+    if path.is_file():
+        hint = ("a single safetensors file: pass the folder that holds it with its config.json"
+                if path.suffix == ".safetensors" else "a file, not a model folder: pass the folder holding config.json")
+        raise BadInputError(f"{hf_model}: {hint}")
+    if path.exists():
+        raise BadInputError(f"{hf_model}: not a folder; pass the model folder holding config.json")
+    if hf_model.startswith((".", "/", "~")) or hf_model.count("/") != 1:
+        raise BadInputError(f"{hf_model}: no such folder, and not a Hugging Face repo id (owner/name); check the path")
     try:
         from huggingface_hub import snapshot_download
 
@@ -121,15 +127,8 @@ def chunk_bytes_for(max_memory: int) -> int:
     return max(1, min(DEFAULT_CHUNK_BYTES, max_memory // 8))
 
 
-MIN_MAX_MEMORY = 32 * 1024  # chunks of 4 KiB: each .distcp item carries ~1.5 KB of torch.save framing
-
-
 def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
     """Convert; returns the summary (bytes, seconds, peak RSS, ...)."""
-    if opts.max_memory < MIN_MAX_MEMORY:
-        raise UsageError(f"--max-memory {engine.fmt_bytes(opts.max_memory)} is below the minimum of "
-                         f"{engine.fmt_bytes(MIN_MAX_MEMORY)}: smaller chunks would make the checkpoint much larger "
-                         "than the model (each item carries ~1.5 KB of framing); the default 2GiB suits most hosts")
     folder = resolve_hf_model(hf_model)
     cfg = load_config(folder)
     spec = spec_from_config(cfg)

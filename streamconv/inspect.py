@@ -16,7 +16,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from streamconv.errors import BadInputError, StreamconvError
+from streamconv.errors import EXIT_BAD_INPUT, BadInputError, StreamconvError
 
 METADATA_FILE = ".metadata"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -28,8 +28,9 @@ class Entry:
     shape: tuple[int, ...]
     dtype: str
     bytes: int
-    file: str
+    file: str  # where it is, for people ("__0_0.distcp +8": the first file and how many more)
     chunks: int = 1  # stored pieces (torch_dist); 1 for safetensors
+    files: list[str] = field(default_factory=list)  # torch_dist: every file holding a piece of it
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Report:
     check: str  # "ok" or what would stop a conversion
     tensors: list[Entry]
     objects: list[str] = field(default_factory=list)  # torch_dist BYTE_IO keys
+    files: list[str] = field(default_factory=list)  # every file of the checkpoint (torch_dist: objects' too)
+    convertible: bool | None = None  # False: what ``check`` names would stop a conversion (inspect exits 3)
 
     def totals(self) -> dict:
         dtypes: dict[str, int] = {}
@@ -51,7 +54,7 @@ class Report:
             "objects": len(self.objects),
             "parameters": sum(math.prod(t.shape) for t in self.tensors),
             "bytes": sum(t.bytes for t in self.tensors),
-            "files": len({t.file for t in self.tensors}),
+            "files": len(self.files) if self.files else len({t.file for t in self.tensors}),
             "bytes_by_dtype": dtypes,
         }
 
@@ -60,7 +63,9 @@ class Report:
         for t in d["tensors"]:
             t["shape"] = list(t["shape"])
             if self.kind == "hf":
-                del t["chunks"]
+                del t["chunks"], t["files"]
+            else:
+                del t["file"]  # the display string; "files" lists them
         d["totals"] = self.totals()
         return d
 
@@ -129,7 +134,9 @@ def hf_report(folder: Path) -> Report:
     finally:
         source.close()
     arch, model, check = _hf_architecture(folder, infos)
-    return Report("hf", str(folder), arch, model, check, sorted(tensors, key=lambda t: natural_key(t.name)))
+    known = (folder / "config.json").is_file()
+    return Report("hf", str(folder), arch, model, check, sorted(tensors, key=lambda t: natural_key(t.name)),
+                  convertible=check.startswith("ok") if known else None)
 
 
 def _hf_architecture(folder: Path, infos: dict | None) -> tuple[str | None, dict, str]:
@@ -188,13 +195,17 @@ def torch_dist_report(folder: Path) -> Report:
             files = sorted({c.file for c in meta.chunks}, key=natural_key)
             where = files[0] + (f" +{len(files) - 1}" if len(files) > 1 else "") if files else ""
             tensors.append(Entry(key, tuple(meta.shape), dtype_name(meta.dtype), meta.nbytes, where,
-                                 len(meta.chunks)))
+                                 len(meta.chunks), files))
         objects = sorted(source.objects, key=natural_key)
+        all_files = sorted({ref.file for ref in source._storage.values()}, key=natural_key)
     finally:
         source.close()
     arch, model, check = _torch_dist_architecture(folder, {t.name: t.shape for t in tensors})
     return Report("torch_dist", str(folder), arch, model, check, sorted(tensors, key=lambda t: natural_key(t.name)),
-                  objects)
+                  objects, all_files, convertible=check.startswith("ok") if check != NO_RUN_CONFIG else None)
+
+
+NO_RUN_CONFIG = "no run_config.yaml: architecture guessed from the key layout"
 
 
 def _torch_dist_architecture(folder: Path, keys: dict[str, tuple]) -> tuple[str | None, dict, str]:
@@ -205,7 +216,7 @@ def _torch_dist_architecture(folder: Path, keys: dict[str, tuple]) -> tuple[str 
     layout = {"layer_keys": "per-layer (heterogeneous)" if per_layer else "stacked [L, ...]"}
     if not run_config.is_file():
         guess = "heterogeneous GPT (DeciLM-like)" if per_layer else "GPT (Llama-like)" if keys else None
-        return guess, layout, "no run_config.yaml: architecture guessed from the key layout"
+        return guess, layout, NO_RUN_CONFIG
     from streamconv.formats.run_config_reader import hf_config_from_run_config
     from streamconv.models.spec import spec_from_config
 
@@ -268,11 +279,12 @@ def render(report: Report, console) -> None:
 
 
 def inspect_command(args) -> int:
+    """Exit 0, or 3 (bad input) when the check found what would stop a conversion (the report is printed)."""
     report = inspect_path(args.path)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
-        return 0
-    from rich.console import Console
+    else:
+        from rich.console import Console
 
-    render(report, Console())
-    return 0
+        render(report, Console())
+    return EXIT_BAD_INPUT if report.convertible is False else 0

@@ -149,6 +149,9 @@ def check_output(out: Path, identity: dict, overwrite: bool) -> bool:
         raise OutputError(f"{path}: unreadable ({e}); pass --overwrite to start over") from None
     diff = describe_difference(old, identity)
     if diff is not None:
+        if (out / "iter_0000000" / ".metadata").is_file():  # not a run to resume: a finished checkpoint
+            raise OutputError(f"{out}: holds a finished conversion that is not this one ({diff.removeprefix('it ')}); "
+                              "pass --overwrite to replace it, or choose another --megatron-path")
         raise OutputError(f"{out}: cannot resume: {diff}; pass --overwrite to start over, or choose another "
                           "--megatron-path")
     return True

@@ -32,4 +32,4 @@ def test_bridge_spellings(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "back" / "config.json").read_bytes() != b""
     r = run("import", "--hf-model", src, "--megatron-path", tmp_path / "a", "--quiet")  # another dtype: refused
-    assert r.returncode == 4 and "cannot resume" in r.stderr and "interrupted" not in r.stderr
+    assert r.returncode == 4 and "holds a finished conversion" in r.stderr and "--dtype" in r.stderr

@@ -22,10 +22,10 @@ from streamconv.synth import llama_config, make_checkpoint, mixed_decilm_config
 ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
-def inspect_json(path, capsys) -> dict:
-    rc = main(["inspect", str(path), "--json"])
+def inspect_json(path, capsys, rc: int = 0) -> dict:
+    got = main(["inspect", str(path), "--json"])
     out, err = capsys.readouterr()
-    assert rc == 0, err
+    assert got == rc, err
     return json.loads(out)
 
 
@@ -81,14 +81,16 @@ def test_hf_table_output(hf, capsys, monkeypatch):
 
 
 def test_hf_problems_are_reported_not_fatal(hf, tmp_path, capsys):
-    """A config streamconv cannot convert, or a missing weight, is shown in the report's check line."""
+    """A config streamconv cannot convert, or a missing weight, is shown in the report's check line: the
+    whole report is printed, and the exit code (3) says the checkpoint would not convert."""
     src = shutil.copytree(hf, tmp_path / "hf")
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=3)))
-    report = inspect_json(src, capsys)
+    report = inspect_json(src, capsys, rc=3)
     assert "model.layers.2." in report["check"] and "is needed" in report["check"]
+    assert report["convertible"] is False
     (src / "config.json").write_text(json.dumps(dict(cfg, architectures=["MixtralForCausalLM"])))
-    report = inspect_json(src, capsys)
+    report = inspect_json(src, capsys, rc=3)
     assert report["architecture"] == "MixtralForCausalLM" and report["check"].startswith("not convertible")
     assert report["totals"]["tensors"] == 21
 
@@ -107,7 +109,8 @@ def test_torch_dist_matches_dcp_metadata(converted, capsys):
     got = {t["name"]: (t["shape"], t["dtype"], t["chunks"]) for t in report["tensors"]}
     assert got == truth
     files = {info.relative_path for info in meta.storage_data.values()}
-    assert {t["file"] for t in report["tensors"]} <= files
+    assert set().union(*(t["files"] for t in report["tensors"])) <= files
+    assert report["totals"]["files"] == len(files) == len(report["files"])  # the real count, the objects file too
     assert set(report["objects"]) == set(meta.state_dict_metadata) - set(truth)
     assert report["kind"] == "torch_dist" and report["architecture"] == "LlamaForCausalLM"
     assert report["model"]["layer_keys"].startswith("stacked")

@@ -443,9 +443,3 @@ def test_malformed_allow_listed_metadata_is_bad_input_not_a_bug(src, tmp_path):
     out = crafted(src, tmp_path, change)
     r = run_cli("mcore2hf", "--megatron-path", out, "--hf-path", tmp_path / "hf", "--quiet")
     one_line(r, errors.EXIT_BAD_INPUT, ".metadata", "malformed")
-
-
-def test_a_budget_that_would_bloat_the_checkpoint_is_refused(src, tmp_path):
-    r = run_cli("hf2mcore", "--hf-model", src, "--megatron-path", tmp_path / "out", "--max-memory", "16KiB")
-    one_line(r, errors.EXIT_USAGE, "--max-memory", "minimum")
-    assert not (tmp_path / "out").exists()

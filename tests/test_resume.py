@@ -202,8 +202,9 @@ def test_a_lost_journal_line_and_a_foreign_partial_file_are_redone(src, ref, tmp
     pending = [r for r in records if r["t"] == "chunk" and (r["key"], tuple(r["offsets"])) in
                {(c.key, tuple(c.offsets)) for c in plan.chunks if c.file not in committed}]
     assert len(pending) >= 2, "the kill should leave journaled chunks in an unfinished file"
-    assert lines[-1].startswith('{"t":"chunk"')
-    journal.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # torn mid-append
+    last = max(i for i, line in enumerate(lines) if line.startswith('{"t":"chunk"'))
+    lines[last] = lines[last][: len(lines[last]) // 2] + "\n"  # its record lost (a torn append)
+    journal.write_text("".join(lines))
     committed_file = out / ITER / f"__0_{min(committed)}.distcp"
     foreign = out / ITER / f"__0_{max(c.file for c in plan.chunks)}.distcp.partial"
     foreign.write_bytes(b"\0" * 100)  # the last file of the plan, but not its size

@@ -22,6 +22,7 @@ same pass: a Zarr v3 view of the model in megatron layout.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from pathlib import Path
 
@@ -110,6 +111,10 @@ def chunks_of_last_open(records, file_of: dict) -> set:
     return set().union(*live.values()) if live else set()
 
 
+class _Aborted(Exception):
+    pass
+
+
 class TorchDistSink:
     def __init__(self, ckpt: Path, plan, journal, *, chunk_journal: bool = True, view=None, extra_state=None):
         self.ckpt = Path(ckpt)
@@ -139,6 +144,12 @@ class TorchDistSink:
                 self._left[f] = len(chunks)
         if chunk_journal:
             self._resume_partials(records)
+        self._error: BaseException | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._committer = None
+        if chunk_journal:
+            self._committer = threading.Thread(target=self._commit_loop, name="streamconv-commit", daemon=True)
+            self._committer.start()
 
     # ------------------------------------------------------------------ resume
 
@@ -186,23 +197,64 @@ class TorchDistSink:
         return Placement(opened.fd, self.slots[(chunk.key, tuple(chunk.offsets))][1], opened.tmp, also)
 
     def placed(self, chunk, place: Placement, crc: int) -> None:
-        """``chunk``'s bytes are at ``place``: complete its item, journal it, commit its file when full."""
+        """``chunk``'s bytes are at ``place``: complete its item; then (on the committer thread, with the
+        chunk journal) make it durable and journal it; commit its file when full."""
+        self._check()
         for fd, _ in place.also:
             self.view.close_chunk(chunk, fd)
         self._complete(chunk, place.fd, crc)
         crashpoints.slow(1.0)
-        if self.chunk_journal:
-            try:  # the record is the chunk's commit: its bytes are on disk before the record exists
-                os.fdatasync(place.fd)
-            except OSError as e:
-                raise output_error(place.path, e) from e
-            self.journal.append({"t": "chunk", "key": chunk.key, "offsets": list(chunk.offsets), "crc32": crc})
+        if self._committer is not None:
+            self._queue.put((chunk, place, crc))
+        else:
+            self._done(chunk)
+
+    def _done(self, chunk) -> None:
         crashpoints.pause("chunk")
         with self._lock:
             self._left[chunk.file] -= 1
             full = self._left[chunk.file] == 0
         if full:
             self._commit_file(chunk.file)
+
+    def _commit_loop(self) -> None:
+        """The committer: each batch of completed chunks is made durable with one ``fdatasync`` per file
+        (the record is the chunk's commit: its bytes are on disk before the record exists), then journaled.
+        The worker threads never wait for the disk's flush."""
+        stop = False
+        while not stop:
+            batch = [self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get())
+            stop = any(b is None for b in batch)
+            batch = [b for b in batch if b is not None]
+            if self._error is not None:
+                continue
+            try:
+                synced = set()
+                for _, place, _ in batch:
+                    if place.fd not in synced:
+                        try:
+                            os.fdatasync(place.fd)
+                        except OSError as e:
+                            raise output_error(place.path, e) from e
+                        synced.add(place.fd)
+                for chunk, _, crc in batch:
+                    self.journal.append({"t": "chunk", "key": chunk.key, "offsets": list(chunk.offsets),
+                                         "crc32": crc})
+                    self._done(chunk)
+            except BaseException as e:  # reported at the next placed() or at close()
+                self._error = e
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _stop_committer(self) -> None:
+        if self._committer is not None:
+            self._queue.put(None)
+            self._committer.join()
+            self._committer = None
 
     def write(self, chunk, tensor: torch.Tensor) -> None:
         """A chunk held in memory (the buffered engine path)."""
@@ -238,6 +290,8 @@ class TorchDistSink:
 
     def close(self) -> None:
         """Objects, common state, then ``.metadata`` last (the commit)."""
+        self._stop_committer()
+        self._check()
         missing = [f for f in self.by_file if f not in self.committed]
         if missing:
             raise RuntimeError(f"files {missing} were never completed")
@@ -251,6 +305,8 @@ class TorchDistSink:
 
     def abort(self) -> None:
         """Close what is open; ``.partial`` files stay for the next run (which checks them)."""
+        self._error = self._error or _Aborted()  # the committer journals nothing more
+        self._stop_committer()
         with self._lock:
             for opened in self._open.values():
                 opened.close()

@@ -284,7 +284,7 @@ def inspect_command(args) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        from rich.console import Console
+        from streamconv.progress import stdout_console
 
-        render(report, Console())
+        render(report, stdout_console())
     return EXIT_BAD_INPUT if report.convertible is False else 0

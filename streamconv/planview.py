@@ -9,8 +9,9 @@ import re
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
+
+from streamconv.progress import stdout_console
 
 from streamconv import engine
 from streamconv.hf2mcore import chunk_bytes_for, parse_dtype, resolve_hf_model
@@ -102,7 +103,7 @@ def plan_command(args) -> int:
         summary["per_layer"] = per_layer
         print(json.dumps(summary, indent=2))
         return 0
-    console = Console()
+    console = stdout_console()
     if args.tensors:
         table = Table(title="output tensors")
         for col in ("key", "shape", "dtype", "bytes", "chunks"):

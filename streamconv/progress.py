@@ -136,9 +136,15 @@ def summary_table(summary: dict, title: str | None = None):
 
 
 def print_summary(summary: dict, console=None) -> None:
+    (console or stdout_console()).print(summary_table(summary))
+
+
+def stdout_console():
+    """A rich Console for stdout: the terminal's width on a terminal; into a file or a pipe, no width limit
+    (rich would otherwise assume 80 columns and cut table cells: "20,938.…")."""
     from rich.console import Console
 
-    (console or Console()).print(summary_table(summary))
+    return Console() if sys.stdout.isatty() else Console(width=100_000, soft_wrap=True)
 
 
 def _force() -> bool:

@@ -11,6 +11,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +158,23 @@ def test_not_a_checkpoint(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 3
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not a checkpoint" in err and err.count("\n") == 1
+
+
+def test_tables_into_a_pipe_are_complete(hf, tmp_path):
+    """Redirected to a file or a pipe (no terminal: rich would assume 80 columns), every column of every
+    row is there, nothing cut with an ellipsis."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "streamconv", "inspect", str(hf)], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if ".weight" in line and "│" in line]
+    assert len(rows) == 21 and "…" not in r.stdout
+    assert all(".safetensors" in row and ("B │" in row) for row in rows)
+    cfg = Path(__file__).resolve().parents[1] / "streamconv" / "configs" / "llama-3_1-nemotron-ultra-253b-v1.config.json"
+    r = subprocess.run([sys.executable, "-m", "streamconv", "plan", "--hf-model", str(cfg), "--layers"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "…" not in r.stdout
+    assert sum(line.strip().startswith("│") for line in r.stdout.splitlines()) >= 162  # a row per layer

@@ -73,6 +73,14 @@ def piece_bytes(max_memory: int, workers: int) -> int:
     return max(4096, min(PIECE_BYTES, max_memory // (2 * max(1, workers))) // 64 * 64)
 
 
+def pwrite_all(fd: int, data, at: int) -> None:
+    """All of ``data`` at offset ``at`` of ``fd`` (``pwrite`` may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
+
+
 class _Worker:
     def __init__(self, source, files, piece: int):
         self.source, self.files = source, files
@@ -139,9 +147,7 @@ class _Worker:
     @staticmethod
     def _write(fd: int, path, data: memoryview, at: int) -> None:
         try:
-            done = 0
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], at + done)
+            pwrite_all(fd, data, at)
         except OSError as e:
             raise output_error(path, e) from e
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from streamconv.errors import OutputError, output_error
 from streamconv.formats.atomic import NOFOLLOW, fsync_dir, fsync_write
+from streamconv.outdir import LOCK_FILE
 
 STATE_DIR = ".streamconv"
 IDENTITY_FILE = "identity.json"
@@ -131,8 +132,8 @@ def describe_difference(old: dict, new: dict) -> str | None:
 
 
 def _only_empty_folders(out: Path) -> bool:
-    """Nothing but empty folders (and the output's lock file: ``outdir.LOCK_FILE``)."""
-    return not any((p.is_file() or p.is_symlink()) and p.name != ".streamconv.lock" for p in out.rglob("*"))
+    """Nothing but empty folders (and the output's lock file)."""
+    return not any((p.is_file() or p.is_symlink()) and p.name != LOCK_FILE for p in out.rglob("*"))
 
 
 def check_output(out: Path, identity: dict, overwrite: bool) -> bool:

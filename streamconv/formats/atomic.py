@@ -32,12 +32,17 @@ def create_temporary(tmp: Path):
     """A new, empty temporary file at ``tmp``, opened for writing (``wb``). Whatever is at that name first
     goes (a planted symlink is removed, never followed), and the file is created with ``O_EXCL|O_NOFOLLOW``:
     a link that appears in between makes this fail instead of writing through it."""
+    return os.fdopen(create_exclusive(tmp, os.O_WRONLY), "wb")
+
+
+def create_exclusive(path: Path, mode: int) -> int:
+    """A descriptor of a new, empty file at ``path`` (``mode``: ``os.O_WRONLY`` or ``os.O_RDWR``): what was
+    at that name goes, and ``O_EXCL|O_NOFOLLOW`` make a link that appears in between fail the call."""
     try:
-        os.unlink(tmp)
+        os.unlink(path)
     except FileNotFoundError:
         pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
-    return os.fdopen(fd, "wb")
+    return os.open(path, mode | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
 
 
 def commit(fh, tmp: Path, final: Path, drop_cache: bool = False) -> None:

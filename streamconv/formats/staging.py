@@ -30,7 +30,6 @@ from streamconv.errors import UsageError, output_error
 from streamconv.formats.atomic import fsync_dir, fsync_file
 from streamconv.pagecache import copy_range
 
-STORE_NAME = "staging.zarr"  # = resume.STAGING_STORE
 ENCODING_BF16 = "raw bfloat16 bits in uint16: view as bfloat16 (torch: .view(torch.bfloat16); numpy: ml_dtypes)"
 ENCODING_FP8 = "raw float8 bits in uint8: view as the torch_dtype attribute says"
 

@@ -30,9 +30,9 @@ import torch
 
 from streamconv import crashpoints, pagecache, resume
 from streamconv.checksum import crc32
-from streamconv.copier import Placement
+from streamconv.copier import Placement, pwrite_all
 from streamconv.errors import output_error
-from streamconv.formats.atomic import NOFOLLOW, fsync_dir
+from streamconv.formats.atomic import NOFOLLOW, create_exclusive, fsync_dir
 from streamconv.formats.torch_dist import chunks_by_file, commit_checkpoint, distcp_name, frame_for, standalone
 
 def layout(plan) -> tuple[dict[tuple, tuple[int, int]], dict[int, int], dict[int, list]]:
@@ -48,22 +48,6 @@ def layout(plan) -> tuple[dict[tuple, tuple[int, int]], dict[int, int], dict[int
     return slots, sizes, entries
 
 
-def _pwrite(fd: int, data, at: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, at)
-        view, at = view[n:], at + n
-
-
-def _create(path: Path) -> int:
-    """A new file (what was at ``path`` goes; ``O_EXCL|O_NOFOLLOW``: never written through a link)."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
-
-
 class _Open:
     """A ``.distcp`` being written under its temporary name."""
 
@@ -73,7 +57,7 @@ class _Open:
         self.tmp = folder / (distcp_name(file) + ".partial")
         try:
             if fresh:  # a new file, never through a link planted at its name
-                self.fd = _create(self.tmp)
+                self.fd = create_exclusive(self.tmp, os.O_RDWR)
             else:  # a killed run's file, checked by the caller
                 self.fd = os.open(self.tmp, os.O_RDWR | NOFOLLOW)
             os.ftruncate(self.fd, size)  # every item has its place: a hole until written
@@ -127,13 +111,12 @@ class TorchDistSink:
         self.slots, self.sizes, self.entries = layout(plan)
         self.report = {"files_resumed": 0, "chunks_kept": 0, "partials_removed": 0}
         self.done: set[tuple] = set()  # chunks whose items are complete in a ``.partial`` file
-        self.committed: dict[int, list] = {}  # files under their final name
         self._open: dict[int, _Open] = {}
         self._left: dict[int, int] = {}  # chunks still to come per file
         self._lock = threading.Lock()
         crashpoints.started()
         records = journal.records()
-        self.committed = resume.committed_files(records, self.ckpt, self.by_file)
+        self.committed: dict[int, list] = resume.committed_files(records, self.ckpt, self.by_file)  # final names
         self.report["files_resumed"] = len(self.committed)
         keep = set()
         if chunk_journal:
@@ -262,9 +245,9 @@ class TorchDistSink:
         data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
         place = self.place(chunk)
         try:
-            _pwrite(place.fd, data, place.offset)
+            pwrite_all(place.fd, data, place.offset)
             for fd, at in place.also:
-                _pwrite(fd, data, at)
+                pwrite_all(fd, data, at)
         except OSError as e:
             raise output_error(place.path, e) from e
         self.placed(chunk, place, crc32(data))
@@ -273,8 +256,8 @@ class TorchDistSink:
         frame = frame_for(chunk.sizes, self.plan.targets[chunk.key].dtype)
         item_at, data_at = self.slots[(chunk.key, tuple(chunk.offsets))]
         try:
-            _pwrite(fd, frame.prefix, item_at)
-            _pwrite(fd, frame.suffix(crc), data_at + frame.nbytes)
+            pwrite_all(fd, frame.prefix, item_at)
+            pwrite_all(fd, frame.suffix(crc), data_at + frame.nbytes)
         except OSError as e:
             raise output_error(self.ckpt / (distcp_name(chunk.file) + ".partial"), e) from e
 

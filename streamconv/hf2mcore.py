@@ -173,7 +173,7 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
                 rss.reset_peak()  # the conversion's own peak, apart from start-up (imports, planning)
                 with progress:
                     stats = engine.run(plan, source, sink, max_memory=opts.max_memory, workers=opts.workers,
-                                       device=opts.device, progress=progress, skip=getattr(sink, "skip", None))
+                                       device=opts.device, progress=progress, skip=sink.skip)
                 write_bridge_files(folder, out, ckpt, spec, plan, hf_model)
                 sink.close()
                 seconds = time.perf_counter() - t0

@@ -7,6 +7,7 @@ Every subcommand is a function ``cmd_<name>(args) -> int``; errors a user can ac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import signal
@@ -25,9 +26,32 @@ INTERRUPT_HINTS = {
 
 
 def engine_workers() -> int:
+    """Threads per process: the CPUs this process may use, shared by the processes a launcher started on
+    this host (``LOCAL_WORLD_SIZE``)."""
+    import os
+
     from streamconv.engine import default_workers
 
-    return default_workers()
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)) if os.environ.get("WORLD_SIZE") else 1
+    except ValueError:
+        local = 1
+    return max(1, default_workers() // local)
+
+
+@contextlib.contextmanager
+def joined():
+    """The distributed job this process is part of (``dist.Job``) under a launcher, else None."""
+    from streamconv import dist
+
+    if not dist.launched():
+        yield None
+        return
+    job = dist.Job.start()
+    try:
+        yield job
+    finally:
+        job.close()
 
 
 def _workers(text: str) -> int:
@@ -163,7 +187,8 @@ def cmd_hf2mcore(args) -> int:
     if args.no_staging and args.keep_staging:
         raise UsageError("--keep-staging and --no-staging contradict each other; choose one")
     _check_device(args.device)
-    summary = hf2mcore(args.hf_model, args.megatron_path, opts)
+    with joined() as job:
+        summary = hf2mcore(args.hf_model, args.megatron_path, opts, job=job)
     _report(args, summary, f"wrote {summary['output']} ({summary['tensors']} tensors, {summary['bytes'] / 1e9:.2f} GB "
                            f"in {summary['seconds']:.1f}s, {summary['mb_per_s']} MB/s, "
                            f"peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB)")
@@ -220,6 +245,10 @@ def _check_device(device: str) -> None:
 
 
 def _report(args, summary: dict, line: str) -> None:
+    if not _speaks():
+        return
+    if summary.get("processes"):
+        line += f" with {summary['processes']} processes"
     if getattr(args, "json", False):
         print(json.dumps(summary, indent=2))
     elif not getattr(args, "quiet", False):
@@ -247,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.debug:
                 raise
             sig, hint = interrupt.received(), INTERRUPT_HINTS.get(args.command)
-            return _fail(args, f"error: interrupted by {signal.Signals(sig).name}" + (f"; {hint}" if hint else ""),
-                         128 + sig)
+            return _fail(args, f"error: interrupted by {signal.Signals(sig).name}{_peers_gone()}"
+                               + (f"; {hint}" if hint else ""), 128 + sig)
         except OSError as e:  # an I/O error no command turned into a StreamconvError: still one line
             if args.debug:
                 raise
@@ -269,6 +298,15 @@ def main(argv: list[str] | None = None) -> int:
             return _internal(args, e)
 
 
+def _peers_gone() -> str:
+    """In a distributed run stopped by a signal (torchrun sends SIGTERM when a rank dies): which rank died."""
+    from streamconv import dist
+
+    job = dist.current()
+    dead = job.dead_peers() if job is not None else []
+    return f" (rank {', '.join(map(str, dead))} ended unexpectedly: killed or crashed)" if dead else ""
+
+
 def _internal(args, e: Exception) -> int:
     if args.debug:
         raise e
@@ -282,10 +320,24 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def _speaks() -> bool:
+    """Whether this process prints summaries: always alone; rank 0 of a distributed run (the others quiet)."""
+    import os
+
+    return not os.environ.get("WORLD_SIZE") or os.environ.get("RANK", "0") == "0"
+
+
 def _fail(args, line: str, code: int) -> int:
-    """One line on stderr; with ``--json``, also an error object on stdout for scripts."""
+    """One line on stderr (every rank of a distributed run says its own, after its rank); with ``--json``,
+    also an error object on stdout for scripts (rank 0 only)."""
+    from streamconv import dist
+
+    job = dist.current()
+    if job is not None:
+        head, _, rest = line.partition(": ")
+        line = f"{head}: {job.prefix}{rest}"
     line = printable(line)
     print(line, file=sys.stderr)
-    if getattr(args, "json", False):
+    if getattr(args, "json", False) and _speaks():
         print(json.dumps({"error": line.split(": ", 1)[-1], "exit_code": code}))
     return code

@@ -127,13 +127,23 @@ def chunk_bytes_for(max_memory: int) -> int:
     return max(1, min(DEFAULT_CHUNK_BYTES, max_memory // 8))
 
 
-def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
-    """Convert; returns the summary (bytes, seconds, peak RSS, ...)."""
+@dataclass
+class _Setup:
+    folder: Path
+    spec: ModelSpec
+    source: SafetensorsSource
+    plan: Plan
+    identity: dict
+
+
+def _setup(hf_model: str, out: Path, opts: Options) -> _Setup:
+    """Input, plan and identity: the same on every rank of a distributed run (planning reads headers only)."""
     folder = resolve_hf_model(hf_model)
     cfg = load_config(folder)
     spec = spec_from_config(cfg)
-    out = Path(megatron_path).expanduser()
     outdir.refuse_overlap(out, [folder], "--megatron-path")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
     source = SafetensorsSource(folder)
     try:
         dtype = parse_dtype(opts.dtype)
@@ -146,14 +156,58 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
                                         dtype=str(dtype).removeprefix("torch.") if dtype else None,
                                         file_bytes=opts.file_bytes,
                                         staging=opts.staging)
-        if out.exists() and not out.is_dir():
-            raise OutputError(f"{out}: exists and is not a folder")
-        with outdir.OutputLock(out):  # one writer: held from the identity check to the tracker
-            resuming = resume.check_output(out, identity, opts.overwrite)  # refuses another conversion's folder
-            ckpt = prepare_output(out, opts.overwrite, resume=resuming)
-            if resuming:  # nothing may look complete while a resumed run works
-                resume.uncommit(commit_markers(out))
-            journal = resume.Journal(out, identity)
+    except BaseException:
+        source.close()
+        raise
+    return _Setup(folder, spec, source, plan, identity)
+
+
+def _prepare(out: Path, identity: dict, opts: Options, world: int) -> resume.Journal:
+    """The output folder, ready for this conversion (fresh, overwritten or resumed), and rank 0's journal.
+    The caller holds the output's lock."""
+    resuming = resume.check_output(out, identity, opts.overwrite)  # refuses another conversion's folder
+    ckpt = prepare_output(out, opts.overwrite, resume=resuming)
+    if resuming:  # nothing may look complete while a resumed run works
+        resume.uncommit(commit_markers(out))
+    journal = resume.Journal(out, identity, resume.journal_name(0, world))
+    if resume.set_world(out, ckpt, world):  # another number of ranks wrote it: committed files only
+        journal.close()
+        journal = resume.Journal(out, identity, resume.journal_name(0, world))
+    return journal
+
+
+def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) -> dict:
+    """Convert; returns the summary (bytes, seconds, peak RSS, ...). ``job``: this process's place in a
+    distributed run (``dist.Job``), or None alone."""
+    from contextlib import nullcontext
+
+    from streamconv import dist
+
+    out = Path(megatron_path).expanduser()
+    rank, world = (job.rank, job.world) if job is not None else (0, 1)
+    leader = rank == 0
+    if job is None:
+        s = _setup(hf_model, out, opts)
+    else:
+        if opts.keep_staging:
+            raise UsageError("--keep-staging is not available in a distributed run; run it in one process")
+        got: list[_Setup] = []
+        identities = job.agree(lambda: got.append(_setup(hf_model, out, opts)) or got[0].identity)
+        other = next((r for r, i in enumerate(identities) if i != identities[0]), None)
+        if other is not None:
+            got[0].source.close()
+            raise UsageError(f"rank {other} sees another input or plan than rank 0 (the same files on a shared file "
+                             "system, the same streamconv and the same options on every rank are needed)")
+        s = got[0]
+    folder, spec, source, plan = s.folder, s.spec, s.source, s.plan
+    mine = dist.split(plan.file_bytes(), world)[rank] if job is not None else set(plan.file_bytes())
+    try:
+        with outdir.OutputLock(out) if leader else nullcontext():  # one writer: from the identity check to the tracker
+            journal = job.on_rank0(lambda: _prepare(out, s.identity, opts, world)) if job is not None else \
+                _prepare(out, s.identity, opts, world)
+            if not leader:
+                journal = resume.Journal(out, s.identity, resume.journal_name(rank, world))
+            ckpt = out / ITER_DIR
             t0 = time.perf_counter()  # the conversion's own work: resume checks, engine, commit
             cpu0 = rss.cpu_seconds()
             view = None
@@ -163,50 +217,71 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
                 view = StagingStore(journal.dir / resume.STAGING_STORE, plan)  # fsynced whole at the end
                 view.check_raw(plan)
             try:
-                sink = TorchDistSink(ckpt, plan, journal, chunk_journal=opts.staging, view=view)
+                sink = TorchDistSink(ckpt, plan, journal, chunk_journal=opts.staging, view=view, files=mine,
+                                     leader=leader)
             except BaseException:
                 journal.close()
                 raise
-            progress = make_progress(opts.quiet, "hf2mcore", plan.total_bytes, len(plan.chunks), opts.max_memory,
-                                     plan=plan)
+            progress = make_progress(opts.quiet or not leader, "hf2mcore", plan.total_bytes, len(plan.chunks),
+                                     opts.max_memory, plan=plan if job is None else None)
             try:
                 rss.reset_peak()  # the conversion's own peak, apart from start-up (imports, planning)
-                with progress:
-                    stats = engine.run(plan, source, sink, max_memory=opts.max_memory, workers=opts.workers,
-                                       device=opts.device, progress=progress, skip=sink.skip)
-                write_bridge_files(folder, out, ckpt, spec, plan, hf_model)
-                sink.close()
+                with progress, job.heartbeat(dist.job_progress(progress, world)) if job else nullcontext() as hb:
+                    stats = engine.run(plan.part(mine), source, sink, max_memory=opts.max_memory,
+                                       workers=opts.workers, device=opts.device,
+                                       progress=dist.Counting(progress, hb) if hb else progress, skip=sink.skip)
+                    entries = sink.finish_files()
+                    figures = rank_figures(rank, stats, sink.report, time.perf_counter() - t0,
+                                           rss.cpu_seconds() - cpu0, rss.window_peak())
+                    ranks = [{"entries": entries, "figures": figures}]
+                    if hb is not None:
+                        ranks = hb.finish(ranks[0])
+                entries = {f: items for r in ranks for f, items in r["entries"].items()}
+                figures = [r["figures"] for r in ranks]
+
+                def commit() -> None:
+                    if leader:
+                        write_bridge_files(folder, out, ckpt, spec, plan, hf_model)
+                    sink.commit(entries)
+                    if leader:  # what Bridge / Megatron-LM look for in <out> comes after .metadata: never before
+                        try:
+                            fsync_write(out / run_config.LATEST_TRAIN_STATE_FILE,
+                                        (ckpt / run_config.TRAIN_STATE_FILE).read_bytes())
+                            fsync_write(out / TRACKER, run_config.tracker_text(0).encode())
+                        except BaseException:  # a folder that is not all there must not look complete
+                            resume.uncommit(commit_markers(out))
+                            raise
+
+                if job is None:
+                    commit()
+                else:
+                    job.on_rank0(commit)
+                    if not leader:
+                        sink.commit({})
                 seconds = time.perf_counter() - t0
                 cpu = rss.cpu_seconds() - cpu0
                 conversion_peak = rss.window_peak()
             except BaseException:
                 sink.abort()
                 raise
-            # what Bridge / Megatron-LM look for in <out> comes after the commit (.metadata): never before
-            try:
-                fsync_write(out / run_config.LATEST_TRAIN_STATE_FILE, (ckpt / run_config.TRAIN_STATE_FILE).read_bytes())
-                fsync_write(out / TRACKER, run_config.tracker_text(0).encode())
-            except BaseException:  # a folder that is not all there must not look complete: undo the commit
-                resume.uncommit(commit_markers(out))
-                raise
     finally:
         source.close()
-    return {
+    summary = {
         "command": "hf2mcore",
         "input": str(folder),
         "output": str(out),
         "architecture": spec.architecture,
         "layers": spec.num_layers,
         "tensors": len(plan.targets),
-        "chunks": stats.chunks_done,
+        "chunks": sum(f["chunks"] for f in figures),
         "files": plan.num_files + 1,
-        "bytes": stats.bytes_done,
+        "bytes": sum(f["bytes"] for f in figures),
         "seconds": round(seconds, 3),
         "engine_seconds": round(stats.seconds, 3),
         "cpu_seconds": round(cpu, 3),
         "engine_path": stats.path,
         "phases": phase_seconds(stats),
-        "mb_per_s": round(stats.bytes_done / 1e6 / max(seconds, 1e-9), 1),
+        "mb_per_s": round(sum(f["bytes"] for f in figures) / 1e6 / max(seconds, 1e-9), 1),
         "peak_rss_bytes": peak_rss(),
         "conversion_peak_rss_bytes": conversion_peak,
         "max_memory_bytes": opts.max_memory,
@@ -215,9 +290,22 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options) -> dict:
         "workers": opts.workers,
         "device": opts.device,
         "staging": opts.staging,
-        "chunks_resumed": stats.chunks_skipped,
-        **getattr(sink, "report", {}),
+        "chunks_resumed": sum(f["chunks_resumed"] for f in figures),
+        **{k: sum(f[k] for f in figures) for k in sink.report},
     }
+    if job is not None:
+        summary["processes"] = world
+        summary["ranks"] = figures
+    return summary
+
+
+def rank_figures(rank: int, stats, report: dict, seconds: float, cpu: float, peak: int) -> dict:
+    """What one rank did: the per-rank part of a distributed run's summary."""
+    import socket
+
+    return {"rank": rank, "host": socket.gethostname(), "chunks": stats.chunks_done, "bytes": stats.bytes_done,
+            "chunks_resumed": stats.chunks_skipped, "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
+            "conversion_peak_rss_bytes": peak, **report}
 
 
 def phase_seconds(stats) -> dict:

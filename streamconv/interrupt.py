@@ -17,19 +17,39 @@ import threading
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _received: list[int] = []
+_cancelled: list[BaseException] = []  # cancel(): the error the main thread stops with
+_delivered: list[bool] = []
 
 
 def _handler(signum, frame) -> None:
+    if _cancelled:  # cancel() interrupted the main thread: it is stopping already; a launcher's SIGTERM
+        if _delivered:  # on top of that changes nothing
+            return
+        _delivered.append(True)
+        raise _cancelled[0]
     if _received:  # second signal while the first is being handled: stop now
         os._exit(128 + signum)
     _received.append(signum)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def cancel(error: BaseException) -> None:
+    """From any thread: make the main thread raise ``error`` where it is, as a signal would (the same
+    clean-up paths run). Used when another rank of a distributed job failed (``dist.Heartbeat``)."""
+    if _cancelled:
+        return
+    _cancelled.append(error)
+    import _thread
+
+    _thread.interrupt_main(signal.SIGINT)
+
+
 @contextlib.contextmanager
 def signals_as_interrupt():
     """Within the block, SIGINT and SIGTERM raise ``KeyboardInterrupt`` (main thread only)."""
     _received.clear()
+    _cancelled.clear()
+    _delivered.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -7,6 +7,7 @@ pure: it needs the ModelSpec and the source dtypes, never the weights. ``streamc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -83,6 +84,18 @@ class Plan:
 
     def max_chunk_bytes(self) -> int:
         return max((c.nbytes for c in self.chunks), default=0)
+
+    def file_bytes(self) -> dict[int, int]:
+        """Bytes of chunk data per output file."""
+        out: dict[int, int] = {}
+        for c in self.chunks:
+            out[c.file] = out.get(c.file, 0) + c.nbytes
+        return out
+
+    def part(self, files) -> "Plan":
+        """The plan's chunks of ``files`` only (in plan order): one rank's part of a distributed run."""
+        files = set(files)
+        return dataclasses.replace(self, chunks=[c for c in self.chunks if c.file in files])
 
 
 def _itemsize(dtype: torch.dtype) -> int:

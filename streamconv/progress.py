@@ -80,6 +80,14 @@ class RichProgress:
             self.progress.update(self.task, advance=chunk.nbytes, counts=self._counts(),
                                  mem=f"{fmt_bytes(in_flight)}/{fmt_bytes(self.budget)}", where=where)
 
+    def remote(self, done: int, kept: int, chunks: int) -> None:
+        """Other ranks' work in a distributed run (their bytes done and kept, chunks), since the last call."""
+        with self._lock:
+            self.chunks += chunks
+            self.kept += kept
+            task = self.progress.tasks[0]
+            self.progress.update(self.task, advance=done, total=task.total - kept, counts=self._counts())
+
 
 class NullProgress:
     def __enter__(self):

@@ -4,14 +4,17 @@
 - ``identity.json``: what the output is made from, written before any data: the input's identity (each
   source file's name, size, mtime, ctime, inode and a hash of its safetensors header; hashes of ``config.json`` and the
   index) and the settings that change output bytes (dtype, chunk size, file size, a digest of the plan).
-- ``journal.jsonl``: an append-only record of what is done, one JSON object per line: ``chunk`` (a chunk's
+- ``journal.jsonl`` (``journal.rank<R>.jsonl``, one per rank, in a distributed run of ``world`` ranks; the
+  world size in ``world``): an append-only record of what is done, one JSON object per line: ``chunk`` (a chunk's
   bytes and framing written in its ``.distcp.partial``, with its CRC-32), ``file`` (a ``.distcp`` committed
   under its final name: size and the items it holds), ``done``.
   A torn last line (a kill mid-append) is ignored: it only loses a record, and what it described is redone.
 - ``staging.zarr``: with ``--keep-staging``, a Zarr v3 view of the model (``formats/staging.py``).
 
 A re-run keeps committed ``.distcp`` files (``committed_files``) and, by default, every journaled chunk of a
-``.partial`` file whose bytes still match its CRC-32 (``formats/torch_dist_sink.py``).
+``.partial`` file whose bytes still match its CRC-32 (``formats/torch_dist_sink.py``). A re-run with another
+number of ranks keeps the committed files only (``set_world``: the journals are compacted to their file
+records and the ``.partial`` files removed), since a file's chunks may then be another rank's.
 
 The same command on the same folder resumes; a different input or output-changing setting is refused with
 a one-line error naming what differs; ``--overwrite`` starts over.
@@ -32,6 +35,7 @@ from streamconv.outdir import LOCK_FILE
 STATE_DIR = ".streamconv"
 IDENTITY_FILE = "identity.json"
 JOURNAL_FILE = "journal.jsonl"
+WORLD_FILE = "world"
 FORMAT = 2  # bump when the journal or staging layout changes incompatibly
 
 
@@ -174,17 +178,73 @@ def uncommit(paths) -> None:
         fsync_dir(d)
 
 
-class Journal:
-    """``<out>/.streamconv``: the identity and the append-only journal of a conversion."""
+def journal_name(rank: int = 0, world: int = 1) -> str:
+    return JOURNAL_FILE if world == 1 else f"journal.rank{rank}.jsonl"
 
-    def __init__(self, out: Path, identity: dict):
+
+def _journals(state_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(state_dir).glob("journal*.jsonl") if p.is_file() and not p.is_symlink())
+
+
+def read_records(path: Path) -> list[dict]:
+    """Every complete record of one journal file, oldest first (a torn or garbled line is skipped)."""
+    out = []
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return out
+    for line in data.split(b"\n"):
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "t" in rec:
+            out.append(rec)
+    return out
+
+
+def set_world(out: Path, ckpt: Path, world: int) -> bool:
+    """Before the ranks open their journals (rank 0, holding the lock): if the journals were written by
+    another number of ranks, keep only their ``file`` records, in this world's rank-0 journal, and remove
+    every ``.partial`` file. Returns whether it compacted."""
+    state = Path(out) / STATE_DIR
+    path = state / WORLD_FILE
+    try:
+        before = int(path.read_text()) if path.is_file() else 1
+    except (OSError, ValueError):
+        before = -1
+    if before == world:
+        return False
+    try:
+        files = [r for p in _journals(state) for r in read_records(p) if r.get("t") == "file"]
+        text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in files).encode()
+        fsync_write(state / journal_name(0, world), text)
+        for p in _journals(state):
+            if p.name != journal_name(0, world):
+                p.unlink()
+        for p in Path(ckpt).glob("*.partial"):
+            p.unlink()
+        fsync_write(path, str(world).encode())
+    except OSError as e:
+        raise output_error(state, e) from e
+    return True
+
+
+class Journal:
+    """``<out>/.streamconv``: the identity and the append-only journal of a conversion (``name``: this
+    rank's journal file; ``records`` reads every rank's)."""
+
+    def __init__(self, out: Path, identity: dict, name: str = JOURNAL_FILE):
         self.dir = Path(out) / STATE_DIR
-        self.path = self.dir / JOURNAL_FILE
+        self.path = self.dir / name
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             ident = self.dir / IDENTITY_FILE
             if not ident.is_file():  # a fresh start: no records of another run may survive
-                self.path.unlink(missing_ok=True)
+                for p in _journals(self.dir):
+                    p.unlink()
                 fsync_write(ident, json.dumps(identity, indent=1).encode())
             self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o644)
         except OSError as e:
@@ -192,22 +252,9 @@ class Journal:
         fsync_dir(self.dir)
 
     def records(self) -> list[dict]:
-        """Every complete record, oldest first (a torn or garbled line is skipped)."""
-        out = []
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return out
-        for line in data.split(b"\n"):
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and "t" in rec:
-                out.append(rec)
-        return out
+        """Every complete record of every rank's journal, each journal oldest first (a file is written by
+        one rank in a given world, so its records are all in one journal, in order)."""
+        return [r for p in _journals(self.dir) for r in read_records(p)]
 
     def append(self, record: dict, sync: bool = False) -> None:
         """One line, one ``write`` (O_APPEND); ``sync`` makes it (and all before it) durable."""
@@ -234,12 +281,12 @@ class Journal:
 LEFTOVER_PATTERNS = ("*.partial", "*.tmp", ".write-test")
 
 
-def clean_leftovers(ckpt: Path, keep=()) -> int:
+def clean_leftovers(ckpt: Path, keep=(), patterns=LEFTOVER_PATTERNS) -> int:
     """Delete a killed run's temporary files (ours, and ``prepare_output``'s write probe): never part of a
     checkpoint, except the names in ``keep`` (``.partial`` files whose journaled chunks resume). Returns how
     many were deleted."""
     n = 0
-    for pattern in LEFTOVER_PATTERNS:
+    for pattern in patterns:
         for p in Path(ckpt).glob(pattern):
             if p.name in keep and not p.is_symlink():
                 continue

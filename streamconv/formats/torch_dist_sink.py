@@ -17,6 +17,10 @@ The output is byte for byte the same in both modes, resumed or not.
 
 ``view`` (``--keep-staging``): a ``staging.StagingStore`` that receives every chunk's bytes too, in the
 same pass: a Zarr v3 view of the model in megatron layout.
+
+Distributed (``dist.py``): ``files`` are the ``.distcp`` files this rank writes (the layout of each is the
+same whichever rank writes it, so the output does not depend on the number of ranks); ``finish_files``
+ends this rank's part and returns its files' items; rank 0 ``commit``s every rank's items.
 """
 
 from __future__ import annotations
@@ -100,7 +104,8 @@ class _Aborted(Exception):
 
 
 class TorchDistSink:
-    def __init__(self, ckpt: Path, plan, journal, *, chunk_journal: bool = True, view=None, extra_state=None):
+    def __init__(self, ckpt: Path, plan, journal, *, chunk_journal: bool = True, view=None, extra_state=None,
+                 files=None, leader: bool = True):
         self.ckpt = Path(ckpt)
         self.plan = plan
         self.journal = journal
@@ -108,6 +113,8 @@ class TorchDistSink:
         self.view = view
         self.extra_state = extra_state
         self.by_file = chunks_by_file(plan)
+        self.mine = set(self.by_file) if files is None else set(files)  # the files this process writes
+        self.leader = leader  # the process that cleans the folder's other leftovers and commits
         self.slots, self.sizes, self.entries = layout(plan)
         self.report = {"files_resumed": 0, "chunks_kept": 0, "partials_removed": 0}
         self.done: set[tuple] = set()  # chunks whose items are complete in a ``.partial`` file
@@ -116,15 +123,18 @@ class TorchDistSink:
         self._lock = threading.Lock()
         crashpoints.started()
         records = journal.records()
-        self.committed: dict[int, list] = resume.committed_files(records, self.ckpt, self.by_file)  # final names
+        self.committed: dict[int, list] = {f: items for f, items in
+                                           resume.committed_files(records, self.ckpt, self.by_file).items()
+                                           if f in self.mine}  # final names
         self.report["files_resumed"] = len(self.committed)
-        keep = set()
+        keep = {distcp_name(f) + ".partial" for f in self.by_file if f not in self.mine}  # other ranks'
         if chunk_journal:
-            keep = {distcp_name(f) + ".partial" for f in self.by_file if f not in self.committed}
-        self.report["partials_removed"] = resume.clean_leftovers(self.ckpt, keep=keep)
-        for f, chunks in self.by_file.items():
+            keep |= {distcp_name(f) + ".partial" for f in self.mine if f not in self.committed}
+        self.report["partials_removed"] = resume.clean_leftovers(
+            self.ckpt, keep=keep, patterns=resume.LEFTOVER_PATTERNS if leader else ("*.partial",))
+        for f in self.mine:
             if f not in self.committed:
-                self._left[f] = len(chunks)
+                self._left[f] = len(self.by_file[f])
         if chunk_journal:
             self._resume_partials(records)
         self._error: BaseException | None = None
@@ -273,17 +283,32 @@ class TorchDistSink:
 
     def close(self) -> None:
         """Objects, common state, then ``.metadata`` last (the commit)."""
+        self.commit(self.finish_files())
+
+    def finish_files(self) -> dict[int, list]:
+        """Wait for this process's files to be committed; their items ``{file: [(key, offsets, offset,
+        length)]}``, as written."""
         self._stop_committer()
         self._check()
-        missing = [f for f in self.by_file if f not in self.committed]
+        missing = [f for f in sorted(self.mine) if f not in self.committed]
         if missing:
             raise RuntimeError(f"files {missing} were never completed")
         if self.view is not None:
             self.view.finish(self)
-        else:
+        elif self.leader:
             resume.drop_staging(self.journal)
-        commit_checkpoint(self.ckpt, self.plan, self.by_file, self.committed, self.extra_state)
-        self.journal.append({"t": "done"}, sync=True)
+        return dict(self.committed)
+
+    def commit(self, entries: dict[int, list]) -> None:
+        """The leader, once every file is written (``entries``: every file's items): the objects file, the
+        common files, then ``.metadata`` last."""
+        if self.leader:
+            if sorted(entries) != sorted(self.by_file) or any(
+                    [(k, tuple(o)) for k, o, *_ in entries[f]] != [(c.key, tuple(c.offsets)) for c in self.by_file[f]]
+                    for f in entries):
+                raise RuntimeError("the files written are not the ones the plan lays out")
+            commit_checkpoint(self.ckpt, self.plan, self.by_file, entries, self.extra_state)
+            self.journal.append({"t": "done"}, sync=True)
         self.journal.close()
 
     def abort(self) -> None:

@@ -203,7 +203,8 @@ def cmd_mcore2hf(args) -> int:
                    device=args.device,
                    overwrite=args.overwrite, quiet=args.quiet or args.json)
     _check_device(args.device)
-    summary = mcore2hf(args.megatron_path, args.hf_path, opts)
+    with joined() as job:
+        summary = mcore2hf(args.megatron_path, args.hf_path, opts, job=job)
     _report(args, summary, f"wrote {summary['output']} ({summary['tensors']} tensors in {summary['shards']} shard(s), "
                            f"{summary['bytes'] / 1e9:.2f} GB in {summary['seconds']:.1f}s, {summary['mb_per_s']} MB/s, "
                            f"peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB)")
@@ -337,7 +338,8 @@ def _fail(args, line: str, code: int) -> int:
         head, _, rest = line.partition(": ")
         line = f"{head}: {job.prefix}{rest}"
     line = printable(line)
-    print(line, file=sys.stderr)
+    sys.stderr.write(line + "\n")  # one write: the lines of several ranks on one stderr never interleave
+    sys.stderr.flush()
     if getattr(args, "json", False) and _speaks():
         print(json.dumps({"error": line.split(": ", 1)[-1], "exit_code": code}))
     return code

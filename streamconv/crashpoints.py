@@ -6,7 +6,9 @@ subprocess it kills):
 - ``STREAMCONV_TEST_PAUSE=<point>[:<n>]``: the n-th time ``pause(point)`` is reached (default 1), create the
   file ``STREAMCONV_TEST_PAUSE_FILE`` and stop the whole process (SIGSTOP: no other thread goes on) until
   it is killed. Points: ``chunk`` (a chunk written and journaled, formats/torch_dist_sink.py), ``metadata``
-  (half of ``.metadata`` written to its temporary file).
+  (half of ``.metadata`` written to its temporary file), ``work`` (set up, before the engine's first chunk).
+  With ``STREAMCONV_TEST_PAUSE_CONTINUE=1`` a SIGCONT lets it go on (a test changes something meanwhile).
+- ``STREAMCONV_TEST_RANK=<r>``: in a distributed run, the hooks act on rank ``r`` only.
 - ``STREAMCONV_TEST_SLOW=<seconds>``: ``slow(f)`` sleeps ``f`` times that (per chunk, once it is written),
   so a test can see a run at work before it signals it.
 - ``STREAMCONV_TEST_STARTED=<file>``: ``started()`` creates that file (when the sink starts, before resuming),
@@ -26,9 +28,14 @@ _counts: dict[str, int] = defaultdict(int)
 _lock = threading.Lock()
 
 
+def _mine() -> bool:
+    rank = os.environ.get("STREAMCONV_TEST_RANK")
+    return rank is None or rank == os.environ.get("RANK", "0")
+
+
 def pause(point: str) -> None:
     want = os.environ.get("STREAMCONV_TEST_PAUSE")
-    if not want:
+    if not want or not _mine():
         return
     name, _, n = want.partition(":")
     if name != point:
@@ -37,15 +44,17 @@ def pause(point: str) -> None:
         _counts[point] += 1
         hit = _counts[point] == int(n or 1)
     if hit:  # the whole process stops here (every thread), so what the test sees is what a kill leaves
-        Path(os.environ["STREAMCONV_TEST_PAUSE_FILE"]).write_text(point)
+        Path(os.environ["STREAMCONV_TEST_PAUSE_FILE"]).write_text(f"{point} {os.getpid()}")
         os.kill(os.getpid(), signal.SIGSTOP)
+        if os.environ.get("STREAMCONV_TEST_PAUSE_CONTINUE") == "1":
+            return
         while True:  # resumed by SIGCONT instead of killed: stay here
             time.sleep(60)
 
 
 def slow(fraction: float) -> None:
     s = os.environ.get("STREAMCONV_TEST_SLOW")
-    if s:
+    if s and _mine():
         time.sleep(float(s) * fraction)
 
 

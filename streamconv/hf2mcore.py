@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from streamconv import engine, outdir, resume, rss
+from streamconv import crashpoints, engine, outdir, resume, rss
 from streamconv.errors import BadInputError, OutputError, UsageError, output_error
 from streamconv.formats import run_config
 from streamconv.formats.safetensors import SafetensorsSource
@@ -226,6 +226,7 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
                                      opts.max_memory, plan=plan if job is None else None)
             try:
                 rss.reset_peak()  # the conversion's own peak, apart from start-up (imports, planning)
+                crashpoints.pause("work")
                 with progress, job.heartbeat(dist.job_progress(progress, world)) if job else nullcontext() as hb:
                     stats = engine.run(plan.part(mine), source, sink, max_memory=opts.max_memory,
                                        workers=opts.workers, device=opts.device,

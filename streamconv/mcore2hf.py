@@ -199,15 +199,14 @@ def copy_side_files(out: Path, sources: list[Path]) -> list[str]:
     return copied
 
 
-def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options) -> dict:
-    """Export; returns the summary (bytes, seconds, peak RSS, ...)."""
+def _setup(megatron_path, out: Path, opts: Options):
+    """Checkpoint, config, source and plan: the same on every rank of a distributed run."""
     ckpt = resolve_checkpoint(megatron_path)
     cfg, cfg_folder, verbatim = model_config(ckpt, opts.hf_config)
     spec = spec_from_config(cfg)
     out_dtype = parse_dtype(opts.dtype)
     if opts.max_shard_size <= 0:
         raise UsageError("--max-shard-size must be positive")
-    out = Path(hf_path).expanduser()
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")
     outdir.refuse_overlap(out, [ckpt] + ([cfg_folder] if cfg_folder is not None else []), "--hf-path")
@@ -220,44 +219,93 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options) -> d
         if need > opts.max_memory:
             raise UsageError(f"--max-memory {engine.fmt_bytes(opts.max_memory)} is below the "
                              f"{engine.fmt_bytes(need)} one chunk needs")
-        with outdir.OutputLock(out):
-            prepare_output(out, opts.overwrite, _identity(ckpt, plan))
+        identity = _identity(ckpt, plan)
+    except BaseException:
+        source.close()
+        raise
+    return ckpt, cfg, cfg_folder, verbatim, spec, out_dtype, source, plan, identity
+
+
+def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=None) -> dict:
+    """Export; returns the summary (bytes, seconds, peak RSS, ...). ``job``: this process's place in a
+    distributed run (``dist.Job``: each rank writes its share of the shards, rank 0 the index), or None."""
+    from contextlib import nullcontext
+
+    from streamconv import dist
+
+    out = Path(hf_path).expanduser()
+    rank, world = (job.rank, job.world) if job is not None else (0, 1)
+    leader = rank == 0
+    if job is None:
+        got = [_setup(megatron_path, out, opts)]
+    else:
+        got = []
+        identities = job.agree(lambda: got.append(_setup(megatron_path, out, opts)) or got[0][-1])
+        if any(i != identities[0] for i in identities):
+            got[0][6].close()
+            raise UsageError("the ranks see different checkpoints (the same files on a shared file system and the "
+                             "same options on every rank are needed)")
+    ckpt, cfg, cfg_folder, verbatim, spec, out_dtype, source, plan, identity = got[0]
+    mine = dist.split(plan.file_bytes(), world)[rank]
+    try:
+        with outdir.OutputLock(out) if leader else nullcontext():
+            if job is None:
+                prepare_output(out, opts.overwrite, identity)
+            else:
+                job.on_rank0(lambda: prepare_output(out, opts.overwrite, identity))
             entries = shard_entries(plan)
-            done = {i for i, e in enumerate(entries) if shard_complete(out / shard_name(i, plan.num_files), e)}
+            done = {i for i in mine if shard_complete(out / shard_name(i, plan.num_files), entries[i])}
             sink = SafetensorsSink(out, plan, skip=done)
-            progress = make_progress(opts.quiet, "mcore2hf", plan.total_bytes, len(plan.chunks), opts.max_memory)
+            progress = make_progress(opts.quiet or not leader, "mcore2hf", plan.total_bytes, len(plan.chunks),
+                                     opts.max_memory)
             try:
-                with progress:
-                    stats = engine.run(plan, source, sink, max_memory=opts.max_memory, workers=opts.workers,
-                                       device=opts.device, progress=progress, skip=lambda c: c.file in done)
-                sink.close()
+                with progress, job.heartbeat(dist.job_progress(progress, world)) if job else nullcontext() as hb:
+                    stats = engine.run(plan.part(mine), source, sink, max_memory=opts.max_memory,
+                                       workers=opts.workers, device=opts.device,
+                                       progress=dist.Counting(progress, hb) if hb else progress,
+                                       skip=lambda c: c.file in done)
+                    sink.close()
+                    figures = {"rank": rank, "shards": sorted(mine), "shards_skipped": len(done),
+                               "chunks": stats.chunks_done, "bytes": stats.bytes_done,
+                               "seconds": round(stats.seconds, 3), "peak_rss_bytes": peak_rss()}
+                    ranks = hb.finish(figures) if hb is not None else [figures]
             except BaseException:
                 sink.abort()
                 raise
-            write_config(out, cfg, verbatim, plan, out_dtype is not None)
-            side = [cfg_folder] if cfg_folder is not None else []
-            copied = copy_side_files(out, side + [ckpt / run_config_reader.TOKENIZER_DIR])
-            write_index(out, plan)  # last: with it a sharded folder is complete
-            (out / MARKER).unlink(missing_ok=True)
-            fsync_dir(out)
+            copied: list[str] = []
+
+            def finish() -> list[str]:
+                write_config(out, cfg, verbatim, plan, out_dtype is not None)
+                side = [cfg_folder] if cfg_folder is not None else []
+                names = copy_side_files(out, side + [ckpt / run_config_reader.TOKENIZER_DIR])
+                write_index(out, plan)  # last: with it a sharded folder is complete
+                (out / MARKER).unlink(missing_ok=True)
+                fsync_dir(out)
+                return names
+
+            copied = finish() if job is None else job.on_rank0(finish)
     finally:
         source.close()
-    return {
+    summary = {
         "command": "mcore2hf",
         "input": str(ckpt),
         "output": str(out),
         "architecture": spec.architecture,
         "layers": spec.num_layers,
         "tensors": len(plan.targets),
-        "chunks": stats.chunks_done,
+        "chunks": sum(r["chunks"] for r in ranks),
         "shards": plan.num_files,
-        "shards_skipped": len(done),
+        "shards_skipped": sum(r["shards_skipped"] for r in ranks),
         "index": INDEX_FILE if plan.num_files > 1 else None,
         "copied": copied,
-        "bytes": stats.bytes_done,
+        "bytes": sum(r["bytes"] for r in ranks),
         "seconds": round(stats.seconds, 3),
-        "mb_per_s": round(stats.bytes_done / 1e6 / max(stats.seconds, 1e-9), 1),
+        "mb_per_s": round(sum(r["bytes"] for r in ranks) / 1e6 / max(stats.seconds, 1e-9), 1),
         "peak_rss_bytes": peak_rss(),
         "peak_in_flight_bytes": stats.peak_in_flight,
         "max_memory_bytes": opts.max_memory,
     }
+    if job is not None:
+        summary["processes"] = world
+        summary["ranks"] = ranks
+    return summary

@@ -1,0 +1,236 @@
+"""Scale-out: ``torchrun --nproc-per-node N -m streamconv hf2mcore|mcore2hf`` (gloo, CPU processes).
+
+Judged as a single-process run is: real megatron-core loads the output at default strictness and its logits
+equal the reference; the output is byte for byte the single-process output (the layout does not depend on
+the number of processes); the export is bit-exact; a rank SIGKILLed mid-run leaves no commit, and the same
+launch (or another number of processes) resumes to the same bytes; a fault one rank meets stops every rank,
+each with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from streamconv import dist
+from streamconv.cli import main
+from streamconv.synth import llama_config, make_checkpoint, mixed_decilm_config
+
+mh = pytest.importorskip("mcore_harness")
+
+SETTINGS = ["--distcp-size", "64KiB"]  # many files, so that every rank has several
+ITER = "iter_0000000"
+
+
+def torchrun(n: int, *args, **env) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+           "-m", "streamconv", *args]
+    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def run_torchrun(n: int, *args, **env) -> tuple[int, str, str]:
+    proc = torchrun(n, *args, **env)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+def hf2mcore_args(src, out, *extra) -> list[str]:
+    return ["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), *SETTINGS, *extra]
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    """Every file of a conversion but the state folder; run_config.yaml with the output path taken out."""
+    files = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file() and ".streamconv" not in p.parts:
+            data = p.read_bytes()
+            if p.name == "run_config.yaml":
+                data = data.replace(str(out.resolve()).encode(), b"<out>")
+            files[str(p.relative_to(out))] = data
+    return files
+
+
+def streamconv_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith(("error:", "internal error:"))]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the job ended first (rc {proc.returncode}): {proc.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+    while len(path.read_text().split()) < 2:  # written in one call, but read it whole
+        time.sleep(0.01)
+
+
+def test_split_is_contiguous_balanced_and_whole():
+    sizes = {f: s for f, s in enumerate([5, 1, 1, 1, 4, 4, 2, 2, 8, 1])}
+    for world in (1, 2, 3, 4, 16):
+        parts = dist.split(sizes, world)
+        assert len(parts) == world
+        assert sorted(f for p in parts for f in p) == sorted(sizes)  # every file, once
+        order = [r for f in sorted(sizes) for r, p in enumerate(parts) if f in p]
+        assert order == sorted(order)  # contiguous runs, in file order
+    two = dist.split(sizes, 2)
+    assert abs(sum(sizes[f] for f in two[0]) - sum(sizes[f] for f in two[1])) <= 8  # within one file
+    assert dist.split({0: 10, 1: 10, 2: 10, 3: 10}, 2) == [{0, 1}, {2, 3}]
+
+
+CASES = {
+    "llama": lambda: llama_config(hidden=64, layers=3, heads=8, kv_heads=2, ffn=160, vocab=320),
+    "decilm": lambda: {**mixed_decilm_config(hidden=64, heads=8, vocab=256), "torch_dtype": "float32"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_processes_convert_and_export_what_one_does(tmp_path, case, capsys):
+    cfg = CASES[case]()
+    src = make_checkpoint(tmp_path / "hf", cfg, seed=7, shards=3)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(hf2mcore_args(src, one, "--quiet")) == 0
+
+    rc, out, err = run_torchrun(2, *hf2mcore_args(src, two, "--json"))
+    assert rc == 0, err[-3000:]
+    summary = json.loads(out)  # rank 0 alone prints it
+    assert summary["processes"] == 2 and [r["rank"] for r in summary["ranks"]] == [0, 1]
+    assert all(r["bytes"] > 0 for r in summary["ranks"])  # both ranks worked
+    assert summary["bytes"] == sum(r["bytes"] for r in summary["ranks"])
+    assert streamconv_lines(err) == []
+    assert output_files(two) == output_files(one)  # byte for byte, .metadata included
+    assert sorted(p.name for p in (two / ".streamconv").glob("journal*")) == ["journal.rank0.jsonl",
+                                                                            "journal.rank1.jsonl"]
+
+    ckpt = two / ITER
+    tokens = torch.randint(0, cfg["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(0))
+    model = mh.build_hetero_gpt(cfg) if case == "decilm" else mh.build_gpt(cfg)
+    assert mh.checkpoint_keys(ckpt) - {"common_state/shard_0_1"} == mh.model_checkpoint_keys(model)
+    mh.load_checkpoint(model, ckpt, check_extra=False)  # default strictness
+    from streamconv.reference import reference_logits
+
+    weights = {k: v for f in sorted(src.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert (mh.logits(model, tokens) - reference_logits(cfg, weights, tokens)).abs().max().item() <= 1e-4
+
+    hf = tmp_path / "back"
+    rc, out, err = run_torchrun(2, "mcore2hf", "--megatron-path", str(two), "--hf-path", str(hf),
+                                "--max-shard-size", "60KB", "--json")
+    assert rc == 0, err[-3000:]
+    summary = json.loads(out)
+    assert summary["shards"] >= 4 and all(r["bytes"] > 0 for r in summary["ranks"])
+    back = {k: v for f in sorted(hf.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert sorted(back) == sorted(weights)
+    for name, t in weights.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name].view(torch.uint8), t.view(torch.uint8)), name
+    assert (hf / "model.safetensors.index.json").is_file() and not (hf / ".streamconv-mcore2hf.json").exists()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A Llama source and the files one process makes of it."""
+    base = tmp_path_factory.mktemp("dist")
+    src = make_checkpoint(base / "hf", llama_config(hidden=64, layers=4, heads=8, kv_heads=2, ffn=160, vocab=320),
+                          seed=9, shards=3, dtype=torch.bfloat16)
+    assert main(hf2mcore_args(src, base / "one", "--quiet")) == 0
+    return src, output_files(base / "one")
+
+
+def kill_rank(src, out, tmp_path, rank: int, point: str) -> str:
+    """Launch 2 processes, SIGKILL ``rank`` when it reaches ``point``; the job's stderr."""
+    marker = tmp_path / f"paused-{rank}"
+    proc = torchrun(2, *hf2mcore_args(src, out, "--quiet"), STREAMCONV_TEST_PAUSE=point,
+                    STREAMCONV_TEST_RANK=str(rank), STREAMCONV_TEST_PAUSE_FILE=str(marker))
+    wait_for(marker, proc)
+    os.kill(int(marker.read_text().split()[1]), signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    return err
+
+
+@pytest.mark.parametrize("relaunch", [2, 1], ids=["same-launch", "one-process"])
+def test_a_killed_rank_stops_the_job_and_the_launch_resumes(llama, tmp_path, capsys, relaunch):
+    src, ref = llama
+    out = tmp_path / "out"
+    err = kill_rank(src, out, tmp_path, 1, "chunk:3")
+    survivor = [line for line in streamconv_lines(err) if line.startswith("error: rank 0:")]
+    assert len(survivor) == 1 and "rank 1 ended unexpectedly" in survivor[0], err[-3000:]
+    assert not (out / ITER / ".metadata").exists() and not (out / "latest_checkpointed_iteration.txt").exists()
+    assert (out / ".streamconv" / "journal.rank1.jsonl").read_text().count('"t":"chunk"') >= 3
+
+    if relaunch == 2:
+        rc, stdout, err = run_torchrun(2, *hf2mcore_args(src, out, "--json"))
+        assert rc == 0, err[-3000:]
+        summary = json.loads(stdout)
+        assert summary["ranks"][1]["chunks_resumed"] >= 3  # rank 1 kept what it had journaled
+    else:  # another number of processes: the files committed are kept, the rest redone
+        capsys.readouterr()
+        assert main(hf2mcore_args(src, out, "--json")) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert sorted(p.name for p in (out / ".streamconv").glob("journal*")) == ["journal.jsonl"]
+    assert summary["files_resumed"] >= 1
+    assert output_files(out) == ref
+    assert main(["verify", "--hf-model", str(src), "--megatron-path", str(out), "--quiet"]) == 0
+
+
+def test_a_fault_one_rank_meets_stops_every_rank_with_one_line_each(llama, tmp_path):
+    """Rank 1 is held before its first chunk; a shard is cut short past every byte rank 0 reads of it but
+    before bytes rank 1 reads; rank 1 goes on, fails on the read, and rank 0 stops with rank 1's line."""
+    import shutil
+
+    from streamconv.hf2mcore import build_plan
+    from streamconv.formats.safetensors import SafetensorsSource
+    from streamconv.models.spec import load_config, spec_from_config
+    from streamconv.plan import DEFAULT_CHUNK_BYTES
+    from streamconv.units import parse_size
+
+    src = Path(shutil.copytree(llama[0], tmp_path / "hf"))
+    source = SafetensorsSource(src)
+    plan = build_plan(source, spec_from_config(load_config(src)), None, DEFAULT_CHUNK_BYTES,
+                      file_bytes=parse_size(SETTINGS[1]))
+    parts = dist.split(plan.file_bytes(), 2)
+    ends: list[dict] = [{}, {}]  # per rank: shard -> the end of the last byte it reads there
+    for rank, part in enumerate(parts):
+        for c in plan.chunks:
+            if c.file in part:
+                for r in c.reads:
+                    path, off, n = source.extent(r.name, r.row0, r.row1, r.index)
+                    ends[rank][path] = max(ends[rank].get(path, 0), off + n)
+    source.close()
+    victim, cut = next((path, ends[0].get(path, 0)) for path, end in sorted(ends[1].items())
+                       if end > ends[0].get(path, 0))
+
+    marker = tmp_path / "held"
+    proc = torchrun(2, *hf2mcore_args(src, tmp_path / "out", "--quiet"), STREAMCONV_TEST_PAUSE="work",
+                    STREAMCONV_TEST_PAUSE_CONTINUE="1", STREAMCONV_TEST_RANK="1",
+                    STREAMCONV_TEST_PAUSE_FILE=str(marker))
+    wait_for(marker, proc)
+    os.truncate(victim, cut)
+    os.kill(int(marker.read_text().split()[1]), signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    lines = streamconv_lines(err)
+    assert len(lines) == 2, err[-3000:]
+    mine = next(line for line in lines if line.startswith("error: rank 1:"))
+    theirs = next(line for line in lines if line.startswith("error: rank 0:"))
+    assert "truncated" in mine and victim.name in mine
+    assert theirs.startswith("error: rank 0: stopped: rank 1 failed: ") and mine.split(": ", 2)[2] in theirs
+    assert err.count("exitcode  : 3") == 2  # both ranks exit with the bad-input code
+    assert not (tmp_path / "out" / ITER / ".metadata").exists()
+
+
+def test_ranks_that_see_other_inputs_are_refused(llama, tmp_path):
+    """A rank whose planning fails (here: every rank, on a missing folder) says so; none starts."""
+    rc, _, err = run_torchrun(2, *hf2mcore_args(tmp_path / "nowhere", tmp_path / "out", "--quiet"))
+    assert rc != 0
+    lines = streamconv_lines(err)
+    assert len(lines) == 2 and all("no such folder" in line for line in lines), err[-3000:]
+    assert {line.split(":")[1].strip() for line in lines} == {"rank 0", "rank 1"}

@@ -156,7 +156,7 @@ def kill_rank(src, out, tmp_path, rank: int, point: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("relaunch", [2, 1], ids=["same-launch", "one-process"])
+@pytest.mark.parametrize("relaunch", [2, 3, 1], ids=["same-launch", "three-processes", "one-process"])
 def test_a_killed_rank_stops_the_job_and_the_launch_resumes(llama, tmp_path, capsys, relaunch):
     src, ref = llama
     out = tmp_path / "out"
@@ -166,12 +166,17 @@ def test_a_killed_rank_stops_the_job_and_the_launch_resumes(llama, tmp_path, cap
     assert not (out / ITER / ".metadata").exists() and not (out / "latest_checkpointed_iteration.txt").exists()
     assert (out / ".streamconv" / "journal.rank1.jsonl").read_text().count('"t":"chunk"') >= 3
 
-    if relaunch == 2:
-        rc, stdout, err = run_torchrun(2, *hf2mcore_args(src, out, "--json"))
+    if relaunch > 1:
+        rc, stdout, err = run_torchrun(relaunch, *hf2mcore_args(src, out, "--json"))
         assert rc == 0, err[-3000:]
         summary = json.loads(stdout)
-        assert summary["ranks"][1]["chunks_resumed"] >= 3  # rank 1 kept what it had journaled
-    else:  # another number of processes: the files committed are kept, the rest redone
+        assert len(summary["ranks"]) == relaunch
+        if relaunch == 2:
+            assert summary["ranks"][1]["chunks_resumed"] >= 3  # rank 1 kept what it had journaled
+        else:  # another number of processes: the files committed are kept, the rest redone
+            assert sorted(p.name for p in (out / ".streamconv").glob("journal*")) == [
+                f"journal.rank{r}.jsonl" for r in range(relaunch)]
+    else:
         capsys.readouterr()
         assert main(hf2mcore_args(src, out, "--json")) == 0
         summary = json.loads(capsys.readouterr().out)

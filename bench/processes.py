@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Scale-out on one host: 1 process vs ``torchrun --nproc-per-node N`` (default 1,2,4), against ``cp -r``.
+
+    python bench/processes.py [--sizes 3] [--procs 1,2,4] [--where tmpfs,disk] [--rounds 3]
+
+Per model size and place (``tmpfs``: source and output in /dev/shm; ``disk``: the work folder, source warm
+in the page cache, each run ending with ``sync``), alternating ``cp -r`` and one conversion per process
+count for ``--rounds`` rounds. ``1`` is the plain command (no launcher); ``N > 1`` runs under torchrun
+(``python -m torch.distributed.run --standalone``), each rank with the default threads (this host's CPUs
+shared between its ranks). Medians of: the whole command's wall time (torchrun's start-up included), the
+conversion's own ``seconds`` (rank 0's ``--json``: setup agreed to commit), CPU seconds per GB (user +
+sys of every process). Every output is checked byte for byte against the 1-process one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c  # noqa: E402
+from profile import run, same_output  # noqa: E402
+
+
+def command(src: Path, out: Path, procs: int, extra) -> list[str]:
+    launcher = [] if procs == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
+    return [sys.executable, *launcher, "-m", "streamconv", "hf2mcore", "--hf-model", str(src), "--megatron-path",
+            str(out), "--overwrite", "--json", *extra]
+
+
+def measure(src: Path, work: Path, where: str, procs: list[int], rounds: int, extra) -> dict:
+    gb = c.folder_bytes(src) / 1e9
+    sync = where == "disk"
+    rows: dict[str, list] = {"cp -r": [], **{str(n): [] for n in procs}}
+    for i in range(rounds):
+        dst = work / "cp"
+        c.rmtree(dst)
+        rows["cp -r"].append(run(["sh", "-c", f"cp -r '{src}' '{dst}'" + (" && sync" if sync else "")]))
+        c.rmtree(dst)
+        for n in procs:
+            out = work / f"p{n}"
+            r = run(command(src, out, n, extra), env={"OMP_NUM_THREADS": "1"})
+            if sync:
+                run(["sync"])
+            rows[str(n)].append(r)
+            if i == 0 and n != procs[0]:
+                assert same_output(work / f"p{procs[0]}", out), f"{n} processes wrote other bytes"
+            if i > 0 or n != procs[0]:
+                c.rmtree(out)
+        c.rmtree(work / f"p{procs[0]}")
+    cp = c.median([r["wall"] for r in rows["cp -r"]])
+    report = {"gb": round(gb, 3), "where": where, "cp_wall": round(cp, 2),
+              "cp_cpu_per_gb": round(c.median([r["cpu"] for r in rows["cp -r"]]) / gb, 2)}
+    base = c.median([r["summary"]["seconds"] for r in rows[str(procs[0])]])
+    for n in procs:
+        rs = rows[str(n)]
+        seconds = c.median([r["summary"]["seconds"] for r in rs])
+        report[f"{n} processes"] = {
+            "wall": round(c.median([r["wall"] for r in rs]), 2),
+            "seconds": round(seconds, 2),
+            "seconds_vs_cp": round(seconds / cp, 2),
+            f"speed_vs_{procs[0]}": round(base / seconds, 2),
+            "cpu_per_gb": round(c.median([r["cpu"] for r in rs]) / gb, 2),
+            "workers_per_rank": rs[0]["summary"]["workers"],
+        }
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="3", help="model sizes in GB (default 3)")
+    ap.add_argument("--procs", default="1,2,4", help="process counts (default 1,2,4; 1 = no launcher)")
+    ap.add_argument("--where", default="tmpfs,disk", help="tmpfs, disk; comma-separated (default both)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=None, help="--workers per process (default: streamconv's own)")
+    ap.add_argument("--workdir", help="where the disk runs work (default: a temporary folder under /var/tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    extra = ["--workers", str(args.workers)] if args.workers else []
+    procs = [int(n) for n in args.procs.split(",") if n]
+    disk = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="streamconv-procs-", dir="/var/tmp"))
+    shm = Path(tempfile.mkdtemp(prefix="streamconv-procs-", dir="/dev/shm")) if Path("/dev/shm").is_dir() else None
+    report = {"machine": c.machine(), "places": []}
+    try:
+        for size in [float(s) for s in args.sizes.split(",") if s]:
+            src_disk = c.checkpoint(disk, size)
+            for where in [w for w in args.where.split(",") if w]:
+                if where == "tmpfs":
+                    if shm is None:
+                        continue
+                    src = shm / src_disk.name
+                    if not src.exists():
+                        shutil.copytree(src_disk, src)
+                    work = shm
+                else:
+                    src, work = src_disk, disk
+                place = measure(src, work, where, procs, args.rounds, extra)
+                report["places"].append(place)
+                print(json.dumps(place), flush=True)
+                if where == "tmpfs":
+                    c.rmtree(src)
+    finally:
+        if shm is not None:
+            c.rmtree(shm)
+    return c.finish(args, report, disk)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

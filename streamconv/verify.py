@@ -74,20 +74,31 @@ def first_difference(actual: torch.Tensor, expected: torch.Tensor) -> tuple[int,
 
 
 class CompareSink:
-    """The engine's sink for verify: each expected chunk is compared with the checkpoint's item."""
+    """The engine's sink for verify: each expected chunk (full rows) is compared with the checkpoint's items
+    that lie in it (``items``: {(key, offsets): [(item offsets, item sizes)]}; one, unless the checkpoint
+    splits those rows along another dimension, as a tensor-parallel save does)."""
 
-    def __init__(self, ckpt_source, report: Report):
+    def __init__(self, ckpt_source, report: Report, items: dict | None = None):
         self.ckpt = ckpt_source
         self.report = report
+        self.items = items or {}
 
     def write_overhead(self, chunk) -> int:
         return 2 * chunk.nbytes  # the item read (a plain archive: straight into its tensor; else its bytes
         #                          and the tensor torch.load makes of them)
 
     def write(self, chunk, expected: torch.Tensor) -> None:
-        where = f"{chunk.key} chunk at offsets {list(chunk.offsets)} sizes {list(chunk.sizes)}"
+        for offsets, sizes in self.items.get((chunk.key, tuple(chunk.offsets)), [(chunk.offsets, chunk.sizes)]):
+            part = expected
+            for d, (o, n, o0) in enumerate(zip(offsets, sizes, chunk.offsets)):
+                if n != part.shape[d]:
+                    part = part.narrow(d, o - o0, n)
+            self._compare(chunk.key, tuple(offsets), tuple(sizes), part)
+
+    def _compare(self, key: str, offsets: tuple, sizes: tuple, expected: torch.Tensor) -> None:
+        where = f"{key} chunk at offsets {list(offsets)} sizes {list(sizes)}"
         try:
-            actual = self.ckpt.read_item(chunk.key, chunk.offsets)
+            actual = self.ckpt.read_item(key, offsets)
         except BadInputError as e:
             self.report.mismatches.append(f"{where}: unreadable ({e})")
             return
@@ -114,9 +125,20 @@ def _bindings_by_key(spec) -> dict[tuple[str, tuple[int, ...]], tuple]:
     return out
 
 
+def row_dims(bindings, key: str, offsets) -> int:
+    """How many leading dimensions of ``key`` are the layer index and the rows (2 stacked, else 1)."""
+    return 2 if (key, (offsets[0],)) in bindings else 1
+
+
+def full_rows(bindings, key: str, shape, offsets, sizes) -> tuple[tuple, tuple]:
+    """The region of whole rows that holds region ``(offsets, sizes)``."""
+    k = row_dims(bindings, key, offsets)
+    return tuple(offsets[:k]) + (0,) * (len(shape) - k), tuple(sizes[:k]) + tuple(shape[k:])
+
+
 def region_reads(bindings, key: str, shape: tuple[int, ...], offsets, sizes) -> tuple[Read, ...]:
     """The source row slices whose row-wise concatenation is region ``(offsets, sizes)`` of ``key``."""
-    lead = 1 if (key, (offsets[0],)) in bindings else 0
+    lead = row_dims(bindings, key, offsets) - 1
     if any(o != 0 or s != n for o, s, n in zip(offsets[lead + 1:], sizes[lead + 1:], shape[lead + 1:])):
         raise ValueError("split along a dimension other than rows")
     reads = []
@@ -189,6 +211,7 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = engine.DEFAUL
                 report.mismatches.append(f"{key}: object missing (megatron-core refuses to load without it)")
         targets: dict[str, Target] = {}
         chunks: list[Chunk] = []
+        items: dict[tuple, list] = {}  # (key, full-row offsets) -> the items in those rows
         for key, want in ref.targets.items():
             got = ckpt.tensors.get(key)
             if got is None:
@@ -205,17 +228,17 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = engine.DEFAUL
                 continue
             targets[key] = want
             itemsize = torch.empty((), dtype=want.dtype).element_size()
+            groups: dict[tuple, list] = {}  # items split along columns (tensor parallel): compared per full rows
             for offsets, sizes in regions:
-                try:
-                    reads = region_reads(bindings, key, want.shape, offsets, sizes)
-                except ValueError as e:
-                    raise BadInputError(f"{ckpt_dir}: {key} chunk at {list(offsets)}: {e}; verify compares row "
-                                        "blocks only") from None
+                groups.setdefault(full_rows(bindings, key, want.shape, offsets, sizes), []).append((offsets, sizes))
+            for (offsets, sizes), parts in groups.items():
+                reads = region_reads(bindings, key, want.shape, offsets, sizes)
                 chunks.append(Chunk(key, offsets, sizes, reads, 0, math.prod(sizes) * itemsize))
-        report.items = len(chunks)
+                items[(key, offsets)] = parts
+        report.items = sum(len(v) for v in items.values())
         report.bytes = sum(c.nbytes for c in chunks)
         plan = Plan("verify", spec, targets, chunks)
-        sink = CompareSink(ckpt, report)
+        sink = CompareSink(ckpt, report, items)
         progress = make_progress(quiet, "verify", report.bytes, len(chunks), max_memory, plan=plan)
         with progress:
             engine.run(plan, source, sink, max_memory=max_memory, workers=workers, device=device, progress=progress)

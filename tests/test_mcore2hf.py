@@ -196,7 +196,7 @@ def test_exported_llama_loads_in_transformers_with_identical_logits(tmp_path):
 # ---------------------------------------------------------------------------------------------- real TP=2 save
 
 
-def test_real_megatron_tp2_saves_export_the_same_tensors(tmp_path):
+def test_real_megatron_tp2_saves_export_the_same_tensors(tmp_path, capsys):
     """Llama (stacked keys) and DeciLM with every block variant (per-layer keys), each re-saved by real
     megatron-core at TP=2, export to the same HF tensors as their TP=1 checkpoints."""
     mcore_tp = pytest.importorskip("mcore_tp")
@@ -247,6 +247,18 @@ def test_real_megatron_tp2_saves_export_the_same_tensors(tmp_path):
     assert_bit_exact(load_folder(src), load_folder(tmp_path / "out2"))
     mcore2hf(htp2, tmp_path / "decilm_out2", "--hf-config", hsrc, "--max-memory", "24KiB")
     assert_bit_exact(load_folder(hsrc), load_folder(tmp_path / "decilm_out2"))
+
+    # verify and inspect read the multi-writer checkpoints too (several ranks' files, column splits)
+    for folder, hf in ((tp2, src), (htp2, hsrc)):
+        capsys.readouterr()
+        assert main(["verify", "--hf-model", str(hf), "--megatron-path", str(folder), "--json"]) == 0
+        checked = json.loads(capsys.readouterr().out)
+        with TorchDistSource(folder) as reader:
+            assert checked["items_checked"] == sum(len(t.chunks) for t in reader.tensors.values())
+        assert main(["inspect", str(folder), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["convertible"] is not False  # None: no run_config.yaml to judge by
+        assert report["totals"]["files"] == len(list(folder.glob("__*_*.distcp")))
 
 
 # ---------------------------------------------------------------------------------------------- safety, errors

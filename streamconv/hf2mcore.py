@@ -306,7 +306,7 @@ def rank_figures(rank: int, stats, report: dict, seconds: float, cpu: float, pea
 
     return {"rank": rank, "host": socket.gethostname(), "chunks": stats.chunks_done, "bytes": stats.bytes_done,
             "chunks_resumed": stats.chunks_skipped, "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
-            "conversion_peak_rss_bytes": peak, **report}
+            "conversion_peak_rss_bytes": peak, "phases": phase_seconds(stats), **report}
 
 
 def phase_seconds(stats) -> dict:

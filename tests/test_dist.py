@@ -144,6 +144,40 @@ def llama(tmp_path_factory):
     return src, output_files(base / "one")
 
 
+def plan_of(src: Path, source=None):
+    """The plan a conversion of ``src`` with SETTINGS makes."""
+    from streamconv.formats.safetensors import SafetensorsSource
+    from streamconv.hf2mcore import build_plan
+    from streamconv.models.spec import load_config, spec_from_config
+    from streamconv.plan import DEFAULT_CHUNK_BYTES
+    from streamconv.units import parse_size
+
+    own = source is None
+    source = source or SafetensorsSource(src)
+    try:
+        return build_plan(source, spec_from_config(load_config(src)), None, DEFAULT_CHUNK_BYTES,
+                          file_bytes=parse_size(SETTINGS[1]))
+    finally:
+        if own:
+            source.close()
+
+
+def test_rank_0_alone_shows_the_whole_jobs_progress(llama, tmp_path):
+    import re
+
+    src = llama[0]
+    plan = plan_of(src)
+    rc, out, err = run_torchrun(2, *hf2mcore_args(src, tmp_path / "out"), STREAMCONV_PROGRESS="1", COLUMNS="200")
+    assert rc == 0, err[-3000:]
+    bars = [line for line in err.splitlines() if line.startswith("hf2mcore ")]
+    assert len(bars) == 1, err[-3000:]  # one bar: rank 0's; the other rank draws nothing
+    n = len(plan.chunks)
+    assert f"{n}/{n} chunks" in bars[0]  # every rank's chunks, counted on rank 0
+    done, total, unit = re.search(r"([\d.]+)/([\d.]+) (KiB|MiB)", bars[0]).groups()
+    assert done == total and abs(float(total) - plan.total_bytes / {"KiB": 2**10, "MiB": 2**20}[unit]) < 0.1
+    assert out.count("wrote ") == 1 and "with 2 processes" in out
+
+
 def kill_rank(src, out, tmp_path, rank: int, point: str) -> str:
     """Launch 2 processes, SIGKILL ``rank`` when it reaches ``point``; the job's stderr."""
     marker = tmp_path / f"paused-{rank}"
@@ -191,16 +225,11 @@ def test_a_fault_one_rank_meets_stops_every_rank_with_one_line_each(llama, tmp_p
     before bytes rank 1 reads; rank 1 goes on, fails on the read, and rank 0 stops with rank 1's line."""
     import shutil
 
-    from streamconv.hf2mcore import build_plan
     from streamconv.formats.safetensors import SafetensorsSource
-    from streamconv.models.spec import load_config, spec_from_config
-    from streamconv.plan import DEFAULT_CHUNK_BYTES
-    from streamconv.units import parse_size
 
     src = Path(shutil.copytree(llama[0], tmp_path / "hf"))
     source = SafetensorsSource(src)
-    plan = build_plan(source, spec_from_config(load_config(src)), None, DEFAULT_CHUNK_BYTES,
-                      file_bytes=parse_size(SETTINGS[1]))
+    plan = plan_of(src, source)
     parts = dist.split(plan.file_bytes(), 2)
     ends: list[dict] = [{}, {}]  # per rank: shard -> the end of the last byte it reads there
     for rank, part in enumerate(parts):

@@ -220,6 +220,43 @@ def test_a_killed_rank_stops_the_job_and_the_launch_resumes(llama, tmp_path, cap
     assert main(["verify", "--hf-model", str(src), "--megatron-path", str(out), "--quiet"]) == 0
 
 
+def test_without_torchrun_as_srun_starts_it_a_killed_rank_still_stops_the_job(llama, tmp_path):
+    """Processes started with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT only (as srun with torchrun's
+    variables exported): no agent to kill the others; rank 0 sees rank 1's death through the heartbeat and
+    stops by itself, naming it. The same launch then finishes the job."""
+    import socket
+
+    src, ref = llama
+    out = tmp_path / "out"
+
+    def launch(**extra) -> list[subprocess.Popen]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", **extra}
+        return [subprocess.Popen([sys.executable, "-m", "streamconv", *hf2mcore_args(src, out, "--quiet")],
+                                 env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for r in range(2)]
+
+    marker = tmp_path / "paused"
+    procs = launch(STREAMCONV_TEST_PAUSE="chunk:2", STREAMCONV_TEST_RANK="1", STREAMCONV_TEST_PAUSE_FILE=str(marker))
+    wait_for(marker, procs[0])
+    os.kill(int(marker.read_text().split()[1]), signal.SIGKILL)
+    _, err = procs[0].communicate(timeout=120)
+    procs[1].communicate(timeout=120)
+    assert procs[0].returncode == 1
+    assert streamconv_lines(err) == ["error: rank 0: stopped: rank 1 ended unexpectedly (killed or crashed); nothing "
+                                     "was committed, re-run the same command to resume"]
+    assert not (out / ITER / ".metadata").exists()
+
+    procs = launch()
+    for proc in procs:
+        proc.communicate(timeout=120)
+        assert proc.returncode == 0
+    assert output_files(out) == ref
+
+
 def test_a_fault_one_rank_meets_stops_every_rank_with_one_line_each(llama, tmp_path):
     """Rank 1 is held before its first chunk; a shard is cut short past every byte rank 0 reads of it but
     before bytes rank 1 reads; rank 1 goes on, fails on the read, and rank 0 stops with rank 1's line."""

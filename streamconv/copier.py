@@ -20,6 +20,7 @@ Page cache: each piece's source range is dropped once read; the output is writte
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -96,6 +97,10 @@ class _Worker:
         out_item = out_dtype.itemsize
         ph = self.phases
         for r in chunk.reads:
+            scale = self.source.dequant.get(r.name)
+            if scale is not None:
+                crc, pos = self._dequantize(r, scale, out_dtype, place, behind, stop, crc, pos)
+                continue
             path, off, n = self.source.extent(r.name, r.row0, r.row1, r.index)
             src_dtype = self.source.info(r.name).dtype
             src_item = src_dtype.itemsize
@@ -133,6 +138,45 @@ class _Worker:
         if pos != chunk.nbytes:
             raise RuntimeError(f"chunk {chunk.key} {list(chunk.offsets)}: copied {pos} of {chunk.nbytes} bytes")
         return crc
+
+    def _dequantize(self, r, scale, out_dtype, place: Placement, behind, stop, crc: int, pos: int) -> tuple[int, int]:
+        """A quantized weight's rows: whole rows per piece (a block scale's column blocks need the row),
+        read as float8, dequantized to ``out_dtype`` (``transforms.dequantize``), checksummed and written."""
+        from streamconv.transforms import dequantize
+
+        path, off, n = self.source.extent(r.name, r.row0, r.row1, r.index)
+        info = self.source.info(r.name)
+        cols = math.prod(info.shape[1:])
+        step = max(1, self.piece // (4 * max(1, cols)))  # rows whose float32 value fits in a piece
+        fd = self.files.fd(path)
+        ph = self.phases
+        for row in range(r.row0, r.row1, step):
+            if stop.is_set():
+                raise _Stopped
+            k = min(step, r.row1 - row)
+            t0 = time.perf_counter()
+            raw = self.src if k * cols <= len(self.src) else np.empty(k * cols, dtype=np.uint8)  # a very wide row
+            at = off + (row - r.row0) * cols
+            self._read(fd, path, memoryview(raw)[: k * cols], at)
+            pagecache.drop(fd, at, k * cols)
+            t1 = time.perf_counter()
+            values = torch.from_numpy(raw[: k * cols]).view(info.dtype).view(k, cols)
+            out = dequantize(values, scale.values, scale.block, row, out_dtype)
+            data = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            t2 = time.perf_counter()
+            crc = crc32(data, crc)
+            t3 = time.perf_counter()
+            self._write(place.fd, place.path, data, place.offset + pos)
+            for fd2, off2 in place.also:
+                self._write(fd2, place.path, data, off2 + pos)
+            pos += len(data)
+            behind.wrote(place.offset + pos)
+            t4 = time.perf_counter()
+            ph.read += t1 - t0
+            ph.cast += t2 - t1
+            ph.crc += t3 - t2
+            ph.write += t4 - t3
+        return crc, pos
 
     @staticmethod
     def _read(fd: int, path, buf: memoryview, at: int) -> None:

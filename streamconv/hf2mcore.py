@@ -100,9 +100,31 @@ def prepare_output(out: Path, overwrite: bool, resume: bool = False) -> Path:
 
 def build_plan(source: SafetensorsSource, spec: ModelSpec, dtype: torch.dtype | None,
                chunk_bytes: int, allow_unused: bool = False, file_bytes: int = DEFAULT_FILE_BYTES) -> Plan:
-    check_source(spec, source.tensors, allow_unused=allow_unused)
-    src_dtypes = {name: info.dtype for name, info in source.tensors.items()}
-    return import_plan(spec, src_dtypes, dtype, chunk_bytes=chunk_bytes, file_bytes=file_bytes)
+    quant = getattr(source, "quant", None)
+    check_source(spec, source.tensors, allow_unused=allow_unused, quant=quant)
+    return import_plan(spec, source_dtypes(source), dtype, chunk_bytes=chunk_bytes, file_bytes=file_bytes)
+
+
+def source_dtypes(source) -> dict:
+    """Each source tensor's dtype as the plan sees it: a quantized weight has the dtype it dequantizes to."""
+    quant = getattr(source, "quant", None)
+    return {name: quant.dtype if quant is not None and name in quant.scales else info.dtype
+            for name, info in source.tensors.items() if quant is None or name not in quant.companions}
+
+
+def open_source(folder: Path, cfg: dict) -> SafetensorsSource:
+    """The HF source, with its quantization (if any) recognized and its scales read
+    (``formats/quantized.py``)."""
+    from streamconv.formats import quantized
+
+    source = SafetensorsSource(folder)
+    try:
+        source.quant = quantized.detect(source, folder, cfg)
+        source.dequant = source.quant.scales if source.quant is not None else {}
+    except BaseException:
+        source.close()
+        raise
+    return source
 
 
 @dataclass
@@ -144,7 +166,7 @@ def _setup(hf_model: str, out: Path, opts: Options) -> _Setup:
     outdir.refuse_overlap(out, [folder], "--megatron-path")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")
-    source = SafetensorsSource(folder)
+    source = open_source(folder, cfg)
     try:
         dtype = parse_dtype(opts.dtype)
         plan = build_plan(source, spec, dtype, chunk_bytes_for(opts.max_memory), opts.allow_unused, opts.file_bytes)
@@ -294,6 +316,9 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
         "chunks_resumed": sum(f["chunks_resumed"] for f in figures),
         **{k: sum(f[k] for f in figures) for k in sink.report},
     }
+    quant = getattr(source, "quant", None)
+    if quant is not None:
+        summary["quantization"] = quant.as_dict()
     if job is not None:
         summary["processes"] = world
         summary["ranks"] = figures

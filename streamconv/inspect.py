@@ -127,19 +127,39 @@ def hf_file_report(path: Path) -> Report:
 def hf_report(folder: Path) -> Report:
     from streamconv.formats.safetensors import SafetensorsSource
 
+    from streamconv.formats import quantized
+    from streamconv.units import fmt_bytes
+
     source = SafetensorsSource(folder)
+    quant, refused = None, None
     try:
         infos = source.tensors
         tensors = [Entry(n, tuple(i.shape), dtype_name(i.dtype), i.nbytes, i.path.name) for n, i in infos.items()]
+        if (folder / "config.json").is_file():
+            from streamconv.models.spec import load_config
+
+            try:
+                quant = quantized.detect(source, folder, load_config(folder))
+            except StreamconvError as e:
+                refused = str(e)
     finally:
         source.close()
-    arch, model, check = _hf_architecture(folder, infos)
+    arch, model, check = _hf_architecture(folder, infos, quant)
+    if refused is not None:
+        check = f"not convertible: {refused}"
+    if quant is not None:
+        item = quant.dtype.itemsize
+        model["quantization"] = quant.describe()
+        out = sum(i.nbytes if n not in quant.scales else math.prod(i.shape) * item
+                  for n, i in infos.items() if n not in quant.companions)
+        model["output"] = f"{fmt_bytes(out)} ({out:,} bytes) once dequantized"
+        model["skipped_scales"] = f"{len(quant.skipped)} activation/kv-cache scales (not weights: not converted)"
     known = (folder / "config.json").is_file()
     return Report("hf", str(folder), arch, model, check, sorted(tensors, key=lambda t: natural_key(t.name)),
                   convertible=check.startswith("ok") if known else None)
 
 
-def _hf_architecture(folder: Path, infos: dict | None) -> tuple[str | None, dict, str]:
+def _hf_architecture(folder: Path, infos: dict | None, quant=None) -> tuple[str | None, dict, str]:
     """(architecture, model facts, conversion check) from ``config.json``; a config streamconv cannot
     convert is reported, not raised: inspect is for strange checkpoints."""
     from streamconv.models.spec import load_config, spec_from_config
@@ -158,7 +178,7 @@ def _hf_architecture(folder: Path, infos: dict | None) -> tuple[str | None, dict
     if infos is None:
         return spec.architecture, model, "ok"
     try:
-        check_source(spec, infos)
+        check_source(spec, infos, quant=quant)
         check = "ok: every tensor the mapping needs is present with the shape config.json implies"
     except StreamconvError as e:
         check = str(e)

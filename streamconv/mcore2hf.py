@@ -176,10 +176,10 @@ def prepare_output(out: Path, overwrite: bool, identity: dict) -> bool:
 def write_config(out: Path, cfg: dict, verbatim: bytes | None, plan: Plan, dtype_given: bool) -> None:
     """``config.json``: the given file as is, unless ``--dtype`` changed the weights' dtype; otherwise the
     config dict with ``torch_dtype`` set to the exported dtype."""
-    if verbatim is not None and not dtype_given:
+    if verbatim is not None and not dtype_given and "quantization_config" not in cfg:
         fsync_write(out / "config.json", verbatim)
         return
-    cfg = dict(cfg)
+    cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}  # the weights written are not quantized
     dtypes = {t.dtype for t in plan.targets.values()}
     if len(dtypes) == 1:
         cfg["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")

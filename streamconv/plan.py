@@ -116,12 +116,15 @@ FLOAT8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4
           if hasattr(torch, n)}
 
 
-def check_quantization(spec: ModelSpec, infos: dict) -> None:
-    """A quantized checkpoint is refused whole: its scale tensors are never "unused" (``--allow-unused``
-    does not apply to them) and a float8 weight is never copied or cast as if it were the weight."""
+def check_quantization(spec: ModelSpec, infos: dict, quant=None) -> None:
+    """A quantized checkpoint is refused whole unless ``quant`` (``formats.quantized.Quantization``) says how
+    to dequantize it: its scale tensors are never "unused" (``--allow-unused`` does not apply to them) and a
+    float8 weight is never copied or cast as if it were the weight."""
     expected = {t.name for t in rules.hf_tensors(spec)}
-    companions = sorted(n for n in infos if QUANT_COMPANION.search(n))
-    fp8 = sorted(n for n in expected if n in infos and infos[n].dtype in FLOAT8)
+    known = quant.companions if quant is not None else set()
+    scaled = quant.scales if quant is not None else {}
+    companions = sorted(n for n in infos if QUANT_COMPANION.search(n) and n not in known)
+    fp8 = sorted(n for n in expected if n in infos and infos[n].dtype in FLOAT8 and n not in scaled)
     if companions or fp8:
         first = companions[0] if companions else fp8[0]
         where = getattr(infos[first], "path", None)
@@ -132,9 +135,12 @@ def check_quantization(spec: ModelSpec, infos: dict) -> None:
                             "apply to quantization scales); use the unquantized model")
 
 
-def check_source(spec: ModelSpec, infos: dict, allow_unused: bool = False) -> None:
-    """Every HF tensor the mapping needs is present with the right shape; nothing unexpected is there."""
-    check_quantization(spec, infos)
+def check_source(spec: ModelSpec, infos: dict, allow_unused: bool = False, quant=None) -> None:
+    """Every HF tensor the mapping needs is present with the right shape; nothing unexpected is there
+    (``quant``: the scales of a quantized checkpoint, consumed by the dequantization)."""
+    check_quantization(spec, infos, quant)
+    if quant is not None:
+        infos = {n: i for n, i in infos.items() if n not in quant.companions}
     expected = {t.name: t.shape for t in rules.hf_tensors(spec)}
     for name, shape in expected.items():
         if name not in infos:

@@ -80,7 +80,12 @@ def plan_command(args) -> int:
     path = Path(args.hf_model).expanduser()
     if not path.is_file():  # a config.json file is used as is; folders and hub ids are resolved
         path = resolve_hf_model(args.hf_model, allow_patterns=["config.json"])
-    spec = spec_from_config(load_config(path))
+    cfg = load_config(path)
+    spec = spec_from_config(cfg)
+    from streamconv.formats import quantized
+
+    folder = path.parent if path.is_file() else path
+    method, _ = quantized.method_of(folder, cfg)  # refuses a quantization that is not dequantized here
     src_dtype = CONFIG_DTYPES.get(spec.torch_dtype, torch.bfloat16)
     out_dtype = parse_dtype(args.dtype) or src_dtype
     names = [t.name for t in rules.hf_tensors(spec)]
@@ -88,6 +93,7 @@ def plan_command(args) -> int:
     summary = describe(plan)
     summary["source_dtype"] = str(src_dtype).replace("torch.", "")
     summary["dtype"] = str(out_dtype).replace("torch.", "")
+    summary["quantization"] = method  # None: a plain checkpoint; else its weights are dequantized to dtype
     summary["chunk_bytes"] = plan.chunk_bytes
     summary["max_memory_bytes"] = args.max_memory
     shapes = ShapeSource(spec, src_dtype)
@@ -127,6 +133,8 @@ def plan_command(args) -> int:
     grid.add_column(style="bold")
     grid.add_column(justify="right")
     grid.add_row("parameters", f"{summary['parameters']:,} ({summary['parameters'] / 1e9:.3f} B)")
+    if method is not None:
+        grid.add_row("quantization", f"{method}: weights dequantized on the fly (fp8 x scale)")
     grid.add_row("output", f"{engine.fmt_bytes(summary['bytes'])} as {summary['dtype']}")
     grid.add_row("tensors / objects", f"{summary['tensors']} / {summary['objects']}")
     grid.add_row("chunks / files", f"{summary['chunks']} / {summary['files'] + 1}")

@@ -59,7 +59,7 @@ def input_identity(folder: Path, shard_paths) -> dict:
         files.append({"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                       "ctime_ns": st.st_ctime_ns, "inode": st.st_ino, "header_sha256": _header_sha256(path)})
     extra = {}
-    for name in ("config.json", "model.safetensors.index.json"):
+    for name in ("config.json", "model.safetensors.index.json", "hf_quant_config.json"):
         p = folder / name
         if p.is_file():
             extra[name] = _sha256(p.read_bytes())

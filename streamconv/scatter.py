@@ -39,6 +39,8 @@ def buffer_shape(chunk: Chunk) -> tuple[int, int]:
 
 
 def source_dtype(source, name: str) -> torch.dtype | None:
+    if name in getattr(source, "dequant", ()):  # a quantized weight reads as its float32 value
+        return torch.float32
     info = getattr(source, "info", None)
     if info is None:
         dtype_of = getattr(source, "dtype_of", None)
@@ -91,8 +93,8 @@ class FileScatter:
         return self.source.extent(r.name, r.row0, r.row1, r.index)
 
     def __call__(self, chunk: Chunk, buf: torch.Tensor) -> None:
-        if buf.dtype != read_dtype(self.source, chunk):
-            return copy_reads(self.source, chunk, buf)
+        if buf.dtype != read_dtype(self.source, chunk) or any(r.name in self.source.dequant for r in chunk.reads):
+            return copy_reads(self.source, chunk, buf)  # cast on copy; a quantized weight dequantized
         raw = buf.reshape(-1).view(torch.uint8).numpy()
         pieces = []  # (path, offset, length, destination byte offset)
         dst = 0

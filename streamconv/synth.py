@@ -111,6 +111,123 @@ def make_checkpoint(out: Path | str, config: dict, *, seed: int = 0, dtype: torc
     return out
 
 
+# --------------------------------------------------------------------------- FP8 checkpoints (Model Optimizer)
+
+FP8_MAX = 448.0  # float8_e4m3fn
+
+
+def _fp8_quantize(w: torch.Tensor, method: str, block) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8 weight, float32 scale) as Model Optimizer computes them: scale = amax / 448 per tensor, per
+    row or per block; weight = w / scale, rounded to float8_e4m3fn."""
+    w = w.to(torch.float32)
+    if method == "FP8":
+        scale = (w.abs().max() / FP8_MAX).clamp(min=1e-12).reshape(())
+        q = w / scale
+    elif method == "FP8_PER_CHANNEL_PER_TOKEN":
+        scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+        q = w / scale.unsqueeze(1)
+    else:  # blocks
+        b0, b1 = block
+        rows, cols = w.shape
+        scale = torch.empty(math.ceil(rows / b0), math.ceil(cols / b1))
+        for i in range(scale.shape[0]):
+            for j in range(scale.shape[1]):
+                scale[i, j] = (w[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1].abs().max() / FP8_MAX).clamp(min=1e-12)
+        q = w / scale.repeat_interleave(b0, 0)[:rows].repeat_interleave(b1, 1)[:, :cols]
+    return q.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def quantize_checkpoint(src: Path | str, out: Path | str, method: str = "FP8", *, block=(128, 128),
+                        exclude=("lm_head",), kv_scales: bool = True, shards: int = 2) -> Path:
+    """An FP8 copy of the HF checkpoint ``src`` in ``out``, laid out as Model Optimizer exports one: every 2-D
+    ``.weight`` of the decoder layers in float8_e4m3fn with its ``weight_scale`` (``FP8``: a scalar;
+    ``FP8_PER_CHANNEL_PER_TOKEN``: one per row; ``FP8_PB_WO``: one per ``block``), an ``input_scale`` per
+    quantized linear, ``k_scale``/``v_scale`` (FP8 kv cache), ``hf_quant_config.json`` and config.json's
+    ``quantization_config``. ``method="fp8"``: the fine-grained format transformers reads instead
+    (``weight_scale_inv`` per ``block``, ``quantization_config.weight_block_size``, no hf_quant_config.json).
+    Embeddings, norms and ``exclude`` stay as they are."""
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(src), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {}
+    for f in sorted(src.glob("*.safetensors")):
+        weights.update(load_file(f))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, w in sorted(weights.items()):
+        module = name.removesuffix(".weight")
+        if (not name.startswith("model.layers.") or w.dim() != 2 or not name.endswith(".weight")
+                or any(module.endswith(e) for e in exclude)):
+            tensors[name] = w
+            continue
+        q, scale = _fp8_quantize(w, "FP8_PB_WO" if method == "fp8" else method, block)
+        tensors[name] = q
+        tensors[f"{module}.weight_scale_inv" if method == "fp8" else f"{module}.weight_scale"] = scale
+        if method != "fp8":
+            tensors[f"{module}.input_scale"] = torch.tensor(0.0125)
+            if kv_scales and module.endswith(("k_proj", "v_proj")):
+                tensors[f"{module}.{module[-6]}_scale"] = torch.tensor(1.0)
+    names = sorted(tensors)
+    groups = [names[i::shards] for i in range(shards)]
+    weight_map = {}
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n].contiguous() for n in group}, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in group})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    cfg = json.loads((src / "config.json").read_text())
+    if method == "fp8":
+        cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                      "weight_block_size": list(block)}
+    else:
+        quant = {"quant_algo": method, "kv_cache_quant_algo": "FP8" if kv_scales else None,
+                 "exclude_modules": list(exclude)}
+        if method == "FP8_PB_WO":
+            quant["block_size"] = list(block)
+        (out / "hf_quant_config.json").write_text(json.dumps(
+            {"producer": {"name": "modelopt", "version": "0.29.0"}, "quantization": quant}, indent=4))
+        cfg["quantization_config"] = {"quant_method": "modelopt", **quant}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def dequantized_copy(src: Path | str, out: Path | str) -> Path:
+    """What ``src`` (an FP8 checkpoint) means: each weight ``bf16(fp8.float() * scale)`` (the config's dtype),
+    scales dropped, as a plain checkpoint in ``out``: the reference for tests."""
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(src), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    qc = cfg.pop("quantization_config", {})
+    block = tuple(qc.get("weight_block_size") or qc.get("block_size") or (128, 128))
+    dtype = getattr(torch, cfg.get("torch_dtype", "bfloat16"))
+    weights = {}
+    for f in sorted(src.glob("*.safetensors")):
+        weights.update(load_file(f))
+    plain = {}
+    for name, w in weights.items():
+        if name.endswith(("_scale", "_scale_inv")):
+            continue
+        scale = weights.get(name.removesuffix(".weight") + ".weight_scale",
+                            weights.get(name.removesuffix(".weight") + ".weight_scale_inv"))
+        if scale is None:
+            plain[name] = w
+            continue
+        if scale.dim() == 0:
+            full = scale
+        elif scale.dim() == 1:
+            full = scale.unsqueeze(1)
+        else:
+            full = scale.repeat_interleave(block[0], 0)[:w.shape[0]].repeat_interleave(block[1], 1)[:, :w.shape[1]]
+        plain[name] = (w.to(torch.float32) * full).to(dtype)
+    save_file(plain, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
 # --------------------------------------------------------------------------- DeciLM (nemotron-nas) configs
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"

@@ -110,3 +110,17 @@ def split(layout: str, fused: torch.Tensor, src_rows: list[int], heads_per_group
     """Inverse of ``fuse``: the source tensors, from the whole fused tensor."""
     segs = layout_segments(layout, src_rows, heads_per_group, head_dim)
     return [gather([fused[a:b] for a, b in fused_rows_for_source(segs, j, 0, n)]) for j, n in enumerate(src_rows)]
+
+
+def dequantize(values: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None, row0: int,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``[row0, row0 + n)`` of a quantized weight (``values``: ``[n, cols]`` float8) as ``out_dtype``:
+    ``fp8.float() * scale`` in float32, rounded once. ``scale``: float32 ``[]`` (per tensor), ``[rows]`` (per
+    row), or ``[row blocks, col blocks]`` with ``block`` = (rows, cols) of a block."""
+    x = values.to(torch.float32)
+    if block is None:
+        x.mul_(scale if scale.dim() == 0 else scale[row0:row0 + x.shape[0]].unsqueeze(1))
+    else:
+        rows = torch.arange(row0, row0 + x.shape[0]) // block[0]
+        x.mul_(scale.index_select(0, rows).repeat_interleave(block[1], dim=1)[:, :x.shape[1]])
+    return x if out_dtype == torch.float32 else x.to(out_dtype)

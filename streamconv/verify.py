@@ -181,22 +181,22 @@ def expected_dtypes(spec, src_dtypes: dict, out_tensors: dict) -> Plan:
 
 def verify(hf_model: str, megatron_path: str, *, max_memory: int = engine.DEFAULT_MAX_MEMORY, workers: int = 4,
            device: str = "cpu", quiet: bool = True) -> Report:
-    from streamconv.formats.safetensors import SafetensorsSource
     from streamconv.formats.torch_dist_reader import TorchDistSource
-    from streamconv.hf2mcore import resolve_hf_model
+    from streamconv.hf2mcore import open_source, resolve_hf_model, source_dtypes
     from streamconv.mcore2hf import resolve_checkpoint
     from streamconv.models.spec import load_config, spec_from_config
     from streamconv.progress import make_progress
 
     t0 = time.perf_counter()
     folder = resolve_hf_model(hf_model)
-    spec = spec_from_config(load_config(folder))
+    cfg = load_config(folder)
+    spec = spec_from_config(cfg)
     ckpt_dir = resolve_checkpoint(megatron_path)
-    source = SafetensorsSource(folder)
+    source = open_source(folder, cfg)  # a quantized source dequantizes as the conversion did
     ckpt = TorchDistSource(ckpt_dir)
     report = Report(str(ckpt_dir), str(folder))
     try:
-        src_dtypes = {name: info.dtype for name, info in source.tensors.items()}
+        src_dtypes = source_dtypes(source)
         for t in rules.hf_tensors(spec):
             if t.name not in src_dtypes:
                 raise BadInputError(f"{folder}: tensor {t.name!r} is needed for {spec.architecture} but is not in "

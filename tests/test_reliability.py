@@ -138,6 +138,8 @@ def test_a_source_changed_in_place_is_not_resumed(src, tmp_path):
 # ------------------------------------------------------------------------ 4. quantized weights
 
 def test_a_quantized_checkpoint_is_refused_even_with_allow_unused(src, tmp_path):
+    """float8 weights with scales but no config saying which quantization: refused (tests/test_fp8.py converts
+    the ones that say)."""
     model = tmp_path / "fp8"
     model.mkdir()
     (model / "config.json").write_bytes((src / "config.json").read_bytes())
@@ -157,7 +159,8 @@ def test_a_quantized_checkpoint_is_refused_even_with_allow_unused(src, tmp_path)
     for extra in ([], ["--allow-unused"]):
         r = run_cli("hf2mcore", "--hf-model", model, "--megatron-path", tmp_path / f"out{len(extra)}", "--quiet",
                     *extra)
-        one_line(r, errors.EXIT_BAD_INPUT, "quantized checkpoint", "--allow-unused does not apply")
+        one_line(r, errors.EXIT_BAD_INPUT, "quantized checkpoint", "--allow-unused does not apply",
+                 "hf_quant_config.json")
         assert not (tmp_path / f"out{len(extra)}" / "iter_0000000" / ".metadata").exists()
 
 

@@ -116,8 +116,10 @@ def normalize_dtype(dtype: Any) -> str:
 
 
 def encode_hf_config(hf_config: dict) -> str:
-    """The config JSON text for ``heterogeneous_layers_config_encoded_json`` (HF ``to_json_string`` format)."""
-    return json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
+    """The config JSON text for ``heterogeneous_layers_config_encoded_json`` (HF ``to_json_string`` format).
+    A quantized source's ``quantization_config`` is left out: the converted weights are dequantized."""
+    plain = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    return json.dumps(plain, indent=2, sort_keys=True) + "\n"
 
 
 def make_vocab_size_divisible_by(vocab_size: int) -> int:

@@ -209,6 +209,8 @@ class SafetensorsSource:
                     "not in the shard"
                 )
         self._fds: dict[Path, int] = {}
+        self.quant = None  # formats.quantized.Quantization of a quantized checkpoint (hf2mcore.open_source)
+        self.dequant: dict = {}  # weight name -> formats.quantized.Scale: read_rows gives its float32 values
 
     def info(self, name: str) -> TensorInfo:
         try:
@@ -261,8 +263,14 @@ class SafetensorsSource:
         out_shape = (row1 - row0, *shape[1:]) if shape else ()
         dtype = self.info(name).dtype
         if length == 0:
-            return torch.empty(out_shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).view(out_shape)
+            return torch.empty(out_shape, dtype=torch.float32 if name in self.dequant else dtype)
+        values = torch.frombuffer(buf, dtype=dtype).view(out_shape)
+        scale = self.dequant.get(name)
+        if scale is not None and not index:  # a quantized weight: its value, in float32
+            from streamconv.transforms import dequantize
+
+            return dequantize(values, scale.values, scale.block, row0, torch.float32)
+        return values
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -129,10 +129,9 @@ def _fp8_quantize(w: torch.Tensor, method: str, block) -> tuple[torch.Tensor, to
     else:  # blocks
         b0, b1 = block
         rows, cols = w.shape
-        scale = torch.empty(math.ceil(rows / b0), math.ceil(cols / b1))
-        for i in range(scale.shape[0]):
-            for j in range(scale.shape[1]):
-                scale[i, j] = (w[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1].abs().max() / FP8_MAX).clamp(min=1e-12)
+        nr, nc = math.ceil(rows / b0), math.ceil(cols / b1)
+        padded = torch.nn.functional.pad(w.abs(), (0, nc * b1 - cols, 0, nr * b0 - rows))
+        scale = (padded.view(nr, b0, nc, b1).amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)
         q = w / scale.repeat_interleave(b0, 0)[:rows].repeat_interleave(b1, 1)[:, :cols]
     return q.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 

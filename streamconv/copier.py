@@ -161,7 +161,8 @@ class _Worker:
             pagecache.drop(fd, at, k * cols)
             t1 = time.perf_counter()
             values = torch.from_numpy(raw[: k * cols]).view(info.dtype).view(k, cols)
-            out = dequantize(values, scale.values, scale.block, row, out_dtype)
+            out, work = self._dequant_buffers(k * cols, out_dtype)
+            out = dequantize(values, scale.values, scale.block, row, out_dtype, out.view(k, cols), work.view(k, cols))
             data = memoryview(out.reshape(-1).view(torch.uint8).numpy())
             t2 = time.perf_counter()
             crc = crc32(data, crc)
@@ -177,6 +178,14 @@ class _Worker:
             ph.crc += t3 - t2
             ph.write += t4 - t3
         return crc, pos
+
+    def _dequant_buffers(self, n: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` elements of ``out_dtype`` and of float32, kept for the next pieces (fresh pages cost a
+        fault each)."""
+        if getattr(self, "_f32", None) is None or self._f32.numel() < n:
+            self._f32 = torch.empty(n, dtype=torch.float32)
+            self._wide = torch.empty(n * 4, dtype=torch.uint8)
+        return self._wide[: n * out_dtype.itemsize].view(out_dtype), self._f32[:n]
 
     @staticmethod
     def _read(fd: int, path, buf: memoryview, at: int) -> None:

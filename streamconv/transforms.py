@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -112,15 +113,53 @@ def split(layout: str, fused: torch.Tensor, src_rows: list[int], heads_per_group
     return [gather([fused[a:b] for a, b in fused_rows_for_source(segs, j, 0, n)]) for j, n in enumerate(src_rows)]
 
 
+_FLOAT8_VALUES: dict = {}  # float8 dtype -> its 256 values as float32 (numpy), torch's own conversion
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _values_of(dtype: torch.dtype) -> np.ndarray:
+    table = _FLOAT8_VALUES.get(dtype)
+    if table is None:
+        table = _FLOAT8_VALUES[dtype] = torch.arange(256, dtype=torch.uint8).view(dtype).to(torch.float32).numpy()
+    return table
+
+
+def _lookup(table: torch.Tensor, values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``table[byte]`` for each float8 element of ``values`` (into ``out`` if given): a 256-entry table
+    look-up (torch's float8 conversion is element by element; a look-up runs at memory speed)."""
+    codes = values.contiguous().view(torch.uint8).numpy()
+    ints = _INT_VIEW[table.element_size()]
+    if out is None:
+        return torch.from_numpy(np.take(table.contiguous().view(ints).numpy(), codes, mode="clip")).view(table.dtype)
+    np.take(table.contiguous().view(ints).numpy(), codes, out=out.view(ints).numpy(), mode="clip")  # unbuffered
+    return out
+
+
 def dequantize(values: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None, row0: int,
-               out_dtype: torch.dtype) -> torch.Tensor:
+               out_dtype: torch.dtype, out: torch.Tensor | None = None, work: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """Rows ``[row0, row0 + n)`` of a quantized weight (``values``: ``[n, cols]`` float8) as ``out_dtype``:
     ``fp8.float() * scale`` in float32, rounded once. ``scale``: float32 ``[]`` (per tensor), ``[rows]`` (per
-    row), or ``[row blocks, col blocks]`` with ``block`` = (rows, cols) of a block."""
-    x = values.to(torch.float32)
+    row), or ``[row blocks, col blocks]`` with ``block`` = (rows, cols) of a block. ``out`` (``[n, cols]``
+    of ``out_dtype``) and ``work`` (``[n, cols]`` float32) are used instead of new tensors when given.
+
+    The same bits as ``(values.float() * expanded_scale).to(out_dtype)``: per tensor, through a table of the
+    256 possible products; otherwise the float32 values through a table, then the products."""
+    f32 = torch.from_numpy(_values_of(values.dtype))
+    if block is None and scale.dim() == 0:
+        return _lookup((f32 * scale).to(out_dtype), values, out)
+    x = _lookup(f32, values, work)
+    n, cols = x.shape
     if block is None:
-        x.mul_(scale if scale.dim() == 0 else scale[row0:row0 + x.shape[0]].unsqueeze(1))
+        x.mul_(scale[row0:row0 + n].unsqueeze(1))
     else:
-        rows = torch.arange(row0, row0 + x.shape[0]) // block[0]
-        x.mul_(scale.index_select(0, rows).repeat_interleave(block[1], dim=1)[:, :x.shape[1]])
-    return x if out_dtype == torch.float32 else x.to(out_dtype)
+        b0, b1 = block
+        by_row = scale.index_select(0, torch.arange(row0, row0 + n) // b0)  # [n, col blocks]
+        whole = cols // b1
+        if whole:
+            x[:, :whole * b1].view(n, whole, b1).mul_(by_row[:, :whole].unsqueeze(2))
+        if cols % b1:
+            x[:, whole * b1:].mul_(by_row[:, whole:whole + 1])
+    if out_dtype == torch.float32:
+        return x if out is None else out.copy_(x)
+    return x.to(out_dtype) if out is None else out.copy_(x)

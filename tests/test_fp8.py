@@ -183,3 +183,32 @@ def test_a_scale_without_its_weight_or_a_weight_without_its_scale_is_refused(tmp
     assert main(["hf2mcore", "--hf-model", str(fp8), "--megatron-path", str(tmp_path / "out"), "--quiet"]) == 3
     err = capsys.readouterr().err
     assert "'model.layers.0.mlp.down_proj.weight' is float8 but has no weight_scale" in err
+
+
+@pytest.mark.parametrize("kind", ["tensor", "row", "blocks", "partial-blocks"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequantize_is_the_float32_product_rounded_once(kind, dtype):
+    """transforms.dequantize (table look-ups) against the definition, on rows starting mid-tensor, with
+    every float8 code (NaNs included) and blocks that do not divide the shape."""
+    import math
+
+    from streamconv.transforms import dequantize
+
+    g = torch.Generator().manual_seed(0)
+    rows, cols, row0 = 41, 300, 7
+    codes = torch.randint(0, 256, (rows, cols), generator=g, dtype=torch.uint8)
+    codes[0, :256] = torch.arange(256, dtype=torch.uint8)
+    w = codes.view(torch.float8_e4m3fn)
+    block = {"blocks": (8, 100), "partial-blocks": (3, 11)}.get(kind)
+    if kind == "tensor":
+        scale, full = torch.tensor(0.0137), torch.tensor(0.0137)
+    elif kind == "row":
+        scale = torch.rand(rows + row0, generator=g)
+        full = scale[row0:].unsqueeze(1)
+    else:
+        scale = torch.rand(math.ceil((rows + row0) / block[0]), math.ceil(cols / block[1]), generator=g)
+        full = scale[torch.arange(row0, row0 + rows) // block[0]].repeat_interleave(block[1], 1)[:, :cols]
+    got = dequantize(w, scale, block, row0, dtype)
+    want = (w.float() * full).to(dtype)
+    bits = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
+    assert got.dtype == dtype and torch.equal(got.view(bits), want.view(bits))

@@ -12,7 +12,8 @@ A piece fits in the CPU cache, so the CRC-32 (which zip requires) and the write 
 from memory. Every source byte is read once, every output byte written once; the threads work on
 different chunks at once. When a chunk's last piece is written the sink completes it
 (``sink.placed(chunk, placement, crc)``: item framing, journal record, and the file's commit once all
-its chunks are in). Memory is ``workers`` x two pieces, whatever the model and chunk sizes.
+its chunks are in). Memory is ``workers`` x two pieces, whatever the model and chunk sizes (four when a
+quantized source is dequantized: its float32 values and their output, ``_dequantize``).
 
 Page cache: each piece's source range is dropped once read; the output is written behind
 (``pagecache.WriteBehind`` over the chunk's range), and each file is dropped after its commit ``fsync``.
@@ -255,8 +256,9 @@ def run(plan, source, sink, *, max_memory: int, workers: int, progress, skip, st
         else:
             todo.append(c)
     n = max(1, min(workers, len(todo)))
-    piece = piece_bytes(max_memory, n)
-    held = 2 * piece * n
+    quantized = bool(getattr(source, "dequant", None))  # dequantizing holds two more pieces: float32, output
+    piece = piece_bytes(max_memory // 2 if quantized else max_memory, n)
+    held = (4 if quantized else 2) * piece * n
     stats.budget = max_memory
     stats.peak_in_flight = held if todo else 0
     files = FileScatter(source)

@@ -44,6 +44,7 @@ class Report:
     objects: list[str] = field(default_factory=list)  # torch_dist BYTE_IO keys
     files: list[str] = field(default_factory=list)  # every file of the checkpoint (torch_dist: objects' too)
     convertible: bool | None = None  # False: what ``check`` names would stop a conversion (inspect exits 3)
+    training_state: dict | None = None  # torch_dist from a training run: iteration, optimizer, rng, args
 
     def totals(self) -> dict:
         dtypes: dict[str, int] = {}
@@ -218,22 +219,53 @@ def torch_dist_report(folder: Path) -> Report:
                                  len(meta.chunks), files))
         objects = sorted(source.objects, key=natural_key)
         all_files = sorted({ref.file for ref in source._storage.values()}, key=natural_key)
+        from streamconv.formats import megatron_args
+
+        try:
+            common = megatron_args.common_state(folder, source)
+        except StreamconvError:
+            common = None
     finally:
         source.close()
-    arch, model, check = _torch_dist_architecture(folder, {t.name: t.shape for t in tensors})
+    args = (common or {}).get("args")
+    arch, model, check = _torch_dist_architecture(folder, {t.name: t.shape for t in tensors}, args)
     return Report("torch_dist", str(folder), arch, model, check, sorted(tensors, key=lambda t: natural_key(t.name)),
-                  objects, all_files, convertible=check.startswith("ok") if check != NO_RUN_CONFIG else None)
+                  objects, all_files, convertible=check.startswith("ok") if check != NO_RUN_CONFIG else None,
+                  training_state=training_state(tensors, objects, common))
+
+
+def training_state(tensors: list[Entry], objects: list[str], common: dict | None) -> dict | None:
+    """What a training save holds beside the weights (None for a weights-only checkpoint)."""
+    optimizer = [t for t in tensors if t.name.startswith("optimizer.")]
+    rng = [o for o in objects if o.startswith("rng_state")]
+    common = common or {}
+    if not optimizer and not rng and "args" not in common and not common.get("iteration"):
+        return None
+    return {"iteration": common.get("iteration"), "checkpoint_version": common.get("checkpoint_version"),
+            "args": "args" in common, "optimizer_tensors": sum(t.chunks for t in optimizer),
+            "optimizer_bytes": sum(t.bytes for t in optimizer), "rng_state": len(rng),
+            "other_common_keys": sorted(k for k in common if k not in ("args", "iteration", "checkpoint_version"))}
 
 
 NO_RUN_CONFIG = "no run_config.yaml: architecture guessed from the key layout"
 
 
-def _torch_dist_architecture(folder: Path, keys: dict[str, tuple]) -> tuple[str | None, dict, str]:
-    """From Megatron-Bridge's ``run_config.yaml`` when there (then the keys are checked against the
-    mapping); else a guess from the key layout."""
+def _torch_dist_architecture(folder: Path, keys: dict[str, tuple], args=None) -> tuple[str | None, dict, str]:
+    """From Megatron-Bridge's ``run_config.yaml`` when there, else from Megatron-LM's training ``args``
+    (then the keys are checked against the mapping); else a guess from the key layout."""
     run_config = folder / "run_config.yaml"
     per_layer = any(re.match(r"decoder\.layers\.\d+\.", k) for k in keys)
     layout = {"layer_keys": "per-layer (heterogeneous)" if per_layer else "stacked [L, ...]"}
+    if not run_config.is_file() and args is not None:
+        from streamconv.formats.megatron_args import hf_config_from_args
+        from streamconv.models.spec import spec_from_config
+
+        try:
+            spec = spec_from_config(hf_config_from_args(args, folder))
+        except StreamconvError as e:
+            return None, layout, f"training args: {e}"
+        return spec.architecture, {**_spec_facts(spec), **layout, "described_by": "training args"}, \
+            _check_keys(spec, keys, "the training args")
     if not run_config.is_file():
         guess = "heterogeneous GPT (DeciLM-like)" if per_layer else "GPT (Llama-like)" if keys else None
         return guess, layout, NO_RUN_CONFIG
@@ -247,7 +279,7 @@ def _torch_dist_architecture(folder: Path, keys: dict[str, tuple]) -> tuple[str 
     return spec.architecture, {**_spec_facts(spec), **layout}, _check_keys(spec, keys)
 
 
-def _check_keys(spec, keys: dict[str, tuple]) -> str:
+def _check_keys(spec, keys: dict[str, tuple], described_by: str = "run_config.yaml") -> str:
     """Does the checkpoint hold exactly the weights the mapping expects for ``spec``, in their shapes?"""
     from streamconv.models import rules
 
@@ -257,11 +289,14 @@ def _check_keys(spec, keys: dict[str, tuple]) -> str:
         return f"{len(missing)} weight(s) the {spec.architecture} mapping needs are missing, first {missing[0]!r}"
     wrong = [k for k, shape in expected.items() if tuple(keys[k]) != shape]
     if wrong:
-        return f"{wrong[0]!r} has shape {list(keys[wrong[0]])} but run_config.yaml implies {list(expected[wrong[0]])}"
+        return f"{wrong[0]!r} has shape {list(keys[wrong[0]])} but {described_by} implies {list(expected[wrong[0]])}"
     extra = sorted(set(keys) - set(expected), key=natural_key)
+    if extra and all(k.startswith("optimizer.") for k in extra):
+        return (f"ok: every weight the mapping needs is present with the shape {described_by} implies (and "
+                f"{len(extra)} optimizer tensors, not read)")
     if extra:
         return f"ok for the weights; {len(extra)} other tensor(s) (e.g. optimizer state), first {extra[0]!r}"
-    return "ok: every weight the mapping needs is present with the shape run_config.yaml implies"
+    return f"ok: every weight the mapping needs is present with the shape {described_by} implies"
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -294,6 +329,12 @@ def render(report: Report, console) -> None:
     grid.add_row("parameters", f"{tot['parameters']:,} ({tot['parameters'] / 1e9:.3f} B)")
     grid.add_row("bytes", f"{tot['bytes']:,} ({fmt_bytes(tot['bytes'])}) in {tot['files']} file(s)")
     grid.add_row("by dtype", ", ".join(f"{d}: {fmt_bytes(b)}" for d, b in sorted(tot["bytes_by_dtype"].items())))
+    if report.training_state:
+        ts = report.training_state
+        grid.add_row("training state", f"iteration {ts['iteration']}, optimizer: {ts['optimizer_tensors']} tensors "
+                                       f"({fmt_bytes(ts['optimizer_bytes'])}), rng_state: {ts['rng_state']} object(s), "
+                                       f"args: {'yes' if ts['args'] else 'no'}"
+                     + (f", also {', '.join(ts['other_common_keys'])}" if ts["other_common_keys"] else ""))
     grid.add_row("check", report.check)
     console.print(grid)
 

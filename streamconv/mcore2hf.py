@@ -96,10 +96,28 @@ def model_config(ckpt: Path, hf_config: str | None) -> tuple[dict, Path | None, 
         cfg = load_config(folder)
         return cfg, folder, (folder / "config.json").read_bytes()
     path = ckpt / run_config_reader.RUN_CONFIG_FILE
-    if not path.is_file():
-        raise UsageError(f"{ckpt}: no {run_config_reader.RUN_CONFIG_FILE} to describe the model (Megatron-Bridge "
-                         "writes one); pass --hf-config <HF model folder | config.json | hub id>")
-    return run_config_reader.hf_config_from_run_config(path), None, None
+    if path.is_file():
+        return run_config_reader.hf_config_from_run_config(path), None, None
+    from streamconv.formats import megatron_args
+    from streamconv.formats.torch_dist_reader import TorchDistSource
+
+    with TorchDistSource(ckpt) as source:  # a Megatron-LM training checkpoint: its args in the common state
+        state = megatron_args.common_state(ckpt, source)
+    if state is not None and state.get("args") is not None:
+        where = ckpt / megatron_args.COMMON_FILE if (ckpt / megatron_args.COMMON_FILE).is_file() else ckpt
+        return megatron_args.hf_config_from_args(state["args"], where), None, None
+    raise UsageError(f"{ckpt}: nothing describes the model (no {run_config_reader.RUN_CONFIG_FILE} as Megatron-Bridge "
+                     "writes, no training args in the common state as Megatron-LM writes); pass --hf-config <HF model "
+                     "folder | config.json | hub id>")
+
+
+def config_source(ckpt: Path, hf_config: str | None) -> str:
+    """Where ``model_config`` found the model's description, for the summary."""
+    if hf_config is not None:
+        return f"--hf-config {hf_config}"
+    if (ckpt / run_config_reader.RUN_CONFIG_FILE).is_file():
+        return run_config_reader.RUN_CONFIG_FILE
+    return "the training args in the checkpoint's common state"
 
 
 def check_checkpoint(spec: ModelSpec, source: TorchDistSource) -> None:
@@ -289,6 +307,7 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
     summary = {
         "command": "mcore2hf",
         "input": str(ckpt),
+        "config_from": config_source(ckpt, opts.hf_config),
         "output": str(out),
         "architecture": spec.architecture,
         "layers": spec.num_layers,

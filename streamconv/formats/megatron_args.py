@@ -1,0 +1,170 @@
+"""The common state of a Megatron-LM training checkpoint, read without running its pickles, and the HF
+config its ``args`` describe (``mcore2hf`` of a training checkpoint needs no ``--hf-config``).
+
+Megatron-LM's training loop saves the non-sharded state (``args``, ``iteration``, ``checkpoint_version``,
+the optimizer's scheduler, ...) in ``common.pt`` (megatron-core 0.16-0.18) or as the object
+``common_state/shard_0_1`` inside the ``.distcp`` files (0.19+). Both are ``torch.save`` pickles. They are
+read here with an allow-list unpickler: ``argparse.Namespace``, ``collections.OrderedDict``, torch dtypes
+and plain containers are rebuilt; tensors become ``None`` (their bytes are never read); any other global (an
+enum of megatron's, a partial, a class) becomes a ``Foreign`` stand-in that records its name and arguments.
+Nothing is imported and no code from the checkpoint runs.
+
+``args`` -> the provider fields ``run_config_reader`` reads (sizes, query groups, vocabulary, norm epsilon,
+rope base and scaling, tying, dtype, and the heterogeneous layers config for DeciLM), -> the HF config.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import argparse
+import collections
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from streamconv.errors import BadInputError
+
+COMMON_FILE = "common.pt"
+COMMON_STATE_KEY = "common_state/shard_0_1"
+MAX_PICKLE_BYTES = 64 * 1024**2  # a common state is kilobytes to a few MB
+
+
+class Foreign:
+    """An object of a global the allow-list does not rebuild (a class of its own per name, made here, with
+    only these methods): its name, what it was called with, its state."""
+
+    name = "?"
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs, self.state = args, kwargs, None
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"{self.name}({', '.join(map(repr, self.args))})"
+
+
+def _foreign(name: str) -> type:
+    return type("Foreign", (Foreign,), {"name": name})
+
+
+_ALLOWED = {
+    ("argparse", "Namespace"): argparse.Namespace,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        # torch.save's protocol 2 names Python 2's modules (__builtin__.set): read them as Python 3's
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        allowed = _ALLOWED.get((module, name))
+        if allowed is not None:
+            return allowed
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_parameter"):
+            return lambda *a, **k: None  # a tensor: its bytes are never read
+        return _foreign(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        return None  # a tensor's storage
+
+
+def unpickle(data: bytes, where) -> object:
+    try:
+        return _Unpickler(io.BytesIO(data)).load()
+    except Exception as e:  # a damaged pickle: one line, never a traceback
+        raise BadInputError(f"{where}: the common state is not readable ({type(e).__name__}: {e})") from None
+
+
+def load_torch_save(data: bytes, where) -> object:
+    """What ``torch.save`` wrote (a zip with ``<name>/data.pkl``), tensors as ``None``."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            names = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if not names:
+                raise BadInputError(f"{where}: not a torch.save archive (no data.pkl)")
+            info = z.getinfo(names[0])
+            if info.file_size > MAX_PICKLE_BYTES:
+                raise BadInputError(f"{where}: its pickle is {info.file_size} bytes; a common state is far smaller")
+            payload = z.read(names[0])
+    except zipfile.BadZipFile:
+        payload = data  # the legacy (non-zip) format is a plain pickle
+    return unpickle(payload, where)
+
+
+def common_state(ckpt: Path, source=None) -> dict | None:
+    """The common state of checkpoint folder ``ckpt`` (``common.pt``, or the ``common_state`` object of
+    ``source``, a ``TorchDistSource``); None when neither is there."""
+    path = Path(ckpt) / COMMON_FILE
+    if path.is_file():
+        if path.stat().st_size > MAX_PICKLE_BYTES:
+            raise BadInputError(f"{path}: {path.stat().st_size} bytes; a common state is far smaller")
+        state = load_torch_save(path.read_bytes(), path)
+    elif source is not None and COMMON_STATE_KEY in getattr(source, "objects", {}):
+        raw = load_torch_save(source.read_bytes(COMMON_STATE_KEY), f"{ckpt}: {COMMON_STATE_KEY}")
+        state = raw[0] if isinstance(raw, list) and raw else raw
+    else:
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _dtype_name(value) -> str | None:
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return None
+
+
+def model_section(args: argparse.Namespace) -> dict:
+    """Megatron-LM's ``args`` as the provider fields of a ``run_config.yaml`` model section."""
+    a = vars(args)
+    heads = a.get("num_attention_heads")
+    groups = a.get("num_query_groups") if a.get("group_query_attention") else heads
+    m = {
+        "hidden_size": a.get("hidden_size"),
+        "num_layers": a.get("num_layers"),
+        "num_attention_heads": heads,
+        "num_query_groups": groups,
+        "ffn_hidden_size": a.get("ffn_hidden_size"),
+        "kv_channels": a.get("kv_channels"),
+        "vocab_size": a.get("vocab_size") or a.get("padded_vocab_size"),
+        "seq_length": a.get("max_position_embeddings") or a.get("seq_length"),
+        "layernorm_epsilon": a.get("norm_epsilon", 1e-5),
+        "rotary_base": a.get("rotary_base", 10000),
+        "share_embeddings_and_output_weights": not a.get("untie_embeddings_and_output_weights", False),
+        "params_dtype": _dtype_name(a.get("params_dtype")),
+        "bf16": bool(a.get("bf16")),
+        "fp16": bool(a.get("fp16")),
+        "normalization": a.get("normalization", "RMSNorm"),
+        "gated_linear_unit": bool(a.get("swiglu", False)),
+        "activation_func": "torch.nn.functional.silu" if a.get("swiglu") else str(a.get("activation_func")),
+        "add_bias_linear": bool(a.get("add_bias_linear", False)),
+        "add_qkv_bias": bool(a.get("add_qkv_bias", False)),
+        "position_embedding_type": a.get("position_embedding_type", "rope"),
+        "rope_scaling": bool(a.get("use_rope_scaling", False)),
+        "rope_scaling_factor": a.get("rope_scaling_factor", 8.0),
+        "attention_dropout": a.get("attention_dropout", 0.0),
+        "init_method_std": a.get("init_method_std", 0.02),
+        "heterogeneous_layers_config_encoded_json": a.get("heterogeneous_layers_config_encoded_json"),
+        "heterogeneous_layers_config_path": a.get("heterogeneous_layers_config_path"),
+    }
+    return {k: v for k, v in m.items() if v is not None}
+
+
+def hf_config_from_args(args, where) -> dict:
+    """The HF config the training ``args`` describe (Llama, or DeciLM with a heterogeneous layers config)."""
+    from streamconv.formats.run_config_reader import hf_config_from_model_section
+
+    if not isinstance(args, argparse.Namespace):
+        raise BadInputError(f"{where}: the common state's 'args' is not an argparse.Namespace; pass --hf-config")
+    return hf_config_from_model_section(model_section(args), where)

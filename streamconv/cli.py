@@ -152,6 +152,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_mcore2hf, command="mcore2hf")
 
+    p = sub.add_parser("generate", help="run a converted checkpoint: real megatron-core model, greedy decoding "
+                                        "(the upstream page's third step)")
+    p.add_argument("--megatron-path", required=True,
+                   help="checkpoint folder (holding .metadata), an iter_*/release folder, or their parent")
+    p.add_argument("--hf-model", default=None,
+                   help="HF model folder or hub id for the tokenizer (default: the checkpoint's tokenizer/ folder) and, "
+                        "if the checkpoint does not describe itself, the config")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=100,
+                   help="tokens to generate (default 100)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on the CPU, the checkpoint's "
+                                                 "dtype on a GPU)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks, under torchrun --nproc-per-node N (default 1)")
+    p.add_argument("--max-memory", type=_size, default=None,
+                   help="refuse a model bigger than this per process (default: the memory free now)")
+    p.add_argument("--compare-hf", default=None, metavar="HF_FOLDER",
+                   help="also run the HF model (transformers; the reference forward for DeciLM) and compare greedy "
+                        "tokens and first-step logits (exit 5 if the tokens differ)")
+    _add_common(p)
+    p.set_defaults(func=cmd_generate, command="generate")
+
     p = sub.add_parser("plan", help="print the conversion plan without reading weights")
     p.add_argument("--hf-model", required=True, help="HF model folder, config.json, or hub repo id")
     p.add_argument("--dtype", default=None, help="output dtype (default: config torch_dtype)")
@@ -222,6 +246,15 @@ def cmd_verify(args) -> int:
 
     _check_device(args.device)
     return verify_command(args)
+
+
+def cmd_generate(args) -> int:
+    from streamconv.generate import generate_command
+
+    _check_device(args.device)
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    return generate_command(args)
 
 
 def cmd_plan(args) -> int:

@@ -97,8 +97,8 @@ class Job:
         self._beat_group = None
 
     @classmethod
-    def start(cls) -> "Job":
-        """Join the job the launcher started (gloo): every rank calls it."""
+    def start(cls, backend: str = "gloo") -> "Job":
+        """Join the job the launcher started (gloo, unless ``backend``): every rank calls it."""
         global _current
         try:
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -115,7 +115,7 @@ class Job:
         job = cls(rank, world, local_world)
         job._dist = td
         try:
-            td.init_process_group("gloo", rank=rank, world_size=world, timeout=SETUP_TIMEOUT)
+            td.init_process_group(backend, rank=rank, world_size=world, timeout=SETUP_TIMEOUT)
             job._beat_group = td.new_group(backend="gloo", timeout=WORK_TIMEOUT)
         except (RuntimeError, ValueError) as e:
             raise UsageError(f"rank {rank} of {world}: cannot join the job at {os.environ['MASTER_ADDR']}:"

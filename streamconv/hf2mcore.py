@@ -37,7 +37,7 @@ DTYPES = {
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 # Files of the HF folder that Bridge's import keeps beside the checkpoint (``iter_0000000/tokenizer/``).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json")
+                   "chat_template.jinja", "generation_config.json")
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:

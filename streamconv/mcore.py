@@ -104,8 +104,9 @@ def cpu_patches():
 # --------------------------------------------------------------------------- process setup
 
 
-def init_distributed() -> None:
-    """gloo world_size 1 + mcore model parallel (1, 1). Idempotent."""
+def init_distributed(tp: int = 1) -> None:
+    """A process group (gloo, world size 1, unless one is initialized already: torchrun's) + mcore model
+    parallel (``tp``, 1). Idempotent."""
     if not torch.distributed.is_initialized():
         fd, path = tempfile.mkstemp(prefix="mcore_harness_pg_")
         os.close(fd)
@@ -114,14 +115,15 @@ def init_distributed() -> None:
             backend="gloo", init_method=f"file://{path}", world_size=1, rank=0
         )
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
+        parallel_state.initialize_model_parallel(tp, 1)
 
 
 # --------------------------------------------------------------------------- model builders
 
 
-def _common_config_kwargs(cfg: dict) -> dict:
-    """TransformerConfig kwargs shared by the Llama and DeciLM builders."""
+def _common_config_kwargs(cfg: dict, tp: int = 1, dtype: torch.dtype = torch.float32) -> dict:
+    """TransformerConfig kwargs shared by the Llama and DeciLM builders (``tp``: tensor-parallel ranks;
+    ``dtype``: the parameters')."""
     h = cfg["hidden_size"]
     nq = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or h // nq
@@ -145,11 +147,13 @@ def _common_config_kwargs(cfg: dict) -> dict:
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
-        params_dtype=torch.float32,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         use_cpu_initialization=True,
         perform_initialization=True,
         init_method_std=cfg.get("initializer_range", 0.02),
-        tensor_model_parallel_size=1,
+        tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=1,
     )
 
@@ -177,7 +181,7 @@ def _rope(cfg: dict):
     )
 
 
-def _gpt_model(config: TransformerConfig, spec, cfg: dict) -> GPTModel:
+def _gpt_model(config: TransformerConfig, spec, cfg: dict, parallel_output: bool = True) -> GPTModel:
     theta, scaling = _rope(cfg)
     with cpu_patches():
         model = GPTModel(
@@ -187,7 +191,7 @@ def _gpt_model(config: TransformerConfig, spec, cfg: dict) -> GPTModel:
             max_sequence_length=cfg.get("max_position_embeddings", MAX_SEQ_LEN),
             pre_process=True,
             post_process=True,
-            parallel_output=True,
+            parallel_output=parallel_output,
             share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)),
             position_embedding_type="rope",
             rotary_percent=1.0,
@@ -212,35 +216,38 @@ def _gpt_model(config: TransformerConfig, spec, cfg: dict) -> GPTModel:
     return model.eval()
 
 
-def build_gpt(cfg: dict) -> GPTModel:
-    """Homogeneous Llama GPTModel (local spec, fp32, CPU) from a HF LlamaConfig dict."""
-    init_distributed()
+def build_gpt(cfg: dict, tp: int = 1, dtype: torch.dtype = torch.float32, parallel_output: bool = True) -> GPTModel:
+    """Homogeneous Llama GPTModel (local spec, fp32 unless ``dtype``, CPU) from a HF LlamaConfig dict; ``tp``:
+    tensor parallel over the initialized process group (``init_distributed(tp)``); ``parallel_output=False``:
+    full-vocabulary logits on every rank."""
+    init_distributed(tp)
     config = TransformerConfig(
-        **_common_config_kwargs(cfg),
+        **_common_config_kwargs(cfg, tp, dtype),
         num_query_groups=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
         ffn_hidden_size=cfg["intermediate_size"],
     )
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    return _gpt_model(config, spec, cfg)
+    return _gpt_model(config, spec, cfg, parallel_output)
 
 
-def build_hetero_gpt(hf_config: dict) -> GPTModel:
+def build_hetero_gpt(hf_config: dict, tp: int = 1, dtype: torch.dtype = torch.float32,
+                     parallel_output: bool = True) -> GPTModel:
     """Heterogeneous DeciLM (nemotron-nas, ``block_configs``) GPTModel, local spec, fp32, CPU.
 
     Per-layer ``n_heads_in_group`` / ``ffn_mult`` / ``no_op`` / ``replace_with_linear`` are
     read by mcore's ``HeterogeneousTransformerConfig`` from the encoded json; the top-level
     ``num_query_groups`` / ``ffn_hidden_size`` are only defaults that every block overrides.
     """
-    init_distributed()
+    init_distributed(tp)
     cfg = hf_config
     config = HeterogeneousTransformerConfig(
-        **_common_config_kwargs(cfg),
+        **_common_config_kwargs(cfg, tp, dtype),
         num_query_groups=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
         ffn_hidden_size=cfg.get("intermediate_size") or 4 * cfg["hidden_size"],
         heterogeneous_layers_config_encoded_json=json.dumps(hf_config),
     )
     spec = get_gpt_heterogeneous_layer_spec(config, use_te=False)
-    return _gpt_model(config, spec, cfg)
+    return _gpt_model(config, spec, cfg, parallel_output)
 
 
 # --------------------------------------------------------------------------- checkpoints

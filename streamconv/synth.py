@@ -111,6 +111,36 @@ def make_checkpoint(out: Path | str, config: dict, *, seed: int = 0, dtype: torc
     return out
 
 
+# --------------------------------------------------------------------------- tokenizer
+
+TOKENIZER_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?'-:;()\n"
+
+
+def make_tokenizer(out: Path | str, vocab_size: int) -> Path:
+    """A character-level Hugging Face tokenizer (``tokenizer.json``, ``tokenizer_config.json``) of
+    ``vocab_size`` ids (<unk>, <s>, </s>, the characters, then unused filler) and a chat template, for
+    synthetic models: ``AutoTokenizer.from_pretrained(out)`` loads it."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(out)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in TOKENIZER_ALPHABET:
+        vocab.setdefault(ch, len(vocab))
+    for i in range(len(vocab), vocab_size):
+        vocab[f"<extra_{i}>"] = i
+    if len(vocab) > vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is below the {len(vocab)} tokens of the alphabet")
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant: {% endif %}")
+    fast.save_pretrained(str(out))
+    return out
+
+
 # --------------------------------------------------------------------------- FP8 checkpoints (Model Optimizer)
 
 FP8_MAX = 448.0  # float8_e4m3fn

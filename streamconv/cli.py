@@ -154,9 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="run a converted checkpoint: real megatron-core model, greedy decoding "
                                         "(the upstream page's third step)")
-    p.add_argument("--megatron-path", required=True,
-                   help="checkpoint folder (holding .metadata), an iter_*/release folder, or their parent")
-    p.add_argument("--hf-model", default=None,
+    p.add_argument("--megatron-path", "--megatron_model_path", dest="megatron_path", required=True,
+                   help="checkpoint folder (holding .metadata), an iter_*/release folder, or their parent "
+                        "(--megatron_model_path: Megatron-Bridge's spelling)")
+    p.add_argument("--hf-model", "--hf_model_path", dest="hf_model", default=None,
                    help="HF model folder or hub id for the tokenizer (default: the checkpoint's tokenizer/ folder) and, "
                         "if the checkpoint does not describe itself, the config")
     p.add_argument("--prompt", required=True, help="text to continue")
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor-parallel ranks, under torchrun --nproc-per-node N (default 1)")
     p.add_argument("--max-memory", type=_size, default=None,
                    help="refuse a model bigger than this per process (default: the memory free now)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for Megatron-Bridge compatibility; streamconv never runs remote code")
     p.add_argument("--compare-hf", default=None, metavar="HF_FOLDER",
                    help="also run the HF model (transformers; the reference forward for DeciLM) and compare greedy "
                         "tokens and first-step logits (exit 5 if the tokens differ)")

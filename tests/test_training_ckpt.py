@@ -133,6 +133,10 @@ def test_a_training_checkpoint_exports_its_trained_weights_without_hf_config(tmp
                                                        ("intermediate_size", "num_key_value_heads"))):
         assert written[key] == cfg[key], key
 
+    # verify reads the weights of the training checkpoint (optimizer state skipped) against the trained export
+    assert main(["verify", "--hf-model", str(tmp_path / "out"), "--megatron-path", str(train), "--quiet"]) == 0
+    assert main(["verify", "--hf-model", str(src), "--megatron-path", str(train), "--quiet"]) == 5  # not the originals
+    capsys.readouterr()
     assert main(["inspect", str(train), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     training = report["training_state"]

@@ -345,17 +345,38 @@ def phase_seconds(stats) -> dict:
 def write_bridge_files(folder: Path, out: Path, ckpt: Path, spec: ModelSpec, plan: Plan, hf_model: str) -> None:
     """What Megatron-Bridge's import writes around the torch_dist part: ``run_config.yaml``,
     ``train_state.pt`` and the tokenizer files (``<out>/latest_train_state.pt`` is written after ``.metadata``)."""
-    text = run_config.for_spec(spec, plan, save_dir=str(out.resolve()), hf_source=hf_model)
+    # a local folder by its absolute path (usable from any working directory, as save: is); a hub id as is
+    source = str(folder.resolve()) if Path(hf_model).expanduser().exists() else hf_model
+    text = run_config.for_spec(spec, plan, save_dir=str(out.resolve()), hf_source=source)
     fsync_write(ckpt / run_config.RUN_CONFIG_FILE, text.encode())
     buf = io.BytesIO()
     torch.save({k: torch.tensor(v, dtype=getattr(torch, d)) for k, (v, d) in run_config.train_state_tensors(0).items()},
                buf)
     fsync_write(ckpt / run_config.TRAIN_STATE_FILE, buf.getvalue())
+    carry_config(folder, ckpt)
     present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
     if present:
         (ckpt / "tokenizer").mkdir(exist_ok=True)
         for name in present:
             fsync_write(ckpt / "tokenizer" / name, (folder / name).read_bytes())
+
+
+HF_CONFIG_DIR = "hf_config"  # the source's config.json, kept beside the checkpoint (mcore2hf gives it back)
+
+
+def carry_config(folder: Path, ckpt: Path) -> None:
+    """``<ckpt>/hf_config/config.json``: the source's config.json as it was (token ids and every field the
+    run config does not hold), without a quantized source's ``quantization_config`` (the weights written are
+    not quantized); ``mcore2hf`` exports it back when it still describes the checkpoint."""
+    import json
+
+    raw = (folder / "config.json").read_bytes()
+    cfg = json.loads(raw)
+    if "quantization_config" in cfg:
+        del cfg["quantization_config"]
+        raw = (json.dumps(cfg, indent=2) + "\n").encode()
+    (ckpt / HF_CONFIG_DIR).mkdir(exist_ok=True)
+    fsync_write(ckpt / HF_CONFIG_DIR / "config.json", raw)
 
 
 def peak_rss() -> int:

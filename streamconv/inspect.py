@@ -97,6 +97,9 @@ def inspect_path(path: str | Path) -> Report:
         return torch_dist_report(_resolve_torch_dist(p))
     if any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file():
         return hf_report(p)
+    from streamconv.mcore2hf import refuse_unfinished
+
+    refuse_unfinished(p)
     raise BadInputError(f"{p}: not a checkpoint: no *.safetensors (Hugging Face), no {METADATA_FILE}, "
                         f"{TRACKER_FILE} or iter_*/release folder (torch_dist)")
 

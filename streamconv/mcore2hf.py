@@ -56,6 +56,19 @@ class Options:
     quiet: bool = False
 
 
+def refuse_unfinished(p: Path) -> None:
+    """An hf2mcore output (or its iter_0000000) that was interrupted: say so, and how to finish it."""
+    unfinished = next((d for d in (p, p.parent) if (d / ".streamconv" / "identity.json").is_file()), None)
+    if unfinished is not None:
+        raise BadInputError(f"{unfinished}: an unfinished streamconv conversion (no {METADATA_FILE} yet: it was "
+                            "interrupted); run the same hf2mcore command again to finish it, then use it")
+
+
+def is_extra_state(key: str) -> bool:
+    """Transformer Engine's ``_extra_state`` saved as a tensor (older TE) rather than an object: not a weight."""
+    return key.split("/")[0].endswith("._extra_state")
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """The folder holding ``.metadata``: ``path`` itself, the one its tracker file names, or its only
     ``iter_*``/``release`` folder."""
@@ -84,6 +97,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if found:
         raise BadInputError(f"{p}: holds {len(found)} checkpoints ({', '.join(d.name for d in found[:4])}"
                             f"{', ...' if len(found) > 4 else ''}) and no {TRACKER}; pass one of them")
+    refuse_unfinished(p)
     raise BadInputError(f"{p}: not a torch_dist checkpoint (no {METADATA_FILE}, no {TRACKER}, no iter_*/release "
                         "folder with one)")
 
@@ -97,7 +111,11 @@ def model_config(ckpt: Path, hf_config: str | None) -> tuple[dict, Path | None, 
         return cfg, folder, (folder / "config.json").read_bytes()
     path = ckpt / run_config_reader.RUN_CONFIG_FILE
     if path.is_file():
-        return run_config_reader.hf_config_from_run_config(path), None, None
+        derived = run_config_reader.hf_config_from_run_config(path)
+        carried = carried_config(ckpt, derived)
+        if carried is not None:
+            return carried
+        return derived, None, None
     from streamconv.formats import megatron_args
     from streamconv.formats.torch_dist_reader import TorchDistSource
 
@@ -111,11 +129,39 @@ def model_config(ckpt: Path, hf_config: str | None) -> tuple[dict, Path | None, 
                      "folder | config.json | hub id>")
 
 
+def carried_config(ckpt: Path, derived: dict) -> tuple[dict, None, bytes] | None:
+    """The source's config.json that hf2mcore kept (``hf_config/config.json``), when it still describes the
+    model ``run_config.yaml`` describes (same spec and rope): exported as it was, token ids included."""
+    from streamconv.hf2mcore import HF_CONFIG_DIR
+
+    path = ckpt / HF_CONFIG_DIR / "config.json"
+    if not path.is_file() or path.is_symlink() or path.stat().st_size > 16 * 1024**2:
+        return None
+    try:
+        raw = path.read_bytes()
+        carried = json.loads(raw)
+        a, b = spec_from_config(carried), spec_from_config(derived)
+    except (ValueError, OSError, BadInputError):
+        return None
+    import dataclasses
+
+    same_rope = float(carried.get("rope_theta", 10000.0)) == float(derived.get("rope_theta", 10000.0)) and \
+        bool(carried.get("rope_scaling")) == bool(derived.get("rope_scaling"))
+    if dataclasses.replace(a, torch_dtype=b.torch_dtype) != b or not same_rope:
+        return None
+    return carried, None, raw
+
+
 def config_source(ckpt: Path, hf_config: str | None) -> str:
     """Where ``model_config`` found the model's description, for the summary."""
+    from streamconv.hf2mcore import HF_CONFIG_DIR
+
     if hf_config is not None:
         return f"--hf-config {hf_config}"
-    if (ckpt / run_config_reader.RUN_CONFIG_FILE).is_file():
+    path = ckpt / run_config_reader.RUN_CONFIG_FILE
+    if path.is_file():
+        if carried_config(ckpt, run_config_reader.hf_config_from_run_config(path)) is not None:
+            return f"{HF_CONFIG_DIR}/config.json (the source's, checked against {run_config_reader.RUN_CONFIG_FILE})"
         return run_config_reader.RUN_CONFIG_FILE
     return "the training args in the checkpoint's common state"
 
@@ -140,7 +186,8 @@ def check_checkpoint(spec: ModelSpec, source: TorchDistSource) -> None:
                                 f"{list(shape)}; {hint}")
         if meta.dtype not in DTYPE_NAMES:
             raise BadInputError(f"{where}: tensor {key!r} is {meta.dtype}, which safetensors cannot store")
-    unused = sorted(k for k in source.tensors if k not in expected and k.startswith(MODEL_PREFIXES))
+    unused = sorted(k for k in source.tensors if k not in expected and k.startswith(MODEL_PREFIXES)
+                    and not is_extra_state(k))
     if unused:
         tied = " (the config ties the embeddings but the checkpoint has an output layer)" \
             if unused[0] == "output_layer.weight" else ""

@@ -204,9 +204,10 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = engine.DEFAUL
         ref = expected_dtypes(spec, src_dtypes, ckpt.tensors)
         bindings = _bindings_by_key(spec)
         report.tensors = len(ref.targets)
-        from streamconv.mcore2hf import MODEL_PREFIXES
+        from streamconv.mcore2hf import MODEL_PREFIXES, is_extra_state
 
-        for key in sorted(k for k in set(ckpt.tensors) - set(ref.targets) if k.startswith(MODEL_PREFIXES)):
+        for key in sorted(k for k in set(ckpt.tensors) - set(ref.targets)
+                          if k.startswith(MODEL_PREFIXES) and not is_extra_state(k)):
             report.mismatches.append(f"{key}: in the checkpoint but not made from any source tensor")
         for key in ref.objects:
             if key not in ckpt.objects:

@@ -385,3 +385,40 @@ def test_killed_export_resumes_to_identical_output(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "clean").iterdir())
     for p in (tmp_path / "clean").iterdir():
         assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_the_source_config_is_carried_and_exported_back_unchanged(tmp_path, capsys):
+    """hf2mcore keeps the source's config.json (hf_config/); mcore2hf without --hf-config gives it back byte for
+    byte (token ids and all) when run_config.yaml still describes the same model, else the rebuilt one."""
+    cfg = {**llama_config(hidden=64, layers=2, heads=8, kv_heads=2, ffn=160, vocab=256), "bos_token_id": 7,
+           "eos_token_id": [8, 9], "pad_token_id": 3}
+    src = make_checkpoint(tmp_path / "hf", cfg, seed=4, shards=2)
+    hf2mcore(src, tmp_path / "mcore")
+    carried = tmp_path / "mcore" / "iter_0000000" / "hf_config" / "config.json"
+    assert carried.read_bytes() == (src / "config.json").read_bytes()
+    capsys.readouterr()
+    assert main(["mcore2hf", "--megatron-path", str(tmp_path / "mcore"), "--hf-path", str(tmp_path / "out"),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config_from"].startswith("hf_config/config.json")
+    assert (tmp_path / "out" / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    # a carried config that no longer describes the checkpoint is not used
+    carried.write_text(json.dumps({**cfg, "num_hidden_layers": 5}))
+    assert main(["mcore2hf", "--megatron-path", str(tmp_path / "mcore"), "--hf-path", str(tmp_path / "out2"),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config_from"] == "run_config.yaml"
+    assert json.loads((tmp_path / "out2" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_an_unfinished_conversion_is_named_as_such(tmp_path, capsys):
+    src = make_checkpoint(tmp_path / "hf", llama_config(hidden=64, layers=2, heads=8, kv_heads=2, ffn=160,
+                                                        vocab=256), seed=4, shards=2)
+    hf2mcore(src, tmp_path / "mcore")
+    (tmp_path / "mcore" / "iter_0000000" / ".metadata").unlink()  # as a killed run leaves it
+    (tmp_path / "mcore" / "latest_checkpointed_iteration.txt").unlink()
+    for cmd in (["mcore2hf", "--megatron-path", str(tmp_path / "mcore"), "--hf-path", str(tmp_path / "out")],
+                ["inspect", str(tmp_path / "mcore")], ["inspect", str(tmp_path / "mcore" / "iter_0000000")],
+                ["verify", "--hf-model", str(src), "--megatron-path", str(tmp_path / "mcore")]):
+        capsys.readouterr()
+        assert main([*cmd, "--quiet"] if cmd[0] != "inspect" else cmd) == 3
+        err = capsys.readouterr().err
+        assert "an unfinished streamconv conversion" in err and "run the same hf2mcore command again" in err, cmd

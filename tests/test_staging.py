@@ -32,7 +32,7 @@ def convert(src, out, *extra) -> None:
 
 
 def checkpoint_bytes(out) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in (out / "iter_0000000").iterdir() if p.name != "run_config.yaml"}
+    return {p.name: p.read_bytes() for p in (out / "iter_0000000").iterdir() if p.is_file() and p.name != "run_config.yaml"}
 
 
 def test_staged_and_direct_writes_are_byte_identical(src, tmp_path):

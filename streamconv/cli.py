@@ -95,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"streamconv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.set_defaults(_subparsers=sub)
 
-    p = sub.add_parser("hf2mcore", aliases=["import"],
+    p = sub.add_parser("hf2mcore", description='convert a Hugging Face safetensors checkpoint to a Megatron-Core torch_dist checkpoint, streaming, under --max-memory; re-run the same command to resume after a kill',
+                       epilog="examples:\n  streamconv hf2mcore --hf-model nvidia/Llama-3_3-Nemotron-Super-49B-v1_5 --megatron-path ./super-mcore\n  streamconv hf2mcore --hf-model ./model --megatron-path ./out --dtype bf16 --max-memory 4GiB\n  torchrun --standalone --nproc-per-node 4 -m streamconv hf2mcore --hf-model ./model --megatron-path ./out\n\nexit codes: 0 ok, 1 internal error (a bug: --debug shows it), 2 usage, 3 bad input, 4 output or I/O (disk full, folder locked or not empty), 5 verify/compare mismatch, 130/143 interrupted (SIGINT/SIGTERM)", formatter_class=argparse.RawDescriptionHelpFormatter, aliases=["import"],
                        help="convert a HF safetensors checkpoint to Megatron-Core torch_dist (alias: import)")
     p.add_argument("--hf-model", required=True, help="HF model folder or hub repo id (owner/name)")
     p.add_argument("--megatron-path", required=True, help="output folder (gets iter_0000000/ and the tracker file)")
@@ -120,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_hf2mcore, command="hf2mcore")
 
-    p = sub.add_parser("verify", help="check, bit for bit, that every tensor of a torch_dist checkpoint equals "
+    p = sub.add_parser("verify", description='check, streaming, that every tensor of a converted checkpoint is bit-identical to what the mapping makes of its Hugging Face source',
+                       epilog="examples:\n  streamconv verify --hf-model ./model --megatron-path ./out\n  streamconv verify --hf-model ./model --megatron-path ./out/iter_0000000 --json\n\nexit codes: 0 ok, 1 internal error (a bug: --debug shows it), 2 usage, 3 bad input, 4 output or I/O (disk full, folder locked or not empty), 5 verify/compare mismatch, 130/143 interrupted (SIGINT/SIGTERM)", formatter_class=argparse.RawDescriptionHelpFormatter, help="check, bit for bit, that every tensor of a torch_dist checkpoint equals "
                                       "its HF source under the mapping")
     p.add_argument("--hf-model", required=True, help="the HF model folder (or hub repo id) it was converted from")
     p.add_argument("--megatron-path", required=True,
@@ -130,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("mcore2hf", aliases=["export"],
+    p = sub.add_parser("mcore2hf", description='export a Megatron-Core torch_dist checkpoint (a conversion, or what training saved) to Hugging Face safetensors shards, streaming; re-run the same command to resume',
+                       epilog="examples:\n  streamconv mcore2hf --megatron-path ./out --hf-path ./back\n  streamconv mcore2hf --megatron-path ./run/checkpoints/iter_0000500 --hf-path ./trained-hf --dtype bf16\n\nexit codes: 0 ok, 1 internal error (a bug: --debug shows it), 2 usage, 3 bad input, 4 output or I/O (disk full, folder locked or not empty), 5 verify/compare mismatch, 130/143 interrupted (SIGINT/SIGTERM)", formatter_class=argparse.RawDescriptionHelpFormatter, aliases=["export"],
                        help="export a Megatron-Core torch_dist checkpoint to HF safetensors (alias: export)")
     p.add_argument("--megatron-path", required=True,
                    help="checkpoint folder (holding .metadata), an iter_*/release folder, or their parent with "
@@ -152,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_mcore2hf, command="mcore2hf")
 
-    p = sub.add_parser("generate", help="run a converted checkpoint: real megatron-core model, greedy decoding "
+    p = sub.add_parser("generate", description='build the real megatron-core model a checkpoint describes, load it at default strictness and decode greedily from a prompt',
+                       epilog="examples:\n  streamconv generate --megatron-path ./out --prompt 'What is artificial intelligence?' --max-new-tokens 100\n  streamconv generate --megatron-path ./out --prompt 'Hi' --compare-hf ./model\n  torchrun --nproc-per-node 2 -m streamconv generate --megatron-path ./out --prompt 'Hi' --tp 2\n\nexit codes: 0 ok, 1 internal error (a bug: --debug shows it), 2 usage, 3 bad input, 4 output or I/O (disk full, folder locked or not empty), 5 verify/compare mismatch, 130/143 interrupted (SIGINT/SIGTERM)", formatter_class=argparse.RawDescriptionHelpFormatter, help="run a converted checkpoint: real megatron-core model, greedy decoding "
                                         "(the upstream page's third step)")
     p.add_argument("--megatron-path", "--megatron_model_path", dest="megatron_path", required=True,
                    help="checkpoint folder (holding .metadata), an iter_*/release folder, or their parent "
@@ -179,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_generate, command="generate")
 
-    p = sub.add_parser("plan", help="print the conversion plan without reading weights")
+    p = sub.add_parser("plan", description='the conversion plan from config.json alone (no weights read): output tensors, chunks, files, the memory each layer needs',
+                       epilog="examples:\n  streamconv plan --hf-model nvidia/Llama-3_1-Nemotron-Ultra-253B-v1 --layers\n  streamconv plan --hf-model ./model --max-memory 512MiB --json\n\nexit codes: 0 ok, 1 internal error (a bug: --debug shows it), 2 usage, 3 bad input, 4 output or I/O (disk full, folder locked or not empty), 5 verify/compare mismatch, 130/143 interrupted (SIGINT/SIGTERM)", formatter_class=argparse.RawDescriptionHelpFormatter, help="print the conversion plan without reading weights")
     p.add_argument("--hf-model", required=True, help="HF model folder, config.json, or hub repo id")
     p.add_argument("--dtype", default=None, help="output dtype (default: config torch_dtype)")
     p.add_argument("--max-memory", type=_size, default="2GiB", help="memory budget the plan is sized for")
@@ -189,14 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("inspect", help="list a checkpoint's tensors (name, shape, dtype, bytes, file), totals and "
+    p = sub.add_parser("inspect", description="list a checkpoint's tensors, totals, architecture and whether it converts, from headers and metadata only",
+                       epilog="examples:\n  streamconv inspect ./model\n  streamconv inspect ./out --json\n\nexit codes: 0 ok, 1 internal error (a bug: --debug shows it), 2 usage, 3 bad input, 4 output or I/O (disk full, folder locked or not empty), 5 verify/compare mismatch, 130/143 interrupted (SIGINT/SIGTERM)", formatter_class=argparse.RawDescriptionHelpFormatter, help="list a checkpoint's tensors (name, shape, dtype, bytes, file), totals and "
                                        "architecture, from headers and metadata only")
     p.add_argument("path", help="HF folder, .safetensors file, or torch_dist checkpoint (folder with .metadata, "
                                 "an iter_*/release folder, or their parent with the tracker file)")
     _add_common(p)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo", help="generate a tiny Nemotron-shaped checkpoint, convert it, load it with "
+    p = sub.add_parser("demo", description='generate a tiny Nemotron-shaped checkpoint, convert it, load it with megatron-core and compare logits with a reference',
+                       epilog="examples:\n  streamconv demo\n\nexit codes: 0 ok, 1 internal error (a bug: --debug shows it), 2 usage, 3 bad input, 4 output or I/O (disk full, folder locked or not empty), 5 verify/compare mismatch, 130/143 interrupted (SIGINT/SIGTERM)", formatter_class=argparse.RawDescriptionHelpFormatter, help="generate a tiny Nemotron-shaped checkpoint, convert it, load it with "
                                     "megatron-core and compare logits")
     p.add_argument("--workdir", default=None, help="where to put the demo files (default: a temporary folder)")
     _add_common(p)
@@ -298,7 +306,12 @@ def _report(args, summary: dict, line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the subcommand's own usage and error, not the top level's
+        sub = getattr(args, "_subparsers", None)
+        name = sys.argv[1:] if argv is None else argv
+        which = next((a for a in name if sub is not None and a in sub.choices), None)
+        (sub.choices[which] if which else parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

@@ -198,6 +198,21 @@ def _prepare(out: Path, identity: dict, opts: Options, world: int) -> resume.Jou
     return journal
 
 
+SMALL_CHUNK_BYTES = 1024**2  # below this, framing and per-chunk work dominate
+
+
+def small_budget_warning(max_memory: int, quiet: bool = False) -> None:
+    """A budget so small that chunks are tiny: allowed (tests split every tensor this way), but said."""
+    chunk = chunk_bytes_for(max_memory)
+    if chunk < SMALL_CHUNK_BYTES and not quiet:
+        import sys
+
+        sys.stderr.write(f"warning: --max-memory {engine.fmt_bytes(max_memory)} makes chunks of at most "
+                         f"{engine.fmt_bytes(chunk)}: each is a torch.save archive of its own (framing of ~1 KiB "
+                         f"each) and a step of its own, so the output grows and the run slows; "
+                         f"--max-memory {engine.fmt_bytes(8 * SMALL_CHUNK_BYTES)} or more avoids it\n")
+
+
 def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) -> dict:
     """Convert; returns the summary (bytes, seconds, peak RSS, ...). ``job``: this process's place in a
     distributed run (``dist.Job``), or None alone."""
@@ -208,6 +223,7 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
     out = Path(megatron_path).expanduser()
     rank, world = (job.rank, job.world) if job is not None else (0, 1)
     leader = rank == 0
+    small_budget_warning(opts.max_memory, quiet=opts.quiet or not leader)
     if job is None:
         s = _setup(hf_model, out, opts)
     else:

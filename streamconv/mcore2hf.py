@@ -298,9 +298,12 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
 
     from streamconv import dist
 
+    from streamconv.hf2mcore import small_budget_warning
+
     out = Path(hf_path).expanduser()
     rank, world = (job.rank, job.world) if job is not None else (0, 1)
     leader = rank == 0
+    small_budget_warning(opts.max_memory, quiet=opts.quiet or not leader)
     if job is None:
         got = [_setup(megatron_path, out, opts)]
     else:

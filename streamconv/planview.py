@@ -14,7 +14,8 @@ from rich.table import Table
 from streamconv.progress import stdout_console
 
 from streamconv import engine
-from streamconv.hf2mcore import chunk_bytes_for, parse_dtype, resolve_hf_model
+from streamconv.errors import UsageError
+from streamconv.hf2mcore import chunk_bytes_for, parse_dtype, resolve_hf_model, small_budget_warning
 from streamconv.models import rules
 from streamconv.models.spec import load_config, spec_from_config
 from streamconv.plan import describe, import_plan
@@ -98,6 +99,10 @@ def plan_command(args) -> int:
     summary["max_memory_bytes"] = args.max_memory
     shapes = ShapeSource(spec, src_dtype)
     summary["min_memory_bytes"] = engine.min_memory(plan, shapes)
+    if summary["min_memory_bytes"] > args.max_memory:  # what hf2mcore refuses, plan refuses too
+        raise UsageError(f"--max-memory {engine.fmt_bytes(args.max_memory)} is below the "
+                         f"{engine.fmt_bytes(summary['min_memory_bytes'])} one chunk needs")
+    small_budget_warning(args.max_memory, quiet=args.json or args.quiet)
     per_layer = layer_rows(plan, shapes)
     by_key: dict[str, int] = {}
     for c in plan.chunks:

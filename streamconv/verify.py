@@ -179,6 +179,35 @@ def expected_dtypes(spec, src_dtypes: dict, out_tensors: dict) -> Plan:
     return import_plan(spec, src_dtypes, None)
 
 
+class NotItsSource(BadInputError):
+    exit_code = EXIT_MISMATCH
+
+
+def _describe_spec(spec) -> str:
+    return (f"{spec.architecture} with {spec.num_layers} layers, hidden {spec.hidden_size}, "
+            f"{spec.num_attention_heads} heads, vocabulary {spec.vocab_size}")
+
+
+def check_same_model(spec, ckpt_dir, folder) -> None:
+    """When the checkpoint describes its model (run_config.yaml or training args), it must be the source's:
+    one line (exit 5) instead of a mismatch per tensor."""
+    import dataclasses
+
+    from streamconv.mcore2hf import model_config
+    from streamconv.models.spec import spec_from_config
+
+    from streamconv.errors import StreamconvError
+
+    try:
+        described = spec_from_config(model_config(ckpt_dir, None)[0])
+    except StreamconvError:  # nothing (readable) describes it, e.g. a plain torch_dist save: tensor by tensor
+        return
+    if dataclasses.replace(described, torch_dtype=spec.torch_dtype) != spec:
+        raise NotItsSource(f"{ckpt_dir}: the checkpoint is a {_describe_spec(described)} model, {folder} a "
+                           f"{_describe_spec(spec)} one: this is not its source; pass the --hf-model it was "
+                           "converted from")
+
+
 def verify(hf_model: str, megatron_path: str, *, max_memory: int = engine.DEFAULT_MAX_MEMORY, workers: int = 4,
            device: str = "cpu", quiet: bool = True) -> Report:
     from streamconv.formats.torch_dist_reader import TorchDistSource
@@ -192,6 +221,7 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = engine.DEFAUL
     cfg = load_config(folder)
     spec = spec_from_config(cfg)
     ckpt_dir = resolve_checkpoint(megatron_path)
+    check_same_model(spec, ckpt_dir, folder)
     source = open_source(folder, cfg)  # a quantized source dequantizes as the conversion did
     ckpt = TorchDistSource(ckpt_dir)
     report = Report(str(ckpt_dir), str(folder))

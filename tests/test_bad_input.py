@@ -590,3 +590,39 @@ def test_garbage_in_a_real_process_prints_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(garbage["folder"]),
                         "--megatron-path", str(tmp_path / "o"), "--debug"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Traceback" in r.stderr  # --debug shows it
+
+
+def test_an_unknown_flag_gets_the_subcommands_usage_and_help_has_examples(capsys):
+    from streamconv.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(["hf2mcore", "--hf-model", "x", "--megatron-path", "y", "--bogus"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: streamconv hf2mcore" in err and "unrecognized arguments: --bogus" in err
+    for cmd in ("hf2mcore", "mcore2hf", "verify", "generate", "plan", "inspect"):
+        with pytest.raises(SystemExit):
+            cli_main([cmd, "--help"])
+        out = capsys.readouterr().out
+        assert "examples:" in out and "exit codes:" in out and f"streamconv {cmd}" in out.split("examples:")[1], cmd
+
+
+def test_a_tiny_budget_is_said_and_plan_refuses_what_the_conversion_refuses(tmp_path, capsys):
+    from streamconv.cli import main as cli_main
+    from streamconv.synth import llama_config, make_checkpoint
+
+    src = make_checkpoint(tmp_path / "hf", llama_config(hidden=64, layers=2, heads=8, kv_heads=2, ffn=160,
+                                                        vocab=256), seed=1, shards=1)
+    capsys.readouterr()
+    assert cli_main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "warning" not in err
+    assert cli_main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(tmp_path / "o2"),
+                     "--max-memory", "256KiB"]) == 0
+    assert "warning: --max-memory 256.0 KiB makes chunks of at most 32.0 KiB" in capsys.readouterr().err
+    assert cli_main(["plan", "--hf-model", str(src), "--max-memory", "1KiB"]) == 2
+    planned = capsys.readouterr().err.strip().splitlines()[-1]
+    assert cli_main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(tmp_path / "o3"),
+                     "--max-memory", "1KiB"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == planned  # the same refusal, the same words
+    assert "is below the" in planned

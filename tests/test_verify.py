@@ -132,3 +132,17 @@ def test_a_broken_item_archive_is_named_unreadable(bf16_src, tmp_path, capsys):
     rc, _, err = verify(bf16_src, out, capsys)
     assert rc == errors.EXIT_MISMATCH
     assert f"MISMATCH {key} chunk at offsets {list(offsets)}" in err and "unreadable" in err, err
+
+
+def test_verify_against_another_model_says_so_in_one_line(tmp_path, capsys):
+    from streamconv.synth import llama_config, make_checkpoint
+
+    a = make_checkpoint(tmp_path / "a", llama_config(hidden=64, layers=2, heads=8, kv_heads=2, ffn=160, vocab=256),
+                        seed=1, shards=1)
+    b = make_checkpoint(tmp_path / "b", llama_config(hidden=64, layers=3, heads=8, kv_heads=2, ffn=160, vocab=256),
+                        seed=1, shards=1)
+    assert main(["hf2mcore", "--hf-model", str(a), "--megatron-path", str(tmp_path / "out"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["verify", "--hf-model", str(b), "--megatron-path", str(tmp_path / "out")]) == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "with 2 layers" in err[0] and "with 3 layers" in err[0] and "not its source" in err[0]

@@ -445,7 +445,7 @@ def test_file_size_limit_while_writing(src, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
     r = subprocess.run([sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(src), "--megatron-path",
-                        str(out), "--max-memory", "256KiB"], capture_output=True, text=True, preexec_fn=limit,
+                        str(out), "--max-memory", "8MiB"], capture_output=True, text=True, preexec_fn=limit,
                        timeout=120)
     assert r.returncode == errors.EXIT_IO, r.stderr
     assert_one_line_error(r.stderr, f"{out}/", "file too large")

@@ -212,7 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _early_status(args, message: str) -> None:
+    """Said before the heavy imports (torch: seconds on a cold start), by rank 0 alone."""
+    from streamconv.progress import status
+
+    status(message, quiet=args.quiet or args.json or not _speaks())
+
+
 def cmd_hf2mcore(args) -> int:
+    _early_status(args, f"hf2mcore: reading the headers of {args.hf_model} and planning")
     from streamconv.hf2mcore import Options, hf2mcore
 
     opts = Options(dtype=args.dtype, max_memory=args.max_memory, workers=args.workers or engine_workers(),
@@ -231,6 +239,7 @@ def cmd_hf2mcore(args) -> int:
 
 
 def cmd_mcore2hf(args) -> int:
+    _early_status(args, f"mcore2hf: reading the metadata of {args.megatron_path} and planning")
     from streamconv.mcore2hf import Options, mcore2hf
 
     opts = Options(hf_config=args.hf_config, dtype=args.dtype, max_memory=args.max_memory,
@@ -253,6 +262,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    _early_status(args, f"verify: reading {args.megatron_path} and {args.hf_model}")
     from streamconv.verify import verify_command
 
     _check_device(args.device)

@@ -238,6 +238,11 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
                              "system, the same streamconv and the same options on every rank are needed)")
         s = got[0]
     folder, spec, source, plan = s.folder, s.spec, s.source, s.plan
+    from streamconv.progress import status
+
+    quiet = opts.quiet or not leader
+    status(f"planned {len(plan.targets)} tensors in {len(plan.chunks)} chunks, {engine.fmt_bytes(plan.total_bytes)} "
+           f"into {plan.num_files + 1} files" + (f" on {world} processes" if world > 1 else ""), quiet)
     mine = dist.split(plan.file_bytes(), world)[rank] if job is not None else set(plan.file_bytes())
     try:
         with outdir.OutputLock(out) if leader else nullcontext():  # one writer: from the identity check to the tracker
@@ -260,6 +265,9 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
             except BaseException:
                 journal.close()
                 raise
+            if sink.report["files_resumed"] or sink.report["chunks_kept"]:
+                status(f"resuming: {sink.report['files_resumed']} files and {sink.report['chunks_kept']} more chunks "
+                       "kept from the last run", quiet)
             progress = make_progress(opts.quiet or not leader, "hf2mcore", plan.total_bytes, len(plan.chunks),
                                      opts.max_memory, plan=plan if job is None else None)
             try:

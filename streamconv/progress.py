@@ -12,47 +12,64 @@ from streamconv.units import fmt_bytes
 
 
 class RichProgress:
-    """A live bar on stderr; used as the engine's ``progress`` argument and as a context manager.
+    """A live display on stderr; used as the engine's ``progress`` argument and as a context manager.
 
-    Shows bytes done/total, rate, ETA, tensors and chunks done/total, memory in flight vs the budget and
-    the layer being written. ``advance`` may be called from the engine's writer thread.
+    Two lines, so that an 80-column terminal (down to ~60) shows the essentials unabridged::
+
+        hf2mcore ━━━━━━━━━━━━━━━━━━━━━━━━━━   1.2/2.8 GiB  412.5 MB/s  0:00:04
+          123/201 source tensors, 40/96 chunks · mem 64.0 MiB/2.0 GiB · layer 12
+
+    line 1: bytes done/total, rate and ETA of this run's work (bytes an earlier run kept are taken off the
+    total, not counted as throughput); line 2: what moves (source tensors read for hf2mcore, tensors written
+    otherwise: a stacked megatron tensor completes only at the end), chunks, memory in flight against the
+    budget, where the run is. ``advance`` may be called from any engine thread.
     """
 
     def __init__(self, title: str, total_bytes: int, total_chunks: int, budget: int, console=None, plan=None):
         from rich.console import Console
         from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                    TransferSpeedColumn)
+        from rich.text import Text
 
         self.console = console or Console(stderr=True)
         self.budget = budget
         self.total_chunks = total_chunks
         self.chunks = 0
         self.kept = 0  # bytes an earlier run did, kept by this one
+        self.mem = 0
+        self.where = ""
         self._lock = threading.Lock()
-        # chunks still to come per output tensor: a tensor is done when its last chunk is
-        self._left: dict[str, int] = {}
-        for c in getattr(plan, "chunks", ()):
-            self._left[c.key] = self._left.get(c.key, 0) + 1
-        self.total_tensors = len(self._left)
-        self.tensors = 0
-        self.progress = Progress(
+        self._count = _Counter(plan)
+        width = self.console.width
+        title_width = len(title)
+        bar = max(8, min(40, width - title_width - 38))  # what line 1's numbers leave
+        status = self
+
+        class _Display(Progress):
+            def get_renderables(self):
+                yield self.make_tasks_table(self.tasks)
+                yield Text(status.status_line(), no_wrap=True, overflow="ellipsis", style="dim")
+
+        self.progress = _Display(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=bar),
             DownloadColumn(binary_units=True),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
-            TextColumn("{task.fields[counts]}"),
-            TextColumn("mem {task.fields[mem]}"),
-            TextColumn("{task.fields[where]}"),
             console=self.console,
             transient=False,
         )
-        self.task = self.progress.add_task(title, total=total_bytes, counts=self._counts(),
-                                           mem=f"0/{fmt_bytes(budget)}", where="")
+        self.task = self.progress.add_task(title, total=total_bytes)
 
-    def _counts(self) -> str:
-        tensors = f"{self.tensors}/{self.total_tensors} tensors, " if self.total_tensors else ""
-        return f"{tensors}{self.chunks}/{self.total_chunks} chunks"
+    def status_line(self) -> str:
+        parts = [f"{self._count.text()}{self.chunks}/{self.total_chunks} chunks",
+                 f"mem {fmt_bytes(self.mem)}/{fmt_bytes(self.budget)}"]
+        where = self.where
+        if self.kept:
+            where = (where + " " if where else "") + f"({fmt_bytes(self.kept)} kept)"
+        if where:
+            parts.append(where)
+        return "  " + " · ".join(parts)
 
     def __enter__(self):
         self.progress.start()
@@ -64,21 +81,15 @@ class RichProgress:
     def advance(self, chunk, in_flight: int, skipped: bool = False) -> None:
         with self._lock:
             self.chunks += 1
-            left = self._left.get(chunk.key)
-            if left is not None:
-                self._left[chunk.key] = left - 1
-                self.tensors += left == 1
+            self._count.done(chunk)
             if skipped:  # kept from an earlier run: not this run's work, so neither its rate nor its ETA
                 self.kept += chunk.nbytes
-                self.progress.update(self.task, total=self.progress.tasks[0].total - chunk.nbytes,
-                                     counts=self._counts(), where=f"{fmt_bytes(self.kept)} kept from the last run")
+                self.progress.update(self.task, total=self.progress.tasks[0].total - chunk.nbytes)
                 return
             layer = chunk.layer
-            where = f"layer {layer}" if layer is not None else chunk.key.split(".")[0]
-            if self.kept:
-                where += f" ({fmt_bytes(self.kept)} kept)"
-            self.progress.update(self.task, advance=chunk.nbytes, counts=self._counts(),
-                                 mem=f"{fmt_bytes(in_flight)}/{fmt_bytes(self.budget)}", where=where)
+            self.where = f"layer {layer}" if layer is not None else chunk.key.split(".")[0]
+            self.mem = in_flight
+            self.progress.update(self.task, advance=chunk.nbytes)
 
     def remote(self, done: int, kept: int, chunks: int) -> None:
         """Other ranks' work in a distributed run (their bytes done and kept, chunks), since the last call."""
@@ -86,7 +97,42 @@ class RichProgress:
             self.chunks += chunks
             self.kept += kept
             task = self.progress.tasks[0]
-            self.progress.update(self.task, advance=done, total=task.total - kept, counts=self._counts())
+            self.progress.update(self.task, advance=done, total=task.total - kept)
+
+
+class _Counter:
+    """What moves as a run goes: the source tensors whose rows have all been read, when the plan reads
+    more source tensors than it writes (hf2mcore: layers are stacked into a few megatron tensors); else the
+    output tensors whose chunks are all written."""
+
+    def __init__(self, plan):
+        self.left: dict[str, int] = {}
+        self.by_reads = False
+        chunks = list(getattr(plan, "chunks", ()))
+        names = {r.name for c in chunks for r in c.reads}
+        keys = {c.key for c in chunks}
+        if names and len(names) > len(keys):
+            self.by_reads, self.label = True, "source tensors"
+            for c in chunks:
+                for r in c.reads:
+                    self.left[r.name] = self.left.get(r.name, 0) + (r.row1 - r.row0) + 1  # +1: empty reads count
+        else:
+            self.label = "tensors"
+            for c in chunks:
+                self.left[c.key] = self.left.get(c.key, 0) + 1
+        self.total = len(self.left)
+        self.count = 0
+
+    def done(self, chunk) -> None:
+        items = ([(r.name, (r.row1 - r.row0) + 1) for r in chunk.reads] if self.by_reads else [(chunk.key, 1)])
+        for name, n in items:
+            left = self.left.get(name)
+            if left is not None:
+                self.left[name] = left - n
+                self.count += left - n <= 0 < left
+
+    def text(self) -> str:
+        return f"{self.count}/{self.total} {self.label}, " if self.total else ""
 
 
 class NullProgress:
@@ -98,6 +144,15 @@ class NullProgress:
 
     def advance(self, chunk, in_flight: int, skipped: bool = False) -> None:
         pass
+
+
+def status(message: str, quiet: bool = False) -> None:
+    """One line on stderr saying what a command is doing before its bar appears (reading headers, planning,
+    resuming): for people only (a terminal, or STREAMCONV_PROGRESS=1), never with --quiet or --json."""
+    if quiet or not (sys.stderr.isatty() or _force()):
+        return
+    sys.stderr.write(f"streamconv: {message}\n")
+    sys.stderr.flush()
 
 
 def make_progress(quiet: bool, title: str, total_bytes: int, total_chunks: int, budget: int, plan=None):

@@ -169,10 +169,12 @@ def test_rank_0_alone_shows_the_whole_jobs_progress(llama, tmp_path):
     plan = plan_of(src)
     rc, out, err = run_torchrun(2, *hf2mcore_args(src, tmp_path / "out"), STREAMCONV_PROGRESS="1", COLUMNS="200")
     assert rc == 0, err[-3000:]
-    bars = [line for line in err.splitlines() if line.startswith("hf2mcore ")]
-    assert len(bars) == 1, err[-3000:]  # one bar: rank 0's; the other rank draws nothing
+    lines = err.splitlines()
+    bars = [i for i, line in enumerate(lines) if line.startswith("hf2mcore ")]
+    assert len(bars) == 1, err[-3000:]  # one display: rank 0's; the other rank draws nothing
     n = len(plan.chunks)
-    assert f"{n}/{n} chunks" in bars[0]  # every rank's chunks, counted on rank 0
+    assert f"{n}/{n} chunks" in lines[bars[0] + 1]  # every rank's chunks, counted on rank 0
+    bars = [lines[bars[0]]]
     done, total, unit = re.search(r"([\d.]+)/([\d.]+) (KiB|MiB)", bars[0]).groups()
     assert done == total and abs(float(total) - plan.total_bytes / {"KiB": 2**10, "MiB": 2**20}[unit]) < 0.1
     assert out.count("wrote ") == 1 and "with 2 processes" in out

@@ -232,8 +232,7 @@ def cmd_hf2mcore(args) -> int:
     _check_device(args.device)
     with joined() as job:
         summary = hf2mcore(args.hf_model, args.megatron_path, opts, job=job)
-    _report(args, summary, f"wrote {summary['output']} ({summary['tensors']} tensors, {summary['bytes'] / 1e9:.2f} GB "
-                           f"in {summary['seconds']:.1f}s, {summary['mb_per_s']} MB/s, "
+    _report(args, summary, f"wrote {summary['output']} ({summary['tensors']} tensors, {_amount(summary)}, "
                            f"peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB)")
     return 0
 
@@ -250,7 +249,7 @@ def cmd_mcore2hf(args) -> int:
     with joined() as job:
         summary = mcore2hf(args.megatron_path, args.hf_path, opts, job=job)
     _report(args, summary, f"wrote {summary['output']} ({summary['tensors']} tensors in {summary['shards']} shard(s), "
-                           f"{summary['bytes'] / 1e9:.2f} GB in {summary['seconds']:.1f}s, {summary['mb_per_s']} MB/s, "
+                           f"{_amount(summary)}, "
                            f"peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB)")
     return 0
 
@@ -297,6 +296,15 @@ def _check_device(device: str) -> None:
         raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
     if not device.startswith(("cpu", "cuda")):
         raise UsageError(f"--device {device}: choose cpu or cuda")
+
+
+def _amount(summary: dict) -> str:
+    """Bytes, time and rate in the one convention people see everywhere: binary units (KiB, MiB, GiB).
+    ``--json`` has exact numbers (``bytes``, ``seconds``; ``mb_per_s`` is 10^6 bytes per second)."""
+    from streamconv.units import fmt_bytes
+
+    rate = summary["bytes"] / max(summary["seconds"], 1e-9)
+    return f"{fmt_bytes(summary['bytes'])} in {summary['seconds']:.1f}s, {fmt_bytes(rate)}/s"
 
 
 def _report(args, summary: dict, line: str) -> None:

@@ -16,7 +16,7 @@ class RichProgress:
 
     Two lines, so that an 80-column terminal (down to ~60) shows the essentials unabridged::
 
-        hf2mcore ━━━━━━━━━━━━━━━━━━━━━━━━━━   1.2/2.8 GiB  412.5 MB/s  0:00:04
+        hf2mcore ━━━━━━━━━━━━━━━━━━━━━━━━━━   1.2/2.8 GiB  393.4 MiB/s  0:00:04
           123/201 source tensors, 40/96 chunks · mem 64.0 MiB/2.0 GiB · layer 12
 
     line 1: bytes done/total, rate and ETA of this run's work (bytes an earlier run kept are taken off the
@@ -27,8 +27,7 @@ class RichProgress:
 
     def __init__(self, title: str, total_bytes: int, total_chunks: int, budget: int, console=None, plan=None):
         from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
+        from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
         from rich.text import Text
 
         self.console = console or Console(stderr=True)
@@ -50,11 +49,16 @@ class RichProgress:
                 yield self.make_tasks_table(self.tasks)
                 yield Text(status.status_line(), no_wrap=True, overflow="ellipsis", style="dim")
 
+        class _Speed(ProgressColumn):  # binary units, as every size people see here
+            def render(self, task):
+                speed = task.finished_speed or task.speed
+                return Text("?" if speed is None else f"{fmt_bytes(int(speed))}/s", style="progress.data.speed")
+
         self.progress = _Display(
             TextColumn("[bold]{task.description}"),
             BarColumn(bar_width=bar),
             DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
+            _Speed(),
             TimeRemainingColumn(),
             console=self.console,
             transient=False,
@@ -172,9 +176,9 @@ _SUMMARY_ROWS = (
     ("chunks_resumed", "chunks resumed", lambda v: f"{v:,}"),
     ("shards", "shards", str),
     ("files", "files", str),
-    ("bytes", "bytes", lambda v: f"{fmt_bytes(v)} ({v / 1e9:.2f} GB)"),
+    ("bytes", "bytes", lambda v: f"{fmt_bytes(v)} ({v:,} bytes)"),
     ("seconds", "time", lambda v: f"{v:.1f} s"),
-    ("mb_per_s", "throughput", lambda v: f"{v:,.0f} MB/s"),
+    ("mb_per_s", "throughput", lambda v: f"{fmt_bytes(v * 1e6)}/s"),
     ("peak_rss_bytes", "peak RSS", fmt_bytes),
     ("conversion_peak_rss_bytes", "peak RSS converting", fmt_bytes),
     ("max_memory_bytes", "--max-memory", fmt_bytes),

@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "stored dtype)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for Megatron-Bridge compatibility; streamconv never runs remote code")
+    p.add_argument("--not-strict", action="store_true",
+                   help="leave out model tensors the mapping does not know instead of refusing (Megatron-Bridge's "
+                        "flag; the summary lists them)")
     p.add_argument("--max-shard-size", type=_size, default="5GB",
                    help="largest safetensors shard, as save_pretrained reads it (default 5GB = 5*10^9 bytes)")
     p.add_argument("--overwrite", action="store_true", help="delete a non-empty output folder and start over")
@@ -244,7 +247,7 @@ def cmd_mcore2hf(args) -> int:
     opts = Options(hf_config=args.hf_config, dtype=args.dtype, max_memory=args.max_memory,
                    max_shard_size=args.max_shard_size, workers=args.workers or engine_workers(),
                    device=args.device,
-                   overwrite=args.overwrite, quiet=args.quiet or args.json)
+                   overwrite=args.overwrite, quiet=args.quiet or args.json, strict=not args.not_strict)
     _check_device(args.device)
     with joined() as job:
         summary = mcore2hf(args.megatron_path, args.hf_path, opts, job=job)

@@ -130,9 +130,19 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _require(module: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"streamconv generate needs {module} (and megatron-core, transformers): "
+                         "pip install 'streamconv[generate]'")
+
+
 def generate(args) -> dict:
     from streamconv import dist
 
+    for module in ("megatron.core", "transformers"):
+        _require(module)
     _quiet_libraries()
     from streamconv.formats.torch_dist_reader import TorchDistSource
     from streamconv.mcore2hf import model_config, resolve_checkpoint

@@ -54,6 +54,7 @@ class Options:
     device: str = "cpu"
     overwrite: bool = False
     quiet: bool = False
+    strict: bool = True  # False (--not-strict): model tensors outside the mapping are left out, not refused
 
 
 def refuse_unfinished(p: Path) -> None:
@@ -166,7 +167,7 @@ def config_source(ckpt: Path, hf_config: str | None) -> str:
     return "the training args in the checkpoint's common state"
 
 
-def check_checkpoint(spec: ModelSpec, source: TorchDistSource) -> None:
+def check_checkpoint(spec: ModelSpec, source: TorchDistSource, strict: bool = True) -> list[str]:
     """Every megatron tensor the spec implies is there with its shape; no model tensor is left over."""
     expected: dict[str, tuple[int, ...]] = {}
     for b in rules.bindings(spec):
@@ -188,11 +189,14 @@ def check_checkpoint(spec: ModelSpec, source: TorchDistSource) -> None:
             raise BadInputError(f"{where}: tensor {key!r} is {meta.dtype}, which safetensors cannot store")
     unused = sorted(k for k in source.tensors if k not in expected and k.startswith(MODEL_PREFIXES)
                     and not is_extra_state(k))
+    if unused and not strict:  # --not-strict: exported without them, and said in the summary
+        return unused
     if unused:
         tied = " (the config ties the embeddings but the checkpoint has an output layer)" \
             if unused[0] == "output_layer.weight" else ""
         raise BadInputError(f"{where}: {len(unused)} model tensor(s) are not in the {spec.architecture} mapping of "
-                            f"this config, first {unused[0]!r}{tied}; {hint}")
+                            f"this config, first {unused[0]!r}{tied}; {hint} (or --not-strict to leave them out)")
+    return []
 
 
 def _identity(ckpt: Path, plan: Plan) -> dict:
@@ -277,7 +281,7 @@ def _setup(megatron_path, out: Path, opts: Options):
     outdir.refuse_overlap(out, [ckpt] + ([cfg_folder] if cfg_folder is not None else []), "--hf-path")
     source = TorchDistSource(ckpt)
     try:
-        check_checkpoint(spec, source)
+        left_out = check_checkpoint(spec, source, strict=opts.strict)
         mcore_dtypes = {k: m.dtype for k, m in source.tensors.items()}
         plan = export_plan(spec, mcore_dtypes, out_dtype, chunk_bytes_for(opts.max_memory), opts.max_shard_size)
         need = engine.min_memory(plan, source)
@@ -288,7 +292,7 @@ def _setup(megatron_path, out: Path, opts: Options):
     except BaseException:
         source.close()
         raise
-    return ckpt, cfg, cfg_folder, verbatim, spec, out_dtype, source, plan, identity
+    return ckpt, cfg, cfg_folder, verbatim, spec, out_dtype, source, plan, identity, left_out
 
 
 def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=None) -> dict:
@@ -308,12 +312,12 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
         got = [_setup(megatron_path, out, opts)]
     else:
         got = []
-        identities = job.agree(lambda: got.append(_setup(megatron_path, out, opts)) or got[0][-1])
+        identities = job.agree(lambda: got.append(_setup(megatron_path, out, opts)) or got[0][-2])
         if any(i != identities[0] for i in identities):
             got[0][6].close()
             raise UsageError("the ranks see different checkpoints (the same files on a shared file system and the "
                              "same options on every rank are needed)")
-    ckpt, cfg, cfg_folder, verbatim, spec, out_dtype, source, plan, identity = got[0]
+    ckpt, cfg, cfg_folder, verbatim, spec, out_dtype, source, plan, identity, left_out = got[0]
     mine = dist.split(plan.file_bytes(), world)[rank]
     try:
         with outdir.OutputLock(out) if leader else nullcontext():
@@ -366,6 +370,7 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
         "shards": plan.num_files,
         "shards_skipped": sum(r["shards_skipped"] for r in ranks),
         "index": INDEX_FILE if plan.num_files > 1 else None,
+        "left_out": left_out,  # --not-strict: model tensors the mapping does not know, not exported
         "copied": copied,
         "bytes": sum(r["bytes"] for r in ranks),
         "seconds": round(stats.seconds, 3),

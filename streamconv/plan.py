@@ -248,7 +248,8 @@ def describe(plan: Plan) -> dict:
         "tensors": len(plan.targets),
         "objects": len(plan.objects),
         "chunks": len(plan.chunks),
-        "files": plan.num_files,
+        # the files written: hf2mcore's .distcp files and the objects file (what inspect counts), or the shards
+        "files": plan.num_files + (1 if plan.direction == "hf2mcore" else 0),
         "bytes": plan.total_bytes,
         "largest_tensor": max(plan.targets.values(), key=lambda t: t.nbytes).key if plan.targets else None,
         "largest_tensor_bytes": max((t.nbytes for t in plan.targets.values()), default=0),

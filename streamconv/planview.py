@@ -142,7 +142,7 @@ def plan_command(args) -> int:
         grid.add_row("quantization", f"{method}: weights dequantized on the fly (fp8 x scale)")
     grid.add_row("output", f"{engine.fmt_bytes(summary['bytes'])} as {summary['dtype']}")
     grid.add_row("tensors / objects", f"{summary['tensors']} / {summary['objects']}")
-    grid.add_row("chunks / files", f"{summary['chunks']} / {summary['files'] + 1}")
+    grid.add_row("chunks / files", f"{summary['chunks']} / {summary['files']}")
     grid.add_row("largest tensor", f"{summary['largest_tensor']} ({engine.fmt_bytes(summary['largest_tensor_bytes'])})")
     grid.add_row("largest chunk", engine.fmt_bytes(summary["largest_chunk_bytes"]))
     widest = max(per_layer, key=lambda r: r["largest_tensor_bytes"], default=None)

@@ -318,3 +318,19 @@ def print_table(title: str, columns: list[str], rows: list[list]) -> None:
     for r in rows:
         t.add_row(*[str(x) for x in r])
     Console(width=160).print(t)
+
+
+def places(src_disk: Path, where: str, disk: Path, shm: Path | None):
+    """``(place, source, work folder)`` for each of ``where`` (comma-separated: tmpfs, disk, disk-cold): on
+    tmpfs a copy of the source in /dev/shm (removed after), on disk the source itself."""
+    for w in [w for w in where.split(",") if w]:
+        if w == "tmpfs":
+            if shm is None:
+                continue
+            src = shm / src_disk.name
+            if not src.exists():
+                shutil.copytree(src_disk, src)
+            yield w, src, shm
+            rmtree(src)
+        else:
+            yield w, src_disk, disk

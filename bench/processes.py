@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -90,21 +89,10 @@ def main(argv=None) -> int:
     try:
         for size in [float(s) for s in args.sizes.split(",") if s]:
             src_disk = c.checkpoint(disk, size)
-            for where in [w for w in args.where.split(",") if w]:
-                if where == "tmpfs":
-                    if shm is None:
-                        continue
-                    src = shm / src_disk.name
-                    if not src.exists():
-                        shutil.copytree(src_disk, src)
-                    work = shm
-                else:
-                    src, work = src_disk, disk
+            for where, src, work in c.places(src_disk, args.where, disk, shm):
                 place = measure(src, work, where, procs, args.rounds, extra)
                 report["places"].append(place)
                 print(json.dumps(place), flush=True)
-                if where == "tmpfs":
-                    c.rmtree(src)
     finally:
         if shm is not None:
             c.rmtree(shm)

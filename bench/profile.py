@@ -25,7 +25,6 @@ import filecmp
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -204,23 +203,12 @@ def main(argv=None) -> int:
     try:
         for size in [float(s) for s in args.sizes.split(",") if s]:
             src_disk = c.checkpoint(disk, size)
-            for where in [w for w in args.where.split(",") if w]:
-                if where == "tmpfs":
-                    if shm is None:
-                        continue
-                    src = shm / src_disk.name
-                    if not src.exists():
-                        shutil.copytree(src_disk, src)
-                    work = shm
-                else:
-                    src, work = src_disk, disk
+            for where, src, work in c.places(src_disk, args.where, disk, shm):
                 place = measure_place(src, work, where, args.rounds, extra)
                 if args.resume:
                     place["resume"] = measure_resume(src, work, args.rounds, extra)
                 report["places"].append(place)
                 print(json.dumps(place), flush=True)
-                if where == "tmpfs":
-                    c.rmtree(src)
         if args.small:
             report["small"] = measure_small(shm or disk, args.rounds, extra)
             print(json.dumps(report["small"]), flush=True)

@@ -96,7 +96,6 @@ class _Worker:
         crc, pos = 0, 0
         behind = pagecache.WriteBehind(place.fd, start=place.offset)
         out_item = out_dtype.itemsize
-        ph = self.phases
         for r in chunk.reads:
             scale = self.source.dequant.get(r.name)
             if scale is not None:
@@ -123,19 +122,7 @@ class _Worker:
                     dst = torch.from_numpy(self.out[: e * out_item]).view(out_dtype)
                     dst.copy_(torch.from_numpy(self.src[: e * src_item]).view(src_dtype))
                     data = memoryview(self.out)[: e * out_item]
-                t2 = time.perf_counter()
-                crc = crc32(data, crc)
-                t3 = time.perf_counter()
-                self._write(place.fd, place.path, data, place.offset + pos)
-                for fd2, off2 in place.also:
-                    self._write(fd2, place.path, data, off2 + pos)
-                pos += len(data)
-                behind.wrote(place.offset + pos)
-                t4 = time.perf_counter()
-                ph.read += t1 - t0
-                ph.cast += t2 - t1
-                ph.crc += t3 - t2
-                ph.write += t4 - t3
+                crc, pos = self._emit(data, place, behind, crc, pos, t0, t1)
         if pos != chunk.nbytes:
             raise RuntimeError(f"chunk {chunk.key} {list(chunk.offsets)}: copied {pos} of {chunk.nbytes} bytes")
         return crc
@@ -150,7 +137,6 @@ class _Worker:
         cols = math.prod(info.shape[1:])
         step = max(1, self.piece // (4 * max(1, cols)))  # rows whose float32 value fits in a piece
         fd = self.files.fd(path)
-        ph = self.phases
         for row in range(r.row0, r.row1, step):
             if stop.is_set():
                 raise _Stopped
@@ -164,20 +150,27 @@ class _Worker:
             values = torch.from_numpy(raw[: k * cols]).view(info.dtype).view(k, cols)
             out, work = self._dequant_buffers(k * cols, out_dtype)
             out = dequantize(values, scale.values, scale.block, row, out_dtype, out.view(k, cols), work.view(k, cols))
-            data = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-            t2 = time.perf_counter()
-            crc = crc32(data, crc)
-            t3 = time.perf_counter()
-            self._write(place.fd, place.path, data, place.offset + pos)
-            for fd2, off2 in place.also:
-                self._write(fd2, place.path, data, off2 + pos)
-            pos += len(data)
-            behind.wrote(place.offset + pos)
-            t4 = time.perf_counter()
-            ph.read += t1 - t0
-            ph.cast += t2 - t1
-            ph.crc += t3 - t2
-            ph.write += t4 - t3
+            crc, pos = self._emit(memoryview(out.reshape(-1).view(torch.uint8).numpy()), place, behind, crc, pos, t0, t1)
+        return crc, pos
+
+    def _emit(self, data: memoryview, place: Placement, behind, crc: int, pos: int, t0: float, t1: float
+              ) -> tuple[int, int]:
+        """A piece ready (read from ``t0``, converted from ``t1``): its CRC-32, then its write in place (and
+        to ``place.also``); the phases' seconds. Returns the running CRC and position."""
+        t2 = time.perf_counter()
+        crc = crc32(data, crc)
+        t3 = time.perf_counter()
+        self._write(place.fd, place.path, data, place.offset + pos)
+        for fd2, off2 in place.also:
+            self._write(fd2, place.path, data, off2 + pos)
+        pos += len(data)
+        behind.wrote(place.offset + pos)
+        t4 = time.perf_counter()
+        ph = self.phases
+        ph.read += t1 - t0
+        ph.cast += t2 - t1
+        ph.crc += t3 - t2
+        ph.write += t4 - t3
         return crc, pos
 
     def _dequant_buffers(self, n: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -338,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     with interrupt.signals_as_interrupt():
         try:
+            check_address_space()
             return args.func(args)
         except StreamconvError as e:
             if args.debug:
@@ -367,6 +368,25 @@ def main(argv: list[str] | None = None) -> int:
                                "lower --workers, or raise the limit", EXIT_IO)
         except Exception as e:  # a bug: keep the user's screen clean unless asked
             return _internal(args, e)
+
+
+MIN_ADDRESS_SPACE = 768 * 1024**2  # measured: torch's import aborts (std::bad_alloc, exit 134) at 400 MB
+
+
+def check_address_space() -> None:
+    """Under ``ulimit -v`` too small for torch to load, say so in one line (exit 4) before importing it: the
+    import would otherwise abort the process from C++ with no line of ours."""
+    import resource
+
+    from streamconv.errors import OutputError
+    from streamconv.units import fmt_bytes
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY and soft < MIN_ADDRESS_SPACE:
+        err = OutputError(f"the address-space limit (ulimit -v) is {fmt_bytes(soft)}; loading torch needs at least "
+                          f"{fmt_bytes(MIN_ADDRESS_SPACE)} and a conversion --max-memory more; raise the limit")
+        err.exit_code = EXIT_IO
+        raise err
 
 
 def _peers_gone() -> str:

@@ -446,3 +446,23 @@ def test_malformed_allow_listed_metadata_is_bad_input_not_a_bug(src, tmp_path):
     out = crafted(src, tmp_path, change)
     r = run_cli("mcore2hf", "--megatron-path", out, "--hf-path", tmp_path / "hf", "--quiet")
     one_line(r, errors.EXIT_BAD_INPUT, ".metadata", "malformed")
+
+
+# ------------------------------------------------------------------------ address-space limits (ulimit -v)
+
+@pytest.mark.parametrize("limit_mb", [400, 700])
+def test_an_address_space_limit_gets_one_line_not_an_abort(src, tmp_path, limit_mb):
+    """Below what torch needs to load, a real process under RLIMIT_AS: one line and exit 4 (torch's import
+    would abort from C++ at 400 MB; at ~780 MB thread creation fails, also one line, exit 4)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (limit_mb * 2**20, resource.RLIM_INFINITY))
+
+    r = subprocess.run([sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(src), "--megatron-path",
+                        str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, preexec_fn=limit,
+                       timeout=120)
+    assert r.returncode == errors.EXIT_IO, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and ("ulimit" in lines[0]), r.stderr
+    assert not (tmp_path / "out" / "iter_0000000" / ".metadata").exists()

@@ -68,7 +68,7 @@ def killed_at_half(src: Path, out: Path, extra, tmp: Path) -> None:
     """A default run SIGKILLed once half of its chunks are done."""
     from streamconv.formats.safetensors import SafetensorsSource
     from streamconv.hf2mcore import build_plan, chunk_bytes_for
-    from streamconv.models.spec import load_config, spec_from_config
+    from streamconv.models.config import load_config, spec_from_config
 
     source = SafetensorsSource(src)
     plan = build_plan(source, spec_from_config(load_config(src)), None, chunk_bytes_for(2 * 1024**3))

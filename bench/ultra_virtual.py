@@ -69,7 +69,7 @@ def main() -> int:
     from streamconv import engine, rss
     from streamconv.hf2mcore import chunk_bytes_for
     from streamconv.models import rules
-    from streamconv.models.spec import load_config, spec_from_config
+    from streamconv.models.config import load_config, spec_from_config
     from streamconv.plan import describe, import_plan
     from streamconv.progress import make_progress
     from streamconv.virtual import DigestSink, VirtualSource

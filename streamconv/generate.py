@@ -146,7 +146,7 @@ def generate(args) -> dict:
     _quiet_libraries()
     from streamconv.formats.torch_dist_reader import TorchDistSource
     from streamconv.mcore2hf import model_config, resolve_checkpoint
-    from streamconv.models.spec import spec_from_config
+    from streamconv.models.config import spec_from_config
 
     ckpt = resolve_checkpoint(args.megatron_path)
     try:

@@ -22,7 +22,8 @@ from streamconv.formats import run_config
 from streamconv.formats.safetensors import SafetensorsSource
 from streamconv.formats.atomic import fsync_write
 from streamconv.formats.torch_dist_sink import TorchDistSink
-from streamconv.models.spec import ModelSpec, load_config, spec_from_config
+from streamconv.models.spec import ModelSpec
+from streamconv.models.config import load_config, spec_from_config
 from streamconv.plan import DEFAULT_CHUNK_BYTES, DEFAULT_FILE_BYTES, Plan, check_source, import_plan
 from streamconv.progress import make_progress
 

@@ -140,7 +140,7 @@ def hf_report(folder: Path) -> Report:
         infos = source.tensors
         tensors = [Entry(n, tuple(i.shape), dtype_name(i.dtype), i.nbytes, i.path.name) for n, i in infos.items()]
         if (folder / "config.json").is_file():
-            from streamconv.models.spec import load_config
+            from streamconv.models.config import load_config
 
             try:
                 quant = quantized.detect(source, folder, load_config(folder))
@@ -166,7 +166,7 @@ def hf_report(folder: Path) -> Report:
 def _hf_architecture(folder: Path, infos: dict | None, quant=None) -> tuple[str | None, dict, str]:
     """(architecture, model facts, conversion check) from ``config.json``; a config streamconv cannot
     convert is reported, not raised: inspect is for strange checkpoints."""
-    from streamconv.models.spec import load_config, spec_from_config
+    from streamconv.models.config import load_config, spec_from_config
     from streamconv.plan import check_source
 
     if not (folder / "config.json").is_file():
@@ -261,7 +261,7 @@ def _torch_dist_architecture(folder: Path, keys: dict[str, tuple], args=None) ->
     layout = {"layer_keys": "per-layer (heterogeneous)" if per_layer else "stacked [L, ...]"}
     if not run_config.is_file() and args is not None:
         from streamconv.formats.megatron_args import hf_config_from_args
-        from streamconv.models.spec import spec_from_config
+        from streamconv.models.config import spec_from_config
 
         try:
             spec = spec_from_config(hf_config_from_args(args, folder))
@@ -273,7 +273,7 @@ def _torch_dist_architecture(folder: Path, keys: dict[str, tuple], args=None) ->
         guess = "heterogeneous GPT (DeciLM-like)" if per_layer else "GPT (Llama-like)" if keys else None
         return guess, layout, NO_RUN_CONFIG
     from streamconv.formats.run_config_reader import hf_config_from_run_config
-    from streamconv.models.spec import spec_from_config
+    from streamconv.models.config import spec_from_config
 
     try:
         spec = spec_from_config(hf_config_from_run_config(run_config))

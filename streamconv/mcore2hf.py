@@ -31,7 +31,8 @@ from streamconv.formats.atomic import fsync_dir, fsync_write
 from streamconv.formats.torch_dist_reader import METADATA_FILE, TorchDistSource
 from streamconv.hf2mcore import TOKENIZER_FILES, chunk_bytes_for, parse_dtype, peak_rss, resolve_hf_model
 from streamconv.models import rules
-from streamconv.models.spec import ModelSpec, load_config, spec_from_config
+from streamconv.models.spec import ModelSpec
+from streamconv.models.config import load_config, spec_from_config
 from streamconv.plan import DEFAULT_SHARD_BYTES, Plan, export_plan
 from streamconv.progress import make_progress
 

@@ -17,7 +17,7 @@ from streamconv import engine
 from streamconv.errors import UsageError
 from streamconv.hf2mcore import chunk_bytes_for, parse_dtype, resolve_hf_model, small_budget_warning
 from streamconv.models import rules
-from streamconv.models.spec import load_config, spec_from_config
+from streamconv.models.config import load_config, spec_from_config
 from streamconv.plan import describe, import_plan
 
 CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

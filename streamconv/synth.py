@@ -17,7 +17,7 @@ import torch
 
 from streamconv.formats.safetensors import ShardWriter, itemsize
 from streamconv.models import rules
-from streamconv.models.spec import spec_from_config
+from streamconv.models.config import spec_from_config
 
 BLOCK_ELEMS = 1 << 22  # values generated per block (fixed: it is part of what makes output deterministic)
 

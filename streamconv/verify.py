@@ -194,7 +194,7 @@ def check_same_model(spec, ckpt_dir, folder) -> None:
     import dataclasses
 
     from streamconv.mcore2hf import model_config
-    from streamconv.models.spec import spec_from_config
+    from streamconv.models.config import spec_from_config
 
     from streamconv.errors import StreamconvError
 
@@ -213,7 +213,7 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = engine.DEFAUL
     from streamconv.formats.torch_dist_reader import TorchDistSource
     from streamconv.hf2mcore import open_source, resolve_hf_model, source_dtypes
     from streamconv.mcore2hf import resolve_checkpoint
-    from streamconv.models.spec import load_config, spec_from_config
+    from streamconv.models.config import load_config, spec_from_config
     from streamconv.progress import make_progress
 
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ from streamconv.errors import BadInputError, UsageError
 from streamconv.formats.safetensors import SafetensorsSource
 from streamconv.hf2mcore import build_plan, chunk_bytes_for
 from streamconv.memory import Memory
-from streamconv.models.spec import spec_from_config
+from streamconv.models.config import spec_from_config
 from streamconv.progress import RichProgress
 from streamconv.synth import llama_config, make_checkpoint, mixed_decilm_config
 from streamconv.virtual import DigestSink, VirtualSource

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from streamconv.errors import BadInputError
 from streamconv.formats.safetensors import DTYPES, SafetensorsSource, ShardWriter, itemsize, read_header
-from streamconv.models.spec import load_config, spec_from_config
+from streamconv.models import rules
+from streamconv.models.config import load_config, spec_from_config
 from streamconv.synth import llama_config
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -183,4 +184,4 @@ def test_random_config_values(work, changes):
     except BadInputError as e:  # UnsupportedModelError is one
         assert "\n" not in str(e)
         return
-    assert spec.num_layers > 0 and spec.hidden_size > 0 and spec.param_count() > 0
+    assert spec.num_layers > 0 and spec.hidden_size > 0 and rules.param_count(spec) > 0

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from streamconv.cli import main
 from streamconv.models import rules
-from streamconv.models.spec import spec_from_config
+from streamconv.models.config import spec_from_config
 from streamconv.synth import llama_config, make_checkpoint
 from streamconv.transforms import split
 

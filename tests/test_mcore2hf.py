@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from streamconv.cli import main
 from streamconv.formats.torch_dist_reader import TorchDistSource
 from streamconv.mcore2hf import MARKER, resolve_checkpoint
-from streamconv.models.spec import spec_from_config
+from streamconv.models.config import spec_from_config
 from streamconv.synth import llama_config, make_checkpoint
 
 

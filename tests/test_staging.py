@@ -14,7 +14,7 @@ from streamconv.formats.staging import StagingStore, chunk_coords, grid_for
 from streamconv.formats.torch_dist_reader import TorchDistSource
 from streamconv.plan import Chunk, Plan, Target
 from streamconv.models import rules
-from streamconv.models.spec import spec_from_config
+from streamconv.models.config import spec_from_config
 from streamconv.plan import import_plan
 from streamconv.synth import REAL_CONFIGS, llama_config, make_checkpoint, real_config
 

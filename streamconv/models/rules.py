@@ -197,3 +197,8 @@ def extra_state_keys(spec: ModelSpec) -> list[str]:
 def hf_tensors(spec: ModelSpec) -> list[HFTensor]:
     """Every HF tensor the model has, in megatron order."""
     return [t for b in bindings(spec) for t in b.hf]
+
+
+def param_count(spec: ModelSpec) -> int:
+    """Parameters of the model ``spec`` describes (its HF tensors' elements)."""
+    return sum(t.numel for t in hf_tensors(spec))

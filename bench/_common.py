@@ -79,7 +79,7 @@ def rmtree(path: Path) -> None:
 
 # --------------------------------------------------------------------------- page cache
 
-WARM_PROGRAM = "import streamconv.hf2mcore, streamconv.formats.staging, safetensors.torch, torch.distributed.checkpoint"
+WARM_PROGRAM = "import streamconv.commands.hf2mcore, streamconv.formats.staging, safetensors.torch, torch.distributed.checkpoint"
 
 
 def drop_caches() -> bool:

@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from streamconv.hf2mcore import Options, hf2mcore  # noqa: E402
+from streamconv.commands.hf2mcore import Options, hf2mcore  # noqa: E402
 from streamconv.synth import llama_config, make_checkpoint  # noqa: E402
 
 

@@ -67,7 +67,7 @@ def same_output(a: Path, b: Path) -> bool:
 def killed_at_half(src: Path, out: Path, extra, tmp: Path) -> None:
     """A default run SIGKILLed once half of its chunks are done."""
     from streamconv.formats.safetensors import SafetensorsSource
-    from streamconv.hf2mcore import build_plan, chunk_bytes_for
+    from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for
     from streamconv.models.config import load_config, spec_from_config
 
     source = SafetensorsSource(src)

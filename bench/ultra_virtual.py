@@ -67,7 +67,7 @@ def main() -> int:
     import torch
 
     from streamconv import engine, rss
-    from streamconv.hf2mcore import chunk_bytes_for
+    from streamconv.commands.hf2mcore import chunk_bytes_for
     from streamconv.models import rules
     from streamconv.models.config import load_config, spec_from_config
     from streamconv.plan import describe, import_plan

@@ -224,7 +224,7 @@ def _early_status(args, message: str) -> None:
 
 def cmd_hf2mcore(args) -> int:
     _early_status(args, f"hf2mcore: reading the headers of {args.hf_model} and planning")
-    from streamconv.hf2mcore import Options, hf2mcore
+    from streamconv.commands.hf2mcore import Options, hf2mcore
 
     opts = Options(dtype=args.dtype, max_memory=args.max_memory, workers=args.workers or engine_workers(),
                    device=args.device,
@@ -242,7 +242,7 @@ def cmd_hf2mcore(args) -> int:
 
 def cmd_mcore2hf(args) -> int:
     _early_status(args, f"mcore2hf: reading the metadata of {args.megatron_path} and planning")
-    from streamconv.mcore2hf import Options, mcore2hf
+    from streamconv.commands.mcore2hf import Options, mcore2hf
 
     opts = Options(hf_config=args.hf_config, dtype=args.dtype, max_memory=args.max_memory,
                    max_shard_size=args.max_shard_size, workers=args.workers or engine_workers(),
@@ -258,21 +258,21 @@ def cmd_mcore2hf(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from streamconv.inspect import inspect_command
+    from streamconv.commands.inspect import inspect_command
 
     return inspect_command(args)
 
 
 def cmd_verify(args) -> int:
     _early_status(args, f"verify: reading {args.megatron_path} and {args.hf_model}")
-    from streamconv.verify import verify_command
+    from streamconv.commands.verify import verify_command
 
     _check_device(args.device)
     return verify_command(args)
 
 
 def cmd_generate(args) -> int:
-    from streamconv.generate import generate_command
+    from streamconv.commands.generate import generate_command
 
     _check_device(args.device)
     if args.max_new_tokens < 1:
@@ -281,13 +281,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from streamconv.planview import plan_command
+    from streamconv.commands.planview import plan_command
 
     return plan_command(args)
 
 
 def cmd_demo(args) -> int:
-    from streamconv.demo import run_demo
+    from streamconv.commands.demo import run_demo
 
     return run_demo(args)
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from streamconv import engine
 from streamconv.cli import main
 from streamconv.formats.safetensors import SafetensorsSource
-from streamconv.hf2mcore import build_plan, chunk_bytes_for
+from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for
 from streamconv.models import rules
 from streamconv.models.config import spec_from_config
 from streamconv.reference import reference_logits

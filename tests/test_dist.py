@@ -147,7 +147,7 @@ def llama(tmp_path_factory):
 def plan_of(src: Path, source=None):
     """The plan a conversion of ``src`` with SETTINGS makes."""
     from streamconv.formats.safetensors import SafetensorsSource
-    from streamconv.hf2mcore import build_plan
+    from streamconv.commands.hf2mcore import build_plan
     from streamconv.models.config import load_config, spec_from_config
     from streamconv.plan import DEFAULT_CHUNK_BYTES
     from streamconv.units import parse_size

@@ -18,7 +18,7 @@ from streamconv import engine, scatter
 from streamconv.device import CudaStage
 from streamconv.errors import BadInputError, UsageError
 from streamconv.formats.safetensors import SafetensorsSource
-from streamconv.hf2mcore import build_plan, chunk_bytes_for
+from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for
 from streamconv.memory import Memory
 from streamconv.models.config import spec_from_config
 from streamconv.progress import RichProgress

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from streamconv.cli import main
 from streamconv.formats.torch_dist_reader import TorchDistSource
-from streamconv.mcore2hf import MARKER, resolve_checkpoint
+from streamconv.commands.mcore2hf import MARKER, resolve_checkpoint
 from streamconv.models.config import spec_from_config
 from streamconv.synth import llama_config, make_checkpoint
 

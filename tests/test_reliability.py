@@ -185,7 +185,7 @@ def test_temporaries_never_write_through_a_planted_symlink(src, tmp_path):
 
 def test_a_disk_full_at_the_tracker_leaves_no_commit_markers(src, tmp_path, monkeypatch, capsys):
     """The disk fills exactly when the tracker is written (the last file): nothing may look complete."""
-    from streamconv import hf2mcore as h
+    from streamconv.commands import hf2mcore as h
 
     real = h.fsync_write
 

@@ -126,7 +126,7 @@ def chunks_kept(out: Path, plan, staged: bool) -> set:
 
 def plan_of(src):
     from streamconv.formats.safetensors import SafetensorsSource
-    from streamconv.hf2mcore import build_plan, chunk_bytes_for
+    from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for
     from streamconv.models.config import load_config, spec_from_config
 
     source = SafetensorsSource(src)

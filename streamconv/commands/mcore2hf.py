@@ -29,7 +29,7 @@ from streamconv.formats.safetensors_sink import (INDEX_FILE, SafetensorsSink, sh
                                                  shard_name, write_index)
 from streamconv.formats.atomic import fsync_dir, fsync_write
 from streamconv.formats.torch_dist_reader import METADATA_FILE, TorchDistSource
-from streamconv.hf2mcore import TOKENIZER_FILES, chunk_bytes_for, parse_dtype, peak_rss, resolve_hf_model
+from streamconv.commands.hf2mcore import TOKENIZER_FILES, chunk_bytes_for, parse_dtype, peak_rss, resolve_hf_model
 from streamconv.models import rules
 from streamconv.models.spec import ModelSpec
 from streamconv.models.config import load_config, spec_from_config
@@ -134,7 +134,7 @@ def model_config(ckpt: Path, hf_config: str | None) -> tuple[dict, Path | None, 
 def carried_config(ckpt: Path, derived: dict) -> tuple[dict, None, bytes] | None:
     """The source's config.json that hf2mcore kept (``hf_config/config.json``), when it still describes the
     model ``run_config.yaml`` describes (same spec and rope): exported as it was, token ids included."""
-    from streamconv.hf2mcore import HF_CONFIG_DIR
+    from streamconv.commands.hf2mcore import HF_CONFIG_DIR
 
     path = ckpt / HF_CONFIG_DIR / "config.json"
     if not path.is_file() or path.is_symlink() or path.stat().st_size > 16 * 1024**2:
@@ -156,7 +156,7 @@ def carried_config(ckpt: Path, derived: dict) -> tuple[dict, None, bytes] | None
 
 def config_source(ckpt: Path, hf_config: str | None) -> str:
     """Where ``model_config`` found the model's description, for the summary."""
-    from streamconv.hf2mcore import HF_CONFIG_DIR
+    from streamconv.commands.hf2mcore import HF_CONFIG_DIR
 
     if hf_config is not None:
         return f"--hf-config {hf_config}"
@@ -303,7 +303,7 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
 
     from streamconv import dist
 
-    from streamconv.hf2mcore import small_budget_warning
+    from streamconv.commands.hf2mcore import small_budget_warning
 
     out = Path(hf_path).expanduser()
     rank, world = (job.rank, job.world) if job is not None else (0, 1)

@@ -48,14 +48,14 @@ def available_memory(device: str) -> int:
 
 def model_parameters(source) -> int:
     """Elements of the model's weights in a checkpoint (optimizer state and objects not counted)."""
-    from streamconv.mcore2hf import MODEL_PREFIXES
+    from streamconv.commands.mcore2hf import MODEL_PREFIXES
 
     return sum(math.prod(t.shape) for k, t in source.tensors.items() if k.startswith(MODEL_PREFIXES))
 
 
 def tokenizer_folder(ckpt: Path, hf_model: str | None) -> Path:
     from streamconv.formats.run_config_reader import TOKENIZER_DIR
-    from streamconv.hf2mcore import resolve_hf_model
+    from streamconv.commands.hf2mcore import resolve_hf_model
 
     own = ckpt / TOKENIZER_DIR
     if hf_model is None and (own / "tokenizer_config.json").is_file():
@@ -145,7 +145,7 @@ def generate(args) -> dict:
         _require(module)
     _quiet_libraries()
     from streamconv.formats.torch_dist_reader import TorchDistSource
-    from streamconv.mcore2hf import model_config, resolve_checkpoint
+    from streamconv.commands.mcore2hf import model_config, resolve_checkpoint
     from streamconv.models.config import spec_from_config
 
     ckpt = resolve_checkpoint(args.megatron_path)
@@ -223,7 +223,7 @@ def generate(args) -> dict:
               "dtype": str(dtype).removeprefix("torch."), "device": device, "tp": tp, "parameters": params,
               "load_seconds": round(load_seconds, 2), "tokens_per_s": round(len(new_ids) / max(gen_seconds, 1e-9), 2)}
     if args.compare_hf:
-        from streamconv.hf2mcore import resolve_hf_model
+        from streamconv.commands.hf2mcore import resolve_hf_model
 
         folder = resolve_hf_model(args.compare_hf)
         ref_ids, ref_first = greedy(hf_step(folder, cfg), prompt_ids, len(new_ids), None)

@@ -15,7 +15,7 @@ from streamconv.progress import stdout_console
 
 from streamconv import engine
 from streamconv.errors import UsageError
-from streamconv.hf2mcore import chunk_bytes_for, parse_dtype, resolve_hf_model, small_budget_warning
+from streamconv.commands.hf2mcore import chunk_bytes_for, parse_dtype, resolve_hf_model, small_budget_warning
 from streamconv.models import rules
 from streamconv.models.config import load_config, spec_from_config
 from streamconv.plan import describe, import_plan

@@ -193,7 +193,7 @@ def check_same_model(spec, ckpt_dir, folder) -> None:
     one line (exit 5) instead of a mismatch per tensor."""
     import dataclasses
 
-    from streamconv.mcore2hf import model_config
+    from streamconv.commands.mcore2hf import model_config
     from streamconv.models.config import spec_from_config
 
     from streamconv.errors import StreamconvError
@@ -211,8 +211,8 @@ def check_same_model(spec, ckpt_dir, folder) -> None:
 def verify(hf_model: str, megatron_path: str, *, max_memory: int = engine.DEFAULT_MAX_MEMORY, workers: int = 4,
            device: str = "cpu", quiet: bool = True) -> Report:
     from streamconv.formats.torch_dist_reader import TorchDistSource
-    from streamconv.hf2mcore import open_source, resolve_hf_model, source_dtypes
-    from streamconv.mcore2hf import resolve_checkpoint
+    from streamconv.commands.hf2mcore import open_source, resolve_hf_model, source_dtypes
+    from streamconv.commands.mcore2hf import resolve_checkpoint
     from streamconv.models.config import load_config, spec_from_config
     from streamconv.progress import make_progress
 
@@ -234,7 +234,7 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = engine.DEFAUL
         ref = expected_dtypes(spec, src_dtypes, ckpt.tensors)
         bindings = _bindings_by_key(spec)
         report.tensors = len(ref.targets)
-        from streamconv.mcore2hf import MODEL_PREFIXES, is_extra_state
+        from streamconv.commands.mcore2hf import MODEL_PREFIXES, is_extra_state
 
         for key in sorted(k for k in set(ckpt.tensors) - set(ref.targets)
                           if k.startswith(MODEL_PREFIXES) and not is_extra_state(k)):

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from streamconv.errors import UsageError
-from streamconv.hf2mcore import ITER_DIR, Options, hf2mcore
+from streamconv.commands.hf2mcore import ITER_DIR, Options, hf2mcore
 from streamconv.synth import make_checkpoint, real_config, scale_config
 
 TOLERANCE = 1e-4

@@ -97,7 +97,7 @@ def inspect_path(path: str | Path) -> Report:
         return torch_dist_report(_resolve_torch_dist(p))
     if any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file():
         return hf_report(p)
-    from streamconv.mcore2hf import refuse_unfinished
+    from streamconv.commands.mcore2hf import refuse_unfinished
 
     refuse_unfinished(p)
     raise BadInputError(f"{p}: not a checkpoint: no *.safetensors (Hugging Face), no {METADATA_FILE}, "
@@ -109,7 +109,7 @@ def _checkpoint_subfolders(p: Path) -> list[Path]:
 
 
 def _resolve_torch_dist(p: Path) -> Path:
-    from streamconv.mcore2hf import resolve_checkpoint
+    from streamconv.commands.mcore2hf import resolve_checkpoint
 
     return resolve_checkpoint(p)
 

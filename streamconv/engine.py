@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import math
 import os
 import queue
 import threading

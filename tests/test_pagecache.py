@@ -14,7 +14,6 @@ import io
 import mmap
 import os
 import zipfile
-import zlib
 
 import pytest
 import torch

@@ -79,3 +79,19 @@ def test_the_progress_keeps_its_essentials_at_narrow_widths(src, tmp_path, colum
     assert "…" not in final
     assert re.search(r"(\d+)/\1 source tensors, (\d+)/\2 chunks · mem ", status), status
     assert any(line.startswith("wrote ") for line in lines[bars[-1]:])
+
+
+@pytest.mark.parametrize("columns", [80, 60])
+def test_inspect_and_plan_fit_the_terminal(src, columns):
+    """In a terminal the tables fit its width (long names fold inside their cell) and the totals are there."""
+    raw = run_in_terminal([sys.executable, "-m", "streamconv", "inspect", str(src)], columns)
+    lines = [line for line in screen_lines(raw) if line]
+    assert all(len(line) <= columns for line in lines), [line for line in lines if len(line) > columns]
+    text = "\n".join(lines)
+    for row in ("architecture", "tensors", "parameters", "bytes", "check"):
+        assert any(line.lstrip().startswith(row) for line in lines), (row, text[-1500:])
+    assert "ok: every tensor the mapping needs" in text.replace("\n", " ") or "ok:" in text
+    raw = run_in_terminal([sys.executable, "-m", "streamconv", "plan", "--hf-model", str(src), "--layers"], columns)
+    lines = [line for line in screen_lines(raw) if line]
+    assert all(len(line) <= columns for line in lines), [line for line in lines if len(line) > columns]
+    assert any("memory budget" in line for line in lines) and any("parameters" in line for line in lines)

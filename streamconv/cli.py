@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-model", required=True, help="HF model folder or hub repo id (owner/name)")
     p.add_argument("--megatron-path", required=True, help="output folder (gets iter_0000000/ and the tracker file)")
     p.add_argument("--dtype", "--torch-dtype", dest="dtype", default=None,
-                   help="output dtype: bf16, fp16, fp32 or bfloat16, float16, float32 (default: keep each tensor's "
+                   help="output dtype: bf16, fp16 or fp32 (also spelled bfloat16, float16, float32), or auto (default: keep each tensor's "
                         "source dtype)")
     p.add_argument("--overwrite", action="store_true", help="delete a non-empty output folder and start over")
     p.add_argument("--allow-unused", action="store_true", help="ignore tensors the mapping does not use")
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "run_config.yaml); tokenizer/generation files are copied from a folder. --hf-model is "
                         "Megatron-Bridge's spelling")
     p.add_argument("--dtype", "--torch-dtype", dest="dtype", default=None,
-                   help="output dtype: bf16, fp16, fp32 or bfloat16, float16, float32 (default: keep each tensor's "
+                   help="output dtype: bf16, fp16 or fp32 (also spelled bfloat16, float16, float32), or auto (default: keep each tensor's "
                         "stored dtype)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for Megatron-Bridge compatibility; streamconv never runs remote code")
@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", description='the conversion plan from config.json alone (no weights read): output tensors, chunks, files, the memory each layer needs',
                        epilog="examples:\n  streamconv plan --hf-model nvidia/Llama-3_1-Nemotron-Ultra-253B-v1 --layers\n  streamconv plan --hf-model ./model --max-memory 512MiB --json\n\nexit codes: 0 ok, 1 internal error (a bug: --debug shows it), 2 usage, 3 bad input, 4 output or I/O (disk full, folder locked or not empty), 5 verify/compare mismatch, 130/143 interrupted (SIGINT/SIGTERM)", formatter_class=argparse.RawDescriptionHelpFormatter, help="print the conversion plan without reading weights")
     p.add_argument("--hf-model", required=True, help="HF model folder, config.json, or hub repo id")
-    p.add_argument("--dtype", default=None, help="output dtype (default: config torch_dtype)")
+    p.add_argument("--dtype", default=None, help="output dtype: bf16, fp16 or fp32 (also spelled bfloat16, float16, "
+                                                 "float32), or auto (default: config torch_dtype)")
     p.add_argument("--max-memory", type=_size, default="2GiB", help="memory budget the plan is sized for")
     p.add_argument("--tensors", action="store_true", help="list every output tensor")
     p.add_argument("--layers", action="store_true", help="list every layer: block kinds, bytes, memory it needs")

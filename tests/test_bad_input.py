@@ -626,3 +626,18 @@ def test_a_tiny_budget_is_said_and_plan_refuses_what_the_conversion_refuses(tmp_
                      "--max-memory", "1KiB"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == planned  # the same refusal, the same words
     assert "is below the" in planned
+
+
+def test_dtype_errors_and_help_speak_one_vocabulary(tmp_path, capsys):
+    from streamconv.cli import build_parser, main as cli_main
+
+    src = make_checkpoint(tmp_path / "hf", llama_config(hidden=64, layers=1, heads=4, kv_heads=2, ffn=128, vocab=128),
+                          seed=1, shards=1)
+    assert cli_main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(tmp_path / "o"),
+                     "--dtype", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("choose bf16, fp16 or fp32 (also spelled bfloat16, float16, float32), or auto (keep the "
+                        "source's)") and "half" not in err
+    helps = " ".join(a.help for p in build_parser()._subparsers._group_actions[0].choices.values()
+                     for a in p._actions if "--dtype" in a.option_strings and a.help)
+    assert "half" not in helps and "bf16, fp16 or fp32 (also spelled bfloat16, float16, float32)" in helps

@@ -41,13 +41,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "generation_config.json")
 
 
+# the one vocabulary --help and errors use (DTYPES also takes float/half and the like, as torch names them)
+DTYPE_CHOICES = "choose bf16, fp16 or fp32 (also spelled bfloat16, float16, float32), or auto (keep the source's)"
+
+
 def parse_dtype(name: str | None) -> torch.dtype | None:
     if name is None or name == "auto":
         return None
     try:
         return DTYPES[name.lower()]
     except KeyError:
-        raise UsageError(f"--dtype {name!r}: choose one of auto, {', '.join(sorted(DTYPES))}") from None
+        raise UsageError(f"--dtype {name!r}: {DTYPE_CHOICES}") from None
 
 
 def resolve_hf_model(hf_model: str, allow_patterns=HUB_PATTERNS) -> Path:

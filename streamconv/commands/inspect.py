@@ -143,7 +143,7 @@ def hf_report(folder: Path) -> Report:
             from streamconv.models.config import load_config
 
             try:
-                quant = quantized.detect(source, folder, load_config(folder))
+                quant = quantized.detect(source, folder, load_config(folder), read_values=False)  # headers only
             except StreamconvError as e:
                 refused = str(e)
     finally:

@@ -141,9 +141,10 @@ def default_dtype(cfg: dict) -> torch.dtype:
     return dtype
 
 
-def detect(source, folder: Path, cfg: dict) -> Quantization | None:
-    """The quantization of ``source`` (a ``SafetensorsSource``), its scales read; None for a plain
-    checkpoint. Refuses other quantizations, and FP8 weights or scales that do not pair up."""
+def detect(source, folder: Path, cfg: dict, read_values: bool = True) -> Quantization | None:
+    """The quantization of ``source`` (a ``SafetensorsSource``), its scales read (unless ``read_values`` is
+    False); None for a plain checkpoint. Refuses other quantizations, and FP8 weights or scales that do not pair
+    up."""
     infos = source.tensors
     method, settings = method_of(folder, cfg)
     others = sorted(n for n in infos if OTHER_COMPANIONS.search(n))
@@ -176,7 +177,7 @@ def detect(source, folder: Path, cfg: dict) -> Quantization | None:
         weight = WEIGHT_SCALE.match(name)["m"] + ".weight"
         if weight not in infos:
             raise BadInputError(f"{infos[name].path}: scale {name!r} has no weight {weight!r} beside it")
-        quant.scales[weight] = _scale(source, name, infos[weight], block)
+        quant.scales[weight] = _scale(source, name, infos[weight], block, read_values)
     for name in fp8:
         if name not in quant.scales:
             raise BadInputError(f"{infos[name].path}: {name!r} is float8 but has no weight_scale beside it; the "
@@ -188,14 +189,17 @@ def detect(source, folder: Path, cfg: dict) -> Quantization | None:
     return quant
 
 
-def _scale(source, name: str, weight, block) -> Scale:
+def _scale(source, name: str, weight, block, read_values: bool = True) -> Scale:
+    """The scale of ``weight``, its shape checked; ``read_values=False`` (inspect: headers only): the values
+    are not read (a meta tensor of the right shape stands in)."""
     info = source.tensors[name]
     if info.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise BadInputError(f"{info.path}: scale {name!r} is {info.dtype}; float32 expected")
     if math.prod(info.shape) > 64 * 1024**2:
         raise BadInputError(f"{info.path}: scale {name!r} {list(info.shape)} is implausibly large")
     rows = info.shape[0] if info.shape else 1
-    values = source.read_rows(name, 0, rows).to(torch.float32).clone().reshape(info.shape)
+    values = (source.read_rows(name, 0, rows).to(torch.float32).clone().reshape(info.shape) if read_values
+              else torch.empty(info.shape, dtype=torch.float32, device="meta"))
     shape = tuple(weight.shape)
     if len(shape) != 2:
         raise BadInputError(f"{weight.path}: quantized weight {name[:-len('_scale')]!r} is {list(shape)}, not 2-D")

@@ -87,6 +87,55 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="where transforms run: cpu (default) or cuda")
 
 
+# Each subcommand's --help: what it does, examples (exit codes are common to all: EXIT_CODES).
+HELPS = {
+    'hf2mcore': (
+        'convert a Hugging Face safetensors checkpoint to a Megatron-Core torch_dist checkpoint, streaming, '
+        'under --max-memory; re-run the same command to resume after a kill',
+        ['streamconv hf2mcore --hf-model nvidia/Llama-3_3-Nemotron-Super-49B-v1_5 --megatron-path ./super-mcore',
+         'streamconv hf2mcore --hf-model ./model --megatron-path ./out --dtype bf16 --max-memory 4GiB',
+         'torchrun --standalone --nproc-per-node 4 -m streamconv hf2mcore --hf-model ./model --megatron-path ./out']),
+    'verify': (
+        'check, streaming, that every tensor of a converted checkpoint is bit-identical to what the mapping '
+        'makes of its Hugging Face source',
+        ['streamconv verify --hf-model ./model --megatron-path ./out',
+         'streamconv verify --hf-model ./model --megatron-path ./out/iter_0000000 --json']),
+    'mcore2hf': (
+        'export a Megatron-Core torch_dist checkpoint (a conversion, or what training saved) to Hugging Face '
+        'safetensors shards, streaming; re-run the same command to resume',
+        ['streamconv mcore2hf --megatron-path ./out --hf-path ./back',
+         'streamconv mcore2hf --megatron-path ./run/checkpoints/iter_0000500 --hf-path ./trained-hf --dtype bf16']),
+    'generate': (
+        'build the real megatron-core model a checkpoint describes, load it at default strictness and decode '
+        'greedily from a prompt',
+        ["streamconv generate --megatron-path ./out --prompt 'What is artificial intelligence?' --max-new-tokens 100",
+         "streamconv generate --megatron-path ./out --prompt 'Hi' --compare-hf ./model",
+         "torchrun --nproc-per-node 2 -m streamconv generate --megatron-path ./out --prompt 'Hi' --tp 2"]),
+    'plan': (
+        'the conversion plan from config.json alone (no weights read): output tensors, chunks, files, the '
+        'memory each layer needs',
+        ['streamconv plan --hf-model nvidia/Llama-3_1-Nemotron-Ultra-253B-v1 --layers',
+         'streamconv plan --hf-model ./model --max-memory 512MiB --json']),
+    'inspect': (
+        "list a checkpoint's tensors, totals, architecture and whether it converts, from headers and metadata "
+        'only',
+        ['streamconv inspect ./model',
+         'streamconv inspect ./out --json']),
+    'demo': (
+        'generate a tiny Nemotron-shaped checkpoint, convert it, load it with megatron-core and compare '
+        'logits with a reference',
+        ['streamconv demo']),
+}
+EXIT_CODES = ("exit codes: 0 ok, 1 internal error (a bug: --debug shows it), 2 usage, 3 bad input, 4 output or I/O "
+              "(disk full, folder locked or not empty), 5 verify/compare mismatch, 130/143 interrupted (SIGINT/SIGTERM)")
+
+
+def _helps(name: str) -> dict:
+    """``add_parser`` keywords for subcommand ``name``: its description, and an epilog of examples and exit codes."""
+    description, examples = HELPS[name]
+    epilog = "examples:\n" + "".join(f"  {e}\n" for e in examples) + "\n" + EXIT_CODES
+    return {"description": description, "epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter}
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamconv",
@@ -97,8 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parser.set_defaults(_subparsers=sub)
 
-    p = sub.add_parser("hf2mcore", description='convert a Hugging Face safetensors checkpoint to a Megatron-Core torch_dist checkpoint, streaming, under --max-memory; re-run the same command to resume after a kill',
-                       epilog="examples:\n  streamconv hf2mcore --hf-model nvidia/Llama-3_3-Nemotron-Super-49B-v1_5 --megatron-path ./super-mcore\n  streamconv hf2mcore --hf-model ./model --megatron-path ./out --dtype bf16 --max-memory 4GiB\n  torchrun --standalone --nproc-per-node 4 -m streamconv hf2mcore --hf-model ./model --megatron-path ./out\n\nexit codes: 0 ok, 1 internal error (a bug: --debug shows it), 2 usage, 3 bad input, 4 output or I/O (disk full, folder locked or not empty), 5 verify/compare mismatch, 130/143 interrupted (SIGINT/SIGTERM)", formatter_class=argparse.RawDescriptionHelpFormatter, aliases=["import"],
+    p = sub.add_parser("hf2mcore", **_helps("hf2mcore"), aliases=["import"],
                        help="convert a HF safetensors checkpoint to Megatron-Core torch_dist (alias: import)")
     p.add_argument("--hf-model", required=True, help="HF model folder or hub repo id (owner/name)")
     p.add_argument("--megatron-path", required=True, help="output folder (gets iter_0000000/ and the tracker file)")
@@ -122,8 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_hf2mcore, command="hf2mcore")
 
-    p = sub.add_parser("verify", description='check, streaming, that every tensor of a converted checkpoint is bit-identical to what the mapping makes of its Hugging Face source',
-                       epilog="examples:\n  streamconv verify --hf-model ./model --megatron-path ./out\n  streamconv verify --hf-model ./model --megatron-path ./out/iter_0000000 --json\n\nexit codes: 0 ok, 1 internal error (a bug: --debug shows it), 2 usage, 3 bad input, 4 output or I/O (disk full, folder locked or not empty), 5 verify/compare mismatch, 130/143 interrupted (SIGINT/SIGTERM)", formatter_class=argparse.RawDescriptionHelpFormatter, help="check, bit for bit, that every tensor of a torch_dist checkpoint equals "
+    p = sub.add_parser("verify", **_helps("verify"), help="check, bit for bit, that every tensor of a torch_dist checkpoint equals "
                                       "its HF source under the mapping")
     p.add_argument("--hf-model", required=True, help="the HF model folder (or hub repo id) it was converted from")
     p.add_argument("--megatron-path", required=True,
@@ -133,8 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("mcore2hf", description='export a Megatron-Core torch_dist checkpoint (a conversion, or what training saved) to Hugging Face safetensors shards, streaming; re-run the same command to resume',
-                       epilog="examples:\n  streamconv mcore2hf --megatron-path ./out --hf-path ./back\n  streamconv mcore2hf --megatron-path ./run/checkpoints/iter_0000500 --hf-path ./trained-hf --dtype bf16\n\nexit codes: 0 ok, 1 internal error (a bug: --debug shows it), 2 usage, 3 bad input, 4 output or I/O (disk full, folder locked or not empty), 5 verify/compare mismatch, 130/143 interrupted (SIGINT/SIGTERM)", formatter_class=argparse.RawDescriptionHelpFormatter, aliases=["export"],
+    p = sub.add_parser("mcore2hf", **_helps("mcore2hf"), aliases=["export"],
                        help="export a Megatron-Core torch_dist checkpoint to HF safetensors (alias: export)")
     p.add_argument("--megatron-path", required=True,
                    help="checkpoint folder (holding .metadata), an iter_*/release folder, or their parent with "
@@ -159,8 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_mcore2hf, command="mcore2hf")
 
-    p = sub.add_parser("generate", description='build the real megatron-core model a checkpoint describes, load it at default strictness and decode greedily from a prompt',
-                       epilog="examples:\n  streamconv generate --megatron-path ./out --prompt 'What is artificial intelligence?' --max-new-tokens 100\n  streamconv generate --megatron-path ./out --prompt 'Hi' --compare-hf ./model\n  torchrun --nproc-per-node 2 -m streamconv generate --megatron-path ./out --prompt 'Hi' --tp 2\n\nexit codes: 0 ok, 1 internal error (a bug: --debug shows it), 2 usage, 3 bad input, 4 output or I/O (disk full, folder locked or not empty), 5 verify/compare mismatch, 130/143 interrupted (SIGINT/SIGTERM)", formatter_class=argparse.RawDescriptionHelpFormatter, help="run a converted checkpoint: real megatron-core model, greedy decoding "
+    p = sub.add_parser("generate", **_helps("generate"), help="run a converted checkpoint: real megatron-core model, greedy decoding "
                                         "(the upstream page's third step)")
     p.add_argument("--megatron-path", "--megatron_model_path", dest="megatron_path", required=True,
                    help="checkpoint folder (holding .metadata), an iter_*/release folder, or their parent "
@@ -173,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens to generate (default 100)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on the CPU, the checkpoint's "
-                                                 "dtype on a GPU)")
+    p.add_argument("--dtype", default=None,
+                   help="bf16, fp16 or fp32 (also spelled bfloat16, float16, float32) (default: fp32 on the CPU, the "
+                        "checkpoint's dtype on a GPU)")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks, under torchrun --nproc-per-node N (default 1)")
     p.add_argument("--max-memory", type=_size, default=None,
@@ -187,8 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_generate, command="generate")
 
-    p = sub.add_parser("plan", description='the conversion plan from config.json alone (no weights read): output tensors, chunks, files, the memory each layer needs',
-                       epilog="examples:\n  streamconv plan --hf-model nvidia/Llama-3_1-Nemotron-Ultra-253B-v1 --layers\n  streamconv plan --hf-model ./model --max-memory 512MiB --json\n\nexit codes: 0 ok, 1 internal error (a bug: --debug shows it), 2 usage, 3 bad input, 4 output or I/O (disk full, folder locked or not empty), 5 verify/compare mismatch, 130/143 interrupted (SIGINT/SIGTERM)", formatter_class=argparse.RawDescriptionHelpFormatter, help="print the conversion plan without reading weights")
+    p = sub.add_parser("plan", **_helps("plan"), help="print the conversion plan without reading weights")
     p.add_argument("--hf-model", required=True, help="HF model folder, config.json, or hub repo id")
     p.add_argument("--dtype", default=None, help="output dtype: bf16, fp16 or fp32 (also spelled bfloat16, float16, "
                                                  "float32), or auto (default: config torch_dtype)")
@@ -199,16 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("inspect", description="list a checkpoint's tensors, totals, architecture and whether it converts, from headers and metadata only",
-                       epilog="examples:\n  streamconv inspect ./model\n  streamconv inspect ./out --json\n\nexit codes: 0 ok, 1 internal error (a bug: --debug shows it), 2 usage, 3 bad input, 4 output or I/O (disk full, folder locked or not empty), 5 verify/compare mismatch, 130/143 interrupted (SIGINT/SIGTERM)", formatter_class=argparse.RawDescriptionHelpFormatter, help="list a checkpoint's tensors (name, shape, dtype, bytes, file), totals and "
+    p = sub.add_parser("inspect", **_helps("inspect"), help="list a checkpoint's tensors (name, shape, dtype, bytes, file), totals and "
                                        "architecture, from headers and metadata only")
     p.add_argument("path", help="HF folder, .safetensors file, or torch_dist checkpoint (folder with .metadata, "
                                 "an iter_*/release folder, or their parent with the tracker file)")
     _add_common(p)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo", description='generate a tiny Nemotron-shaped checkpoint, convert it, load it with megatron-core and compare logits with a reference',
-                       epilog="examples:\n  streamconv demo\n\nexit codes: 0 ok, 1 internal error (a bug: --debug shows it), 2 usage, 3 bad input, 4 output or I/O (disk full, folder locked or not empty), 5 verify/compare mismatch, 130/143 interrupted (SIGINT/SIGTERM)", formatter_class=argparse.RawDescriptionHelpFormatter, help="generate a tiny Nemotron-shaped checkpoint, convert it, load it with "
+    p = sub.add_parser("demo", **_helps("demo"), help="generate a tiny Nemotron-shaped checkpoint, convert it, load it with "
                                     "megatron-core and compare logits")
     p.add_argument("--workdir", default=None, help="where to put the demo files (default: a temporary folder)")
     _add_common(p)

@@ -192,6 +192,19 @@ class Job:
                 raise PeerFailed(f"stopped: rank {r} failed: {got[2]}", got[1])
         return [got[1] for got in everyone]
 
+    def same_everywhere(self, setup, identity_of, close, what: str):
+        """``setup()`` on every rank (``agree``: a failure anywhere stops all); every rank must find the same
+        ``identity_of(result)`` (else ``close(result)`` and a one-line refusal naming the first rank that
+        differs, and ``what`` it sees). Returns this rank's result."""
+        got: list = []
+        identities = self.agree(lambda: identity_of(got.append(setup()) or got[0]))
+        other = next((r for r, i in enumerate(identities) if i != identities[0]), None)
+        if other is not None:
+            close(got[0])
+            raise UsageError(f"rank {other} sees {what} than rank 0 (the same files on a shared file system, the same "
+                             "streamconv and the same options on every rank are needed)")
+        return got[0]
+
     def on_rank0(self, fn):
         """Run ``fn()`` on rank 0 only and hand its result (or its error) to every rank."""
         box = [None]

@@ -28,8 +28,6 @@ import torch
 from streamconv.errors import EXIT_MISMATCH, UsageError
 from streamconv.units import fmt_bytes
 
-GEN_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-              "fp16": torch.float16, "float16": torch.float16}
 
 
 def available_memory(device: str) -> int:
@@ -145,21 +143,20 @@ def generate(args) -> dict:
         _require(module)
     _quiet_libraries()
     from streamconv.formats.torch_dist_reader import TorchDistSource
+    from streamconv.commands.hf2mcore import parse_dtype
     from streamconv.commands.mcore2hf import model_config, resolve_checkpoint
     from streamconv.models.config import spec_from_config
 
     ckpt = resolve_checkpoint(args.megatron_path)
     try:
-        cfg, _, _ = model_config(ckpt, None)
+        cfg = model_config(ckpt, None)[0]
     except UsageError:
         if args.hf_model is None:
             raise
-        cfg, _, _ = model_config(ckpt, args.hf_model)
+        cfg = model_config(ckpt, args.hf_model)[0]
     spec_from_config(cfg)  # refuses what streamconv does not know, in one line
     device = args.device
-    dtype = GEN_DTYPES.get((args.dtype or ("fp32" if device == "cpu" else str(cfg.get("torch_dtype", "bf16")))).lower())
-    if dtype is None:
-        raise UsageError(f"--dtype {args.dtype}: choose fp32, bf16 or fp16")
+    dtype = parse_dtype(args.dtype) or parse_dtype("fp32" if device == "cpu" else str(cfg.get("torch_dtype", "bf16")))
     tp = args.tp
     job = dist.current()
     world = job.world if job is not None else 1
@@ -175,8 +172,8 @@ def generate(args) -> dict:
     if need > have:
         raise UsageError(f"{what}, above the {fmt_bytes(have)} {'--max-memory allows' if args.max_memory else 'free'}"
                          f"; use --dtype bf16, more --tp ranks, or a bigger machine")
-    speaks = job is None or job.rank == 0
-    if speaks and not args.json and not args.quiet:
+    shows = (job is None or job.rank == 0) and not (args.json or args.quiet)  # rank 0, for a person
+    if shows:
         print(f"{what}; loading {ckpt}", file=sys.stderr, flush=True)
 
     from transformers import AutoTokenizer
@@ -204,19 +201,19 @@ def generate(args) -> dict:
     shown = [""]
 
     def stream(out_ids):
-        if not (speaks and not args.json and not args.quiet):
+        if not shows:
             return
         text = tokenizer.decode(out_ids, skip_special_tokens=True)
         sys.stdout.write(text[len(shown[0]):])
         sys.stdout.flush()
         shown[0] = text
 
-    if speaks and not args.json and not args.quiet:
+    if shows:
         sys.stdout.write(args.prompt if not args.chat else "")
     t1 = time.perf_counter()
     new_ids, first = greedy(step, prompt_ids, args.max_new_tokens, tokenizer.eos_token_id, stream)
     gen_seconds = time.perf_counter() - t1
-    if speaks and not args.json and not args.quiet:
+    if shows:
         sys.stdout.write("\n")
     result = {"command": "generate", "checkpoint": str(ckpt), "prompt": args.prompt, "prompt_tokens": len(prompt_ids),
               "tokens": new_ids, "text": tokenizer.decode(new_ids, skip_special_tokens=True),

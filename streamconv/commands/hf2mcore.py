@@ -234,14 +234,8 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
     else:
         if opts.keep_staging:
             raise UsageError("--keep-staging is not available in a distributed run; run it in one process")
-        got: list[_Setup] = []
-        identities = job.agree(lambda: got.append(_setup(hf_model, out, opts)) or got[0].identity)
-        other = next((r for r, i in enumerate(identities) if i != identities[0]), None)
-        if other is not None:
-            got[0].source.close()
-            raise UsageError(f"rank {other} sees another input or plan than rank 0 (the same files on a shared file "
-                             "system, the same streamconv and the same options on every rank are needed)")
-        s = got[0]
+        s = job.same_everywhere(lambda: _setup(hf_model, out, opts), lambda s: s.identity,
+                                lambda s: s.source.close(), "another input or plan")
     folder, spec, source, plan = s.folder, s.spec, s.source, s.plan
     from streamconv.progress import status
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 from streamconv import engine, outdir
@@ -104,20 +105,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
                         "folder with one)")
 
 
-def model_config(ckpt: Path, hf_config: str | None) -> tuple[dict, Path | None, bytes | None]:
-    """The HF config dict, the folder it came from (tokenizer files may be there) and, when given as a
-    file, its exact bytes (copied verbatim)."""
+def model_config(ckpt: Path, hf_config: str | None) -> tuple[dict, Path | None, bytes | None, str]:
+    """The HF config dict, the folder it came from (tokenizer files may be there), when given as a file its
+    exact bytes (copied verbatim), and what described the model (for the summary's ``config_from``)."""
+    from streamconv.commands.hf2mcore import HF_CONFIG_DIR
+
     if hf_config is not None:
         folder = resolve_hf_model(hf_config, allow_patterns=CONFIG_PATTERNS)
         cfg = load_config(folder)
-        return cfg, folder, (folder / "config.json").read_bytes()
+        return cfg, folder, (folder / "config.json").read_bytes(), f"--hf-config {hf_config}"
     path = ckpt / run_config_reader.RUN_CONFIG_FILE
     if path.is_file():
         derived = run_config_reader.hf_config_from_run_config(path)
         carried = carried_config(ckpt, derived)
         if carried is not None:
-            return carried
-        return derived, None, None
+            return (*carried, f"{HF_CONFIG_DIR}/config.json (the source's, checked against "
+                              f"{run_config_reader.RUN_CONFIG_FILE})")
+        return derived, None, None, run_config_reader.RUN_CONFIG_FILE
     from streamconv.formats import megatron_args
     from streamconv.formats.torch_dist_reader import TorchDistSource
 
@@ -125,7 +129,8 @@ def model_config(ckpt: Path, hf_config: str | None) -> tuple[dict, Path | None, 
         state = megatron_args.common_state(ckpt, source)
     if state is not None and state.get("args") is not None:
         where = ckpt / megatron_args.COMMON_FILE if (ckpt / megatron_args.COMMON_FILE).is_file() else ckpt
-        return megatron_args.hf_config_from_args(state["args"], where), None, None
+        return (megatron_args.hf_config_from_args(state["args"], where), None, None,
+                "the training args in the checkpoint's common state")
     raise UsageError(f"{ckpt}: nothing describes the model (no {run_config_reader.RUN_CONFIG_FILE} as Megatron-Bridge "
                      "writes, no training args in the common state as Megatron-LM writes); pass --hf-config <HF model "
                      "folder | config.json | hub id>")
@@ -152,20 +157,6 @@ def carried_config(ckpt: Path, derived: dict) -> tuple[dict, None, bytes] | None
     if dataclasses.replace(a, torch_dtype=b.torch_dtype) != b or not same_rope:
         return None
     return carried, None, raw
-
-
-def config_source(ckpt: Path, hf_config: str | None) -> str:
-    """Where ``model_config`` found the model's description, for the summary."""
-    from streamconv.commands.hf2mcore import HF_CONFIG_DIR
-
-    if hf_config is not None:
-        return f"--hf-config {hf_config}"
-    path = ckpt / run_config_reader.RUN_CONFIG_FILE
-    if path.is_file():
-        if carried_config(ckpt, run_config_reader.hf_config_from_run_config(path)) is not None:
-            return f"{HF_CONFIG_DIR}/config.json (the source's, checked against {run_config_reader.RUN_CONFIG_FILE})"
-        return run_config_reader.RUN_CONFIG_FILE
-    return "the training args in the checkpoint's common state"
 
 
 def check_checkpoint(spec: ModelSpec, source: TorchDistSource, strict: bool = True) -> list[str]:
@@ -269,10 +260,24 @@ def copy_side_files(out: Path, sources: list[Path]) -> list[str]:
     return copied
 
 
-def _setup(megatron_path, out: Path, opts: Options):
+class _Export(NamedTuple):
+    ckpt: Path
+    cfg: dict
+    cfg_folder: Path | None
+    verbatim: bytes | None
+    config_from: str
+    spec: ModelSpec
+    out_dtype: object
+    source: TorchDistSource
+    plan: Plan
+    identity: dict
+    left_out: list
+
+
+def _setup(megatron_path, out: Path, opts: Options) -> _Export:
     """Checkpoint, config, source and plan: the same on every rank of a distributed run."""
     ckpt = resolve_checkpoint(megatron_path)
-    cfg, cfg_folder, verbatim = model_config(ckpt, opts.hf_config)
+    cfg, cfg_folder, verbatim, config_from = model_config(ckpt, opts.hf_config)
     spec = spec_from_config(cfg)
     out_dtype = parse_dtype(opts.dtype)
     if opts.max_shard_size <= 0:
@@ -293,7 +298,7 @@ def _setup(megatron_path, out: Path, opts: Options):
     except BaseException:
         source.close()
         raise
-    return ckpt, cfg, cfg_folder, verbatim, spec, out_dtype, source, plan, identity, left_out
+    return _Export(ckpt, cfg, cfg_folder, verbatim, config_from, spec, out_dtype, source, plan, identity, left_out)
 
 
 def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=None) -> dict:
@@ -310,15 +315,11 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
     leader = rank == 0
     small_budget_warning(opts.max_memory, quiet=opts.quiet or not leader)
     if job is None:
-        got = [_setup(megatron_path, out, opts)]
+        e = _setup(megatron_path, out, opts)
     else:
-        got = []
-        identities = job.agree(lambda: got.append(_setup(megatron_path, out, opts)) or got[0][-2])
-        if any(i != identities[0] for i in identities):
-            got[0][6].close()
-            raise UsageError("the ranks see different checkpoints (the same files on a shared file system and the "
-                             "same options on every rank are needed)")
-    ckpt, cfg, cfg_folder, verbatim, spec, out_dtype, source, plan, identity, left_out = got[0]
+        e = job.same_everywhere(lambda: _setup(megatron_path, out, opts), lambda e: e.identity,
+                                lambda e: e.source.close(), "another checkpoint or plan")
+    ckpt, cfg, cfg_folder, verbatim, config_from, spec, out_dtype, source, plan, identity, left_out = e
     mine = dist.split(plan.file_bytes(), world)[rank]
     try:
         with outdir.OutputLock(out) if leader else nullcontext():
@@ -362,7 +363,7 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
     summary = {
         "command": "mcore2hf",
         "input": str(ckpt),
-        "config_from": config_source(ckpt, opts.hf_config),
+        "config_from": config_from,
         "output": str(out),
         "architecture": spec.architecture,
         "layers": spec.num_layers,

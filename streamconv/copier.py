@@ -90,6 +90,7 @@ class _Worker:
         self.out = np.empty(piece, dtype=np.uint8)
         self.piece = piece
         self.phases = Phases()
+        self._f32 = self._wide = None  # dequantization buffers (_dequant_buffers), made on first use
 
     def copy(self, chunk: Chunk, out_dtype: torch.dtype, place: Placement, stop: threading.Event) -> int:
         """Copy ``chunk``'s reads to ``place``; returns the CRC-32 of the bytes written."""
@@ -176,7 +177,7 @@ class _Worker:
     def _dequant_buffers(self, n: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` elements of ``out_dtype`` and of float32, kept for the next pieces (fresh pages cost a
         fault each)."""
-        if getattr(self, "_f32", None) is None or self._f32.numel() < n:
+        if self._f32 is None or self._f32.numel() < n:
             self._f32 = torch.empty(n, dtype=torch.float32)
             self._wide = torch.empty(n * 4, dtype=torch.uint8)
         return self._wide[: n * out_dtype.itemsize].view(out_dtype), self._f32[:n]

@@ -218,6 +218,7 @@ def set_world(out: Path, ckpt: Path, world: int) -> bool:
     if before == world:
         return False
     try:
+        state.mkdir(parents=True, exist_ok=True)
         files = [r for p in _journals(state) for r in read_records(p) if r.get("t") == "file"]
         text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in files).encode()
         fsync_write(state / journal_name(0, world), text)

@@ -196,11 +196,8 @@ def _prepare(out: Path, identity: dict, opts: Options, world: int) -> resume.Jou
     ckpt = prepare_output(out, opts.overwrite, resume=resuming)
     if resuming:  # nothing may look complete while a resumed run works
         resume.uncommit(commit_markers(out))
-    journal = resume.Journal(out, identity, resume.journal_name(0, world))
-    if resume.set_world(out, ckpt, world):  # another number of ranks wrote it: committed files only
-        journal.close()
-        journal = resume.Journal(out, identity, resume.journal_name(0, world))
-    return journal
+    resume.set_world(out, ckpt, world)  # written by another number of ranks: its committed files only
+    return resume.Journal(out, identity, resume.journal_name(0, world))
 
 
 SMALL_CHUNK_BYTES = 1024**2  # below this, framing and per-chunk work dominate

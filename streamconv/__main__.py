@@ -1,3 +1,3 @@
-from streamconv.cli import main
+from streamconv.cli import run
 
-raise SystemExit(main())
+run()

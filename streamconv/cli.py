@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import errno
 import json
+import os
 import signal
 import sys
 
@@ -412,6 +413,29 @@ def main(argv: list[str] | None = None) -> int:
                                "lower --workers, or raise the limit", EXIT_IO)
         except Exception as e:  # a bug: keep the user's screen clean unless asked
             return _internal(args, e)
+
+
+def run() -> None:
+    """The program (``streamconv`` and ``python -m streamconv``): ``main``, then an exit that runs no
+    interpreter or C++ teardown. Every command has closed, synced and committed what it wrote by the time
+    ``main`` returns; a thread still inside native code then (a reader blocked in a read when a signal came,
+    torch's intra-op pool) would otherwise meet static destructors and abort the process with "terminate
+    called without an active exception" and exit 134 instead of the documented 130/143."""
+    try:
+        code = main()
+    except SystemExit as e:  # argparse's --help and usage errors
+        code = e.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        sys.stderr.write(f"{code}\n")
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)
 
 
 MIN_ADDRESS_SPACE = 768 * 1024**2  # measured: torch's import aborts (std::bad_alloc, exit 134) at 400 MB

@@ -5,12 +5,15 @@ subprocess it kills):
 
 - ``STREAMCONV_TEST_PAUSE=<point>[:<n>]``: the n-th time ``pause(point)`` is reached (default 1), create the
   file ``STREAMCONV_TEST_PAUSE_FILE`` and stop the whole process (SIGSTOP: no other thread goes on) until
-  it is killed. Points: ``chunk`` (a chunk written and journaled, formats/torch_dist_sink.py), ``metadata``
+  it is killed. Points: ``chunk`` (a chunk written and journaled, formats/torch_dist_sink.py; written into its shard,
+  formats/safetensors_sink.py; compared, commands/verify.py), ``metadata``
   (half of ``.metadata`` written to its temporary file), ``work`` (set up, before the engine's first chunk).
   With ``STREAMCONV_TEST_PAUSE_CONTINUE=1`` a SIGCONT lets it go on (a test changes something meanwhile).
 - ``STREAMCONV_TEST_RANK=<r>``: in a distributed run, the hooks act on rank ``r`` only.
 - ``STREAMCONV_TEST_SLOW=<seconds>``: ``slow(f)`` sleeps ``f`` times that (per chunk, once it is written),
   so a test can see a run at work before it signals it.
+- ``STREAMCONV_TEST_TINY_BUDGET=1``: ``--max-memory`` below 1 MiB is accepted (``commands/hf2mcore.check_budget``),
+  so a tiny test model splits into many chunks (tests/conftest.py sets it for every test).
 - ``STREAMCONV_TEST_STARTED=<file>``: ``started()`` creates that file (when the sink starts, before resuming),
   so a test times its kill from there rather than from the interpreter's start.
 """

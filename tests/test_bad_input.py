@@ -628,6 +628,24 @@ def test_a_tiny_budget_is_said_and_plan_refuses_what_the_conversion_refuses(tmp_
     assert "is below the" in planned
 
 
+@pytest.mark.parametrize("cmd", ["hf2mcore", "plan", "mcore2hf"])
+def test_a_budget_under_the_floor_is_refused_in_one_line(tmp_path, capsys, monkeypatch, cmd):
+    """Outside tests, --max-memory under 1 MiB is refused before anything is read or written (issue 14:
+    16 KiB made 205k chunks and a checkpoint 73% larger than the model)."""
+    from streamconv.cli import main as cli_main
+
+    monkeypatch.delenv("STREAMCONV_TEST_TINY_BUDGET", raising=False)
+    out = tmp_path / "out"
+    args = {"hf2mcore": ["--hf-model", str(tmp_path), "--megatron-path", str(out)],
+            "plan": ["--hf-model", str(tmp_path)],
+            "mcore2hf": ["--megatron-path", str(tmp_path), "--hf-path", str(out)]}[cmd]
+    capsys.readouterr()
+    assert cli_main([cmd, *args, "--max-memory", "16KiB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--max-memory 16.0 KiB is below the 1.0 MiB streamconv accepts" in err[0], err
+    assert not out.exists()
+
+
 def test_dtype_errors_and_help_speak_one_vocabulary(tmp_path, capsys):
     from streamconv.cli import build_parser, main as cli_main
 

@@ -466,3 +466,43 @@ def test_an_address_space_limit_gets_one_line_not_an_abort(src, tmp_path, limit_
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and ("ulimit" in lines[0]), r.stderr
     assert not (tmp_path / "out" / "iter_0000000" / ".metadata").exists()
+
+
+# ------------------------------------------------------------------------ 11. signals while threads work
+
+@pytest.fixture(scope="module")
+def many_items(src, tmp_path_factory) -> Path:
+    """A checkpoint of ~500 items: long enough to be stopped mid-way with reader threads busy."""
+    out = tmp_path_factory.mktemp("many") / "mcore"
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), "--max-memory", "8KiB",
+                 "--quiet"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("command", ["verify", "mcore2hf"])
+def test_a_signal_mid_run_ends_it_cleanly(src, many_items, tmp_path, command, sig):
+    """The signal arrives while the engine's threads are at work (the process is held at its 100th chunk,
+    signalled, then let go: progress, not the clock): exit 128+signal and one line, never an abort from a
+    thread still running at exit ("terminate called without an active exception", exit 134)."""
+    import signal
+
+    marker = tmp_path / "paused"
+    args = {"verify": ["--hf-model", src, "--megatron-path", many_items],
+            "mcore2hf": ["--megatron-path", many_items, "--hf-path", tmp_path / "hf"]}[command]
+    env = {**os.environ, "STREAMCONV_TEST_PAUSE": "chunk:100", "STREAMCONV_TEST_PAUSE_FILE": str(marker),
+           "STREAMCONV_TEST_PAUSE_CONTINUE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "streamconv", command, *map(str, args), "--max-memory", "8KiB",
+                             "--workers", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert marker.exists(), proc.communicate(timeout=60)[1]
+    signum = getattr(signal, sig)
+    proc.send_signal(signum)  # pending while the process is stopped; handled once it goes on
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("warning: --max-memory")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: interrupted by {sig}"), err
+    assert not (tmp_path / "hf" / "model.safetensors.index.json").exists()

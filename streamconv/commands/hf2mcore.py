@@ -149,7 +149,8 @@ class Options:
 def chunk_bytes_for(max_memory: int) -> int:
     """Chunks small enough that several (buffer, cast output, sink copy) fit the budget at once.
 
-    No floor: a tiny budget makes tiny chunks (at least one row each), which tests use to split every tensor.
+    No floor of its own: ``check_budget`` refuses budgets under ``MIN_MAX_MEMORY`` (tests lift that floor to
+    split a tiny model into many chunks).
     """
     return max(1, min(DEFAULT_CHUNK_BYTES, max_memory // 8))
 
@@ -201,14 +202,24 @@ def _prepare(out: Path, identity: dict, opts: Options, world: int) -> resume.Jou
 
 
 SMALL_CHUNK_BYTES = 1024**2  # below this, framing and per-chunk work dominate
+MIN_MAX_MEMORY = 1024**2  # the smallest --max-memory accepted: chunks of 128 KiB, framing under 1% of each
+TINY_BUDGET_HOOK = "STREAMCONV_TEST_TINY_BUDGET"  # tests split tiny models into many chunks (crashpoints.py)
 
 
-def small_budget_warning(max_memory: int, quiet: bool = False) -> None:
-    """A budget so small that chunks are tiny: allowed (tests split every tensor this way), but said."""
+def check_budget(max_memory: int, quiet: bool = False) -> None:
+    """A budget below ``MIN_MAX_MEMORY`` is refused (chunks of a few KiB, each a torch.save archive of its
+    own, would make the output larger than the model and the run slow); one that makes chunks under
+    ``SMALL_CHUNK_BYTES`` is allowed, and said. Tests lift the floor with ``STREAMCONV_TEST_TINY_BUDGET=1``."""
+    import os
+    import sys
+
     chunk = chunk_bytes_for(max_memory)
+    if max_memory < MIN_MAX_MEMORY and not os.environ.get(TINY_BUDGET_HOOK):
+        raise UsageError(f"--max-memory {engine.fmt_bytes(max_memory)} is below the {engine.fmt_bytes(MIN_MAX_MEMORY)} "
+                         f"streamconv accepts: it would make chunks of {engine.fmt_bytes(chunk)}, each framed as an "
+                         "archive of its own (~1 KiB), so the output would grow and the run crawl; pass "
+                         f"--max-memory {engine.fmt_bytes(8 * SMALL_CHUNK_BYTES)} or more")
     if chunk < SMALL_CHUNK_BYTES and not quiet:
-        import sys
-
         sys.stderr.write(f"warning: --max-memory {engine.fmt_bytes(max_memory)} makes chunks of at most "
                          f"{engine.fmt_bytes(chunk)}: each is a torch.save archive of its own (framing of ~1 KiB "
                          f"each) and a step of its own, so the output grows and the run slows; "
@@ -225,7 +236,7 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
     out = Path(megatron_path).expanduser()
     rank, world = (job.rank, job.world) if job is not None else (0, 1)
     leader = rank == 0
-    small_budget_warning(opts.max_memory, quiet=opts.quiet or not leader)
+    check_budget(opts.max_memory, quiet=opts.quiet or not leader)
     if job is None:
         s = _setup(hf_model, out, opts)
     else:

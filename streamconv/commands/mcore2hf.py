@@ -308,12 +308,12 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
 
     from streamconv import dist
 
-    from streamconv.commands.hf2mcore import small_budget_warning
+    from streamconv.commands.hf2mcore import check_budget
 
     out = Path(hf_path).expanduser()
     rank, world = (job.rank, job.world) if job is not None else (0, 1)
     leader = rank == 0
-    small_budget_warning(opts.max_memory, quiet=opts.quiet or not leader)
+    check_budget(opts.max_memory, quiet=opts.quiet or not leader)
     if job is None:
         e = _setup(megatron_path, out, opts)
     else:

@@ -15,7 +15,7 @@ from streamconv.progress import stdout_console
 
 from streamconv import engine
 from streamconv.errors import UsageError
-from streamconv.commands.hf2mcore import chunk_bytes_for, parse_dtype, resolve_hf_model, small_budget_warning
+from streamconv.commands.hf2mcore import check_budget, chunk_bytes_for, parse_dtype, resolve_hf_model
 from streamconv.models import rules
 from streamconv.models.config import load_config, spec_from_config
 from streamconv.plan import describe, import_plan
@@ -78,6 +78,7 @@ def _layer_of(key: str, index: tuple) -> int | None:
 
 
 def plan_command(args) -> int:
+    check_budget(args.max_memory, quiet=args.json or args.quiet)
     path = Path(args.hf_model).expanduser()
     if not path.is_file():  # a config.json file is used as is; folders and hub ids are resolved
         path = resolve_hf_model(args.hf_model, allow_patterns=["config.json"])
@@ -102,7 +103,6 @@ def plan_command(args) -> int:
     if summary["min_memory_bytes"] > args.max_memory:  # what hf2mcore refuses, plan refuses too
         raise UsageError(f"--max-memory {engine.fmt_bytes(args.max_memory)} is below the "
                          f"{engine.fmt_bytes(summary['min_memory_bytes'])} one chunk needs")
-    small_budget_warning(args.max_memory, quiet=args.json or args.quiet)
     per_layer = layer_rows(plan, shapes)
     by_key: dict[str, int] = {}
     for c in plan.chunks:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from streamconv import engine
+from streamconv import crashpoints, engine
 from streamconv.errors import EXIT_MISMATCH, BadInputError
 from streamconv.models import rules
 from streamconv.plan import Chunk, Plan, Read, Target, import_plan
@@ -94,6 +94,7 @@ class CompareSink:
                 if n != part.shape[d]:
                     part = part.narrow(d, o - o0, n)
             self._compare(chunk.key, tuple(offsets), tuple(sizes), part)
+        crashpoints.pause("chunk")
 
     def _compare(self, key: str, offsets: tuple, sizes: tuple, expected: torch.Tensor) -> None:
         where = f"{key} chunk at offsets {list(offsets)} sizes {list(sizes)}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from streamconv import crashpoints
 from streamconv.errors import BadInputError
 from streamconv.formats.safetensors import ShardWriter, read_header
 from streamconv.formats.atomic import fsync_dir, fsync_write
@@ -81,6 +82,7 @@ class SafetensorsSink:
             path = self.folder / shard_name(chunk.file, self.plan.num_files)
             self.writer = ShardWriter(path, self.entries[chunk.file], metadata=SHARD_METADATA)
         self.writer.write(chunk.key, tensor)
+        crashpoints.pause("chunk")
 
     def _finish_current(self) -> None:
         if self.writer is not None:

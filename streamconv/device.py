@@ -11,7 +11,8 @@ owns exactly its bytes (so a sink that serializes it never copies a larger base 
   and an async device->host copy back into the same slot (stream order makes that safe), then records an
   event; ``finish`` waits for the event, copies the bytes out of the slot and returns the slot to the
   pool. The GPU work of one chunk overlaps the reads and writes of others. Same bytes as the CPU path:
-  a dtype cast is the same IEEE round-to-nearest-even on both (NaN payloads aside).
+  a dtype cast is the same IEEE round-to-nearest-even on both (NaN payloads aside). A quantized weight's
+  float8 bytes come in raw and are dequantized on the device (``transforms.dequantize_on_device``).
 
 ``cost`` is what a chunk holds outside the stage's fixed ``reserved`` bytes.
 """
@@ -89,6 +90,7 @@ class CudaStage:
         self._free: queue.Queue = queue.Queue()
         for _ in range(slots):
             self._free.put(torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=pin))
+        self._scales: dict[int, torch.Tensor] = {}  # id(Scale) -> its values on the device (kept: small)
 
     def attach(self, memory) -> None:
         self.memory = memory
@@ -103,15 +105,34 @@ class CudaStage:
         job.slot = self._free.get(timeout=timeout)  # raises queue.Empty on timeout
         return _view(job.slot, job.shape, job.buf_dtype)
 
+    dequantizes = True  # a quantized weight's float8 bytes come in raw (engine.make_job); ``_transform``
+
+    def _scale(self, scale) -> torch.Tensor:
+        values = self._scales.get(id(scale))
+        if values is None:
+            values = self._scales[id(scale)] = scale.values.to(self.device)
+        return values
+
+    def _transform(self, job, dev_in: torch.Tensor) -> torch.Tensor:
+        """The cast, or the dequantization of each read's rows (``transforms.dequantize_on_device``)."""
+        if job.quant is None:
+            return dev_in.to(job.out_dtype)
+        from streamconv.transforms import dequantize_on_device
+
+        dev_out = torch.empty(dev_in.shape, dtype=job.out_dtype, device=self.device)
+        for row, n, scale, row0 in job.quant:
+            dequantize_on_device(dev_in[row:row + n], self._scale(scale), scale.block, row0, dev_out[row:row + n])
+        return dev_out
+
     def start(self, job):
         host_in = job.buf
         host_out = _view(job.slot, job.shape, job.out_dtype)
         if self.stream is None:  # the same sequence without CUDA (tests of this path on CPU)
-            host_out.copy_(host_in.to(self.device).to(job.out_dtype))
+            host_out.copy_(self._transform(job, host_in.to(self.device)))
             return host_out, None
         with torch.cuda.stream(self.stream):
             dev_in = host_in.to(self.device, non_blocking=True)
-            dev_out = dev_in.to(job.out_dtype)
+            dev_out = self._transform(job, dev_in)
             host_out.copy_(dev_out, non_blocking=True)  # into the same slot: after the H2D copy, in stream order
             done = torch.cuda.Event()
             done.record(self.stream)

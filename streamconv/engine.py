@@ -76,6 +76,7 @@ class Job:
     future: object = None
     raws: list = field(default_factory=list)  # buffers taken from Memory: cached again when the job is done
     slot: torch.Tensor | None = None  # CudaStage: the pinned slot the job is in
+    quant: list | None = None  # the stage dequantizes: scatter.quantized_reads' rows and scales
 
 
 def sink_overhead(sink, chunk: Chunk) -> int:
@@ -88,12 +89,15 @@ def make_job(plan: Plan, chunk: Chunk, source, sink=None, stage=None) -> Job:
     out_dtype = plan.targets[chunk.key].dtype
     shape = scatter.buffer_shape(chunk)
     src = scatter.read_dtype(source, chunk) or out_dtype  # mixed or unknown: each read is cast on copy
+    quant = scatter.quantized_reads(source, chunk) if getattr(stage, "dequantizes", False) else None
+    if quant is not None:  # the raw float8 bytes are read; the stage dequantizes them where it casts
+        src, quant = quant
     extra = 0
     if not scatter.direct(source):  # each read comes back as a tensor of its own before it is copied
         extra = max((source.read_nbytes(r) for r in chunk.reads), default=0)
     src_bytes = shape[0] * shape[1] * src.itemsize
     cost = (stage or CpuStage()).cost(src_bytes, chunk.nbytes, src == out_dtype) + extra + sink_overhead(sink, chunk)
-    return Job(chunk, shape, src, out_dtype, cost)
+    return Job(chunk, shape, src, out_dtype, cost, quant=quant)
 
 
 def chunk_cost(plan: Plan, chunk: Chunk, source, sink=None) -> int:

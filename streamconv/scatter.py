@@ -54,6 +54,24 @@ def read_dtype(source, chunk: Chunk) -> torch.dtype | None:
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
+def quantized_reads(source, chunk: Chunk) -> tuple[torch.dtype, list[tuple[int, int, object, int]]] | None:
+    """For a stage that dequantizes where it casts (``device.CudaStage``): the float8 dtype the reads are
+    stored in, and per read (first row in the buffer, rows, its ``formats.quantized.Scale``, first row in
+    the weight), when every read of ``chunk`` is a whole-weight read of a quantized weight of one float8
+    dtype; else None (the reads are dequantized on the CPU, by ``read_rows``)."""
+    dequant = getattr(source, "dequant", None)
+    if not dequant or not all(r.name in dequant and not r.index for r in chunk.reads):
+        return None
+    dtypes = {source.info(r.name).dtype for r in chunk.reads}
+    if len(dtypes) != 1:
+        return None
+    out, row = [], 0
+    for r in chunk.reads:
+        out.append((row, r.row1 - r.row0, dequant[r.name], r.row0))
+        row += r.row1 - r.row0
+    return dtypes.pop(), out
+
+
 def row_blocks(chunk: Chunk, buf: torch.Tensor) -> list[tuple[Read, torch.Tensor]]:
     """Each read with the rows of ``buf`` (a ``buffer_shape`` tensor) it fills."""
     out, row = [], 0
@@ -93,8 +111,9 @@ class FileScatter:
         return self.source.extent(r.name, r.row0, r.row1, r.index)
 
     def __call__(self, chunk: Chunk, buf: torch.Tensor) -> None:
-        if buf.dtype != read_dtype(self.source, chunk) or any(r.name in self.source.dequant for r in chunk.reads):
-            return copy_reads(self.source, chunk, buf)  # cast on copy; a quantized weight dequantized
+        stored = {self.source.info(r.name).dtype for r in chunk.reads}
+        if stored != {buf.dtype}:  # cast on copy; a quantized weight dequantized (unless the stage does it)
+            return copy_reads(self.source, chunk, buf)
         raw = buf.reshape(-1).view(torch.uint8).numpy()
         pieces = []  # (path, offset, length, destination byte offset)
         dst = 0

@@ -148,18 +148,32 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]
     f32 = torch.from_numpy(_values_of(values.dtype))
     if block is None and scale.dim() == 0:
         return _lookup((f32 * scale).to(out_dtype), values, out)
-    x = _lookup(f32, values, work)
-    n, cols = x.shape
-    if block is None:
-        x.mul_(scale[row0:row0 + n].unsqueeze(1))
-    else:
-        b0, b1 = block
-        by_row = scale.index_select(0, torch.arange(row0, row0 + n) // b0)  # [n, col blocks]
-        whole = cols // b1
-        if whole:
-            x[:, :whole * b1].view(n, whole, b1).mul_(by_row[:, :whole].unsqueeze(2))
-        if cols % b1:
-            x[:, whole * b1:].mul_(by_row[:, whole:whole + 1])
+    x = _scaled(_lookup(f32, values, work), scale, block, row0)
     if out_dtype == torch.float32:
         return x if out is None else out.copy_(x)
     return x.to(out_dtype) if out is None else out.copy_(x)
+
+
+def _scaled(x: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None, row0: int) -> torch.Tensor:
+    """``x`` (float32 ``[n, cols]``: rows ``[row0, row0 + n)``) multiplied in place by its scales."""
+    n, cols = x.shape
+    if block is None:
+        return x.mul_(scale if scale.dim() == 0 else scale[row0:row0 + n].unsqueeze(1))
+    b0, b1 = block
+    by_row = scale.index_select(0, torch.arange(row0, row0 + n, device=scale.device) // b0)  # [n, col blocks]
+    whole = cols // b1
+    if whole:
+        x[:, :whole * b1].view(n, whole, b1).mul_(by_row[:, :whole].unsqueeze(2))
+    if cols % b1:
+        x[:, whole * b1:].mul_(by_row[:, whole:whole + 1])
+    return x
+
+
+def dequantize_on_device(values: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None, row0: int,
+                         out: torch.Tensor) -> torch.Tensor:
+    """``dequantize`` with tensor operations only, where ``values`` (float8 ``[n, cols]``), ``scale`` and
+    ``out`` (``[n, cols]`` of the output dtype) live: the CUDA stage's form (``device.CudaStage``). The same
+    bits as the table look-ups: the float8 -> float32 conversion is exact, the product is one float32
+    multiplication, and the cast rounds to nearest even on every device."""
+    x = _scaled(values.to(torch.float32), scale, block, row0)
+    return out.copy_(x)

@@ -212,3 +212,62 @@ def test_dequantize_is_the_float32_product_rounded_once(kind, dtype):
     want = (w.float() * full).to(dtype)
     bits = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
     assert got.dtype == dtype and torch.equal(got.view(bits), want.view(bits))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_the_cuda_stage_dequantizes_with_the_cpus_bits(tmp_path, name):
+    """The CUDA stage (its code path run on the CPU: slots without pinning, no stream) is handed the raw
+    float8 bytes and dequantizes them where it casts (``transforms.dequantize_on_device``, tensor operations
+    only); every chunk equals the CPU's table look-ups bit for bit, QKV and gate/up fusions included."""
+    from streamconv import engine
+    from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for, open_source
+    from streamconv.device import CudaStage
+    from streamconv.models.config import load_config, spec_from_config
+    from streamconv.virtual import DigestSink
+
+    src = make_checkpoint(tmp_path / "hf", llama_config(**LLAMA), seed=2, shards=2, dtype=torch.bfloat16)
+    fp8 = quantize_checkpoint(src, tmp_path / "fp8", **METHODS[name])
+    cfg = load_config(fp8)
+    digests = []
+    for cuda_path in (False, True):
+        source = open_source(fp8, cfg)
+        try:
+            plan = build_plan(source, spec_from_config(cfg), None, chunk_bytes_for(256 << 10))
+            stage, budget = None, 256 << 10
+            if cuda_path:
+                jobs = [engine.make_job(plan, c, source) for c in plan.chunks]
+                slot = max(j.shape[0] * j.shape[1] * max(j.buf_dtype.itemsize, j.out_dtype.itemsize) for j in jobs)
+                stage = CudaStage("cpu", slot, 3, pin=False)
+                budget += stage.reserved
+                raw = [engine.make_job(plan, c, source, stage=stage) for c in plan.chunks]
+                assert sum(j.quant is not None and j.buf_dtype == torch.float8_e4m3fn for j in raw) > 2 * 7
+            sink = DigestSink(plan, source, verify_every=1)
+            engine.run(plan, source, sink, max_memory=budget, workers=2, stage=stage)
+        finally:
+            source.close()
+        assert sink.verified == len(plan.chunks) and not sink.mismatches, sink.mismatches[:3]
+        digests.append(sink.crc)
+        if cuda_path:
+            assert len(stage._scales) == 2 * 7  # every quantized weight's scale went to the device once
+    assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("kind", ["tensor", "row", "blocks", "partial-blocks"])
+def test_dequantize_on_device_has_the_table_look_ups_bits(kind):
+    """Every float8 code (NaNs included), rows starting mid-tensor, blocks that do not divide the shape."""
+    import math
+
+    from streamconv.transforms import dequantize, dequantize_on_device
+
+    g = torch.Generator().manual_seed(1)
+    rows, cols, row0 = 37, 300, 5
+    codes = torch.randint(0, 256, (rows, cols), generator=g, dtype=torch.uint8)
+    codes[0, :256] = torch.arange(256, dtype=torch.uint8)
+    w = codes.view(torch.float8_e4m3fn)
+    block = {"blocks": (8, 100), "partial-blocks": (3, 11)}.get(kind)
+    scale = {"tensor": torch.tensor(0.0173), "row": torch.rand(rows + row0, generator=g)}.get(
+        kind, torch.rand(math.ceil((rows + row0) / (block or (1, 1))[0]), math.ceil(cols / (block or (1, 1))[1]),
+                         generator=g))
+    for dtype, bits in [(torch.bfloat16, torch.int16), (torch.float16, torch.int16), (torch.float32, torch.int32)]:
+        got = dequantize_on_device(w, scale, block, row0, torch.empty(rows, cols, dtype=dtype))
+        assert torch.equal(got.view(bits), dequantize(w, scale, block, row0, dtype).view(bits)), dtype

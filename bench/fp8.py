@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """The cost of dequantizing FP8 inputs: ``hf2mcore`` of an FP8 checkpoint against the same model in bf16.
 
-    python bench/fp8.py [--size 3] [--methods FP8,FP8_PB_WO] [--rounds 3] [--where tmpfs]
+    python bench/fp8.py [--size 3] [--methods FP8,FP8_PB_WO] [--rounds 3] [--where tmpfs] [--device cuda]
 
 The bf16 model of ``--size`` GB (bench/_common.py's family) is quantized once per method the way Model
 Optimizer exports it (``streamconv.synth.quantize_checkpoint``: float8 weights, float32 scales) and kept
 beside it. Alternating, for ``--rounds`` rounds: ``cp -r`` of the bf16 folder, ``hf2mcore`` of the bf16
 folder and of each FP8 folder (all three write the same bf16 checkpoint size). Medians of the conversion's
 own ``seconds``, CPU seconds (user + sys) per GB written, and the engine's phases (``cast`` is the
-dequantization for FP8).
+dequantization for FP8). ``--device cuda`` passes that to every conversion (the dequantization then runs on
+the GPU); compare with a run without it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--where", default="tmpfs", choices=["tmpfs", "disk"])
     ap.add_argument("--workdir", help="where models are generated and kept (default: a folder under /var/tmp)")
+    ap.add_argument("--device", default="cpu", help="--device for every conversion (default cpu)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
             q.with_suffix(".partial").rename(q)
         sources[m] = q
     work = Path(tempfile.mkdtemp(prefix="streamconv-fp8-", dir="/dev/shm")) if args.where == "tmpfs" else disk
-    report = {"machine": c.machine(), "size_gb": args.size, "where": args.where}
+    report = {"machine": c.machine(), "size_gb": args.size, "where": args.where, "device": args.device}
     try:
         if args.where == "tmpfs":
             sources = {k: Path(shutil.copytree(v, work / v.name)) for k, v in sources.items()}
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
             rows["cp -r"].append(run(["cp", "-r", str(sources["bf16"]), str(work / "cp")]))
             c.rmtree(work / "cp")
             for name, src in sources.items():
-                rows[name].append(run(hf2mcore(src, work / "out")))
+                rows[name].append(run(hf2mcore(src, work / "out", "--device", args.device)))
                 c.rmtree(work / "out")
         gb = rows["bf16"][0]["summary"]["bytes"] / 1e9
         report["cp_wall"] = round(c.median([r["wall"] for r in rows["cp -r"]]), 2)

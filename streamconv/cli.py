@@ -338,12 +338,13 @@ def cmd_demo(args) -> int:
 
 
 def _check_device(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
     if not device.startswith(("cpu", "cuda")):
         raise UsageError(f"--device {device}: choose cpu or cuda")
+    if device.startswith("cuda"):  # (torch only then: a CPU conversion may not need it at all)
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
 
 
 def _amount(summary: dict) -> str:

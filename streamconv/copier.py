@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from streamconv import pagecache
 from streamconv.checksum import crc32
@@ -67,7 +66,7 @@ def usable(source, sink, device: str) -> bool:
     """Whether the direct path serves: a safetensors source, a sink that places chunks, the CPU."""
     from streamconv.formats.safetensors import SafetensorsSource
 
-    return isinstance(source, SafetensorsSource) and hasattr(sink, "place") and torch.device(device).type == "cpu"
+    return isinstance(source, SafetensorsSource) and hasattr(sink, "place") and str(device).split(":")[0] == "cpu"
 
 
 def piece_bytes(max_memory: int, workers: int) -> int:
@@ -92,7 +91,7 @@ class _Worker:
         self.phases = Phases()
         self._f32 = self._wide = None  # dequantization buffers (_dequant_buffers), made on first use
 
-    def copy(self, chunk: Chunk, out_dtype: torch.dtype, place: Placement, stop: threading.Event) -> int:
+    def copy(self, chunk: Chunk, out_dtype, place: Placement, stop: threading.Event) -> int:
         """Copy ``chunk``'s reads to ``place``; returns the CRC-32 of the bytes written."""
         crc, pos = 0, 0
         behind = pagecache.WriteBehind(place.fd, start=place.offset)
@@ -119,9 +118,11 @@ class _Worker:
                 pagecache.drop(fd, at, len(src))
                 t1 = time.perf_counter()
                 data = src
-                if cast:
-                    dst = torch.from_numpy(self.out[: e * out_item]).view(out_dtype)
-                    dst.copy_(torch.from_numpy(self.src[: e * src_item]).view(src_dtype))
+                if cast:  # torch's rounding (imported only by a conversion that casts)
+                    import torch
+
+                    dst = torch.from_numpy(self.out[: e * out_item]).view(out_dtype.torch)
+                    dst.copy_(torch.from_numpy(self.src[: e * src_item]).view(src_dtype.torch))
                     data = memoryview(self.out)[: e * out_item]
                 crc, pos = self._emit(data, place, behind, crc, pos, t0, t1)
         if pos != chunk.nbytes:
@@ -131,8 +132,11 @@ class _Worker:
     def _dequantize(self, r, scale, out_dtype, place: Placement, behind, stop, crc: int, pos: int) -> tuple[int, int]:
         """A quantized weight's rows: whole rows per piece (a block scale's column blocks need the row),
         read as float8, dequantized to ``out_dtype`` (``transforms.dequantize``), checksummed and written."""
+        import torch
+
         from streamconv.transforms import dequantize
 
+        out_dtype = out_dtype.torch
         path, off, n = self.source.extent(r.name, r.row0, r.row1, r.index)
         info = self.source.info(r.name)
         cols = math.prod(info.shape[1:])
@@ -148,7 +152,7 @@ class _Worker:
             self._read(fd, path, memoryview(raw)[: k * cols], at)
             pagecache.drop(fd, at, k * cols)
             t1 = time.perf_counter()
-            values = torch.from_numpy(raw[: k * cols]).view(info.dtype).view(k, cols)
+            values = torch.from_numpy(raw[: k * cols]).view(info.dtype.torch).view(k, cols)
             out, work = self._dequant_buffers(k * cols, out_dtype)
             out = dequantize(values, scale.values, scale.block, row, out_dtype, out.view(k, cols), work.view(k, cols))
             crc, pos = self._emit(memoryview(out.reshape(-1).view(torch.uint8).numpy()), place, behind, crc, pos, t0, t1)
@@ -174,9 +178,11 @@ class _Worker:
         ph.write += t4 - t3
         return crc, pos
 
-    def _dequant_buffers(self, n: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` elements of ``out_dtype`` and of float32, kept for the next pieces (fresh pages cost a
-        fault each)."""
+    def _dequant_buffers(self, n: int, out_dtype):
+        """``n`` elements of ``out_dtype`` (a torch dtype) and of float32, kept for the next pieces (fresh
+        cost a fault each)."""
+        import torch
+
         if self._f32 is None or self._f32.numel() < n:
             self._f32 = torch.empty(n, dtype=torch.float32)
             self._wide = torch.empty(n * 4, dtype=torch.uint8)

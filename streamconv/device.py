@@ -21,19 +21,20 @@ from __future__ import annotations
 
 import queue
 
-import torch
-
+from streamconv import dtypes
 from streamconv.errors import UsageError
 
 
-def _view(raw: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+def _view(raw, shape, dtype):
+    """``raw`` (a uint8 tensor) as a ``shape`` tensor of ``dtype`` (a DType or a torch dtype)."""
     n = 1
     for s in shape:
         n *= s
-    return raw[: n * dtype.itemsize].view(dtype).view(shape)
+    dtype = dtypes.of(dtype)
+    return raw[: n * dtype.itemsize].view(dtype.torch).view(shape)
 
 
-def _nbytes(shape, dtype: torch.dtype) -> int:
+def _nbytes(shape, dtype) -> int:
     n = dtype.itemsize
     for s in shape:
         n *= s
@@ -43,7 +44,7 @@ def _nbytes(shape, dtype: torch.dtype) -> int:
 class CpuStage:
     """Buffers from the engine's ``Memory`` (reused, exact size); the cast is a copy into a second one."""
 
-    device = torch.device("cpu")
+    device = "cpu"
     reserved = 0
     memory = None
 
@@ -62,7 +63,7 @@ class CpuStage:
         return _view(raw, job.shape, job.buf_dtype)
 
     def start(self, job):
-        if job.buf.dtype == job.out_dtype:
+        if job.buf.dtype == job.out_dtype:  # (a torch dtype against a DType: equal by name)
             return job.buf
         raw = self.memory.take(_nbytes(job.shape, job.out_dtype))
         job.raws.append(raw)
@@ -81,6 +82,8 @@ class CudaStage:
     """Pinned slots of ``slot_bytes`` (the largest chunk buffer), ``slots`` of them, reserved up front."""
 
     def __init__(self, device: str, slot_bytes: int, slots: int, pin: bool = True):
+        import torch
+
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # torch's pinned (caching host) allocator rounds every block up to a power of two: count that
@@ -115,16 +118,20 @@ class CudaStage:
 
     def _transform(self, job, dev_in: torch.Tensor) -> torch.Tensor:
         """The cast, or the dequantization of each read's rows (``transforms.dequantize_on_device``)."""
+        import torch
+
         if job.quant is None:
-            return dev_in.to(job.out_dtype)
+            return dev_in.to(dtypes.of(job.out_dtype).torch)
         from streamconv.transforms import dequantize_on_device
 
-        dev_out = torch.empty(dev_in.shape, dtype=job.out_dtype, device=self.device)
+        dev_out = torch.empty(dev_in.shape, dtype=dtypes.of(job.out_dtype).torch, device=self.device)
         for row, n, scale, row0 in job.quant:
             dequantize_on_device(dev_in[row:row + n], self._scale(scale), scale.block, row0, dev_out[row:row + n])
         return dev_out
 
     def start(self, job):
+        import torch
+
         host_in = job.buf
         host_out = _view(job.slot, job.shape, job.out_dtype)
         if self.stream is None:  # the same sequence without CUDA (tests of this path on CPU)
@@ -158,6 +165,8 @@ class CudaStage:
 
 def make_stage(device: str, slot_bytes: int, budget: int, largest_cost: int, workers: int):
     """The stage for ``device``; a CUDA stage gets as many slots as the budget allows (2 to workers+2)."""
+    import torch
+
     dev = torch.device(device)
     if dev.type == "cpu":
         return CpuStage()

@@ -26,9 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
-
-from streamconv import copier, scatter
+from streamconv import copier, dtypes, scatter
 from streamconv.copier import Phases
 from streamconv.device import CpuStage, make_stage
 from streamconv.errors import UsageError
@@ -69,8 +67,8 @@ class Stats:
 class Job:
     chunk: Chunk
     shape: tuple[int, int]  # the buffer: [rows, row_elems]
-    buf_dtype: torch.dtype  # what the reads are stored in (or the output dtype for generic sources)
-    out_dtype: torch.dtype
+    buf_dtype: dtypes.DType  # what the reads are stored in (or the output dtype for generic sources)
+    out_dtype: dtypes.DType
     cost: int
     buf: torch.Tensor | None = None
     future: object = None
@@ -86,7 +84,7 @@ def sink_overhead(sink, chunk: Chunk) -> int:
 
 
 def make_job(plan: Plan, chunk: Chunk, source, sink=None, stage=None) -> Job:
-    out_dtype = plan.targets[chunk.key].dtype
+    out_dtype = dtypes.of(plan.targets[chunk.key].dtype)
     shape = scatter.buffer_shape(chunk)
     src = scatter.read_dtype(source, chunk) or out_dtype  # mixed or unknown: each read is cast on copy
     quant = scatter.quantized_reads(source, chunk) if getattr(stage, "dequantizes", False) else None
@@ -209,7 +207,7 @@ def run(plan: Plan, source, sink, *, max_memory: int = DEFAULT_MAX_MEMORY, worke
     limit_malloc_retention()
     sink_reserved = getattr(sink, "reserved_memory", 0)
     chunks = plan.chunks
-    if stage is None and torch.device(device).type == "cpu":
+    if stage is None and str(device).split(":")[0] == "cpu":
         stage = CpuStage()
     elif stage is None:  # a CUDA stage sizes its pinned slots for the largest chunk buffer
         jobs = [make_job(plan, c, source, sink) for c in chunks]

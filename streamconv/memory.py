@@ -13,8 +13,6 @@ from __future__ import annotations
 import collections
 import threading
 
-import torch
-
 
 class Memory:
     """``used`` (accounted to chunks) + ``cached`` (free buffers) <= ``limit``, thread-safe."""
@@ -55,6 +53,8 @@ class Memory:
                 if not free:
                     del self._free[nbytes]
                 return t
+        import torch
+
         return torch.empty(nbytes, dtype=torch.uint8)
 
     def release(self, n: int, keep=()) -> None:

@@ -12,12 +12,12 @@ import math
 import re
 from dataclasses import dataclass, field
 
-import torch
-
+from streamconv import dtypes
+from streamconv.dtypes import DType
 from streamconv.errors import BadInputError
 from streamconv.models import rules
 from streamconv.models.spec import ModelSpec
-from streamconv.transforms import fused_rows_for_source, fused_rows_of, layout_segments, sources_for_fused_rows
+from streamconv.layout import fused_rows_for_source, fused_rows_of, layout_segments, sources_for_fused_rows
 
 DEFAULT_CHUNK_BYTES = 64 * 1024**2
 DEFAULT_FILE_BYTES = 512 * 1024**2
@@ -58,11 +58,11 @@ class Chunk:
 class Target:
     key: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
@@ -98,8 +98,8 @@ class Plan:
         return dataclasses.replace(self, chunks=[c for c in self.chunks if c.file in files])
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def _itemsize(dtype) -> int:
+    return dtypes.of(dtype).itemsize
 
 
 def row_blocks(rows: int, row_bytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
@@ -112,8 +112,7 @@ def row_blocks(rows: int, row_bytes: int, chunk_bytes: int) -> list[tuple[int, i
 # a weight stored next to one of these is not the weight until it is scaled.
 QUANT_COMPANION = re.compile(r"(^|\.)(weight_scale(_inv|_2)?|input_scale|k_scale|v_scale|input_global_scale|"
                              r"weight_global_scale|weight_zero_point|weight_packed|qweight|qzeros|scales)$")
-FLOAT8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-          if hasattr(torch, n)}
+FLOAT8 = dtypes.FLOAT8
 
 
 def check_quantization(spec: ModelSpec, infos: dict, quant=None) -> None:
@@ -124,7 +123,7 @@ def check_quantization(spec: ModelSpec, infos: dict, quant=None) -> None:
     known = quant.companions if quant is not None else set()
     scaled = quant.scales if quant is not None else {}
     companions = sorted(n for n in infos if QUANT_COMPANION.search(n) and n not in known)
-    fp8 = sorted(n for n in expected if n in infos and infos[n].dtype in FLOAT8 and n not in scaled)
+    fp8 = sorted(n for n in expected if n in infos and dtypes.of(infos[n].dtype) in FLOAT8 and n not in scaled)
     if companions or fp8:
         first = companions[0] if companions else fp8[0]
         where = getattr(infos[first], "path", None)
@@ -165,8 +164,8 @@ def check_source(spec: ModelSpec, infos: dict, allow_unused: bool = False, quant
 
 def import_plan(
     spec: ModelSpec,
-    src_dtypes: dict[str, torch.dtype],
-    out_dtype: torch.dtype | None = None,
+    src_dtypes: dict[str, DType],
+    out_dtype: DType | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     file_bytes: int = DEFAULT_FILE_BYTES,
 ) -> Plan:
@@ -175,14 +174,15 @@ def import_plan(
     ``src_dtypes`` maps HF names to their stored dtype; with ``out_dtype=None`` each output keeps the
     dtype of its sources (bit-exact), otherwise it is cast.
     """
+    out_dtype = dtypes.maybe(out_dtype)
     targets: dict[str, Target] = {}
     chunks: list[Chunk] = []
     file, file_fill = 0, 0
     for b in rules.bindings(spec):
-        dtypes = {src_dtypes[t.name] for t in b.hf}
-        if out_dtype is None and len(dtypes) > 1:
-            raise BadInputError(f"{b.key}: its sources have different dtypes {sorted(map(str, dtypes))}; pass --dtype")
-        dtype = out_dtype or dtypes.pop()
+        kinds = {dtypes.of(src_dtypes[t.name]) for t in b.hf}
+        if out_dtype is None and len(kinds) > 1:
+            raise BadInputError(f"{b.key}: its sources have different dtypes {sorted(map(str, kinds))}; pass --dtype")
+        dtype = out_dtype or kinds.pop()
         target = targets.setdefault(b.key, Target(b.key, b.global_shape, dtype))
         if target.dtype != dtype:
             raise BadInputError(f"{b.key}: layers have different dtypes ({target.dtype} vs {dtype}); pass --dtype")
@@ -204,8 +204,8 @@ def import_plan(
 
 def export_plan(
     spec: ModelSpec,
-    mcore_dtypes: dict[str, torch.dtype],
-    out_dtype: torch.dtype | None = None,
+    mcore_dtypes: dict[str, DType],
+    out_dtype: DType | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Plan:
@@ -216,11 +216,12 @@ def export_plan(
     ``chunk.file`` is the safetensors shard: whole tensors, in plan order, a new shard when the next tensor
     would take the current one past ``shard_bytes`` (as HF's ``save_pretrained(max_shard_size=...)``).
     """
+    out_dtype = dtypes.maybe(out_dtype)
     targets: dict[str, Target] = {}
     chunks: list[Chunk] = []
     shard, shard_fill = 0, 0
     for b in rules.bindings(spec):
-        src_dtype = mcore_dtypes[b.key]
+        src_dtype = dtypes.of(mcore_dtypes[b.key])
         dtype = out_dtype or src_dtype
         segs = layout_segments(b.layout, [t.shape[0] for t in b.hf], b.heads_per_group, b.head_dim)
         for j, t in enumerate(b.hf):

@@ -18,9 +18,7 @@ import math
 import os
 from typing import Callable
 
-import torch
-
-from streamconv import pagecache
+from streamconv import dtypes, pagecache
 from streamconv.errors import BadInputError
 from streamconv.plan import Chunk, Read
 
@@ -38,23 +36,23 @@ def buffer_shape(chunk: Chunk) -> tuple[int, int]:
     return (rows, numel // rows) if rows else (0, 0)
 
 
-def source_dtype(source, name: str) -> torch.dtype | None:
+def source_dtype(source, name: str) -> dtypes.DType | None:
     if name in getattr(source, "dequant", ()):  # a quantized weight reads as its float32 value
-        return torch.float32
+        return dtypes.FLOAT32
     info = getattr(source, "info", None)
     if info is None:
         dtype_of = getattr(source, "dtype_of", None)
-        return dtype_of(name) if dtype_of is not None else None
-    return info(name).dtype
+        return dtypes.maybe(dtype_of(name)) if dtype_of is not None else None
+    return dtypes.of(info(name).dtype)
 
 
-def read_dtype(source, chunk: Chunk) -> torch.dtype | None:
+def read_dtype(source, chunk: Chunk) -> dtypes.DType | None:
     """The dtype every read of ``chunk`` is stored in; None when they differ or the source cannot say."""
     dtypes = {source_dtype(source, r.name) for r in chunk.reads}
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
-def quantized_reads(source, chunk: Chunk) -> tuple[torch.dtype, list[tuple[int, int, object, int]]] | None:
+def quantized_reads(source, chunk: Chunk) -> tuple[dtypes.DType, list[tuple[int, int, object, int]]] | None:
     """For a stage that dequantizes where it casts (``device.CudaStage``): the float8 dtype the reads are
     stored in, and per read (first row in the buffer, rows, its ``formats.quantized.Scale``, first row in
     the weight), when every read of ``chunk`` is a whole-weight read of a quantized weight of one float8
@@ -112,8 +110,10 @@ class FileScatter:
 
     def __call__(self, chunk: Chunk, buf: torch.Tensor) -> None:
         stored = {self.source.info(r.name).dtype for r in chunk.reads}
-        if stored != {buf.dtype}:  # cast on copy; a quantized weight dequantized (unless the stage does it)
+        if stored != {dtypes.of(buf.dtype)}:  # cast on copy; a quantized weight dequantized (unless the stage does it)
             return copy_reads(self.source, chunk, buf)
+        import torch
+
         raw = buf.reshape(-1).view(torch.uint8).numpy()
         pieces = []  # (path, offset, length, destination byte offset)
         dst = 0

@@ -19,6 +19,8 @@ import zlib
 
 import torch
 
+from streamconv.dtypes import to_torch
+
 from streamconv.models import rules
 from streamconv.models.spec import ModelSpec
 from streamconv.plan import Chunk, Read
@@ -116,7 +118,7 @@ class DigestSink:
         self.crc = zlib.crc32(data, self.crc)
         if self.sampled(chunk):
             parts = [self.source.read_rows(r.name, r.row0, r.row1, r.index) for r in chunk.reads]
-            ref = torch.cat(parts).to(self.plan.targets[chunk.key].dtype).reshape(chunk.sizes)
+            ref = torch.cat(parts).to(to_torch(self.plan.targets[chunk.key].dtype)).reshape(chunk.sizes)
             bits = _INT[ref.element_size()]
             if ref.shape != tensor.shape or not torch.equal(ref.view(bits), tensor.view(bits)):
                 self.mismatches.append(f"{chunk.key} at {list(chunk.offsets)}")

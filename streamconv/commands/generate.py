@@ -156,7 +156,8 @@ def generate(args) -> dict:
         cfg = model_config(ckpt, args.hf_model)[0]
     spec_from_config(cfg)  # refuses what streamconv does not know, in one line
     device = args.device
-    dtype = parse_dtype(args.dtype) or parse_dtype("fp32" if device == "cpu" else str(cfg.get("torch_dtype", "bf16")))
+    dtype = (parse_dtype(args.dtype) or parse_dtype("fp32" if device == "cpu" else str(cfg.get("torch_dtype", "bf16")))
+             ).torch
     tp = args.tp
     job = dist.current()
     world = job.world if job is not None else 1

@@ -8,15 +8,12 @@ Output layout, as Megatron-Bridge's import writes it::
 
 from __future__ import annotations
 
-import io
 import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from streamconv import crashpoints, engine, outdir, resume, rss
+from streamconv import crashpoints, dtypes, engine, outdir, resume, rss
 from streamconv.errors import BadInputError, OutputError, UsageError, output_error
 from streamconv.formats import run_config
 from streamconv.formats.safetensors import SafetensorsSource
@@ -31,9 +28,9 @@ ITER_DIR = "iter_0000000"
 TRACKER = "latest_checkpointed_iteration.txt"
 
 DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": dtypes.BFLOAT16, "bfloat16": dtypes.BFLOAT16,
+    "fp16": dtypes.FLOAT16, "float16": dtypes.FLOAT16, "half": dtypes.FLOAT16,
+    "fp32": dtypes.FLOAT32, "float32": dtypes.FLOAT32, "float": dtypes.FLOAT32,
 }
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 # Files of the HF folder that Bridge's import keeps beside the checkpoint (``iter_0000000/tokenizer/``).
@@ -45,7 +42,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DTYPE_CHOICES = "choose bf16, fp16 or fp32 (also spelled bfloat16, float16, float32), or auto (keep the source's)"
 
 
-def parse_dtype(name: str | None) -> torch.dtype | None:
+def parse_dtype(name: str | None) -> dtypes.DType | None:
     if name is None or name == "auto":
         return None
     try:
@@ -103,7 +100,7 @@ def prepare_output(out: Path, overwrite: bool, resume: bool = False) -> Path:
     return ckpt
 
 
-def build_plan(source: SafetensorsSource, spec: ModelSpec, dtype: torch.dtype | None,
+def build_plan(source: SafetensorsSource, spec: ModelSpec, dtype: dtypes.DType | None,
                chunk_bytes: int, allow_unused: bool = False, file_bytes: int = DEFAULT_FILE_BYTES) -> Plan:
     quant = getattr(source, "quant", None)
     check_source(spec, source.tensors, allow_unused=allow_unused, quant=quant)
@@ -380,16 +377,25 @@ def write_bridge_files(folder: Path, out: Path, ckpt: Path, spec: ModelSpec, pla
     source = str(folder.resolve()) if Path(hf_model).expanduser().exists() else hf_model
     text = run_config.for_spec(spec, plan, save_dir=str(out.resolve()), hf_source=source)
     fsync_write(ckpt / run_config.RUN_CONFIG_FILE, text.encode())
-    buf = io.BytesIO()
-    torch.save({k: torch.tensor(v, dtype=getattr(torch, d)) for k, (v, d) in run_config.train_state_tensors(0).items()},
-               buf)
-    fsync_write(ckpt / run_config.TRAIN_STATE_FILE, buf.getvalue())
+    fsync_write(ckpt / run_config.TRAIN_STATE_FILE, train_state_bytes())
     carry_config(folder, ckpt)
     present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
     if present:
         (ckpt / "tokenizer").mkdir(exist_ok=True)
         for name in present:
             fsync_write(ckpt / "tokenizer" / name, (folder / name).read_bytes())
+
+
+def train_state_bytes(step: int = 0) -> bytes:
+    """``train_state.pt``: ``torch.save`` of Bridge's dict of 0-d tensors (``formats/torch_save.py``)."""
+    import struct
+
+    from streamconv.formats import torch_save
+
+    state = run_config.train_state_tensors(step)
+    refs = {k: torch_save.TensorRef((), dtypes.of(d)) for k, (_, d) in state.items()}
+    packing = {"int64": "<q", "float32": "<f", "bool": "<?"}
+    return torch_save.save_bytes(refs, [struct.pack(packing[d], v) for v, d in state.values()])
 
 
 HF_CONFIG_DIR = "hf_config"  # the source's config.json, kept beside the checkpoint (mcore2hf gives it back)

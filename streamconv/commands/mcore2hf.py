@@ -25,7 +25,7 @@ from pathlib import Path
 from streamconv import engine, outdir
 from streamconv.errors import BadInputError, OutputError, UsageError, output_error
 from streamconv.formats import run_config_reader
-from streamconv.formats.safetensors import DTYPE_NAMES
+from streamconv import dtypes
 from streamconv.formats.safetensors_sink import (INDEX_FILE, SafetensorsSink, shard_complete, shard_entries,
                                                  shard_name, write_index)
 from streamconv.formats.atomic import fsync_dir, fsync_write
@@ -177,7 +177,7 @@ def check_checkpoint(spec: ModelSpec, source: TorchDistSource, strict: bool = Tr
         if got != shape and not padded:
             raise BadInputError(f"{where}: tensor {key!r} has shape {list(got)} but the config implies "
                                 f"{list(shape)}; {hint}")
-        if meta.dtype not in DTYPE_NAMES:
+        if str(meta.dtype).removeprefix("torch.") not in dtypes.BY_NAME or not dtypes.of(meta.dtype).safetensors:
             raise BadInputError(f"{where}: tensor {key!r} is {meta.dtype}, which safetensors cannot store")
     unused = sorted(k for k in source.tensors if k not in expected and k.startswith(MODEL_PREFIXES)
                     and not is_extra_state(k))

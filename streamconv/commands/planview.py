@@ -8,19 +8,18 @@ import math
 import re
 from pathlib import Path
 
-import torch
 from rich.table import Table
 
 from streamconv.progress import stdout_console
 
-from streamconv import engine
+from streamconv import dtypes, engine
 from streamconv.errors import UsageError
 from streamconv.commands.hf2mcore import check_budget, chunk_bytes_for, parse_dtype, resolve_hf_model
 from streamconv.models import rules
 from streamconv.models.config import load_config, spec_from_config
 from streamconv.plan import describe, import_plan
 
-CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+CONFIG_DTYPES = {"bfloat16": dtypes.BFLOAT16, "float16": dtypes.FLOAT16, "float32": dtypes.FLOAT32}
 
 
 class ShapeSource:
@@ -28,12 +27,12 @@ class ShapeSource:
 
     direct_reads = True  # like a safetensors source: reads land in the chunk's buffer (engine/scatter.py)
 
-    def __init__(self, spec, dtype: torch.dtype):
+    def __init__(self, spec, dtype: dtypes.DType):
         self.shapes = {t.name: t.shape for t in rules.hf_tensors(spec)}
         self.dtype = dtype
-        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.itemsize = dtypes.of(dtype).itemsize
 
-    def dtype_of(self, name: str) -> torch.dtype:  # what the real source reports: every tensor in ``dtype``
+    def dtype_of(self, name: str) -> dtypes.DType:  # what the real source reports: every tensor in ``dtype``
         return self.dtype
 
     def read_nbytes(self, read) -> int:
@@ -88,7 +87,7 @@ def plan_command(args) -> int:
 
     folder = path.parent if path.is_file() else path
     method, _ = quantized.method_of(folder, cfg)  # refuses a quantization that is not dequantized here
-    src_dtype = CONFIG_DTYPES.get(spec.torch_dtype, torch.bfloat16)
+    src_dtype = CONFIG_DTYPES.get(spec.torch_dtype, dtypes.BFLOAT16)
     out_dtype = parse_dtype(args.dtype) or src_dtype
     names = [t.name for t in rules.hf_tensors(spec)]
     plan = import_plan(spec, {n: src_dtype for n in names}, out_dtype, chunk_bytes=chunk_bytes_for(args.max_memory))

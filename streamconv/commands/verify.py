@@ -28,7 +28,7 @@ from streamconv import crashpoints, engine
 from streamconv.errors import EXIT_MISMATCH, BadInputError
 from streamconv.models import rules
 from streamconv.plan import Chunk, Plan, Read, Target, import_plan
-from streamconv.transforms import layout_segments, sources_for_fused_rows
+from streamconv.layout import layout_segments, sources_for_fused_rows
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -261,7 +261,7 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = engine.DEFAUL
                 report.mismatches.append(f"{key}: {problem}")
                 continue
             targets[key] = want
-            itemsize = torch.empty((), dtype=want.dtype).element_size()
+            itemsize = want.dtype.itemsize
             groups: dict[tuple, list] = {}  # items split along columns (tensor parallel): compared per full rows
             for offsets, sizes in regions:
                 groups.setdefault(full_rows(bindings, key, want.shape, offsets, sizes), []).append((offsets, sizes))

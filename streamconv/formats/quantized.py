@@ -33,13 +33,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from streamconv import dtypes
 from streamconv.errors import BadInputError
 
 QUANT_CONFIG_FILE = "hf_quant_config.json"
-FLOAT8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-          if hasattr(torch, n)}
+FLOAT8 = dtypes.FLOAT8
 SUPPORTED_MODELOPT = {"FP8": "per-tensor", "FP8_PER_CHANNEL_PER_TOKEN": "per-channel", "FP8_PB_WO": "block"}
 DEFAULT_BLOCK = (128, 128)  # Model Optimizer's FP8_PB_WO blocks
 WEIGHT_SCALE = re.compile(r"^(?P<m>.+)\.(?P<kind>weight_scale|weight_scale_inv)$")
@@ -53,7 +51,7 @@ OTHER_COMPANIONS = re.compile(r"(^|\.)(weight_scale_2|input_global_scale|weight_
 class Scale:
     """How one weight dequantizes: ``values`` (float32; ``[]``, ``[rows]`` or ``[row blocks, col blocks]``)."""
 
-    values: torch.Tensor
+    values: "torch.Tensor"  # noqa: F821 (torch is imported once a checkpoint is quantized)
     block: tuple[int, int] | None = None  # None: per tensor or per row
 
     @property
@@ -66,7 +64,7 @@ class Scale:
 @dataclass
 class Quantization:
     method: str  # as the checkpoint names it: "FP8", "FP8_PB_WO", "fp8 (fine-grained)", ...
-    dtype: torch.dtype  # what the weights dequantize to by default (config torch_dtype; --dtype overrides)
+    dtype: dtypes.DType  # what the weights dequantize to by default (config torch_dtype; --dtype overrides)
     scales: dict[str, Scale] = field(default_factory=dict)  # weight name -> its scale
     companions: set[str] = field(default_factory=set)  # every scale tensor of the checkpoint (consumed)
     skipped: list[str] = field(default_factory=list)  # activation and kv-cache scales, not carried over
@@ -133,11 +131,11 @@ def method_of(folder: Path, cfg: dict) -> tuple[str | None, dict]:
     return str(algo), settings
 
 
-def default_dtype(cfg: dict) -> torch.dtype:
+def default_dtype(cfg: dict) -> dtypes.DType:
     name = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").removeprefix("torch.")
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or dtype in FLOAT8 or not dtype.is_floating_point:
-        return torch.bfloat16
+    dtype = dtypes.BY_NAME.get(name)
+    if dtype is None or dtype in FLOAT8 or not dtype.is_floating_point:
+        return dtypes.BFLOAT16
     return dtype
 
 
@@ -148,7 +146,7 @@ def detect(source, folder: Path, cfg: dict, read_values: bool = True) -> Quantiz
     infos = source.tensors
     method, settings = method_of(folder, cfg)
     others = sorted(n for n in infos if OTHER_COMPANIONS.search(n))
-    fp8 = sorted(n for n, i in infos.items() if i.dtype in FLOAT8)
+    fp8 = sorted(n for n, i in infos.items() if dtypes.of(i.dtype) in FLOAT8)
     scale_names = sorted(n for n in infos if WEIGHT_SCALE.match(n))
     skipped = sorted(n for n in infos if SKIPPED.search(n))
     if method is None:
@@ -183,7 +181,7 @@ def detect(source, folder: Path, cfg: dict, read_values: bool = True) -> Quantiz
             raise BadInputError(f"{infos[name].path}: {name!r} is float8 but has no weight_scale beside it; the "
                                 "checkpoint is incomplete")
     for name in quant.scales:
-        if infos[name].dtype not in FLOAT8:
+        if dtypes.of(infos[name].dtype) not in FLOAT8:
             raise BadInputError(f"{infos[name].path}: {name!r} has a weight_scale but is {infos[name].dtype}, not "
                                 "float8")
     return quant
@@ -192,8 +190,10 @@ def detect(source, folder: Path, cfg: dict, read_values: bool = True) -> Quantiz
 def _scale(source, name: str, weight, block, read_values: bool = True) -> Scale:
     """The scale of ``weight``, its shape checked; ``read_values=False`` (inspect: headers only): the values
     are not read (a meta tensor of the right shape stands in)."""
+    import torch
+
     info = source.tensors[name]
-    if info.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if info.dtype not in (dtypes.FLOAT32, dtypes.BFLOAT16, dtypes.FLOAT16):
         raise BadInputError(f"{info.path}: scale {name!r} is {info.dtype}; float32 expected")
     if math.prod(info.shape) > 64 * 1024**2:
         raise BadInputError(f"{info.path}: scale {name!r} {list(info.shape)} is implausibly large")

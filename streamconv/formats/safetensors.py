@@ -17,8 +17,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from streamconv import dtypes
+from streamconv.dtypes import DType
 from streamconv.errors import BadInputError, output_error
 from streamconv.formats.atomic import commit, create_temporary
 from streamconv.pagecache import WriteBehind
@@ -26,25 +26,11 @@ from streamconv.pagecache import WriteBehind
 # Headers of real checkpoints are a few hundred KiB; refuse absurd sizes before allocating.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+DTYPES: dict[str, DType] = dict(dtypes.BY_SAFETENSORS)  # the header's names ("BF16") -> element types
 
 
-def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def itemsize(dtype) -> int:
+    return dtypes.of(dtype).itemsize
 
 
 @dataclass(frozen=True)
@@ -53,7 +39,7 @@ class TensorInfo:
 
     name: str
     path: Path
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     start: int  # absolute offset of the first byte in the file
     nbytes: int
@@ -248,8 +234,10 @@ class SafetensorsSource:
         first_row = first_row * rows + row0
         return info.path, info.start + first_row * row_bytes, (row1 - row0) * row_bytes
 
-    def read_rows(self, name: str, row0: int, row1: int, index: tuple[int, ...] = ()) -> torch.Tensor:
-        """Rows ``[row0, row1)`` of tensor ``name`` (along dim 0, after the leading ``index``)."""
+    def read_rows(self, name: str, row0: int, row1: int, index: tuple[int, ...] = ()):
+        """Rows ``[row0, row1)`` of tensor ``name`` (along dim 0, after the leading ``index``), a tensor."""
+        import torch
+
         path, pos, length = self.extent(name, row0, row1, index)
         shape = self.info(name).shape[len(index):]
         buf = bytearray(length)
@@ -263,8 +251,8 @@ class SafetensorsSource:
         out_shape = (row1 - row0, *shape[1:]) if shape else ()
         dtype = self.info(name).dtype
         if length == 0:
-            return torch.empty(out_shape, dtype=torch.float32 if name in self.dequant else dtype)
-        values = torch.frombuffer(buf, dtype=dtype).view(out_shape)
+            return torch.empty(out_shape, dtype=torch.float32 if name in self.dequant else dtype.torch)
+        values = torch.frombuffer(buf, dtype=dtype.torch).view(out_shape)
         scale = self.dequant.get(name)
         if scale is not None and not index:  # a quantized weight: its value, in float32
             from streamconv.transforms import dequantize
@@ -278,7 +266,7 @@ class SafetensorsSource:
         self._fds.clear()
 
 
-def encode_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None = None) -> bytes:
+def encode_header(entries: list[tuple[str, DType, tuple[int, ...]]], metadata: dict | None = None) -> bytes:
     """The header bytes (length prefix included) for tensors stored back to back in ``entries`` order."""
     header: dict = {}
     if metadata:
@@ -286,7 +274,7 @@ def encode_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metad
     offset = 0
     for name, dtype, shape in entries:
         n = math.prod(shape) * itemsize(dtype)
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        header[name] = {"dtype": dtypes.of(dtype).safetensors, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
@@ -300,7 +288,7 @@ class ShardWriter:
     exists under its final name is always complete. Written behind (``pagecache.WriteBehind``).
     """
 
-    def __init__(self, path: Path | str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata=None):
+    def __init__(self, path: Path | str, entries: list[tuple[str, DType, tuple[int, ...]]], metadata=None):
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".partial")
         self.entries = list(entries)
@@ -313,8 +301,10 @@ class ShardWriter:
             raise output_error(self.tmp, e) from e
         self.behind = WriteBehind(self.f.fileno())
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor) -> None:
         """Write the next tensor whole, or in row blocks: call repeatedly until its rows are complete."""
+        import torch
+
         exp_name, dtype, shape = self.entries[self._next]
         if name != exp_name:
             raise ValueError(f"expected tensor {exp_name!r} next, got {name!r}")

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from streamconv.dtypes import to_torch
 from streamconv.errors import UsageError, output_error
 from streamconv.formats.atomic import fsync_dir, fsync_file
 from streamconv.pagecache import copy_range
@@ -55,14 +56,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    zdtype, view = _ENCODINGS[t.dtype]
+    zdtype, view = _ENCODINGS[to_torch(t.dtype)]
     return t.contiguous().view(view).numpy().view(zdtype)
 
 
 def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    _, view = _ENCODINGS[dtype]
+    _, view = _ENCODINGS[to_torch(dtype)]
     t = torch.from_numpy(np.ascontiguousarray(a).view(torch.empty((), dtype=view).numpy().dtype))
-    return t.view(dtype)
+    return t.view(to_torch(dtype))
 
 
 def crc32(t: torch.Tensor) -> int:
@@ -127,7 +128,7 @@ class StagingStore:
             raise output_error(self.path, e) from e
 
     def _array(self, key: str, shape, dtype: torch.dtype, grid):
-        zdtype, _ = _ENCODINGS[dtype]
+        zdtype, _ = _ENCODINGS[to_torch(dtype)]
         attrs = {"torch_dtype": dtype_name(dtype)}
         if dtype == torch.bfloat16:
             attrs["encoding"] = ENCODING_BF16
@@ -194,7 +195,7 @@ class StagingStore:
             data = np.fromfile(raw, dtype=np.uint8, count=nbytes)
             if data.nbytes != nbytes:
                 raise ValueError(f"{raw}: torn staged chunk ({data.nbytes} of {nbytes} bytes)")
-            return torch.from_numpy(data).view(dtype).reshape(chunk.sizes)
+            return torch.from_numpy(data).view(to_torch(dtype)).reshape(chunk.sizes)
         return _from_numpy(self.arrays[chunk.key][self._region(chunk)], dtype).reshape(chunk.sizes)
 
     def checksum(self, chunk, dtype: torch.dtype) -> int | None:

@@ -13,22 +13,15 @@ Each ``.distcp`` is written under a temporary name, fsynced and renamed; ``.meta
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import struct
-import zipfile
-import zlib
 from pathlib import Path
 
-import torch
-
-from streamconv import crashpoints
+from streamconv import crashpoints, dtypes
 from streamconv.checksum import crc32
 from streamconv.errors import output_error
-from streamconv.formats import dcp_pickle
+from streamconv.formats import dcp_pickle, torch_save
 from streamconv.formats.atomic import commit, create_temporary, fsync_dir, fsync_write
-from streamconv.formats.torch_dist_reader import RandomAccess
 
 METADATA_JSON = {
     "sharded_backend": "torch_dist",
@@ -48,8 +41,10 @@ def distcp_name(file: int) -> str:
     return f"__0_{file}.distcp"
 
 
-def standalone(t: torch.Tensor) -> torch.Tensor:
+def standalone(t):
     """A CPU tensor owning exactly its bytes: ``torch.save`` writes a view's whole base storage."""
+    import torch
+
     t = t.detach().cpu()
     if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size() \
             or not t.is_contiguous():
@@ -58,161 +53,48 @@ def standalone(t: torch.Tensor) -> torch.Tensor:
 
 
 def object_item_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save([obj], buf)
-    return buf.getvalue()
-
-
-class _Recorder:
-    """The file object ``torch.save`` writes a tensor item to under ``torch.serialization.skip_data``: it
-    keeps what torch writes and where, and the one seek over the storage's bytes (torch's documented way of
-    leaving them to "a separate pass")."""
-
-    def __init__(self):
-        self.parts: list[tuple[int, bytes]] = []
-        self.pos = 0
-        self.hole: tuple[int, int] | None = None  # (offset, length) of the storage's bytes
-
-    def write(self, data) -> int:
-        self.parts.append((self.pos, bytes(data)))
-        self.pos += len(data)
-        return len(data)
-
-    def seek(self, n: int, whence: int = os.SEEK_SET) -> int:
-        if whence != os.SEEK_CUR or self.hole is not None:
-            raise io.UnsupportedOperation("a tensor item has one storage")
-        self.hole = (self.pos, n)
-        self.pos += n
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def flush(self) -> None:
-        pass
-
-
-class _Holed(RandomAccess):
-    """``prefix + <hole of n bytes> + suffix`` as a file, for zipfile (which never reads the hole)."""
-
-    def __init__(self, prefix: bytes, n: int, suffix: bytes):
-        self.prefix, self.n, self.suffix, self.pos = prefix, n, suffix, 0
-        self.length = len(prefix) + n + len(suffix)
-
-    def read_at(self, offset: int, n: int) -> bytes:
-        out = bytearray()
-        end = offset + n
-        hole_at, hole_end = len(self.prefix), len(self.prefix) + self.n
-        while offset < end:
-            if offset < hole_at:
-                piece = self.prefix[offset:min(end, hole_at)]
-            elif offset < hole_end:
-                piece = bytes(min(end, hole_end) - offset)
-            else:
-                piece = self.suffix[offset - hole_end:end - hole_end]
-            out += piece
-            offset += len(piece)
-        return bytes(out)
-
-
-_CRC = struct.Struct("<I")
-_U64 = (1 << 64) - 1
-
-
-def _hash_combine(seed: int, value: int) -> int:
-    """``c10::hash_combine`` on 64 bits: how torch folds each record's CRC-32 into the serialization id."""
-    return (seed ^ ((value + 0x9E3779B9 + ((seed << 6) & _U64) + (seed >> 2)) & _U64)) & _U64
+    """``torch.save([obj])`` of a plain object (no tensors)."""
+    return torch_save.save_bytes([obj])
 
 
 class ItemFrame:
     """The archive ``torch.save(tensor)`` writes for one tensor of ``sizes``/``dtype``, around its bytes.
 
-    An item is ``prefix + <the tensor's bytes> + suffix(crc)``, byte for byte what ``torch.save`` writes:
-    the prefix is fixed by shape and dtype; the suffix holds the storage record's CRC-32 (in its data
-    descriptor and central directory entry) and ``.data/serialization_id``, whose last 20 digits fold every
-    record's CRC-32 (and which has a CRC-32 of its own). So where every item of a ``.distcp`` file lies is
-    known from the plan alone, before a byte is read; the CRC-32 completes an item once its bytes are written.
+    An item is ``prefix + <the tensor's bytes> + suffix(crc)``, byte for byte what ``torch.save`` writes
+    (``formats/torch_save.py``, without torch): the prefix is fixed by shape and dtype; the suffix holds the
+    storage record's CRC-32 (in its data descriptor and central directory entry) and
+    ``.data/serialization_id``, which folds every record's CRC-32. So where every item of a ``.distcp`` file
+    lies is known from the plan alone, before a byte is read; the CRC-32 completes an item once its bytes
+    are written.
     """
 
-    def __init__(self, sizes, dtype: torch.dtype):
-        like = torch.empty(tuple(sizes), dtype=dtype)  # torch.save reads shape, dtype, storage size only
-        rec = _Recorder()
-        with torch.serialization.skip_data():
-            torch.save(like, rec)
-        self.nbytes = like.numel() * like.element_size()
-        hole_at, hole_len = rec.hole if rec.hole is not None else (rec.pos, 0)
-        if hole_len != self.nbytes:
-            raise ValueError(f"torch.save framed {hole_len} storage bytes for a {self.nbytes}-byte tensor")
-        self.prefix = b"".join(d for p, d in rec.parts if p < hole_at)
-        suffix = bytearray(b"".join(d for p, d in rec.parts if p >= hole_at))
-        self._patches: list[tuple[str, int]] = []  # ("data"|"sid", offset in suffix) of a CRC-32 field
-        self._folded: list[int | None] = []  # each data-descriptor record's CRC (None: the storage's)
-        self._sid: tuple[int, int] | None = None  # (offset, length) of the serialization id in suffix
-        base = len(self.prefix) + self.nbytes
-        item = _Holed(self.prefix, self.nbytes, bytes(suffix))
-        z = zipfile.ZipFile(item)
-        cd_at = z.start_dir
-        for info in z.infolist():
-            item.seek(info.header_offset + 26)
-            name_len, extra_len = struct.unpack("<HH", item.read(4))
-            data_at = info.header_offset + 30 + name_len + extra_len  # in the whole item
-            is_data = info.filename.endswith("/data/0")
-            is_sid = info.filename.endswith("/.data/serialization_id")
-            if self.nbytes == 0:  # an empty storage: torch.save wrote the real archive, nothing to complete
-                break
-            if is_data or is_sid:
-                if not info.flag_bits & 0x08:
-                    raise ValueError(f"torch.save wrote no data descriptor after {info.filename}")
-                dd = data_at + info.file_size - base  # the data descriptor, in suffix
-                if bytes(suffix[dd:dd + 4]) != b"PK\x07\x08":
-                    raise ValueError(f"torch.save wrote no data descriptor after {info.filename}")
-                kind = "data" if is_data else "sid"
-                self._patches += [(kind, dd + 4), (kind, cd_at - base + 16)]
-                if is_sid:
-                    self._sid = (data_at - base, info.file_size)
-            if info.flag_bits & 0x08 and not is_sid:
-                self._folded.append(None if is_data else info.CRC)
-            cd_at += 46 + len(info.orig_filename.encode()) + len(info.extra) + len(info.comment)
-        if self.nbytes and not any(k == "data" for k, _ in self._patches):
-            raise ValueError("torch.save wrote no storage record")
-        self._suffix = bytes(suffix)
-        self.length = len(self.prefix) + self.nbytes + len(self._suffix)
+    def __init__(self, sizes, dtype):
+        self._layout = torch_save.ItemLayout(tuple(sizes), dtypes.of(dtype))
+        self.nbytes = self._layout.nbytes
+        self.prefix = self._layout.prefix
+        self.length = len(self.prefix) + self.nbytes + self._layout.tail_length
 
     def suffix(self, crc: int) -> bytes:
         """The bytes after the tensor's, for a tensor whose bytes have CRC-32 ``crc``."""
-        if not self._patches:  # an empty storage: no record to complete
-            return self._suffix
-        out = bytearray(self._suffix)
-        crcs = {"data": crc}
-        if self._sid is not None:
-            combined = 0
-            for c in self._folded:
-                combined = _hash_combine(combined, crc if c is None else c)
-            at, n = self._sid
-            sid = bytes(out[at:at + n - 20]) + b"%020d" % combined
-            if len(sid) != n:
-                raise ValueError(f"unexpected serialization id {bytes(out[at:at + n])!r}")
-            out[at:at + n] = sid
-            crcs["sid"] = zlib.crc32(sid)
-        for kind, at in self._patches:
-            out[at:at + 4] = _CRC.pack(crcs[kind])
-        return bytes(out)
+        return self._layout.tail(crc)
 
 
 _frames: dict[tuple, ItemFrame] = {}
 
 
-def frame_for(sizes, dtype: torch.dtype) -> ItemFrame:
+def frame_for(sizes, dtype) -> ItemFrame:
     """The ``ItemFrame`` of a tensor of ``sizes``/``dtype`` (cached: chunks of a kind share their shape)."""
-    key = (tuple(sizes), dtype)
+    key = (tuple(sizes), dtypes.of(dtype))
     f = _frames.get(key)
     if f is None:
         f = _frames.setdefault(key, ItemFrame(sizes, dtype))
     return f
 
 
-def tensor_item_bytes(tensor: torch.Tensor) -> bytes:
+def tensor_item_bytes(tensor) -> bytes:
     """One tensor item, byte for byte ``torch.save(tensor)`` (for small tensors held in memory)."""
+    import torch
+
     tensor = standalone(tensor)
     data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
     frame = frame_for(tensor.shape, tensor.dtype)
@@ -264,9 +146,7 @@ def build_metadata(targets, chunks_by_key, objects, storage):
 
 def write_common_files(folder: Path) -> None:
     """``common.pt`` and ``metadata.json`` (read by megatron-core before the sharded part)."""
-    buf = io.BytesIO()
-    torch.save(dict(COMMON_STATE), buf)
-    fsync_write(folder / "common.pt", buf.getvalue())
+    fsync_write(folder / "common.pt", torch_save.save_bytes(dict(COMMON_STATE)))
     fsync_write(folder / "metadata.json", json.dumps(METADATA_JSON).encode())
 
 

@@ -30,8 +30,6 @@ import queue
 import threading
 from pathlib import Path
 
-import torch
-
 from streamconv import crashpoints, pagecache, resume
 from streamconv.checksum import crc32
 from streamconv.copier import Placement, pwrite_all
@@ -249,8 +247,10 @@ class TorchDistSink:
             self._committer.join()
             self._committer = None
 
-    def write(self, chunk, tensor: torch.Tensor) -> None:
+    def write(self, chunk, tensor) -> None:
         """A chunk held in memory (the buffered engine path)."""
+        import torch
+
         t = standalone(tensor)
         data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
         place = self.place(chunk)

@@ -1,7 +1,7 @@
 """The mapping table: HF tensor names <-> megatron-core keys, one row per weight.
 
 Read it like Megatron-Bridge's per-family bridge: ``*`` is the layer number. ``when`` says which layers
-(or models) a row applies to; ``layout`` names the pure transform (``transforms.layout_segments``).
+(or models) a row applies to; ``layout`` names the pure transform (``layout.layout_segments``).
 Import (hf2mcore) and export (mcore2hf) are both read off this one table.
 
 Llama models store every block as a full attention + MLP block, with layers stacked on a leading axis of

@@ -35,6 +35,7 @@ from streamconv.units import fmt_bytes, parse_size  # noqa: F401  (re-exported: 
 from streamconv.plan import Chunk, Plan
 
 DEFAULT_MAX_MEMORY = 2 * 1024**3
+STOP_WAIT = 5.0  # seconds a stopping run waits for its reads in flight and its writer
 
 
 def default_workers() -> int:
@@ -174,11 +175,12 @@ class Writer:
             if self.progress is not None:
                 self.progress.advance(job.chunk, self.memory.used)
 
-    def close(self, stop: bool = False) -> None:
-        """Wait for the queue to drain (``stop``: drop what is left); re-raise the thread's error."""
+    def close(self, stop: bool = False, timeout: float | None = None) -> None:
+        """Wait for the queue to drain (``stop``: drop what is left; ``timeout``: at most that long);
+        re-raise the thread's error."""
         self.stopping = self.stopping or stop
         self._queue.put(None)
-        self._thread.join()
+        self._thread.join(timeout)
         if not stop and self.error is not None:
             raise self.error
 
@@ -268,11 +270,15 @@ def run(plan: Plan, source, sink, *, max_memory: int = DEFAULT_MAX_MEMORY, worke
             hand_oldest()
         writer.close()
     except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        writer.close(stop=True)
+        # Stopping (an error, a signal): reads not started are dropped, and neither the reads in flight nor
+        # the writer are waited for past STOP_WAIT seconds. What is on disk is crash-safe, and the program
+        # ends without interpreter teardown (cli.run), so a thread still busy cannot hold the exit up.
+        pool.shutdown(wait=False, cancel_futures=True)
+        writer.close(stop=True, timeout=STOP_WAIT)
         raise
-    finally:
+    else:
         pool.shutdown(wait=True)
+    finally:
         memory.clear()
         close = getattr(read_into, "close", None)
         if close is not None:

@@ -274,7 +274,10 @@ def run(plan: Plan, source, sink, *, max_memory: int = DEFAULT_MAX_MEMORY, worke
         # the writer are waited for past STOP_WAIT seconds. What is on disk is crash-safe, and the program
         # ends without interpreter teardown (cli.run), so a thread still busy cannot hold the exit up.
         pool.shutdown(wait=False, cancel_futures=True)
-        writer.close(stop=True, timeout=STOP_WAIT)
+        deadline = time.monotonic() + STOP_WAIT
+        for t in list(getattr(pool, "_threads", ())):  # (the executor's own threads: no public handle)
+            t.join(max(0.0, deadline - time.monotonic()))
+        writer.close(stop=True, timeout=max(0.0, deadline - time.monotonic()))
         raise
     else:
         pool.shutdown(wait=True)

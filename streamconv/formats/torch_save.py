@@ -16,6 +16,7 @@ shapes, dtypes, empty tensors, dicts of tensors and plain objects.
 
 from __future__ import annotations
 
+import math
 import pickle
 import struct
 import zlib
@@ -55,10 +56,7 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

@@ -31,6 +31,7 @@ import numpy as np
 
 from streamconv import pagecache
 from streamconv.checksum import crc32
+from streamconv.device import on_cpu
 from streamconv.errors import BadInputError, output_error
 from streamconv.plan import Chunk
 
@@ -66,7 +67,7 @@ def usable(source, sink, device: str) -> bool:
     """Whether the direct path serves: a safetensors source, a sink that places chunks, the CPU."""
     from streamconv.formats.safetensors import SafetensorsSource
 
-    return isinstance(source, SafetensorsSource) and hasattr(sink, "place") and str(device).split(":")[0] == "cpu"
+    return isinstance(source, SafetensorsSource) and hasattr(sink, "place") and on_cpu(device)
 
 
 def piece_bytes(max_memory: int, workers: int) -> int:
@@ -180,7 +181,7 @@ class _Worker:
 
     def _dequant_buffers(self, n: int, out_dtype):
         """``n`` elements of ``out_dtype`` (a torch dtype) and of float32, kept for the next pieces (fresh
-        cost a fault each)."""
+        pages cost a fault each)."""
         import torch
 
         if self._f32 is None or self._f32.numel() < n:

@@ -25,6 +25,11 @@ from streamconv import dtypes
 from streamconv.errors import UsageError
 
 
+def on_cpu(device: str) -> bool:
+    """Whether ``--device`` names the CPU (``cpu``, ``cpu:0``): said without importing torch."""
+    return str(device).split(":")[0] == "cpu"
+
+
 def _view(raw, shape, dtype):
     """``raw`` (a uint8 tensor) as a ``shape`` tensor of ``dtype`` (a DType or a torch dtype)."""
     n = 1

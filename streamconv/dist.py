@@ -53,6 +53,16 @@ def current() -> "Job | None":
     return _current
 
 
+def place(job: "Job | None") -> tuple[int, int]:
+    """``(rank, world)`` of this process: ``(0, 1)`` alone."""
+    return (job.rank, job.world) if job is not None else (0, 1)
+
+
+def set_up(job: "Job | None", setup, identity_of, close, what: str):
+    """``setup()``: alone, or on every rank of ``job`` with the ranks checked to agree (``Job.same_everywhere``)."""
+    return setup() if job is None else job.same_everywhere(setup, identity_of, close, what)
+
+
 def split(sizes: dict[int, int], world: int) -> list[set[int]]:
     """Which files each rank writes: contiguous runs in file order, cut where the bytes pass each rank's
     share (a file goes to the rank its middle byte falls in). Pure, the same on every rank."""

@@ -12,18 +12,14 @@ turns a torch dtype or a name into one).
 
 from __future__ import annotations
 
-import numpy as np
-
 
 class DType:
-    __slots__ = ("name", "itemsize", "safetensors", "bits", "is_floating_point", "is_float8")
+    __slots__ = ("name", "itemsize", "safetensors", "is_floating_point", "is_float8")
 
-    def __init__(self, name: str, itemsize: int, safetensors: str | None, bits: str, floating: bool,
-                 float8: bool = False):
+    def __init__(self, name: str, itemsize: int, safetensors: str | None, floating: bool, float8: bool = False):
         self.name = name  # torch's name: torch.<name>
         self.itemsize = itemsize
         self.safetensors = safetensors  # the safetensors header's name ("BF16"), or None
-        self.bits = bits  # a numpy dtype of the same size that holds the raw values
         self.is_floating_point = floating
         self.is_float8 = float8
 
@@ -33,18 +29,10 @@ class DType:
 
         return getattr(torch, self.name)
 
-    @property
-    def numpy(self) -> np.dtype:
-        """The numpy dtype of these values, or of their raw bits where numpy has no such type (bfloat16, float8)."""
-        return np.dtype(self.bits)
-
     def __eq__(self, other) -> bool:
         if isinstance(other, DType):
             return other.name == self.name
         return type(other).__name__ == "dtype" and type(other).__module__ == "torch" and str(other) == str(self)
-
-    def __ne__(self, other) -> bool:
-        return not self.__eq__(other)
 
     def __hash__(self) -> int:
         return hash(self.name)
@@ -58,20 +46,20 @@ class DType:
         return of, (self.name,)
 
 
-FLOAT64 = DType("float64", 8, "F64", "float64", True)
-FLOAT32 = DType("float32", 4, "F32", "float32", True)
-FLOAT16 = DType("float16", 2, "F16", "float16", True)
-BFLOAT16 = DType("bfloat16", 2, "BF16", "uint16", True)
-FLOAT8_E4M3FN = DType("float8_e4m3fn", 1, "F8_E4M3", "uint8", True, float8=True)
-FLOAT8_E5M2 = DType("float8_e5m2", 1, "F8_E5M2", "uint8", True, float8=True)
-FLOAT8_E4M3FNUZ = DType("float8_e4m3fnuz", 1, None, "uint8", True, float8=True)
-FLOAT8_E5M2FNUZ = DType("float8_e5m2fnuz", 1, None, "uint8", True, float8=True)
-INT64 = DType("int64", 8, "I64", "int64", False)
-INT32 = DType("int32", 4, "I32", "int32", False)
-INT16 = DType("int16", 2, "I16", "int16", False)
-INT8 = DType("int8", 1, "I8", "int8", False)
-UINT8 = DType("uint8", 1, "U8", "uint8", False)
-BOOL = DType("bool", 1, "BOOL", "bool", False)
+FLOAT64 = DType("float64", 8, "F64", True)
+FLOAT32 = DType("float32", 4, "F32", True)
+FLOAT16 = DType("float16", 2, "F16", True)
+BFLOAT16 = DType("bfloat16", 2, "BF16", True)
+FLOAT8_E4M3FN = DType("float8_e4m3fn", 1, "F8_E4M3", True, float8=True)
+FLOAT8_E5M2 = DType("float8_e5m2", 1, "F8_E5M2", True, float8=True)
+FLOAT8_E4M3FNUZ = DType("float8_e4m3fnuz", 1, None, True, float8=True)
+FLOAT8_E5M2FNUZ = DType("float8_e5m2fnuz", 1, None, True, float8=True)
+INT64 = DType("int64", 8, "I64", False)
+INT32 = DType("int32", 4, "I32", False)
+INT16 = DType("int16", 2, "I16", False)
+INT8 = DType("int8", 1, "I8", False)
+UINT8 = DType("uint8", 1, "U8", False)
+BOOL = DType("bool", 1, "BOOL", False)
 
 ALL = (FLOAT64, FLOAT32, FLOAT16, BFLOAT16, FLOAT8_E4M3FN, FLOAT8_E5M2, FLOAT8_E4M3FNUZ, FLOAT8_E5M2FNUZ,
        INT64, INT32, INT16, INT8, UINT8, BOOL)

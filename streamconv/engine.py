@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from streamconv import copier, dtypes, scatter
 from streamconv.copier import Phases
-from streamconv.device import CpuStage, make_stage
+from streamconv.device import CpuStage, make_stage, on_cpu
 from streamconv.errors import UsageError
 from streamconv.memory import Memory
 from streamconv.units import fmt_bytes, parse_size  # noqa: F401  (re-exported: engine.fmt_bytes)
@@ -209,7 +209,7 @@ def run(plan: Plan, source, sink, *, max_memory: int = DEFAULT_MAX_MEMORY, worke
     limit_malloc_retention()
     sink_reserved = getattr(sink, "reserved_memory", 0)
     chunks = plan.chunks
-    if stage is None and str(device).split(":")[0] == "cpu":
+    if stage is None and on_cpu(device):
         stage = CpuStage()
     elif stage is None:  # a CUDA stage sizes its pinned slots for the largest chunk buffer
         jobs = [make_job(plan, c, source, sink) for c in chunks]

@@ -60,14 +60,14 @@ def quantized_reads(source, chunk: Chunk) -> tuple[dtypes.DType, list[tuple[int,
     dequant = getattr(source, "dequant", None)
     if not dequant or not all(r.name in dequant and not r.index for r in chunk.reads):
         return None
-    dtypes = {source.info(r.name).dtype for r in chunk.reads}
-    if len(dtypes) != 1:
+    stored = {source.info(r.name).dtype for r in chunk.reads}
+    if len(stored) != 1:
         return None
     out, row = [], 0
     for r in chunk.reads:
         out.append((row, r.row1 - r.row0, dequant[r.name], r.row0))
         row += r.row1 - r.row0
-    return dtypes.pop(), out
+    return stored.pop(), out
 
 
 def row_blocks(chunk: Chunk, buf: torch.Tensor) -> list[tuple[Read, torch.Tensor]]:

@@ -39,8 +39,8 @@ def test_a_tensor_item_is_torch_saves_archive(dtype):
         ref = torch_save.TensorRef(shape, dtypes.of(dtype))
         assert torch_save.save_bytes(ref, [raw(t)]) == want, shape
         layout = torch_save.ItemLayout(shape, dtypes.of(dtype))
-        assert layout.prefix + raw(t) + layout.tail(zlib.crc32(raw(t))) == want, shape
-        assert len(layout.prefix) + layout.nbytes + layout.tail_length == len(want)
+        assert layout.prefix + raw(t) + layout.suffix(zlib.crc32(raw(t))) == want, shape
+        assert layout.length == len(want)
 
 
 def test_objects_and_the_train_state_are_torch_saves_archives():

@@ -231,16 +231,13 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
     from streamconv import dist
 
     out = Path(megatron_path).expanduser()
-    rank, world = (job.rank, job.world) if job is not None else (0, 1)
+    rank, world = dist.place(job)
     leader = rank == 0
     check_budget(opts.max_memory, quiet=opts.quiet or not leader)
-    if job is None:
-        s = _setup(hf_model, out, opts)
-    else:
-        if opts.keep_staging:
-            raise UsageError("--keep-staging is not available in a distributed run; run it in one process")
-        s = job.same_everywhere(lambda: _setup(hf_model, out, opts), lambda s: s.identity,
-                                lambda s: s.source.close(), "another input or plan")
+    if job is not None and opts.keep_staging:
+        raise UsageError("--keep-staging is not available in a distributed run; run it in one process")
+    s = dist.set_up(job, lambda: _setup(hf_model, out, opts), lambda s: s.identity, lambda s: s.source.close(),
+                    "another input or plan")
     folder, spec, source, plan = s.folder, s.spec, s.source, s.plan
     from streamconv.progress import status
 

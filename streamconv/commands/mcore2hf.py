@@ -311,14 +311,11 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
     from streamconv.commands.hf2mcore import check_budget
 
     out = Path(hf_path).expanduser()
-    rank, world = (job.rank, job.world) if job is not None else (0, 1)
+    rank, world = dist.place(job)
     leader = rank == 0
     check_budget(opts.max_memory, quiet=opts.quiet or not leader)
-    if job is None:
-        e = _setup(megatron_path, out, opts)
-    else:
-        e = job.same_everywhere(lambda: _setup(megatron_path, out, opts), lambda e: e.identity,
-                                lambda e: e.source.close(), "another checkpoint or plan")
+    e = dist.set_up(job, lambda: _setup(megatron_path, out, opts), lambda e: e.identity, lambda e: e.source.close(),
+                    "another checkpoint or plan")
     ckpt, cfg, cfg_folder, verbatim, config_from, spec, out_dtype, source, plan, identity, left_out = e
     mine = dist.split(plan.file_bytes(), world)[rank]
     try:

@@ -57,37 +57,20 @@ def object_item_bytes(obj) -> bytes:
     return torch_save.save_bytes([obj])
 
 
-class ItemFrame:
-    """The archive ``torch.save(tensor)`` writes for one tensor of ``sizes``/``dtype``, around its bytes.
-
-    An item is ``prefix + <the tensor's bytes> + suffix(crc)``, byte for byte what ``torch.save`` writes
-    (``formats/torch_save.py``, without torch): the prefix is fixed by shape and dtype; the suffix holds the
-    storage record's CRC-32 (in its data descriptor and central directory entry) and
-    ``.data/serialization_id``, which folds every record's CRC-32. So where every item of a ``.distcp`` file
-    lies is known from the plan alone, before a byte is read; the CRC-32 completes an item once its bytes
-    are written.
-    """
-
-    def __init__(self, sizes, dtype):
-        self._layout = torch_save.ItemLayout(tuple(sizes), dtypes.of(dtype))
-        self.nbytes = self._layout.nbytes
-        self.prefix = self._layout.prefix
-        self.length = len(self.prefix) + self.nbytes + self._layout.tail_length
-
-    def suffix(self, crc: int) -> bytes:
-        """The bytes after the tensor's, for a tensor whose bytes have CRC-32 ``crc``."""
-        return self._layout.tail(crc)
+_frames: dict[tuple, torch_save.ItemLayout] = {}
 
 
-_frames: dict[tuple, ItemFrame] = {}
-
-
-def frame_for(sizes, dtype) -> ItemFrame:
-    """The ``ItemFrame`` of a tensor of ``sizes``/``dtype`` (cached: chunks of a kind share their shape)."""
+def frame_for(sizes, dtype) -> torch_save.ItemLayout:
+    """The archive ``torch.save(tensor)`` writes for a tensor of ``sizes``/``dtype``, around its bytes
+    (cached: chunks of a kind share their shape): ``prefix + <the tensor's bytes> + suffix(crc)``, byte for
+    byte ``torch.save``'s (``formats/torch_save.py``, without torch). The prefix is fixed by shape and dtype;
+    the suffix holds the CRC-32 of the bytes and the serialization id folded from it. So where every item of a
+    ``.distcp`` file lies is known from the plan alone, before a byte is read; the CRC-32 completes an item
+    once its bytes are written."""
     key = (tuple(sizes), dtypes.of(dtype))
     f = _frames.get(key)
     if f is None:
-        f = _frames.setdefault(key, ItemFrame(sizes, dtype))
+        f = _frames.setdefault(key, torch_save.ItemLayout(*key))
     return f
 
 

@@ -1,8 +1,8 @@
 """The hf2mcore sink: every chunk written once, in its final place in its ``.distcp`` file.
 
 Where each item lies is fixed by the plan before any byte is read: items follow each other in plan order,
-and an item is ``ItemFrame.prefix + <chunk bytes> + ItemFrame.suffix(crc)`` (torch.save's own archive,
-``torch_dist.ItemFrame``). So ``place(chunk)`` says where a chunk's bytes go, the engine writes them there
+and an item is ``frame.prefix + <chunk bytes> + frame.suffix(crc)`` (torch.save's own archive,
+``torch_dist.frame_for``). So ``place(chunk)`` says where a chunk's bytes go, the engine writes them there
 (on any of its threads, in any order), and ``placed(chunk, placement, crc)`` completes the item: the
 framing around the bytes, a journal record with the CRC-32, and, once a file has all its chunks, its
 commit (fsync, rename from ``.partial``, a journal record, fsync). ``write(chunk, tensor)`` does the same

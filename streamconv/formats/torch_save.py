@@ -230,7 +230,8 @@ def _pieces(pkl: bytes, sizes: list[int], crcs: list[int] | None) -> list[bytes 
 
 class ItemLayout:
     """``torch.save`` of one tensor of ``shape``/``dtype`` around its bytes: ``prefix + <bytes> +
-    tail(crc)``, where ``crc`` is the CRC-32 of the tensor's bytes (an empty tensor: ``tail(0)``)."""
+    suffix(crc)``, where ``crc`` is the CRC-32 of the tensor's bytes (an empty tensor: ``suffix(0)``);
+    ``length`` bytes in all."""
 
     def __init__(self, shape, dtype: DType):
         ref = TensorRef(tuple(int(s) for s in shape), dtype)
@@ -239,9 +240,9 @@ class ItemLayout:
         pieces = _pieces(self._pkl, [self.nbytes], None)
         hole = pieces.index(None)
         self.prefix = b"".join(pieces[:hole])
-        self.tail_length = sum(len(p) for p in pieces[hole + 1:])
+        self.length = len(self.prefix) + self.nbytes + sum(len(p) for p in pieces[hole + 1:])
 
-    def tail(self, crc: int) -> bytes:
+    def suffix(self, crc: int) -> bytes:
         pieces = _pieces(self._pkl, [self.nbytes], [crc])
         return b"".join(pieces[pieces.index(None) + 1:])
 

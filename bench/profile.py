@@ -65,7 +65,7 @@ def same_output(a: Path, b: Path) -> bool:
 
 
 def killed_at_half(src: Path, out: Path, extra, tmp: Path) -> None:
-    """A default run SIGKILLed once half of its chunks are done."""
+    """A default run SIGKILLed once about half of its bytes are committed."""
     from streamconv.formats.safetensors import SafetensorsSource
     from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for
     from streamconv.models.config import load_config, spec_from_config
@@ -73,9 +73,15 @@ def killed_at_half(src: Path, out: Path, extra, tmp: Path) -> None:
     source = SafetensorsSource(src)
     plan = build_plan(source, spec_from_config(load_config(src)), None, chunk_bytes_for(2 * 1024**3))
     source.close()
+    # half of the bytes, not of the chunks (a layer's norms are chunks of a few KiB): chunks are committed
+    # in about plan order, so the n-th commit is where the first n chunks of the plan hold half the bytes
+    n, done = 0, 0
+    while done < plan.total_bytes / 2:
+        done += plan.chunks[n].nbytes
+        n += 1
     marker = tmp / "half"
     marker.unlink(missing_ok=True)
-    env = {**os.environ, "STREAMCONV_TEST_PAUSE": f"chunk:{len(plan.chunks) // 2}",
+    env = {**os.environ, "STREAMCONV_TEST_PAUSE": f"chunk:{n}",
            "STREAMCONV_TEST_PAUSE_FILE": str(marker)}
     p = subprocess.Popen(hf2mcore(src, out, *extra), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     while not marker.exists():
@@ -144,14 +150,16 @@ def measure_resume(src: Path, work: Path, rounds: int, extra) -> dict:
     out = work / "resume"
     for _ in range(rounds):
         c.rmtree(out)
-        fresh.append(run(hf2mcore(src, out, *extra))["summary"]["seconds"])
+        fresh.append(run(hf2mcore(src, out, *extra))["summary"])
         c.rmtree(out)
         killed_at_half(src, out, extra, work)
-        again = run([a for a in hf2mcore(src, out, *extra) if a != "--overwrite"])["summary"]
-        resumed.append(again["seconds"])
+        resumed.append(run([a for a in hf2mcore(src, out, *extra) if a != "--overwrite"])["summary"])
     c.rmtree(out)
-    f, r = c.median(fresh), c.median(resumed)
-    return {"fresh_seconds": round(f, 2), "resumed_seconds": round(r, 2), "ratio": round(r / f, 2)}
+    f, r = (c.median([s["seconds"] for s in rs]) for rs in (fresh, resumed))
+    return {"fresh_seconds": round(f, 2), "resumed_seconds": round(r, 2), "ratio": round(r / f, 2),
+            "resumed_share_of_bytes": round(c.median([s["bytes"] / fresh[0]["bytes"] for s in resumed]), 2),
+            "fresh_mb_per_s": round(c.median([s["mb_per_s"] for s in fresh])),
+            "resumed_mb_per_s": round(c.median([s["mb_per_s"] for s in resumed]))}
 
 
 def measure_small(work: Path, rounds: int, extra) -> dict:

@@ -203,12 +203,14 @@ def test_a_killed_rank_stops_the_job_and_the_launch_resumes(llama, tmp_path, cap
     assert (out / ".streamconv" / "journal.rank1.jsonl").read_text().count('"t":"chunk"') >= 3
 
     if relaunch > 1:
-        rc, stdout, err = run_torchrun(relaunch, *hf2mcore_args(src, out, "--json"))
+        recheck = ("--recheck",) if relaunch == 2 else ()  # each rank rechecks the sources of what it keeps
+        rc, stdout, err = run_torchrun(relaunch, *hf2mcore_args(src, out, "--json", *recheck))
         assert rc == 0, err[-3000:]
         summary = json.loads(stdout)
         assert len(summary["ranks"]) == relaunch
         if relaunch == 2:
             assert summary["ranks"][1]["chunks_resumed"] >= 3  # rank 1 kept what it had journaled
+            assert [r["rechecked_chunks"] for r in summary["ranks"]] == [r["chunks_resumed"] for r in summary["ranks"]]
         else:  # another number of processes: the files committed are kept, the rest redone
             assert sorted(p.name for p in (out / ".streamconv").glob("journal*")) == [
                 f"journal.rank{r}.jsonl" for r in range(relaunch)]

@@ -135,6 +135,88 @@ def test_a_source_changed_in_place_is_not_resumed(src, tmp_path):
     one_line(r, errors.EXIT_IO, "cannot resume", shard.name, "status-change time")
 
 
+def _kill_and_change_a_kept_chunks_source(model, out, *extra):
+    """A run killed after some chunks; then a byte flipped in the source of a chunk it journaled, behind the
+    file system's back: the shard's size, mtime and header as they were, and its ctime as the identity has it
+    (a file system that keeps no ctime, or bit rot). Returns the shard changed."""
+    proc = start_paused(model, out, "chunk:6", *extra)
+    proc.kill()
+    proc.wait()
+    records = [json.loads(line) for line in (out / ".streamconv" / "journal.jsonl").read_text().splitlines()]
+    kept = next(r for r in records if r["t"] == "chunk")
+    from streamconv.formats.safetensors import SafetensorsSource
+    from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for
+    from streamconv.models.config import load_config, spec_from_config
+
+    source = SafetensorsSource(model)
+    dtype = torch.float32 if "fp32" in extra else None
+    plan = build_plan(source, spec_from_config(load_config(model)), dtype, chunk_bytes_for(64 * 1024),
+                      file_bytes=40 * 1024)
+    chunk = next(c for c in plan.chunks if (c.key, list(c.offsets)) == (kept["key"], kept["offsets"]))
+    shard, at, n = source.extent(chunk.reads[0].name, chunk.reads[0].row0, chunk.reads[0].row1, chunk.reads[0].index)
+    source.close()
+    st = shard.stat()
+    with open(shard, "r+b") as f:
+        f.seek(at + n // 2)
+        b = f.read(1)
+        f.seek(at + n // 2)
+        f.write(bytes([b[0] ^ 0x08]))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    ident_path = out / ".streamconv" / "identity.json"
+    ident = json.loads(ident_path.read_text())
+    for f in ident["input"]["files"]:
+        if f["name"] == shard.name:
+            f["ctime_ns"] = shard.stat().st_ctime_ns
+    ident_path.write_text(json.dumps(ident))
+    return shard
+
+
+@pytest.mark.parametrize("extra", [(), ("--dtype", "fp32")], ids=["bytes", "cast"])
+def test_recheck_finds_a_kept_chunks_source_changed_behind_the_file_systems_back(src, tmp_path, extra):
+    """What the identity cannot see, ``--recheck`` does: it re-reads the source of every kept chunk and
+    compares the CRC-32 of its conversion with the journal's. Without it the resumed output is wrong (and
+    ``verify`` says so)."""
+    model = tmp_path / "hf"
+    model.mkdir()
+    for p in src.iterdir():
+        (model / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    shard = _kill_and_change_a_kept_chunks_source(model, out, *extra)
+    r = run_cli("hf2mcore", "--hf-model", model, "--megatron-path", out, "--quiet", "--recheck", *SMALL, *extra)
+    one_line(r, errors.EXIT_BAD_INPUT, shard.name, "changed since the interrupted run", "--overwrite")
+    assert not (out / "iter_0000000" / ".metadata").exists()
+    r = run_cli("hf2mcore", "--hf-model", model, "--megatron-path", out, "--quiet", *SMALL, *extra)  # no recheck
+    assert r.returncode == 0, r.stderr
+    r = run_cli("verify", "--hf-model", model, "--megatron-path", out, "--quiet")
+    assert r.returncode == errors.EXIT_MISMATCH, r.stderr  # the hole --recheck closes
+    r = run_cli("hf2mcore", "--hf-model", model, "--megatron-path", out, "--quiet", "--overwrite", *SMALL, *extra)
+    assert r.returncode == 0, r.stderr
+    assert main(["verify", "--hf-model", str(model), "--megatron-path", str(out), "--quiet"]) == 0
+
+
+def test_recheck_of_an_unchanged_source_resumes_to_the_same_bytes(src, tmp_path, capsys):
+    ref = tmp_path / "ref"
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(ref), "--quiet", *SMALL]) == 0
+    out = tmp_path / "out"
+    proc = start_paused(src, out, "chunk:6")
+    proc.kill()
+    proc.wait()
+    capsys.readouterr()
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), "--json", "--recheck", *SMALL]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rechecked_chunks"] == summary["chunks_resumed"] >= 6
+    assert 0 < summary["rechecked_bytes"] < sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    assert _same_but_run_config(out, ref)
+    r = run_cli("hf2mcore", "--hf-model", src, "--megatron-path", tmp_path / "x", "--recheck", "--no-staging", *SMALL)
+    one_line(r, errors.EXIT_USAGE, "--recheck", "--no-staging")
+
+
+def _same_but_run_config(a: Path, b: Path) -> bool:
+    """The two outputs' files are equal byte for byte, but for run_config.yaml (which names its folder)."""
+    x, y = snapshot(a / "iter_0000000"), snapshot(b / "iter_0000000")
+    return x.keys() == y.keys() and all(x[k] == y[k] for k in x if k.name != "run_config.yaml")
+
+
 # ------------------------------------------------------------------------ 4. quantized weights
 
 def test_a_quantized_checkpoint_is_refused_even_with_allow_unused(src, tmp_path):

@@ -141,6 +141,7 @@ class Options:
     staging: bool = True  # stage chunks in zarr and assemble (resumable); False: write .distcp directly
     keep_staging: bool = False  # keep the zarr staging store (a readable zarr of the whole model)
     file_bytes: int = DEFAULT_FILE_BYTES  # target size of each .distcp file
+    recheck: bool = False  # resuming: re-read the source of every kept chunk and compare its CRC (recheck.py)
 
 
 def chunk_bytes_for(max_memory: int) -> int:
@@ -233,6 +234,9 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
     out = Path(megatron_path).expanduser()
     rank, world = dist.place(job)
     leader = rank == 0
+    if opts.recheck and not opts.staging:
+        raise UsageError("--recheck compares each kept chunk with its journaled CRC-32, which --no-staging does "
+                         "not keep; drop one of them")
     check_budget(opts.max_memory, quiet=opts.quiet or not leader)
     if job is not None and opts.keep_staging:
         raise UsageError("--keep-staging is not available in a distributed run; run it in one process")
@@ -275,6 +279,8 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
                 rss.reset_peak()  # the conversion's own peak, apart from start-up (imports, planning)
                 crashpoints.pause("work")
                 with progress, job.heartbeat(dist.job_progress(progress, world)) if job else nullcontext() as hb:
+                    if opts.recheck:
+                        _recheck(plan.part(mine), source, sink, opts, quiet)
                     stats = engine.run(plan.part(mine), source, sink, max_memory=opts.max_memory,
                                        workers=opts.workers, device=opts.device,
                                        progress=dist.Counting(progress, hb) if hb else progress, skip=sink.skip)
@@ -348,6 +354,21 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
         summary["processes"] = world
         summary["ranks"] = figures
     return summary
+
+
+def _recheck(plan: Plan, source, sink, opts: Options, quiet: bool) -> None:
+    """``--recheck``: the kept chunks' sources, compared with the journal before the run goes on (the counts go
+    to the summary with the sink's report)."""
+    from streamconv import recheck
+    from streamconv.progress import status
+
+    expected = sink.kept_crcs()
+    if expected:
+        status(f"rechecking the source of {len(expected)} kept chunks", quiet)
+    chunks, nbytes = recheck.kept(plan, source, expected, max_memory=opts.max_memory, workers=opts.workers)
+    if chunks:
+        status(recheck.describe(chunks, nbytes), quiet)
+    sink.report["rechecked_chunks"], sink.report["rechecked_bytes"] = chunks, nbytes
 
 
 def rank_figures(rank: int, stats, report: dict, seconds: float, cpu: float, peak: int) -> dict:

@@ -135,6 +135,7 @@ class TorchDistSink:
                 self._left[f] = len(self.by_file[f])
         if chunk_journal:
             self._resume_partials(records)
+        self._journaled = {(r["key"], tuple(r["offsets"])): r["crc32"] for r in records if r.get("t") == "chunk"}
         self._error: BaseException | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._committer = None
@@ -168,6 +169,13 @@ class TorchDistSink:
 
     def skip(self, chunk) -> bool:
         return chunk.file in self.committed or (chunk.key, tuple(chunk.offsets)) in self.done
+
+    def kept_crcs(self) -> dict[tuple, int]:
+        """``{(key, offsets): CRC-32}`` of the chunks this run keeps, as journaled when they were written (the
+        last record of a chunk is the one of the bytes in place): what ``recheck.kept`` compares against."""
+        return {(c.key, tuple(c.offsets)): self._journaled[(c.key, tuple(c.offsets))]
+                for f in sorted(self.mine) for c in self.by_file[f]
+                if self.skip(c) and (c.key, tuple(c.offsets)) in self._journaled}
 
     # ------------------------------------------------------------------ writing (any engine thread)
 

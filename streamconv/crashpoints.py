@@ -9,6 +9,8 @@ subprocess it kills):
   formats/safetensors_sink.py; compared, commands/verify.py), ``metadata``
   (half of ``.metadata`` written to its temporary file), ``work`` (set up, before the engine's first chunk).
   With ``STREAMCONV_TEST_PAUSE_CONTINUE=1`` a SIGCONT lets it go on (a test changes something meanwhile).
+  The file exists a moment before the SIGSTOP lands, and a SIGCONT sent in between is lost (the process
+  then stops for good): a test that sends one first waits for the stop (``wait_stopped``).
 - ``STREAMCONV_TEST_RANK=<r>``: in a distributed run, the hooks act on rank ``r`` only.
 - ``STREAMCONV_TEST_SLOW=<seconds>``: ``slow(f)`` sleeps ``f`` times that (per chunk, once it is written),
   so a test can see a run at work before it signals it.
@@ -65,3 +67,17 @@ def started() -> None:
     path = os.environ.get("STREAMCONV_TEST_STARTED")
     if path:
         Path(path).write_text(str(os.getpid()))
+
+
+def wait_stopped(pid: int, timeout: float = 120.0) -> None:
+    """For tests: return once process ``pid`` is stopped (state ``T`` in ``/proc/<pid>/stat``), so that a
+    SIGCONT sent next lets it go on; ``timeout`` only guards a run that never gets there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+        if state in ("T", "t"):
+            return
+        if state in ("Z", "X") or time.monotonic() > deadline:
+            raise RuntimeError(f"process {pid} did not stop at its pause point (state {state})")
+        time.sleep(0.001)

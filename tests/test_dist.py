@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from streamconv import dist
+from streamconv import crashpoints, dist
 from streamconv.cli import main
 from streamconv.synth import llama_config, make_checkpoint, mixed_decilm_config
 
@@ -288,8 +288,10 @@ def test_a_fault_one_rank_meets_stops_every_rank_with_one_line_each(llama, tmp_p
                     STREAMCONV_TEST_PAUSE_CONTINUE="1", STREAMCONV_TEST_RANK="1",
                     STREAMCONV_TEST_PAUSE_FILE=str(marker))
     wait_for(marker, proc)
+    held = int(marker.read_text().split()[1])
+    crashpoints.wait_stopped(held)  # else the SIGCONT below may come before the stop, and be lost
     os.truncate(victim, cut)
-    os.kill(int(marker.read_text().split()[1]), signal.SIGCONT)
+    os.kill(held, signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     lines = streamconv_lines(err)

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from streamconv import errors
+from streamconv import crashpoints, errors
 from streamconv.cli import main
 from streamconv.synth import llama_config, make_checkpoint, mixed_decilm_config
 
@@ -580,6 +580,7 @@ def test_a_signal_mid_run_ends_it_cleanly(src, many_items, tmp_path, command, si
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert marker.exists(), proc.communicate(timeout=60)[1]
+    crashpoints.wait_stopped(proc.pid)  # else the SIGCONT below may come before the stop, and be lost
     signum = getattr(signal, sig)
     proc.send_signal(signum)  # pending while the process is stopped; handled once it goes on
     proc.send_signal(signal.SIGCONT)

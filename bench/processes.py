@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c  # noqa: E402
-from profile import run, same_output  # noqa: E402
+from profile import output_digest, run  # noqa: E402
 
 
 def command(src: Path, out: Path, procs: int, extra) -> list[str]:
@@ -36,6 +37,7 @@ def measure(src: Path, work: Path, where: str, procs: list[int], rounds: int, ex
     gb = c.folder_bytes(src) / 1e9
     sync = where == "disk"
     rows: dict[str, list] = {"cp -r": [], **{str(n): [] for n in procs}}
+    first = None  # the first process count's output digests (round 0)
     for i in range(rounds):
         dst = work / "cp"
         c.rmtree(dst)
@@ -43,15 +45,14 @@ def measure(src: Path, work: Path, where: str, procs: list[int], rounds: int, ex
         c.rmtree(dst)
         for n in procs:
             out = work / f"p{n}"
-            r = run(command(src, out, n, extra), env={"OMP_NUM_THREADS": "1"})
-            if sync:
-                run(["sync"])
+            cmd = command(src, out, n, extra)
+            r = run(["sh", "-c", shlex.join(cmd) + " && sync"] if sync else cmd, env={"OMP_NUM_THREADS": "1"})
             rows[str(n)].append(r)
-            if i == 0 and n != procs[0]:
-                assert same_output(work / f"p{procs[0]}", out), f"{n} processes wrote other bytes"
-            if i > 0 or n != procs[0]:
-                c.rmtree(out)
-        c.rmtree(work / f"p{procs[0]}")
+            if i == 0:
+                digest = output_digest(out)
+                first = first or digest
+                assert digest == first, f"{n} processes wrote other bytes"
+            c.rmtree(out)
     cp = c.median([r["wall"] for r in rows["cp -r"]])
     report = {"gb": round(gb, 3), "where": where, "cp_wall": round(cp, 2),
               "cp_cpu_per_gb": round(c.median([r["cpu"] for r in rows["cp -r"]]) / gb, 2)}

@@ -285,6 +285,8 @@ class Heartbeat:
             if all(s["state"] == "finished" for s in everyone):
                 self.results = [s["result"] for s in everyone]
                 return
+            if mine["state"] == "finished":  # straight into the next round: it ends when the last rank finishes
+                continue  # (a rank that is done waits in the gather, not asleep: up to 0.5 s saved at the end)
             self._wake.wait(HEARTBEAT_SECONDS)
             self._wake.clear()
 

@@ -47,6 +47,11 @@ class Chunk:
     nbytes: int  # bytes of the output piece
 
     @property
+    def id(self) -> tuple:
+        """``(key, offsets)``: how the journal, the sinks and ``.metadata`` name this chunk."""
+        return self.key, tuple(self.offsets)
+
+    @property
     def layer(self) -> int | None:
         m = re.search(r"layers\.(\d+)\.", self.key)
         if m:

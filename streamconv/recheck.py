@@ -22,7 +22,6 @@ import os
 from streamconv import copier, engine
 from streamconv.copier import Placement
 from streamconv.errors import BadInputError
-from streamconv.units import fmt_bytes
 
 
 class _Compare:
@@ -37,7 +36,7 @@ class _Compare:
         return Placement(self.fd, 0, os.devnull)
 
     def placed(self, chunk, place: Placement, crc: int) -> None:
-        want = self.expected[(chunk.key, tuple(chunk.offsets))]
+        want = self.expected[chunk.id]
         if crc != want:
             files = sorted({str(self.source.extent(r.name, r.row0, r.row1, r.index)[0]) for r in chunk.reads})
             raise BadInputError(
@@ -53,19 +52,13 @@ def kept(plan, source, expected: dict, *, max_memory: int, workers: int) -> tupl
     """Re-read and convert, in memory, every chunk of ``plan`` that ``expected`` (``{(key, offsets):
     journaled CRC-32}``) names, and compare; raises ``BadInputError`` at the first difference. Returns the
     chunks and bytes checked."""
-    check = [c for c in plan.chunks if (c.key, tuple(c.offsets)) in expected]
-    if not check:
+    if not expected:
         return 0, 0
-    names = {(c.key, tuple(c.offsets)) for c in check}
     sink = _Compare(source, expected)
     stats = engine.Stats(path="direct")
     try:
         copier.run(plan, source, sink, max_memory=max_memory, workers=workers, progress=None,
-                   skip=lambda c: (c.key, tuple(c.offsets)) not in names, stats=stats)
+                   skip=lambda c: c.id not in expected, stats=stats)
     finally:
         sink.close()
     return stats.chunks_done, stats.bytes_done
-
-
-def describe(chunks: int, nbytes: int) -> str:
-    return f"rechecked the source of {chunks} kept chunks ({fmt_bytes(nbytes)}): unchanged"

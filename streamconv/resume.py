@@ -324,7 +324,7 @@ def committed_files(records, ckpt: Path, by_file: dict) -> dict[int, list]:
         f = rec["file"]
         path = Path(ckpt) / distcp_name(f)
         items = [(k, tuple(o), off, n) for k, o, off, n in rec["items"]]
-        expect = [(c.key, tuple(c.offsets)) for c in by_file.get(f, [])]
+        expect = [c.id for c in by_file.get(f, [])]
         if path.is_file() and path.stat().st_size == rec["size"] and [(k, o) for k, o, *_ in items] == expect:
             done[f] = items
     return done

@@ -367,7 +367,7 @@ def _recheck(plan: Plan, source, sink, opts: Options, quiet: bool) -> None:
         status(f"rechecking the source of {len(expected)} kept chunks", quiet)
     chunks, nbytes = recheck.kept(plan, source, expected, max_memory=opts.max_memory, workers=opts.workers)
     if chunks:
-        status(recheck.describe(chunks, nbytes), quiet)
+        status(f"rechecked the source of {chunks} kept chunks ({engine.fmt_bytes(nbytes)}): unchanged", quiet)
     sink.report["rechecked_chunks"], sink.report["rechecked_bytes"] = chunks, nbytes
 
 

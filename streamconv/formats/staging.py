@@ -243,12 +243,12 @@ class StagingStore:
             raise output_error(self.raw_file(chunk), e) from e
         finally:
             os.close(fd)
-        self.written.add((chunk.key, tuple(chunk.offsets)))
+        self.written.add(chunk.id)
 
     def finish(self, sink) -> None:
         """Chunks this run did not write are copied from their ``.distcp``; then the store is made durable."""
         for c in sink.plan.chunks:
-            if (c.key, tuple(c.offsets)) in self.written:
+            if c.id in self.written:
                 continue
             path, at, n = sink.item_bytes(c)
             fd = self.open_chunk(c)

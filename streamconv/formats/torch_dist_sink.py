@@ -44,7 +44,7 @@ def layout(plan) -> tuple[dict[tuple, tuple[int, int]], dict[int, int], dict[int
     for c in plan.chunks:
         frame = frame_for(c.sizes, plan.targets[c.key].dtype)
         at = sizes.get(c.file, 0)
-        slots[(c.key, tuple(c.offsets))] = (at, at + len(frame.prefix))
+        slots[c.id] = (at, at + len(frame.prefix))
         entries.setdefault(c.file, []).append((c.key, tuple(c.offsets), at, frame.length))
         sizes[c.file] = at + frame.length
     return slots, sizes, entries
@@ -149,7 +149,7 @@ class TorchDistSink:
         """Keep the journaled chunks of each ``.partial`` file: a chunk's record is written only after its
         bytes and framing are on disk (``fdatasync``), so a record that survived a crash names a chunk that
         did; a chunk without one (a kill mid-chunk, a lost last line) is done again."""
-        recs = chunks_of_last_open(records, {(c.key, tuple(c.offsets)): c.file for c in self.plan.chunks})
+        recs = chunks_of_last_open(records, {c.id: c.file for c in self.plan.chunks})
         for f in list(self._left):
             tmp = self.ckpt / (distcp_name(f) + ".partial")
             if not tmp.is_file() or tmp.is_symlink():
@@ -160,22 +160,22 @@ class TorchDistSink:
                 continue
             self._file(f, fresh=False)
             for c in self.by_file[f]:
-                if (c.key, tuple(c.offsets)) in recs:
-                    self.done.add((c.key, tuple(c.offsets)))
+                if c.id in recs:
+                    self.done.add(c.id)
                     self._left[f] -= 1
                     self.report["chunks_kept"] += 1
             if self._left[f] == 0:
                 self._commit_file(f)
 
     def skip(self, chunk) -> bool:
-        return chunk.file in self.committed or (chunk.key, tuple(chunk.offsets)) in self.done
+        return chunk.file in self.committed or chunk.id in self.done
 
     def kept_crcs(self) -> dict[tuple, int]:
         """``{(key, offsets): CRC-32}`` of the chunks this run keeps, as journaled when they were written (the
         last record of a chunk is the one of the bytes in place): what ``recheck.kept`` compares against."""
-        return {(c.key, tuple(c.offsets)): self._journaled[(c.key, tuple(c.offsets))]
+        return {c.id: self._journaled[c.id]
                 for f in sorted(self.mine) for c in self.by_file[f]
-                if self.skip(c) and (c.key, tuple(c.offsets)) in self._journaled}
+                if self.skip(c) and c.id in self._journaled}
 
     # ------------------------------------------------------------------ writing (any engine thread)
 
@@ -193,7 +193,7 @@ class TorchDistSink:
         also = []
         if self.view is not None:
             also.append((self.view.open_chunk(chunk), 0))
-        return Placement(opened.fd, self.slots[(chunk.key, tuple(chunk.offsets))][1], opened.tmp, also)
+        return Placement(opened.fd, self.slots[chunk.id][1], opened.tmp, also)
 
     def placed(self, chunk, place: Placement, crc: int) -> None:
         """``chunk``'s bytes are at ``place``: complete its item; then (on the committer thread, with the
@@ -272,7 +272,7 @@ class TorchDistSink:
 
     def _complete(self, chunk, fd: int, crc: int) -> None:
         frame = frame_for(chunk.sizes, self.plan.targets[chunk.key].dtype)
-        item_at, data_at = self.slots[(chunk.key, tuple(chunk.offsets))]
+        item_at, data_at = self.slots[chunk.id]
         try:
             pwrite_all(fd, frame.prefix, item_at)
             pwrite_all(fd, frame.suffix(crc), data_at + frame.nbytes)
@@ -312,7 +312,7 @@ class TorchDistSink:
         common files, then ``.metadata`` last."""
         if self.leader:
             if sorted(entries) != sorted(self.by_file) or any(
-                    [(k, tuple(o)) for k, o, *_ in entries[f]] != [(c.key, tuple(c.offsets)) for c in self.by_file[f]]
+                    [(k, tuple(o)) for k, o, *_ in entries[f]] != [c.id for c in self.by_file[f]]
                     for f in entries):
                 raise RuntimeError("the files written are not the ones the plan lays out")
             commit_checkpoint(self.ckpt, self.plan, self.by_file, entries, self.extra_state)
@@ -331,5 +331,5 @@ class TorchDistSink:
 
     def item_bytes(self, chunk) -> tuple[Path, int, int]:
         """Where a committed chunk's bytes are: (file, data offset, length)."""
-        return self.ckpt / distcp_name(chunk.file), self.slots[(chunk.key, tuple(chunk.offsets))][1], chunk.nbytes
+        return self.ckpt / distcp_name(chunk.file), self.slots[chunk.id][1], chunk.nbytes
 

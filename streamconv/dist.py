@@ -24,6 +24,7 @@ Without a launcher (no ``WORLD_SIZE``, or ``WORLD_SIZE=1``) none of this is impo
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import threading
@@ -131,6 +132,10 @@ class Job:
             raise UsageError(f"rank {rank} of {world}: cannot join the job at {os.environ['MASTER_ADDR']}:"
                              f"{os.environ['MASTER_PORT']} ({str(e).splitlines()[0][:200]})") from None
         job.peers = [tuple(p) for p in job.gather((socket.gethostname(), os.getpid()))]
+        # torch's import left ~170,000 objects that live as long as the process: out of the collector's reach,
+        # so that a full collection does not walk them all (measured: rank 0's commit, building .metadata's
+        # objects, took 0.12 s of CPU against 0.02 s in a process without torch; 0.02 s frozen)
+        gc.freeze()
         _current = job
         return job
 

@@ -96,6 +96,43 @@ def drop_caches() -> bool:
     return True
 
 
+def warm(folder: Path, block: int = 8 * MiB) -> None:
+    """Read every file of ``folder`` into the page cache. Before each "source warm" run: a conversion drops
+    each source range it has read (``pagecache.drop``), so the source is warm only for the run that follows a
+    warming, not for the one after it (cp -r does not drop: the run after cp would read warm, the next cold)."""
+    buf = bytearray(block)
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with open(p, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+
+
+REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
+
+
+def settle_memory(quiet: float = 1.0, limit: float = 60.0) -> float:
+    """On a VM that hands freed memory back to its host (Linux free page reporting, virtio-balloon: this
+    development VM), wait until it has stopped handing back (its ``reported_kib`` still for ``quiet``
+    seconds, ``limit`` at most); returns the seconds waited (0 elsewhere). Measured here (2026-12-02): for
+    some seconds after gigabytes are freed, writing new pages costs up to 3x more, so a run that starts
+    later after the last run's output was removed (torchrun's start-up, say) meets other memory than one
+    that starts at once. Settling before each run, and letting each run remove the last output itself
+    (``--overwrite``), gives every run the same start."""
+    if not REPORTED_KIB.exists():
+        return 0.0
+    t0 = time.monotonic()
+    last, still = REPORTED_KIB.read_text(), time.monotonic()
+    while time.monotonic() - t0 < limit:
+        time.sleep(0.25)
+        now = REPORTED_KIB.read_text()
+        if now != last:
+            last, still = now, time.monotonic()
+        elif time.monotonic() - still >= quiet:
+            break
+    return time.monotonic() - t0
+
+
 # --------------------------------------------------------------------------- measured child processes
 
 @dataclass

@@ -3,13 +3,20 @@
 
     python bench/processes.py [--sizes 3] [--procs 1,2,4] [--where tmpfs,disk] [--rounds 3]
 
-Per model size and place (``tmpfs``: source and output in /dev/shm; ``disk``: the work folder, source warm
-in the page cache, each run ending with ``sync``), alternating ``cp -r`` and one conversion per process
-count for ``--rounds`` rounds. ``1`` is the plain command (no launcher); ``N > 1`` runs under torchrun
-(``python -m torch.distributed.run --standalone``), each rank with the default threads (this host's CPUs
-shared between its ranks). Medians of: the whole command's wall time (torchrun's start-up included), the
-conversion's own ``seconds`` (rank 0's ``--json``: setup agreed to commit), CPU seconds per GB (user +
-sys of every process). Every output is checked byte for byte against the 1-process one.
+Per model size and place (``tmpfs``: source and output in /dev/shm; ``disk``: the work folder, source read
+into the page cache before each run, each run ending with ``sync``), alternating ``cp -r`` and one conversion per process
+count for ``--rounds`` rounds, after one untimed conversion. ``1`` is the plain command (no launcher);
+``N > 1`` runs under torchrun (``python -m torch.distributed.run --standalone``), each rank with the
+default threads (this host's CPUs shared between its ranks). Medians of: the whole command's wall time
+(torchrun's start-up included), the conversion's own ``seconds`` (rank 0's ``--json``: setup agreed to
+commit), CPU seconds per GB (user + sys of every process). Every output is checked byte for byte against
+the first process count's.
+
+Every run starts alike: memory settled first (``_common.settle_memory``: this VM hands freed memory back
+to its host for a few seconds after a run, and writes meanwhile cost more), then each conversion
+overwrites the last one's output itself (``--overwrite``, in its setup, after its start-up) and ``cp -r``
+removes its last copy just before it copies. Otherwise a launcher's seconds of start-up would let the
+last output's memory go back to the host while a plain command, started at once, writes into it.
 """
 
 from __future__ import annotations
@@ -38,21 +45,28 @@ def measure(src: Path, work: Path, where: str, procs: list[int], rounds: int, ex
     sync = where == "disk"
     rows: dict[str, list] = {"cp -r": [], **{str(n): [] for n in procs}}
     first = None  # the first process count's output digests (round 0)
+    out, dst = work / "out", work / "cp"  # every conversion overwrites the last one's output
+    env = {"OMP_NUM_THREADS": "1"}
+    run(command(src, out, procs[0], extra), env=env)  # untimed: the first timed run has an output to replace
+    def before():  # every run starts alike: the source warm (a conversion drops what it read), memory settled
+        if sync:
+            c.warm(src)
+        c.settle_memory()
+
     for i in range(rounds):
-        dst = work / "cp"
-        c.rmtree(dst)
+        before()
+        c.rmtree(dst)  # just before: cp writes into the memory its last copy freed, as a conversion does
         rows["cp -r"].append(run(["sh", "-c", f"cp -r '{src}' '{dst}'" + (" && sync" if sync else "")]))
-        c.rmtree(dst)
         for n in procs:
-            out = work / f"p{n}"
+            before()
             cmd = command(src, out, n, extra)
-            r = run(["sh", "-c", shlex.join(cmd) + " && sync"] if sync else cmd, env={"OMP_NUM_THREADS": "1"})
-            rows[str(n)].append(r)
+            rows[str(n)].append(run(["sh", "-c", shlex.join(cmd) + " && sync"] if sync else cmd, env=env))
             if i == 0:
                 digest = output_digest(out)
                 first = first or digest
                 assert digest == first, f"{n} processes wrote other bytes"
-            c.rmtree(out)
+    c.rmtree(out)
+    c.rmtree(dst)
     cp = c.median([r["wall"] for r in rows["cp -r"]])
     report = {"gb": round(gb, 3), "where": where, "cp_wall": round(cp, 2),
               "cp_cpu_per_gb": round(c.median([r["cpu"] for r in rows["cp -r"]]) / gb, 2)}
@@ -68,6 +82,9 @@ def measure(src: Path, work: Path, where: str, procs: list[int], rounds: int, ex
             "cpu_per_gb": round(c.median([r["cpu"] for r in rs]) / gb, 2),
             "workers_per_rank": rs[0]["summary"]["workers"],
         }
+        if n > 1:  # the slowest rank's own seconds: what the job adds after it (gather, commit) is the rest
+            report[f"{n} processes"]["slowest_rank_seconds"] = round(c.median(
+                [max(f["seconds"] for f in r["summary"]["ranks"]) for r in rs]), 2)
     return report
 
 

@@ -4,15 +4,17 @@
     python bench/profile.py [--sizes 3] [--where tmpfs,disk] [--rounds 3] [--workers 4] [--resume] [--small]
 
 Per model size and place (``tmpfs``: source and output in /dev/shm, where ``cp`` is a memcpy and the ratio
-shows the program's own cost per byte; ``disk``: the work folder, source warm in the page cache, every run
-ending with ``sync``; ``disk-cold``: the same with the page cache dropped before every run), alternating ``cp -r``, ``streamconv hf2mcore`` (default) and ``--no-staging`` for
-``--rounds`` rounds; medians of:
+shows the program's own cost per byte; ``disk``: the work folder, source read into the page cache before
+every run (a conversion drops what it read), every run ending with ``sync``; ``disk-cold``: the same with
+the page cache dropped before every run), alternating ``cp -r``, ``streamconv hf2mcore`` (default) and
+``--no-staging`` for ``--rounds`` rounds, each run started alike (memory settled, ``_common.settle_memory``;
+the last run's output removed just before); medians of:
 - wall time of the whole process (start-up included) and the conversion's own ``seconds`` (``--json``:
   from the resume checks to the commit);
 - CPU seconds per GB (user + sys) of the whole process, and of the conversion alone (``cpu_seconds``);
 - the per-phase seconds the engine reports (``phases``: read, cast, crc, write, complete; summed over
   its threads).
-``--resume``: a default run SIGKILLed once half its chunks are done (a crash-test hook: it follows progress,
+``--resume``: a default run SIGKILLed once half its bytes are done (a crash-test hook: it follows progress,
 not the clock), then re-run: the re-run's ``seconds`` against a fresh run's. ``--small``: the Ultra-253B
 block pattern at small width (many small per-layer tensors), default vs ``--no-staging``. ``--startup``: a
 tiny model's whole-process wall time. Outputs of both modes are checked byte for byte (by SHA-256: one
@@ -113,21 +115,30 @@ def measure_place(src: Path, work: Path, where: str, rounds: int, extra) -> dict
     sync = where.startswith("disk")
     cold = where == "disk-cold"  # the page cache dropped before every run (root)
 
-    def before():
-        if cold and not c.drop_caches():
-            sys.exit("--where disk-cold needs root (to drop the page cache)")
+    last = [None]  # the last run's output: one at a time beside the source (tmpfs holds them in RAM)
+
+    def before(out: Path):
+        """Every run starts alike: the source warm (each conversion drops what it read) or cold, memory
+        settled (``c.settle_memory``), and the last output removed just before, so each run writes into the
+        memory that output freed."""
+        if cold:
+            if not c.drop_caches():
+                sys.exit("--where disk-cold needs root (to drop the page cache)")
+        elif sync:
+            c.warm(src)
+        c.settle_memory()
+        c.rmtree(last[0]) if last[0] else None
+        last[0] = out
 
     rows: dict[str, list] = {"cp -r": [], "default": [], "--no-staging": []}
     first = None  # the default mode's output digests (round 0)
     for i in range(rounds):
         dst = work / "cp"
-        c.rmtree(dst)
-        before()
+        before(dst)
         rows["cp -r"].append(run(["sh", "-c", f"cp -r '{src}' '{dst}'" + (" && sync" if sync else "")]))
-        c.rmtree(dst)  # one output at a time beside the source: tmpfs holds them in RAM
         for name, flags in (("default", []), ("--no-staging", ["--no-staging"])):
             out = work / name.strip("-")
-            before()
+            before(out)
             cmd = hf2mcore(src, out, *flags, *extra)
             r = run(["sh", "-c", shlex.join(cmd) + " && sync"] if sync else cmd)  # timed with its sync, as cp is
             rows[name].append(r)
@@ -135,7 +146,7 @@ def measure_place(src: Path, work: Path, where: str, rounds: int, extra) -> dict
                 digest = output_digest(out)
                 first = first or digest
                 assert digest == first, "the two modes wrote different bytes"
-            c.rmtree(out)
+    c.rmtree(last[0])
     cp = c.median([r["wall"] for r in rows["cp -r"]])
     report = {"gb": round(gb, 3), "where": where, "cp_wall": round(cp, 2), "cp_cpu_per_gb": round(
         c.median([r["cpu"] for r in rows["cp -r"]]) / gb, 2)}
@@ -155,14 +166,28 @@ def measure_place(src: Path, work: Path, where: str, rounds: int, extra) -> dict
     return report
 
 
-def measure_resume(src: Path, work: Path, rounds: int, extra) -> dict:
+def measure_resume(src: Path, work: Path, where: str, rounds: int, extra) -> dict:
+    """A fresh run against a re-run after a kill at half. Both start alike: source warm (on disk), memory
+    settled with nothing freed just before. (Before, the fresh run wrote into the memory of the output
+    removed just before it and the re-run into memory this VM had handed back to its host: up to 3x dearer
+    per page, measured 2026-12-02; that made the re-run look slower per byte in some sets.)"""
     fresh, resumed = [], []
     out = work / "resume"
+
+    def before():
+        if where == "disk-cold":
+            c.drop_caches()
+        elif where == "disk":
+            c.warm(src)
+        c.settle_memory()
+
     for _ in range(rounds):
         c.rmtree(out)
+        before()
         fresh.append(run(hf2mcore(src, out, *extra))["summary"])
         c.rmtree(out)
         killed_at_half(src, out, extra, work)
+        before()
         resumed.append(run([a for a in hf2mcore(src, out, *extra) if a != "--overwrite"])["summary"])
     c.rmtree(out)
     f, r = (c.median([s["seconds"] for s in rs]) for rs in (fresh, resumed))
@@ -224,7 +249,7 @@ def main(argv=None) -> int:
             for where, src, work in c.places(src_disk, args.where, disk, shm):
                 place = measure_place(src, work, where, args.rounds, extra)
                 if args.resume:
-                    place["resume"] = measure_resume(src, work, args.rounds, extra)
+                    place["resume"] = measure_resume(src, work, where, args.rounds, extra)
                 report["places"].append(place)
                 print(json.dumps(place), flush=True)
         if args.small:

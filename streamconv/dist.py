@@ -78,6 +78,20 @@ def split(sizes: dict[int, int], world: int) -> list[set[int]]:
     return out
 
 
+def idle_note(parts: list[set[int]], unit: str, option: str, total: int) -> str | None:
+    """The line for a split that leaves ranks without a file (fewer files than ranks), naming them and the
+    option that makes more files; None when every rank has work. Pure."""
+    idle = [r for r, part in enumerate(parts) if not part]
+    if not idle:
+        return None
+    files = sum(len(part) for part in parts)
+    share = total // len(parts)
+    share = f"{share // 2**20}MiB" if share >= 2**20 else f"{max(1, share // 2**10)}KiB"
+    return (f"{files} {unit}{'' if files == 1 else 's'} for {len(parts)} processes: rank "
+            f"{', '.join(map(str, idle))} {'has' if len(idle) == 1 else 'have'} nothing to write ({option} "
+            f"{share} or less gives every rank some)")
+
+
 class PeerFailed(StreamconvError):
     """Another rank of the job failed: its line, and its exit code."""
 

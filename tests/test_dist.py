@@ -106,6 +106,7 @@ def test_two_processes_convert_and_export_what_one_does(tmp_path, case, capsys):
     assert summary["processes"] == 2 and [r["rank"] for r in summary["ranks"]] == [0, 1]
     assert all(r["bytes"] > 0 for r in summary["ranks"])  # both ranks worked
     assert summary["bytes"] == sum(r["bytes"] for r in summary["ranks"])
+    job_figures(summary)
     assert streamconv_lines(err) == []
     assert output_files(two) == output_files(one)  # byte for byte, .metadata included
     assert sorted(p.name for p in (two / ".streamconv").glob("journal*")) == ["journal.rank0.jsonl",
@@ -127,11 +128,59 @@ def test_two_processes_convert_and_export_what_one_does(tmp_path, case, capsys):
     assert rc == 0, err[-3000:]
     summary = json.loads(out)
     assert summary["shards"] >= 4 and all(r["bytes"] > 0 for r in summary["ranks"])
+    assert summary["seconds"] >= summary["engine_seconds"] == max(r["seconds"] for r in summary["ranks"])
+    assert summary["peak_in_flight_bytes"] == max(r["peak_in_flight_bytes"] for r in summary["ranks"]) > 0
     back = {k: v for f in sorted(hf.glob("*.safetensors")) for k, v in load_file(f).items()}
     assert sorted(back) == sorted(weights)
     for name, t in weights.items():
         assert back[name].dtype == t.dtype and torch.equal(back[name].view(torch.uint8), t.view(torch.uint8)), name
     assert (hf / "model.safetensors.index.json").is_file() and not (hf / ".streamconv-mcore2hf.json").exists()
+
+
+def job_figures(summary: dict) -> None:
+    """A distributed hf2mcore's summary describes the job, not rank 0: its time covers every rank's, CPU and
+    phases are summed over ranks, peaks are the highest."""
+    ranks = summary["ranks"]
+    assert summary["seconds"] >= max(r["seconds"] for r in ranks)
+    assert summary["engine_seconds"] == max(r["engine_seconds"] for r in ranks)
+    assert summary["cpu_seconds"] == pytest.approx(sum(r["cpu_seconds"] for r in ranks), abs=0.002)
+    for k, v in summary["phases"].items():
+        assert v == pytest.approx(sum(r["phases"][k] for r in ranks), abs=0.002), k
+    assert summary["peak_in_flight_bytes"] == max(r["peak_in_flight_bytes"] for r in ranks) > 0
+    assert summary["conversion_peak_rss_bytes"] == max(r["conversion_peak_rss_bytes"] for r in ranks)
+
+
+def test_idle_note_names_the_ranks_without_files_and_a_size_that_gives_each_some():
+    assert dist.idle_note(dist.split({0: 10, 1: 10}, 2), "shard", "--max-shard-size", 20) is None
+    one = dist.split({0: 3 * 2**30}, 2)
+    assert dist.idle_note(one, "shard", "--max-shard-size", 3 * 2**30) == (
+        "1 shard for 2 processes: rank 0 has nothing to write (--max-shard-size 1536MiB or less gives every rank "
+        "some)")
+    note = dist.idle_note(dist.split({0: 300_000, 1: 300_000}, 4), ".distcp file", "--distcp-size", 600_000)
+    assert note.startswith("2 .distcp files for 4 processes: rank ") and " have nothing to write (--distcp-size " \
+        "146KiB or less" in note
+
+
+def test_an_export_with_fewer_shards_than_ranks_says_so_and_its_hint_gives_every_rank_a_shard(llama, tmp_path):
+    import re
+
+    src = llama[0]
+    ckpt = tmp_path / "ckpt"
+    assert main(hf2mcore_args(src, ckpt, "--quiet")) == 0
+    rc, out, err = run_torchrun(2, "mcore2hf", "--megatron-path", str(ckpt), "--hf-path", str(tmp_path / "a"),
+                                STREAMCONV_PROGRESS="1")
+    assert rc == 0, err[-3000:]
+    line = next(x for x in err.splitlines() if "for 2 processes" in x)
+    assert "1 shard for 2 processes: rank 0 has nothing to write" in line  # said once, by rank 0
+    assert err.count("for 2 processes") == 1
+    size = re.search(r"--max-shard-size (\S+) or less", line).group(1)
+    rc, out, err = run_torchrun(2, "mcore2hf", "--megatron-path", str(ckpt), "--hf-path", str(tmp_path / "b"),
+                                "--max-shard-size", size, "--json")
+    assert rc == 0, err[-3000:]
+    assert all(r["bytes"] > 0 for r in json.loads(out)["ranks"])  # the hint holds: both ranks worked
+    a = {k: v for f in sorted((tmp_path / "a").glob("*.safetensors")) for k, v in load_file(f).items()}
+    b = {k: v for f in sorted((tmp_path / "b").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")

@@ -248,7 +248,11 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
     quiet = opts.quiet or not leader
     status(f"planned {len(plan.targets)} tensors in {len(plan.chunks)} chunks, {engine.fmt_bytes(plan.total_bytes)} "
            f"into {plan.num_files + 1} files" + (f" on {world} processes" if world > 1 else ""), quiet)
-    mine = dist.split(plan.file_bytes(), world)[rank] if job is not None else set(plan.file_bytes())
+    parts = dist.split(plan.file_bytes(), world)
+    mine = parts[rank]
+    note = dist.idle_note(parts, ".distcp file", "--distcp-size", plan.total_bytes)
+    if note:
+        status(note, quiet)
     try:
         with outdir.OutputLock(out) if leader else nullcontext():  # one writer: from the identity check to the tracker
             journal = job.on_rank0(lambda: _prepare(out, s.identity, opts, world)) if job is not None else \
@@ -350,9 +354,15 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
     quant = getattr(source, "quant", None)
     if quant is not None:
         summary["quantization"] = quant.as_dict()
-    if job is not None:
-        summary["processes"] = world
-        summary["ranks"] = figures
+    if job is not None:  # the job's figures, not rank 0's: CPU and phases summed over ranks, peaks the highest
+        # (peak_rss_bytes, start-up included, stays rank 0's own)
+        summary.update(engine_seconds=max(f["engine_seconds"] for f in figures),
+                       cpu_seconds=round(sum(f["cpu_seconds"] for f in figures), 3),
+                       phases={k: round(sum(f["phases"].get(k, 0.0) for f in figures), 3)
+                               for k in dict.fromkeys(k for f in figures for k in f["phases"])},
+                       peak_in_flight_bytes=max(f["peak_in_flight_bytes"] for f in figures),
+                       conversion_peak_rss_bytes=max(f["conversion_peak_rss_bytes"] for f in figures),
+                       processes=world, ranks=figures)
     return summary
 
 
@@ -376,8 +386,10 @@ def rank_figures(rank: int, stats, report: dict, seconds: float, cpu: float, pea
     import socket
 
     return {"rank": rank, "host": socket.gethostname(), "chunks": stats.chunks_done, "bytes": stats.bytes_done,
-            "chunks_resumed": stats.chunks_skipped, "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
-            "conversion_peak_rss_bytes": peak, "phases": phase_seconds(stats), **report}
+            "chunks_resumed": stats.chunks_skipped, "seconds": round(seconds, 3),
+            "engine_seconds": round(stats.seconds, 3), "cpu_seconds": round(cpu, 3),
+            "conversion_peak_rss_bytes": peak, "peak_in_flight_bytes": stats.peak_in_flight,
+            "phases": phase_seconds(stats), **report}
 
 
 def phase_seconds(stats) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 from pathlib import Path
@@ -317,13 +318,20 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
     e = dist.set_up(job, lambda: _setup(megatron_path, out, opts), lambda e: e.identity, lambda e: e.source.close(),
                     "another checkpoint or plan")
     ckpt, cfg, cfg_folder, verbatim, config_from, spec, out_dtype, source, plan, identity, left_out = e
-    mine = dist.split(plan.file_bytes(), world)[rank]
+    parts = dist.split(plan.file_bytes(), world)
+    mine = parts[rank]
+    note = dist.idle_note(parts, "shard", "--max-shard-size", plan.total_bytes)
+    if note:
+        from streamconv.progress import status
+
+        status(note, opts.quiet or not leader)
     try:
         with outdir.OutputLock(out) if leader else nullcontext():
             if job is None:
                 prepare_output(out, opts.overwrite, identity)
             else:
                 job.on_rank0(lambda: prepare_output(out, opts.overwrite, identity))
+            t0 = time.perf_counter()  # the export's own work: resume checks, engine, index (the job's, on rank 0)
             entries = shard_entries(plan)
             done = {i for i in mine if shard_complete(out / shard_name(i, plan.num_files), entries[i])}
             sink = SafetensorsSink(out, plan, skip=done)
@@ -338,7 +346,8 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
                     sink.close()
                     figures = {"rank": rank, "shards": sorted(mine), "shards_skipped": len(done),
                                "chunks": stats.chunks_done, "bytes": stats.bytes_done,
-                               "seconds": round(stats.seconds, 3), "peak_rss_bytes": peak_rss()}
+                               "seconds": round(stats.seconds, 3), "peak_rss_bytes": peak_rss(),
+                               "peak_in_flight_bytes": stats.peak_in_flight}
                     ranks = hb.finish(figures) if hb is not None else [figures]
             except BaseException:
                 sink.abort()
@@ -355,6 +364,7 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
                 return names
 
             copied = finish() if job is None else job.on_rank0(finish)
+            seconds = time.perf_counter() - t0
     finally:
         source.close()
     summary = {
@@ -372,10 +382,11 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
         "left_out": left_out,  # --not-strict: model tensors the mapping does not know, not exported
         "copied": copied,
         "bytes": sum(r["bytes"] for r in ranks),
-        "seconds": round(stats.seconds, 3),
-        "mb_per_s": round(sum(r["bytes"] for r in ranks) / 1e6 / max(stats.seconds, 1e-9), 1),
-        "peak_rss_bytes": peak_rss(),
-        "peak_in_flight_bytes": stats.peak_in_flight,
+        "seconds": round(seconds, 3),
+        "engine_seconds": max(r["seconds"] for r in ranks),  # the slowest rank's
+        "mb_per_s": round(sum(r["bytes"] for r in ranks) / 1e6 / max(seconds, 1e-9), 1),
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),  # each rank's own; the highest
+        "peak_in_flight_bytes": max(r["peak_in_flight_bytes"] for r in ranks),
         "max_memory_bytes": opts.max_memory,
     }
     if job is not None:

@@ -133,6 +133,17 @@ def settle_memory(quiet: float = 1.0, limit: float = 60.0) -> float:
     return time.monotonic() - t0
 
 
+def start_alike(src: Path, where: str) -> None:
+    """What every timed run starts from: the source cold (``disk-cold``: the page cache dropped, root) or
+    warm (``disk``: ``warm``; a conversion drops what it read), then memory settled (``settle_memory``)."""
+    if where == "disk-cold":
+        if not drop_caches():
+            sys.exit("--where disk-cold needs root (to drop the page cache)")
+    elif where == "disk":
+        warm(src)
+    settle_memory()
+
+
 # --------------------------------------------------------------------------- measured child processes
 
 @dataclass

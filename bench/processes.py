@@ -48,17 +48,12 @@ def measure(src: Path, work: Path, where: str, procs: list[int], rounds: int, ex
     out, dst = work / "out", work / "cp"  # every conversion overwrites the last one's output
     env = {"OMP_NUM_THREADS": "1"}
     run(command(src, out, procs[0], extra), env=env)  # untimed: the first timed run has an output to replace
-    def before():  # every run starts alike: the source warm (a conversion drops what it read), memory settled
-        if sync:
-            c.warm(src)
-        c.settle_memory()
-
     for i in range(rounds):
-        before()
+        c.start_alike(src, where)
         c.rmtree(dst)  # just before: cp writes into the memory its last copy freed, as a conversion does
         rows["cp -r"].append(run(["sh", "-c", f"cp -r '{src}' '{dst}'" + (" && sync" if sync else "")]))
         for n in procs:
-            before()
+            c.start_alike(src, where)
             cmd = command(src, out, n, extra)
             rows[str(n)].append(run(["sh", "-c", shlex.join(cmd) + " && sync"] if sync else cmd, env=env))
             if i == 0:

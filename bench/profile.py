@@ -113,7 +113,6 @@ def phases(results) -> dict:
 def measure_place(src: Path, work: Path, where: str, rounds: int, extra) -> dict:
     gb = c.folder_bytes(src) / 1e9
     sync = where.startswith("disk")
-    cold = where == "disk-cold"  # the page cache dropped before every run (root)
 
     last = [None]  # the last run's output: one at a time beside the source (tmpfs holds them in RAM)
 
@@ -121,12 +120,7 @@ def measure_place(src: Path, work: Path, where: str, rounds: int, extra) -> dict
         """Every run starts alike: the source warm (each conversion drops what it read) or cold, memory
         settled (``c.settle_memory``), and the last output removed just before, so each run writes into the
         memory that output freed."""
-        if cold:
-            if not c.drop_caches():
-                sys.exit("--where disk-cold needs root (to drop the page cache)")
-        elif sync:
-            c.warm(src)
-        c.settle_memory()
+        c.start_alike(src, where)
         c.rmtree(last[0]) if last[0] else None
         last[0] = out
 
@@ -174,20 +168,13 @@ def measure_resume(src: Path, work: Path, where: str, rounds: int, extra) -> dic
     fresh, resumed = [], []
     out = work / "resume"
 
-    def before():
-        if where == "disk-cold":
-            c.drop_caches()
-        elif where == "disk":
-            c.warm(src)
-        c.settle_memory()
-
     for _ in range(rounds):
         c.rmtree(out)
-        before()
+        c.start_alike(src, where)
         fresh.append(run(hf2mcore(src, out, *extra))["summary"])
         c.rmtree(out)
         killed_at_half(src, out, extra, work)
-        before()
+        c.start_alike(src, where)
         resumed.append(run([a for a in hf2mcore(src, out, *extra) if a != "--overwrite"])["summary"])
     c.rmtree(out)
     f, r = (c.median([s["seconds"] for s in rs]) for rs in (fresh, resumed))

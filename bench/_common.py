@@ -31,7 +31,7 @@ MiB = 1024**2
 def family_config(size_gb: float) -> dict:
     """A bf16 Llama of about ``size_gb`` GB; every size has the same tensor shapes, only more layers:
     hidden 2048, 16 heads, 4 kv heads, ffn 8192, vocab 32000 (~122 MB per layer, 262 MB embeddings)."""
-    from streamconv.synth import llama_config
+    from streamconv.reference.synth import llama_config
 
     hidden, ffn, vocab, kv = 2048, 8192, 32000, 512
     per_layer = ((hidden + 2 * kv) * hidden + hidden * hidden + 3 * ffn * hidden + 2 * hidden) * 2
@@ -43,7 +43,7 @@ def checkpoint(workdir: Path, size_gb: float, dtype: str = "bf16") -> Path:
     """The synthetic checkpoint of ``size_gb`` GB in ``workdir`` (generated once: tools/make_checkpoint.py)."""
     import torch
 
-    from streamconv.synth import make_checkpoint
+    from streamconv.reference.synth import make_checkpoint
 
     folder = workdir / f"hf-{size_gb:g}gb-{dtype}"
     if (folder / "config.json").is_file():
@@ -79,7 +79,7 @@ def rmtree(path: Path) -> None:
 
 # --------------------------------------------------------------------------- page cache
 
-WARM_PROGRAM = "import streamconv.commands.hf2mcore, streamconv.formats.staging, safetensors.torch, torch.distributed.checkpoint"
+WARM_PROGRAM = "import streamconv.commands.hf2mcore, streamconv.sinks.zarr_view, safetensors.torch, torch.distributed.checkpoint"
 
 
 def drop_caches() -> bool:
@@ -288,7 +288,7 @@ def same_tensors(a: Path, b: Path, block_bytes: int = 64 * MiB) -> str | None:
     whatever their chunking; else what differs. Streams row blocks: memory stays at two blocks."""
     import torch
 
-    from streamconv.formats.torch_dist_reader import TorchDistSource
+    from streamconv.sources.torch_dist import TorchDistSource
 
     sa, sb = TorchDistSource(a), TorchDistSource(b)
     if set(sa.tensors) != set(sb.tensors):

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from streamconv.commands.hf2mcore import Options, hf2mcore  # noqa: E402
-from streamconv.synth import llama_config, make_checkpoint  # noqa: E402
+from streamconv.reference.synth import llama_config, make_checkpoint  # noqa: E402
 
 
 def model_config(size_mb: int) -> dict:

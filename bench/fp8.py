@@ -4,7 +4,7 @@
     python bench/fp8.py [--size 3] [--methods FP8,FP8_PB_WO] [--rounds 3] [--where tmpfs] [--device cuda]
 
 The bf16 model of ``--size`` GB (bench/_common.py's family) is quantized once per method the way Model
-Optimizer exports it (``streamconv.synth.quantize_checkpoint``: float8 weights, float32 scales) and kept
+Optimizer exports it (``streamconv.reference.synth.quantize_checkpoint``: float8 weights, float32 scales) and kept
 beside it. Alternating, for ``--rounds`` rounds: ``cp -r`` of the bf16 folder, ``hf2mcore`` of the bf16
 folder and of each FP8 folder (all three write the same bf16 checkpoint size). Medians of the conversion's
 own ``seconds``, CPU seconds (user + sys) per GB written, and the engine's phases (``cast`` is the
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    from streamconv.synth import quantize_checkpoint
+    from streamconv.reference.synth import quantize_checkpoint
 
     disk = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="streamconv-fp8-", dir="/var/tmp"))
     bf16 = c.checkpoint(disk, args.size)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def llama_for(gb: float) -> dict:
-    from streamconv.synth import llama_config
+    from streamconv.reference.synth import llama_config
 
     hidden, ffn, vocab = 2048, 5632, 32000
     per_layer = (hidden + 2 * 512) * hidden + hidden * hidden + 3 * hidden * ffn
@@ -43,8 +43,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from streamconv.engine import parse_size
-    from streamconv.synth import make_checkpoint
+    from streamconv.engine.runner import parse_size
+    from streamconv.reference.synth import make_checkpoint
 
     work = Path(args.workdir)
     hf, mcore = work / "hf", work / "mcore"
@@ -53,7 +53,7 @@ def main() -> None:
         make_checkpoint(hf, llama_for(args.gb), dtype=torch.bfloat16, shards=4)
         run([sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(hf), "--megatron-path", str(mcore),
              "--json"])
-    from streamconv.synth import llama_config
+    from streamconv.reference.synth import llama_config
 
     tiny = work / "tiny"
     if not (tiny / "mcore" / "latest_checkpointed_iteration.txt").is_file():

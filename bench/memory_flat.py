@@ -38,7 +38,7 @@ def main() -> int:
     ap.add_argument("--extra", default="", help="extra hf2mcore flags, e.g. '--no-staging'")
     ap.add_argument("--json", action="store_true", help="also print all measurements as JSON")
     args = ap.parse_args()
-    from streamconv.engine import parse_size
+    from streamconv.engine.runner import parse_size
 
     budget = parse_size(args.max_memory)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="streamconv-bench-"))

@@ -79,7 +79,7 @@ def output_digest(out: Path) -> dict[str, str]:
 
 def killed_at_half(src: Path, out: Path, extra, tmp: Path) -> None:
     """A default run SIGKILLed once about half of its bytes are committed."""
-    from streamconv.formats.safetensors import SafetensorsSource
+    from streamconv.sources.safetensors import SafetensorsSource
     from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for
     from streamconv.models.config import load_config, spec_from_config
 
@@ -185,7 +185,7 @@ def measure_resume(src: Path, work: Path, where: str, rounds: int, extra) -> dic
 
 
 def measure_small(work: Path, rounds: int, extra) -> dict:
-    from streamconv.synth import make_checkpoint, real_config, scale_config
+    from streamconv.reference.synth import make_checkpoint, real_config, scale_config
 
     import torch
 
@@ -204,7 +204,7 @@ def measure_small(work: Path, rounds: int, extra) -> dict:
 
 
 def measure_startup(work: Path, rounds: int) -> dict:
-    from streamconv.synth import llama_config, make_checkpoint
+    from streamconv.reference.synth import llama_config, make_checkpoint
 
     src = make_checkpoint(work / "tiny", llama_config(), seed=0)
     walls = [run(hf2mcore(src, work / "tiny-out", "--quiet"))["wall"] for _ in range(rounds)]

@@ -5,7 +5,7 @@
 
 The plan is the one ``streamconv hf2mcore`` makes for Ultra-253B (its published config.json, bf16, chunk
 size from the budget): 162 heterogeneous layers, four FFNs wider than 300k rows whose fused ``linear_fc1``
-is up to 28 GB, converted in budget-sized pieces. The source is ``streamconv.virtual.VirtualSource``
+is up to 28 GB, converted in budget-sized pieces. The source is ``streamconv.sources.virtual.VirtualSource``
 (deterministic values made on the fly for every read), the sink ``DigestSink`` (a CRC-32 over every output
 byte in plan order, then discarded; every ``--verify-every``-th chunk, about, is rebuilt independently and
 compared bit for bit). Reports throughput, wall time, the peak RSS of the process (getrusage) and of the
@@ -42,7 +42,7 @@ class Sampler:
         self._thread.start()
 
     def _run(self) -> None:
-        from streamconv import rss
+        from streamconv.runtime import rss
 
         while not self._stop.wait(1.0):
             self.samples.append((time.perf_counter() - self._t0, rss.current()))
@@ -66,21 +66,22 @@ def main() -> int:
 
     import torch
 
-    from streamconv import engine, rss
+    from streamconv.engine import runner
+    from streamconv.runtime import rss
     from streamconv.commands.hf2mcore import chunk_bytes_for
     from streamconv.models import rules
     from streamconv.models.config import load_config, spec_from_config
-    from streamconv.plan import describe, import_plan
-    from streamconv.progress import make_progress
-    from streamconv.virtual import DigestSink, VirtualSource
+    from streamconv.plan.build import describe, import_plan
+    from streamconv.runtime.progress import make_progress
+    from streamconv.sources.virtual import DigestSink, VirtualSource
 
-    budget = engine.parse_size(args.max_memory)
+    budget = runner.parse_size(args.max_memory)
     spec = spec_from_config(load_config(args.config))
     plan = import_plan(spec, {t.name: torch.bfloat16 for t in rules.hf_tensors(spec)}, None,
                        chunk_bytes=chunk_bytes_for(budget))
     d = describe(plan)
     print(f"plan: {d['architecture']}, {d['layers']} layers, {d['parameters'] / 1e9:.3f} B parameters, "
-          f"{d['bytes'] / 1e9:.1f} GB, {d['chunks']} chunks of at most {engine.fmt_bytes(d['largest_chunk_bytes'])}, "
+          f"{d['bytes'] / 1e9:.1f} GB, {d['chunks']} chunks of at most {runner.fmt_bytes(d['largest_chunk_bytes'])}, "
           f"largest tensor {d['largest_tensor']} ({d['largest_tensor_bytes'] / 1e9:.1f} GB)")
     if args.limit_gb:
         keep, total = [], 0
@@ -99,7 +100,7 @@ def main() -> int:
         rss.reset_peak()
         sampler = Sampler()
         with progress:
-            stats = engine.run(plan, source, sink, max_memory=budget, workers=args.workers, progress=progress)
+            stats = runner.run(plan, source, sink, max_memory=budget, workers=args.workers, progress=progress)
         samples = sampler.stop()
         late = [r for t, r in samples if t > 10] or [r for _, r in samples]
         res = {

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    from streamconv.engine import parse_size
+    from streamconv.engine.runner import parse_size
 
     budget = parse_size(args.max_memory)
     cap = int(budget + 0.75 * c.GiB)

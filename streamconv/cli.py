@@ -18,7 +18,8 @@ import sys
 # conversion (measured, 2026-12-02). streamconv never multiplies matrices with numpy (torch has its own BLAS).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from streamconv import __version__, interrupt  # noqa: E402
+from streamconv import __version__  # noqa: E402
+from streamconv.runtime import interrupt
 from streamconv.errors import EXIT_INTERNAL, EXIT_IO, EXIT_USAGE, StreamconvError, UsageError, output_error  # noqa: E402
 
 # What an interrupted command leaves behind, per command (printed after "error: interrupted by SIGINT;").
@@ -35,7 +36,7 @@ def engine_workers() -> int:
     this host (``LOCAL_WORLD_SIZE``)."""
     import os
 
-    from streamconv.engine import default_workers
+    from streamconv.engine.runner import default_workers
 
     try:
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)) if os.environ.get("WORLD_SIZE") else 1
@@ -47,7 +48,7 @@ def engine_workers() -> int:
 @contextlib.contextmanager
 def joined():
     """The distributed job this process is part of (``dist.Job``) under a launcher, else None."""
-    from streamconv import dist
+    from streamconv.runtime import dist
 
     if not dist.launched():
         yield None
@@ -270,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _early_status(args, message: str) -> None:
     """Said before the heavy imports (torch: seconds on a cold start), by rank 0 alone."""
-    from streamconv.progress import status
+    from streamconv.runtime.progress import status
 
     status(message, quiet=args.quiet or args.json or not _speaks())
 
@@ -375,7 +376,7 @@ def _report(args, summary: dict, line: str) -> None:
     elif not getattr(args, "quiet", False):
         print(line)
         if sys.stdout.isatty():  # people get the one-screen summary too
-            from streamconv.progress import print_summary
+            from streamconv.runtime.progress import print_summary
 
             print_summary(summary)
 
@@ -469,7 +470,7 @@ def check_address_space() -> None:
 
 def _peers_gone() -> str:
     """In a distributed run stopped by a signal (torchrun sends SIGTERM when a rank dies): which rank died."""
-    from streamconv import dist
+    from streamconv.runtime import dist
 
     job = dist.current()
     dead = job.dead_peers() if job is not None else []
@@ -499,7 +500,7 @@ def _speaks() -> bool:
 def _fail(args, line: str, code: int) -> int:
     """One line on stderr (every rank of a distributed run says its own, after its rank); with ``--json``,
     also an error object on stdout for scripts (rank 0 only)."""
-    from streamconv import dist
+    from streamconv.runtime import dist
 
     job = dist.current()
     if job is not None:

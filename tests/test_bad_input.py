@@ -20,7 +20,7 @@ import pytest
 
 from streamconv import errors
 from streamconv.cli import build_parser, main
-from streamconv.synth import llama_config, make_checkpoint
+from streamconv.reference.synth import llama_config, make_checkpoint
 
 SHARD1 = "model-00001-of-00002.safetensors"
 SHARD2 = "model-00002-of-00002.safetensors"
@@ -609,7 +609,7 @@ def test_an_unknown_flag_gets_the_subcommands_usage_and_help_has_examples(capsys
 
 def test_a_tiny_budget_is_said_and_plan_refuses_what_the_conversion_refuses(tmp_path, capsys):
     from streamconv.cli import main as cli_main
-    from streamconv.synth import llama_config, make_checkpoint
+    from streamconv.reference.synth import llama_config, make_checkpoint
 
     src = make_checkpoint(tmp_path / "hf", llama_config(hidden=64, layers=2, heads=8, kv_heads=2, ffn=160,
                                                         vocab=256), seed=1, shards=1)

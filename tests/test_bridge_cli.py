@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from streamconv.synth import llama_config, make_checkpoint
+from streamconv.reference.synth import llama_config, make_checkpoint
 
 
 def run(*args) -> subprocess.CompletedProcess:
@@ -41,7 +41,7 @@ def test_not_strict_leaves_out_what_the_mapping_does_not_know(tmp_path, capsys):
     import json
 
     from streamconv.cli import main
-    from streamconv.synth import llama_config, make_checkpoint
+    from streamconv.reference.synth import llama_config, make_checkpoint
 
     untied = llama_config(hidden=64, layers=2, heads=8, kv_heads=2, ffn=160, vocab=256)
     src = make_checkpoint(tmp_path / "hf", untied, seed=2, shards=1)

@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkSt
 
 from streamconv.formats import dcp_pickle
 from streamconv.formats.torch_dist import build_metadata
-from streamconv.formats.torch_dist_reader import load_metadata
+from streamconv.sources.torch_dist import load_metadata
 
 
 def real_metadata(targets, chunks_by_key, objects, storage) -> Metadata:

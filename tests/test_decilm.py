@@ -1,6 +1,6 @@
 """hf2mcore on heterogeneous DeciLM (nemotron-nas) checkpoints, judged by the real client: a megatron-core
 GPTModel built with HeterogeneousTransformerConfig and the heterogeneous (local) layer spec loads the output
-at default strictness, and its logits equal streamconv.reference (an independent forward of the HF weights),
+at default strictness, and its logits equal streamconv.reference.forward (an independent forward of the HF weights),
 which is itself checked against transformers' LlamaForCausalLM."""
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from streamconv import engine
+from streamconv.engine import runner
 from streamconv.cli import main
-from streamconv.formats.safetensors import SafetensorsSource
+from streamconv.sources.safetensors import SafetensorsSource
 from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for
 from streamconv.models import rules
 from streamconv.models.config import spec_from_config
-from streamconv.reference import reference_logits
-from streamconv.synth import (CONFIGS_DIR, REAL_CONFIGS, decilm_block, decilm_config, llama_config, make_checkpoint,
+from streamconv.reference.forward import reference_logits
+from streamconv.reference.synth import (CONFIGS_DIR, REAL_CONFIGS, decilm_block, decilm_config, llama_config, make_checkpoint,
                               mixed_decilm_config, real_config, scale_config)
 
 mh = pytest.importorskip("mcore_harness")
@@ -266,8 +266,8 @@ def test_plan_memory_is_what_the_conversion_needs(tmp_path):
         assert out["chunks"] == len(plan.chunks)
         for row in out["per_layer"]:
             layer_plan = dataclasses.replace(plan, chunks=[c for c in plan.chunks if c.layer == row["layer"]])
-            assert row["memory_bytes"] == engine.min_memory(layer_plan, source), row
-        assert out["min_memory_bytes"] == engine.min_memory(plan, source)
+            assert row["memory_bytes"] == runner.min_memory(layer_plan, source), row
+        assert out["min_memory_bytes"] == runner.min_memory(plan, source)
     finally:
         source.close()
     assert max(r["memory_bytes"] for r in out["per_layer"]) <= out["min_memory_bytes"] <= budget

@@ -21,9 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from streamconv import crashpoints, dist
+from streamconv import crashpoints
+from streamconv.runtime import dist
 from streamconv.cli import main
-from streamconv.synth import llama_config, make_checkpoint, mixed_decilm_config
+from streamconv.reference.synth import llama_config, make_checkpoint, mixed_decilm_config
 
 mh = pytest.importorskip("mcore_harness")
 
@@ -117,7 +118,7 @@ def test_two_processes_convert_and_export_what_one_does(tmp_path, case, capsys):
     model = mh.build_hetero_gpt(cfg) if case == "decilm" else mh.build_gpt(cfg)
     assert mh.checkpoint_keys(ckpt) - {"common_state/shard_0_1"} == mh.model_checkpoint_keys(model)
     mh.load_checkpoint(model, ckpt, check_extra=False)  # default strictness
-    from streamconv.reference import reference_logits
+    from streamconv.reference.forward import reference_logits
 
     weights = {k: v for f in sorted(src.glob("*.safetensors")) for k, v in load_file(f).items()}
     assert (mh.logits(model, tokens) - reference_logits(cfg, weights, tokens)).abs().max().item() <= 1e-4
@@ -195,10 +196,10 @@ def llama(tmp_path_factory):
 
 def plan_of(src: Path, source=None):
     """The plan a conversion of ``src`` with SETTINGS makes."""
-    from streamconv.formats.safetensors import SafetensorsSource
+    from streamconv.sources.safetensors import SafetensorsSource
     from streamconv.commands.hf2mcore import build_plan
     from streamconv.models.config import load_config, spec_from_config
-    from streamconv.plan import DEFAULT_CHUNK_BYTES
+    from streamconv.plan.build import DEFAULT_CHUNK_BYTES
     from streamconv.units import parse_size
 
     own = source is None
@@ -315,7 +316,7 @@ def test_a_fault_one_rank_meets_stops_every_rank_with_one_line_each(llama, tmp_p
     before bytes rank 1 reads; rank 1 goes on, fails on the read, and rank 0 stops with rank 1's line."""
     import shutil
 
-    from streamconv.formats.safetensors import SafetensorsSource
+    from streamconv.sources.safetensors import SafetensorsSource
 
     src = Path(shutil.copytree(llama[0], tmp_path / "hf"))
     source = SafetensorsSource(src)

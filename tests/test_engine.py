@@ -14,16 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from streamconv import engine, scatter
-from streamconv.device import CudaStage
+from streamconv.engine import runner
+from streamconv.engine import scatter
+from streamconv.engine.device import CudaStage
 from streamconv.errors import BadInputError, UsageError
-from streamconv.formats.safetensors import SafetensorsSource
+from streamconv.sources.safetensors import SafetensorsSource
 from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for
-from streamconv.memory import Memory
+from streamconv.engine.memory import Memory
 from streamconv.models.config import spec_from_config
-from streamconv.progress import RichProgress
-from streamconv.synth import llama_config, make_checkpoint, mixed_decilm_config
-from streamconv.virtual import DigestSink, VirtualSource
+from streamconv.runtime.progress import RichProgress
+from streamconv.reference.synth import llama_config, make_checkpoint, mixed_decilm_config
+from streamconv.sources.virtual import DigestSink, VirtualSource
 
 CFG = llama_config(hidden=64, layers=3, heads=8, kv_heads=2, ffn=160, vocab=320)
 
@@ -54,12 +55,12 @@ def run_digest(folder, budget, workers=2, dtype=None, cuda_path_slots=0):
         plan = plan_for(source, budget, dtype)
         stage, max_memory = None, budget
         if cuda_path_slots:
-            jobs = [engine.make_job(plan, c, source) for c in plan.chunks]
+            jobs = [runner.make_job(plan, c, source) for c in plan.chunks]
             slot = max(j.shape[0] * j.shape[1] * max(j.buf_dtype.itemsize, j.out_dtype.itemsize) for j in jobs)
             stage = CudaStage("cpu", slot, cuda_path_slots, pin=False)
             max_memory += stage.reserved
         sink = DigestSink(plan, source, verify_every=1)
-        stats = engine.run(plan, source, sink, max_memory=max_memory, workers=workers, stage=stage)
+        stats = runner.run(plan, source, sink, max_memory=max_memory, workers=workers, stage=stage)
     finally:
         source.close()
     assert sink.verified == len(plan.chunks) and not sink.mismatches, sink.mismatches[:3]
@@ -124,10 +125,10 @@ def test_live_chunk_memory_never_exceeds_the_budget(ckpt, dtype):
     source = SafetensorsSource(ckpt["small"])
     try:
         plan = plan_for(source, budget, dtype, cfg=SMALL)
-        largest = max(engine.chunk_cost(plan, c, source) for c in plan.chunks)
+        largest = max(runner.chunk_cost(plan, c, source) for c in plan.chunks)
         gc.collect()
         sink = LiveBytesSink(live_tensor_bytes())
-        stats = engine.run(plan, source, sink, max_memory=budget, workers=4)
+        stats = runner.run(plan, source, sink, max_memory=budget, workers=4)
     finally:
         source.close()
     assert sink.peak <= budget
@@ -159,7 +160,7 @@ def test_reads_run_ahead_while_chunks_are_written():
     plan = build_plan_virtual(spec, 8 << 10)
     sink = SlowSink(plan, source)
     n = len(plan.chunks)
-    stats = engine.run(plan, source, sink, max_memory=256 << 10, workers=2)
+    stats = runner.run(plan, source, sink, max_memory=256 << 10, workers=2)
     serial = n * (SlowSource.delay + SlowSink.delay)
     assert stats.read_seconds >= n * SlowSource.delay and stats.write_seconds >= n * SlowSink.delay
     assert stats.seconds < 0.75 * serial, (stats.seconds, serial)
@@ -167,7 +168,7 @@ def test_reads_run_ahead_while_chunks_are_written():
 
 def build_plan_virtual(spec, chunk_bytes, dtype=torch.bfloat16):
     from streamconv.models import rules
-    from streamconv.plan import import_plan
+    from streamconv.plan.build import import_plan
 
     return import_plan(spec, {t.name: dtype for t in rules.hf_tensors(spec)}, None, chunk_bytes=chunk_bytes)
 
@@ -184,7 +185,7 @@ def test_a_truncated_shard_stops_the_run_with_one_clear_error(tmp_path):
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
     with pytest.raises(BadInputError, match="truncated"):
-        engine.run(plan, source, DigestSink(plan, source), max_memory=64 << 10, workers=3)
+        runner.run(plan, source, DigestSink(plan, source), max_memory=64 << 10, workers=3)
     source.close()
     assert not engine_threads()
 
@@ -207,7 +208,7 @@ def test_a_failing_sink_stops_the_run_and_no_write_follows(exc):
     plan = build_plan_virtual(spec, 4 << 10)
     sink = FailingSink(plan, source, after=5, exc=exc)
     with pytest.raises(type(exc)):
-        engine.run(plan, source, sink, max_memory=64 << 10, workers=2)
+        runner.run(plan, source, sink, max_memory=64 << 10, workers=2)
     assert sink.chunks == 5
     assert not engine_threads()
 
@@ -217,11 +218,11 @@ def test_a_budget_below_one_chunk_is_refused():
     source = VirtualSource(spec)
     plan = build_plan_virtual(spec, 64 << 10)
     sink = DigestSink(plan, source)
-    need = engine.min_memory(plan, source, sink)
+    need = runner.min_memory(plan, source, sink)
     assert need == max(c.nbytes for c in plan.chunks)  # read straight into the buffer; the sink copies nothing
     with pytest.raises(UsageError, match="--max-memory"):
-        engine.run(plan, source, sink, max_memory=need - 1)
-    engine.run(plan, source, sink, max_memory=need)  # exactly enough runs, one chunk at a time
+        runner.run(plan, source, sink, max_memory=need - 1)
+    runner.run(plan, source, sink, max_memory=need)  # exactly enough runs, one chunk at a time
     assert sink.bytes == plan.total_bytes
 
 
@@ -233,7 +234,7 @@ def test_progress_counts_tensors_chunks_and_bytes():
     out = io.StringIO()
     with RichProgress("test", plan.total_bytes, len(plan.chunks), 32 << 10,
                       console=Console(file=out, force_terminal=True, width=200), plan=plan) as progress:
-        engine.run(plan, source, DigestSink(plan, source), max_memory=32 << 10, progress=progress)
+        runner.run(plan, source, DigestSink(plan, source), max_memory=32 << 10, progress=progress)
     counter = progress._count  # what moves: the source tensors read (more of them than megatron tensors here)
     assert counter.label == "source tensors" and counter.count == counter.total == len(
         {r.name for c in plan.chunks for r in c.reads})

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from streamconv.cli import main
-from streamconv.synth import dequantized_copy, llama_config, make_checkpoint, mixed_decilm_config, quantize_checkpoint
+from streamconv.reference.synth import dequantized_copy, llama_config, make_checkpoint, mixed_decilm_config, quantize_checkpoint
 
 mh = pytest.importorskip("mcore_harness")
 ITER = "iter_0000000"
@@ -96,7 +96,7 @@ def test_llama_fp8_loads_in_megatron_with_the_dequantized_models_logits(tmp_path
 
 @pytest.mark.parametrize("method,block", [("FP8", None), ("FP8_PB_WO", (16, 32))])
 def test_decilm_fp8_every_block_variant_loads_with_the_reference_logits(tmp_path, capsys, method, block):
-    from streamconv.reference import reference_logits
+    from streamconv.reference.forward import reference_logits
 
     cfg = {**mixed_decilm_config(hidden=64, heads=8, vocab=256), "torch_dtype": "float32"}
     src = make_checkpoint(tmp_path / "hf", cfg, seed=4, shards=2, dtype=torch.float32)
@@ -193,7 +193,7 @@ def test_dequantize_is_the_float32_product_rounded_once(kind, dtype):
     (``dequantize_on_device``, tensor operations only) with the same bits."""
     import math
 
-    from streamconv.transforms import dequantize, dequantize_on_device
+    from streamconv.engine.transforms import dequantize, dequantize_on_device
 
     g = torch.Generator().manual_seed(0)
     rows, cols, row0 = 41, 300, 7
@@ -222,11 +222,11 @@ def test_the_cuda_stage_dequantizes_with_the_cpus_bits(tmp_path, name):
     """The CUDA stage (its code path run on the CPU: slots without pinning, no stream) is handed the raw
     float8 bytes and dequantizes them where it casts (``transforms.dequantize_on_device``, tensor operations
     only); every chunk equals the CPU's table look-ups bit for bit, QKV and gate/up fusions included."""
-    from streamconv import engine
+    from streamconv.engine import runner
     from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for, open_source
-    from streamconv.device import CudaStage
+    from streamconv.engine.device import CudaStage
     from streamconv.models.config import load_config, spec_from_config
-    from streamconv.virtual import DigestSink
+    from streamconv.sources.virtual import DigestSink
 
     src = make_checkpoint(tmp_path / "hf", llama_config(**LLAMA), seed=2, shards=2, dtype=torch.bfloat16)
     fp8 = quantize_checkpoint(src, tmp_path / "fp8", **METHODS[name])
@@ -238,14 +238,14 @@ def test_the_cuda_stage_dequantizes_with_the_cpus_bits(tmp_path, name):
             plan = build_plan(source, spec_from_config(cfg), None, chunk_bytes_for(256 << 10))
             stage, budget = None, 256 << 10
             if cuda_path:
-                jobs = [engine.make_job(plan, c, source) for c in plan.chunks]
+                jobs = [runner.make_job(plan, c, source) for c in plan.chunks]
                 slot = max(j.shape[0] * j.shape[1] * max(j.buf_dtype.itemsize, j.out_dtype.itemsize) for j in jobs)
                 stage = CudaStage("cpu", slot, 3, pin=False)
                 budget += stage.reserved
-                raw = [engine.make_job(plan, c, source, stage=stage) for c in plan.chunks]
+                raw = [runner.make_job(plan, c, source, stage=stage) for c in plan.chunks]
                 assert sum(j.quant is not None and j.buf_dtype == torch.float8_e4m3fn for j in raw) > 2 * 7
             sink = DigestSink(plan, source, verify_every=1)
-            engine.run(plan, source, sink, max_memory=budget, workers=2, stage=stage)
+            runner.run(plan, source, sink, max_memory=budget, workers=2, stage=stage)
         finally:
             source.close()
         assert sink.verified == len(plan.chunks) and not sink.mismatches, sink.mismatches[:3]

@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamconv.errors import BadInputError
-from streamconv.formats.safetensors import DTYPES, SafetensorsSource, ShardWriter, itemsize, read_header
+from streamconv.sources.safetensors import DTYPES, SafetensorsSource, ShardWriter, itemsize, read_header
 from streamconv.models import rules
 from streamconv.models.config import load_config, spec_from_config
-from streamconv.synth import llama_config
+from streamconv.reference.synth import llama_config
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

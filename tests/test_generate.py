@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from streamconv.cli import main
-from streamconv.synth import llama_config, make_checkpoint, make_tokenizer, mixed_decilm_config
+from streamconv.reference.synth import llama_config, make_checkpoint, make_tokenizer, mixed_decilm_config
 
 pytest.importorskip("mcore_harness")
 pytest.importorskip("transformers")

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from streamconv.synth import llama_config, make_checkpoint
+from streamconv.reference.synth import llama_config, make_checkpoint
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

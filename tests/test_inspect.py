@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from streamconv.cli import main
-from streamconv.synth import llama_config, make_checkpoint, mixed_decilm_config
+from streamconv.reference.synth import llama_config, make_checkpoint, mixed_decilm_config
 
 ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from streamconv.cli import main
 from streamconv.models import rules
 from streamconv.models.config import spec_from_config
-from streamconv.synth import llama_config, make_checkpoint
-from streamconv.transforms import split
+from streamconv.reference.synth import llama_config, make_checkpoint
+from streamconv.engine.transforms import split
 
 mh = pytest.importorskip("mcore_harness")
 

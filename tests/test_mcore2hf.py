@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from streamconv.cli import main
-from streamconv.formats.torch_dist_reader import TorchDistSource
+from streamconv.sources.torch_dist import TorchDistSource
 from streamconv.commands.mcore2hf import MARKER, resolve_checkpoint
 from streamconv.models.config import spec_from_config
-from streamconv.synth import llama_config, make_checkpoint
+from streamconv.reference.synth import llama_config, make_checkpoint
 
 
 def hf2mcore(src, out, *extra) -> None:
@@ -349,15 +349,15 @@ def test_checkpoint_folder_forms(tmp_path):
 
 KILL_AFTER = textwrap.dedent("""
     import os, signal, sys
-    from streamconv.formats import safetensors_sink
+    from streamconv.sinks import safetensors
     from streamconv.cli import main
-    write, n = safetensors_sink.SafetensorsSink.write, [0]
+    write, n = safetensors.SafetensorsSink.write, [0]
     def killing_write(self, chunk, tensor):
         if n[0] == int(sys.argv[1]):
             os.kill(os.getpid(), signal.SIGKILL)
         n[0] += 1
         write(self, chunk, tensor)
-    safetensors_sink.SafetensorsSink.write = killing_write
+    safetensors.SafetensorsSink.write = killing_write
     sys.exit(main(sys.argv[2:]))
 """)
 

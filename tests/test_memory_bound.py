@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from streamconv.synth import llama_config, make_checkpoint
+from streamconv.reference.synth import llama_config, make_checkpoint
 
 BUDGET = 16 * 2**20
 SLACK = 4 * 2**20  # thread stacks, allocator bookkeeping, objects of a larger plan

@@ -18,11 +18,11 @@ import zipfile
 import pytest
 import torch
 
-from streamconv import pagecache
+from streamconv.files import pagecache
 from streamconv.cli import main
 from streamconv.formats.torch_dist import tensor_item_bytes
-from streamconv.formats.torch_dist_reader import TorchDistSource
-from streamconv.synth import llama_config, make_checkpoint
+from streamconv.sources.torch_dist import TorchDistSource
+from streamconv.reference.synth import llama_config, make_checkpoint
 
 TENSORS = [
     torch.randn(37, 19, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16),

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from streamconv import crashpoints, errors
 from streamconv.cli import main
-from streamconv.synth import llama_config, make_checkpoint, mixed_decilm_config
+from streamconv.reference.synth import llama_config, make_checkpoint, mixed_decilm_config
 
 CFG = llama_config(hidden=64, layers=2, heads=4, kv_heads=2, ffn=160, vocab=300)
 SMALL = ["--max-memory", "64KiB", "--distcp-size", "40KiB"]
@@ -144,7 +144,7 @@ def _kill_and_change_a_kept_chunks_source(model, out, *extra):
     proc.wait()
     records = [json.loads(line) for line in (out / ".streamconv" / "journal.jsonl").read_text().splitlines()]
     kept = next(r for r in records if r["t"] == "chunk")
-    from streamconv.formats.safetensors import SafetensorsSource
+    from streamconv.sources.safetensors import SafetensorsSource
     from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for
     from streamconv.models.config import load_config, spec_from_config
 

@@ -20,7 +20,7 @@ import torch
 
 from streamconv import errors
 from streamconv.cli import main
-from streamconv.synth import llama_config, make_checkpoint
+from streamconv.reference.synth import llama_config, make_checkpoint
 
 CFG = llama_config(hidden=64, layers=3, heads=8, kv_heads=2, ffn=160, vocab=320)
 # a 64 KiB budget makes 8 KiB chunks (50 of them) and --distcp-size 40KiB about 9 .distcp files
@@ -111,7 +111,7 @@ def finish_and_check(src, out, ref, capsys, *extra) -> dict:
 def chunks_kept(out: Path, plan, staged: bool) -> set:
     """The chunks a re-run on ``out`` keeps: those of committed files and, staged, those journaled since
     their ``.partial`` was created."""
-    from streamconv.formats.torch_dist_sink import chunks_of_last_open
+    from streamconv.sinks.torch_dist import chunks_of_last_open
 
     journal = out / ".streamconv" / "journal.jsonl"
     if not journal.exists():
@@ -125,7 +125,7 @@ def chunks_kept(out: Path, plan, staged: bool) -> set:
 
 
 def plan_of(src):
-    from streamconv.formats.safetensors import SafetensorsSource
+    from streamconv.sources.safetensors import SafetensorsSource
     from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for
     from streamconv.models.config import load_config, spec_from_config
 

@@ -16,8 +16,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from streamconv.cli import main
 from streamconv.models import rules
 from streamconv.models.config import spec_from_config
-from streamconv.reference import reference_logits
-from streamconv.synth import llama_config, make_checkpoint, mixed_decilm_config
+from streamconv.reference.forward import reference_logits
+from streamconv.reference.synth import llama_config, make_checkpoint, mixed_decilm_config
 
 mh = pytest.importorskip("mcore_harness")
 

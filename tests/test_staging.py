@@ -10,13 +10,13 @@ import torch
 import zarr
 
 from streamconv.cli import main
-from streamconv.formats.staging import StagingStore, chunk_coords, grid_for
-from streamconv.formats.torch_dist_reader import TorchDistSource
-from streamconv.plan import Chunk, Plan, Target
+from streamconv.sinks.zarr_view import StagingStore, chunk_coords, grid_for
+from streamconv.sources.torch_dist import TorchDistSource
+from streamconv.plan.build import Chunk, Plan, Target
 from streamconv.models import rules
 from streamconv.models.config import spec_from_config
-from streamconv.plan import import_plan
-from streamconv.synth import REAL_CONFIGS, llama_config, make_checkpoint, real_config
+from streamconv.plan.build import import_plan
+from streamconv.reference.synth import REAL_CONFIGS, llama_config, make_checkpoint, real_config
 
 CFG = llama_config(hidden=64, layers=2, heads=8, kv_heads=2, ffn=96, vocab=192)
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from streamconv.cli import main
-from streamconv.synth import llama_config, make_checkpoint, mixed_decilm_config
+from streamconv.reference.synth import llama_config, make_checkpoint, mixed_decilm_config
 
 mh = pytest.importorskip("mcore_harness")
 
@@ -106,7 +106,7 @@ def test_a_training_checkpoint_exports_its_trained_weights_without_hf_config(tmp
     expected = trained_weights_export(model, src, tmp_path)
 
     # the optimizer's bytes are never read: make every optimizer item unreadable garbage
-    from streamconv.formats.torch_dist_reader import TorchDistSource
+    from streamconv.sources.torch_dist import TorchDistSource
 
     with TorchDistSource(ckpt) as reader:
         optimizer = [c for k, t in reader.tensors.items() if k.startswith("optimizer.") for c in t.chunks]

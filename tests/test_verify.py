@@ -14,8 +14,8 @@ import torch
 
 from streamconv import errors
 from streamconv.cli import main
-from streamconv.formats.torch_dist_reader import TorchDistSource
-from streamconv.synth import llama_config, make_checkpoint, mixed_decilm_config
+from streamconv.sources.torch_dist import TorchDistSource
+from streamconv.reference.synth import llama_config, make_checkpoint, mixed_decilm_config
 
 CFG = llama_config(hidden=64, layers=2, heads=8, kv_heads=2, ffn=96, vocab=192)
 
@@ -135,7 +135,7 @@ def test_a_broken_item_archive_is_named_unreadable(bf16_src, tmp_path, capsys):
 
 
 def test_verify_against_another_model_says_so_in_one_line(tmp_path, capsys):
-    from streamconv.synth import llama_config, make_checkpoint
+    from streamconv.reference.synth import llama_config, make_checkpoint
 
     a = make_checkpoint(tmp_path / "a", llama_config(hidden=64, layers=2, heads=8, kv_heads=2, ffn=160, vocab=256),
                         seed=1, shards=1)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from streamconv.synth import REAL_CONFIGS, llama_config, make_checkpoint, mixed_decilm_config, real_config, scale_config  # noqa: E402,E501
+from streamconv.reference.synth import REAL_CONFIGS, llama_config, make_checkpoint, mixed_decilm_config, real_config, scale_config  # noqa: E402,E501
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from streamconv.errors import UsageError
 from streamconv.commands.hf2mcore import ITER_DIR, Options, hf2mcore
-from streamconv.synth import make_checkpoint, real_config, scale_config
+from streamconv.reference.synth import make_checkpoint, real_config, scale_config
 
 TOLERANCE = 1e-4
 MODELS = (
@@ -44,10 +44,10 @@ def check_model(label: str, cfg: dict, workdir: Path) -> dict:
     warnings.filterwarnings("ignore", category=UserWarning)  # megatron-core's deprecation chatter
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        from streamconv import mcore
+        from streamconv.reference import mcore
     except ImportError as e:
         raise UsageError(f"the demo needs megatron-core ({e}); install with: pip install -e '.[mcore]'") from None
-    from streamconv.reference import reference_logits
+    from streamconv.reference.forward import reference_logits
 
     name = label.split()[0].lower()
     src = make_checkpoint(workdir / f"{name}-hf", cfg, seed=0, dtype=torch.float32, shards=3)

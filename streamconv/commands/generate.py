@@ -96,7 +96,7 @@ def greedy(step, prompt_ids: list[int], new_tokens: int, eos: int | None, on_tok
 def hf_step(folder: Path, cfg: dict):
     """The HF side of ``--compare-hf``: transformers' Llama, or the reference forward for DeciLM."""
     if cfg.get("block_configs"):
-        from streamconv.reference import reference_logits
+        from streamconv.reference.forward import reference_logits
         from safetensors.torch import load_file
 
         weights = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
@@ -137,12 +137,12 @@ def _require(module: str) -> None:
 
 
 def generate(args) -> dict:
-    from streamconv import dist
+    from streamconv.runtime import dist
 
     for module in ("megatron.core", "transformers"):
         _require(module)
     _quiet_libraries()
-    from streamconv.formats.torch_dist_reader import TorchDistSource
+    from streamconv.sources.torch_dist import TorchDistSource
     from streamconv.commands.hf2mcore import parse_dtype
     from streamconv.commands.mcore2hf import model_config, resolve_checkpoint
     from streamconv.models.config import spec_from_config
@@ -184,7 +184,7 @@ def generate(args) -> dict:
     if not prompt_ids:
         raise UsageError("--prompt: empty after tokenization")
 
-    from streamconv import mcore as mh
+    from streamconv.reference import mcore as mh
 
     if device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -234,7 +234,7 @@ def generate(args) -> dict:
 
 
 def generate_command(args) -> int:
-    from streamconv import dist
+    from streamconv.runtime import dist
 
     job = None
     if dist.launched():  # under torchrun: the --tp ranks (nccl between GPUs, gloo on the CPU)

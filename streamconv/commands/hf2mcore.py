@@ -13,16 +13,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from streamconv import crashpoints, dtypes, engine, outdir, resume, rss
+from streamconv import crashpoints, dtypes
+from streamconv.engine import runner
+from streamconv.runtime import outdir
+from streamconv.runtime import resume
+from streamconv.runtime import rss
 from streamconv.errors import BadInputError, OutputError, UsageError, output_error
 from streamconv.formats import run_config
-from streamconv.formats.safetensors import SafetensorsSource
-from streamconv.formats.atomic import fsync_write
-from streamconv.formats.torch_dist_sink import TorchDistSink
+from streamconv.sources.safetensors import SafetensorsSource
+from streamconv.files.atomic import fsync_write
+from streamconv.sinks.torch_dist import TorchDistSink
 from streamconv.models.spec import ModelSpec
 from streamconv.models.config import load_config, spec_from_config
-from streamconv.plan import DEFAULT_CHUNK_BYTES, DEFAULT_FILE_BYTES, Plan, check_source, import_plan
-from streamconv.progress import make_progress
+from streamconv.plan.build import DEFAULT_CHUNK_BYTES, DEFAULT_FILE_BYTES, Plan, check_source, import_plan
+from streamconv.runtime.progress import make_progress
 
 ITER_DIR = "iter_0000000"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -116,8 +120,8 @@ def source_dtypes(source) -> dict:
 
 def open_source(folder: Path, cfg: dict) -> SafetensorsSource:
     """The HF source, with its quantization (if any) recognized and its scales read
-    (``formats/quantized.py``)."""
-    from streamconv.formats import quantized
+    (``sources/quantized.py``)."""
+    from streamconv.sources import quantized
 
     source = SafetensorsSource(folder)
     try:
@@ -132,7 +136,7 @@ def open_source(folder: Path, cfg: dict) -> SafetensorsSource:
 @dataclass
 class Options:
     dtype: str | None = None
-    max_memory: int = engine.DEFAULT_MAX_MEMORY
+    max_memory: int = runner.DEFAULT_MAX_MEMORY
     workers: int = 4
     device: str = "cpu"
     overwrite: bool = False
@@ -174,10 +178,10 @@ def _setup(hf_model: str, out: Path, opts: Options) -> _Setup:
     try:
         dtype = parse_dtype(opts.dtype)
         plan = build_plan(source, spec, dtype, chunk_bytes_for(opts.max_memory), opts.allow_unused, opts.file_bytes)
-        need = engine.min_memory(plan, source)
+        need = runner.min_memory(plan, source)
         if need > opts.max_memory:
-            raise UsageError(f"--max-memory {engine.fmt_bytes(opts.max_memory)} is below the "
-                             f"{engine.fmt_bytes(need)} one chunk needs")
+            raise UsageError(f"--max-memory {runner.fmt_bytes(opts.max_memory)} is below the "
+                             f"{runner.fmt_bytes(need)} one chunk needs")
         identity = resume.make_identity(folder, {i.path for i in source.tensors.values()}, plan,
                                         dtype=str(dtype).removeprefix("torch.") if dtype else None,
                                         file_bytes=opts.file_bytes,
@@ -213,15 +217,15 @@ def check_budget(max_memory: int, quiet: bool = False) -> None:
 
     chunk = chunk_bytes_for(max_memory)
     if max_memory < MIN_MAX_MEMORY and not os.environ.get(TINY_BUDGET_HOOK):
-        raise UsageError(f"--max-memory {engine.fmt_bytes(max_memory)} is below the {engine.fmt_bytes(MIN_MAX_MEMORY)} "
-                         f"streamconv accepts: it would make chunks of {engine.fmt_bytes(chunk)}, each framed as an "
+        raise UsageError(f"--max-memory {runner.fmt_bytes(max_memory)} is below the {runner.fmt_bytes(MIN_MAX_MEMORY)} "
+                         f"streamconv accepts: it would make chunks of {runner.fmt_bytes(chunk)}, each framed as an "
                          "archive of its own (~1 KiB), so the output would grow and the run crawl; pass "
-                         f"--max-memory {engine.fmt_bytes(8 * SMALL_CHUNK_BYTES)} or more")
+                         f"--max-memory {runner.fmt_bytes(8 * SMALL_CHUNK_BYTES)} or more")
     if chunk < SMALL_CHUNK_BYTES and not quiet:
-        sys.stderr.write(f"warning: --max-memory {engine.fmt_bytes(max_memory)} makes chunks of at most "
-                         f"{engine.fmt_bytes(chunk)}: each is a torch.save archive of its own (framing of ~1 KiB "
+        sys.stderr.write(f"warning: --max-memory {runner.fmt_bytes(max_memory)} makes chunks of at most "
+                         f"{runner.fmt_bytes(chunk)}: each is a torch.save archive of its own (framing of ~1 KiB "
                          f"each) and a step of its own, so the output grows and the run slows; "
-                         f"--max-memory {engine.fmt_bytes(8 * SMALL_CHUNK_BYTES)} or more avoids it\n")
+                         f"--max-memory {runner.fmt_bytes(8 * SMALL_CHUNK_BYTES)} or more avoids it\n")
 
 
 def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) -> dict:
@@ -229,7 +233,7 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
     distributed run (``dist.Job``), or None alone."""
     from contextlib import nullcontext
 
-    from streamconv import dist
+    from streamconv.runtime import dist
 
     out = Path(megatron_path).expanduser()
     rank, world = dist.place(job)
@@ -243,10 +247,10 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
     s = dist.set_up(job, lambda: _setup(hf_model, out, opts), lambda s: s.identity, lambda s: s.source.close(),
                     "another input or plan")
     folder, spec, source, plan = s.folder, s.spec, s.source, s.plan
-    from streamconv.progress import status
+    from streamconv.runtime.progress import status
 
     quiet = opts.quiet or not leader
-    status(f"planned {len(plan.targets)} tensors in {len(plan.chunks)} chunks, {engine.fmt_bytes(plan.total_bytes)} "
+    status(f"planned {len(plan.targets)} tensors in {len(plan.chunks)} chunks, {runner.fmt_bytes(plan.total_bytes)} "
            f"into {plan.num_files + 1} files" + (f" on {world} processes" if world > 1 else ""), quiet)
     parts = dist.split(plan.file_bytes(), world)
     mine = parts[rank]
@@ -264,7 +268,7 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
             cpu0 = rss.cpu_seconds()
             view = None
             if opts.keep_staging:
-                from streamconv.formats.staging import StagingStore
+                from streamconv.sinks.zarr_view import StagingStore
 
                 view = StagingStore(journal.dir / resume.STAGING_STORE, plan)  # fsynced whole at the end
                 view.check_raw(plan)
@@ -285,7 +289,7 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
                 with progress, job.heartbeat(dist.job_progress(progress, world)) if job else nullcontext() as hb:
                     if opts.recheck:
                         _recheck(plan.part(mine), source, sink, opts, quiet)
-                    stats = engine.run(plan.part(mine), source, sink, max_memory=opts.max_memory,
+                    stats = runner.run(plan.part(mine), source, sink, max_memory=opts.max_memory,
                                        workers=opts.workers, device=opts.device,
                                        progress=dist.Counting(progress, hb) if hb else progress, skip=sink.skip)
                     entries = sink.finish_files()
@@ -369,15 +373,15 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
 def _recheck(plan: Plan, source, sink, opts: Options, quiet: bool) -> None:
     """``--recheck``: the kept chunks' sources, compared with the journal before the run goes on (the counts go
     to the summary with the sink's report)."""
-    from streamconv import recheck
-    from streamconv.progress import status
+    from streamconv.runtime import recheck
+    from streamconv.runtime.progress import status
 
     expected = sink.kept_crcs()
     if expected:
         status(f"rechecking the source of {len(expected)} kept chunks", quiet)
     chunks, nbytes = recheck.kept(plan, source, expected, max_memory=opts.max_memory, workers=opts.workers)
     if chunks:
-        status(f"rechecked the source of {chunks} kept chunks ({engine.fmt_bytes(nbytes)}): unchanged", quiet)
+        status(f"rechecked the source of {chunks} kept chunks ({runner.fmt_bytes(nbytes)}): unchanged", quiet)
     sink.report["rechecked_chunks"], sink.report["rechecked_bytes"] = chunks, nbytes
 
 

@@ -118,7 +118,7 @@ def _resolve_torch_dist(p: Path) -> Path:
 
 
 def hf_file_report(path: Path) -> Report:
-    from streamconv.formats.safetensors import read_header
+    from streamconv.sources.safetensors import read_header
 
     infos = read_header(path)
     tensors = [Entry(n, tuple(i.shape), dtype_name(i.dtype), i.nbytes, path.name) for n, i in infos.items()]
@@ -129,9 +129,9 @@ def hf_file_report(path: Path) -> Report:
 
 
 def hf_report(folder: Path) -> Report:
-    from streamconv.formats.safetensors import SafetensorsSource
+    from streamconv.sources.safetensors import SafetensorsSource
 
-    from streamconv.formats import quantized
+    from streamconv.sources import quantized
     from streamconv.units import fmt_bytes
 
     source = SafetensorsSource(folder)
@@ -167,7 +167,7 @@ def _hf_architecture(folder: Path, infos: dict | None, quant=None) -> tuple[str 
     """(architecture, model facts, conversion check) from ``config.json``; a config streamconv cannot
     convert is reported, not raised: inspect is for strange checkpoints."""
     from streamconv.models.config import load_config, spec_from_config
-    from streamconv.plan import check_source
+    from streamconv.plan.build import check_source
 
     if not (folder / "config.json").is_file():
         return None, {}, "no config.json: the architecture is unknown"
@@ -210,7 +210,7 @@ def _spec_facts(spec) -> dict:
 
 
 def torch_dist_report(folder: Path) -> Report:
-    from streamconv.formats.torch_dist_reader import TorchDistSource
+    from streamconv.sources.torch_dist import TorchDistSource
 
     source = TorchDistSource(folder)  # .metadata through the allow-list unpickler, storage validated
     try:
@@ -348,7 +348,7 @@ def inspect_command(args) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        from streamconv.progress import stdout_console
+        from streamconv.runtime.progress import stdout_console
 
         render(report, stdout_console())
     return EXIT_BAD_INPUT if report.convertible is False else 0

@@ -23,20 +23,21 @@ from dataclasses import dataclass
 from typing import NamedTuple
 from pathlib import Path
 
-from streamconv import engine, outdir
+from streamconv.engine import runner
+from streamconv.runtime import outdir
 from streamconv.errors import BadInputError, OutputError, UsageError, output_error
 from streamconv.formats import run_config_reader
 from streamconv import dtypes
-from streamconv.formats.safetensors_sink import (INDEX_FILE, SafetensorsSink, shard_complete, shard_entries,
+from streamconv.sinks.safetensors import (INDEX_FILE, SafetensorsSink, shard_complete, shard_entries,
                                                  shard_name, write_index)
-from streamconv.formats.atomic import fsync_dir, fsync_write
-from streamconv.formats.torch_dist_reader import METADATA_FILE, TorchDistSource
+from streamconv.files.atomic import fsync_dir, fsync_write
+from streamconv.sources.torch_dist import METADATA_FILE, TorchDistSource
 from streamconv.commands.hf2mcore import TOKENIZER_FILES, chunk_bytes_for, parse_dtype, peak_rss, resolve_hf_model
 from streamconv.models import rules
 from streamconv.models.spec import ModelSpec
 from streamconv.models.config import load_config, spec_from_config
-from streamconv.plan import DEFAULT_SHARD_BYTES, Plan, export_plan
-from streamconv.progress import make_progress
+from streamconv.plan.build import DEFAULT_SHARD_BYTES, Plan, export_plan
+from streamconv.runtime.progress import make_progress
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MARKER = ".streamconv-mcore2hf.json"
@@ -51,7 +52,7 @@ MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 class Options:
     hf_config: str | None = None
     dtype: str | None = None
-    max_memory: int = engine.DEFAULT_MAX_MEMORY
+    max_memory: int = runner.DEFAULT_MAX_MEMORY
     max_shard_size: int = DEFAULT_SHARD_BYTES
     workers: int = 4
     device: str = "cpu"
@@ -124,7 +125,7 @@ def model_config(ckpt: Path, hf_config: str | None) -> tuple[dict, Path | None, 
                               f"{run_config_reader.RUN_CONFIG_FILE})")
         return derived, None, None, run_config_reader.RUN_CONFIG_FILE
     from streamconv.formats import megatron_args
-    from streamconv.formats.torch_dist_reader import TorchDistSource
+    from streamconv.sources.torch_dist import TorchDistSource
 
     with TorchDistSource(ckpt) as source:  # a Megatron-LM training checkpoint: its args in the common state
         state = megatron_args.common_state(ckpt, source)
@@ -291,10 +292,10 @@ def _setup(megatron_path, out: Path, opts: Options) -> _Export:
         left_out = check_checkpoint(spec, source, strict=opts.strict)
         mcore_dtypes = {k: m.dtype for k, m in source.tensors.items()}
         plan = export_plan(spec, mcore_dtypes, out_dtype, chunk_bytes_for(opts.max_memory), opts.max_shard_size)
-        need = engine.min_memory(plan, source)
+        need = runner.min_memory(plan, source)
         if need > opts.max_memory:
-            raise UsageError(f"--max-memory {engine.fmt_bytes(opts.max_memory)} is below the "
-                             f"{engine.fmt_bytes(need)} one chunk needs")
+            raise UsageError(f"--max-memory {runner.fmt_bytes(opts.max_memory)} is below the "
+                             f"{runner.fmt_bytes(need)} one chunk needs")
         identity = _identity(ckpt, plan)
     except BaseException:
         source.close()
@@ -307,7 +308,7 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
     distributed run (``dist.Job``: each rank writes its share of the shards, rank 0 the index), or None."""
     from contextlib import nullcontext
 
-    from streamconv import dist
+    from streamconv.runtime import dist
 
     from streamconv.commands.hf2mcore import check_budget
 
@@ -322,7 +323,7 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
     mine = parts[rank]
     note = dist.idle_note(parts, "shard", "--max-shard-size", plan.total_bytes)
     if note:
-        from streamconv.progress import status
+        from streamconv.runtime.progress import status
 
         status(note, opts.quiet or not leader)
     try:
@@ -339,7 +340,7 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
                                      opts.max_memory)
             try:
                 with progress, job.heartbeat(dist.job_progress(progress, world)) if job else nullcontext() as hb:
-                    stats = engine.run(plan.part(mine), source, sink, max_memory=opts.max_memory,
+                    stats = runner.run(plan.part(mine), source, sink, max_memory=opts.max_memory,
                                        workers=opts.workers, device=opts.device,
                                        progress=dist.Counting(progress, hb) if hb else progress,
                                        skip=lambda c: c.file in done)

@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from streamconv import crashpoints, engine
+from streamconv import crashpoints
+from streamconv.engine import runner
 from streamconv.errors import EXIT_MISMATCH, BadInputError
 from streamconv.models import rules
-from streamconv.plan import Chunk, Plan, Read, Target, import_plan
-from streamconv.layout import layout_segments, sources_for_fused_rows
+from streamconv.plan.build import Chunk, Plan, Read, Target, import_plan
+from streamconv.plan.layout import layout_segments, sources_for_fused_rows
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -209,13 +210,13 @@ def check_same_model(spec, ckpt_dir, folder) -> None:
                            "converted from")
 
 
-def verify(hf_model: str, megatron_path: str, *, max_memory: int = engine.DEFAULT_MAX_MEMORY, workers: int = 4,
+def verify(hf_model: str, megatron_path: str, *, max_memory: int = runner.DEFAULT_MAX_MEMORY, workers: int = 4,
            device: str = "cpu", quiet: bool = True) -> Report:
-    from streamconv.formats.torch_dist_reader import TorchDistSource
+    from streamconv.sources.torch_dist import TorchDistSource
     from streamconv.commands.hf2mcore import open_source, resolve_hf_model, source_dtypes
     from streamconv.commands.mcore2hf import resolve_checkpoint
     from streamconv.models.config import load_config, spec_from_config
-    from streamconv.progress import make_progress
+    from streamconv.runtime.progress import make_progress
 
     t0 = time.perf_counter()
     folder = resolve_hf_model(hf_model)
@@ -275,7 +276,7 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = engine.DEFAUL
         sink = CompareSink(ckpt, report, items)
         progress = make_progress(quiet, "verify", report.bytes, len(chunks), max_memory, plan=plan)
         with progress:
-            engine.run(plan, source, sink, max_memory=max_memory, workers=workers, device=device, progress=progress)
+            runner.run(plan, source, sink, max_memory=max_memory, workers=workers, device=device, progress=progress)
     finally:
         source.close()
         ckpt.close()
@@ -285,7 +286,7 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = engine.DEFAUL
 
 def verify_command(args) -> int:
     report = verify(args.hf_model, args.megatron_path, max_memory=args.max_memory,
-                    workers=args.workers or engine.default_workers(),
+                    workers=args.workers or runner.default_workers(),
                     device=args.device, quiet=args.quiet or args.json)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
@@ -295,7 +296,7 @@ def verify_command(args) -> int:
     if len(report.mismatches) > 50:
         print(f"... and {len(report.mismatches) - 50} more", file=sys.stderr)
     summary = (f"{report.tensors} tensors, {report.items_checked}/{report.items} items, "
-               f"{engine.fmt_bytes(report.bytes)} of {report.checkpoint} against {report.source} "
+               f"{runner.fmt_bytes(report.bytes)} of {report.checkpoint} against {report.source} "
                f"in {report.seconds:.1f}s")
     if report.ok:
         if not args.quiet:

@@ -18,10 +18,10 @@ import os
 from pathlib import Path
 
 from streamconv import crashpoints, dtypes
-from streamconv.checksum import crc32
+from streamconv.files.checksum import crc32
 from streamconv.errors import output_error
 from streamconv.formats import dcp_pickle, torch_save
-from streamconv.formats.atomic import commit, create_temporary, fsync_dir, fsync_write
+from streamconv.files.atomic import commit, create_temporary, fsync_dir, fsync_write
 
 METADATA_JSON = {
     "sharded_backend": "torch_dist",

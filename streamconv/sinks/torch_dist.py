@@ -30,11 +30,13 @@ import queue
 import threading
 from pathlib import Path
 
-from streamconv import crashpoints, pagecache, resume
-from streamconv.checksum import crc32
-from streamconv.copier import Placement, pwrite_all
+from streamconv import crashpoints
+from streamconv.files import pagecache
+from streamconv.runtime import resume
+from streamconv.files.checksum import crc32
+from streamconv.engine.direct import Placement, pwrite_all
 from streamconv.errors import output_error
-from streamconv.formats.atomic import NOFOLLOW, create_exclusive, fsync_dir
+from streamconv.files.atomic import NOFOLLOW, create_exclusive, fsync_dir
 from streamconv.formats.torch_dist import chunks_by_file, commit_checkpoint, distcp_name, frame_for, standalone
 
 def layout(plan) -> tuple[dict[tuple, tuple[int, int]], dict[int, int], dict[int, list]]:

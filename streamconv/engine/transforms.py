@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from streamconv.dtypes import to_torch
-from streamconv.layout import fused_rows_for_source, fused_rows_of, layout_segments, sources_for_fused_rows
+from streamconv.plan.layout import fused_rows_for_source, fused_rows_of, layout_segments, sources_for_fused_rows
 
 
 def gather(parts: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -18,9 +18,10 @@ import math
 import os
 from typing import Callable
 
-from streamconv import dtypes, pagecache
+from streamconv import dtypes
+from streamconv.files import pagecache
 from streamconv.errors import BadInputError
-from streamconv.plan import Chunk, Read
+from streamconv.plan.build import Chunk, Read
 
 IOV_MAX = 1024  # Linux: most iovecs one preadv takes
 
@@ -162,7 +163,7 @@ def direct(source) -> bool:
 
     A stand-in source used only for planning says so with ``direct_reads = True``.
     """
-    from streamconv.formats.safetensors import SafetensorsSource
+    from streamconv.sources.safetensors import SafetensorsSource
 
     return (hasattr(source, "read_into") or isinstance(source, SafetensorsSource)
             or getattr(source, "direct_reads", False))
@@ -173,7 +174,7 @@ def reader_for(source) -> Callable[[Chunk, torch.Tensor], None]:
     own = getattr(source, "read_into", None)
     if own is not None:
         return own
-    from streamconv.formats.safetensors import SafetensorsSource
+    from streamconv.sources.safetensors import SafetensorsSource
 
     if isinstance(source, SafetensorsSource):
         return FileScatter(source)

@@ -17,7 +17,7 @@ from streamconv.dtypes import DType
 from streamconv.errors import BadInputError
 from streamconv.models import rules
 from streamconv.models.spec import ModelSpec
-from streamconv.layout import fused_rows_for_source, fused_rows_of, layout_segments, sources_for_fused_rows
+from streamconv.plan.layout import fused_rows_for_source, fused_rows_of, layout_segments, sources_for_fused_rows
 
 DEFAULT_CHUNK_BYTES = 64 * 1024**2
 DEFAULT_FILE_BYTES = 512 * 1024**2

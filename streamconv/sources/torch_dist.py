@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from streamconv import pagecache
+from streamconv.files import pagecache
 from streamconv.errors import BadInputError
 
 METADATA_FILE = ".metadata"

@@ -1,11 +1,11 @@
 """``hf2mcore --recheck``: a resumed run first proves that the source of what it keeps has not changed.
 
-A resumed run keeps every chunk its journal records (``formats/torch_dist_sink.py``) without reading it
+A resumed run keeps every chunk its journal records (``sinks/torch_dist.py``) without reading it
 again. The identity check (``resume.describe_difference``: each shard's size, mtime, ctime, inode and header
 hash) catches a source replaced or written to since the killed run on any file system that keeps ctime; it
 cannot see bytes changed behind the file system's back (bit rot, a file system without ctime, a shard
 rewritten in place with its inode and times forged by root). ``--recheck`` closes that: the source of every
-kept chunk is read again and converted in memory, on the engine's own direct path (``copier.run``, with a
+kept chunk is read again and converted in memory, on the engine's own direct path (``direct.run``, with a
 sink that keeps nothing), and the CRC-32 of the bytes it would write is compared with the one journaled
 when the chunk was written: the conversion of a chunk is a function of its source bytes (casts and
 dequantization round the same way every time, ``--device cuda`` included), so equal sources give equal
@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import os
 
-from streamconv import copier, engine
-from streamconv.copier import Placement
+from streamconv.engine import direct
+from streamconv.engine import runner
+from streamconv.engine.direct import Placement
 from streamconv.errors import BadInputError
 
 
 class _Compare:
-    """A sink for ``copier.run`` that writes nothing (``/dev/null``) and compares each chunk's CRC-32."""
+    """A sink for ``direct.run`` that writes nothing (``/dev/null``) and compares each chunk's CRC-32."""
 
     def __init__(self, source, expected: dict):
         self.source = source
@@ -55,9 +56,9 @@ def kept(plan, source, expected: dict, *, max_memory: int, workers: int) -> tupl
     if not expected:
         return 0, 0
     sink = _Compare(source, expected)
-    stats = engine.Stats(path="direct")
+    stats = runner.Stats(path="direct")
     try:
-        copier.run(plan, source, sink, max_memory=max_memory, workers=workers, progress=None,
+        direct.run(plan, source, sink, max_memory=max_memory, workers=workers, progress=None,
                    skip=lambda c: c.id not in expected, stats=stats)
     finally:
         sink.close()

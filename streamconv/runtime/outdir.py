@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from streamconv.errors import OutputError, UsageError, output_error
-from streamconv.formats.atomic import NOFOLLOW
+from streamconv.files.atomic import NOFOLLOW
 
 LOCK_FILE = ".streamconv.lock"
 

@@ -9,10 +9,10 @@
   bytes and framing written in its ``.distcp.partial``, with its CRC-32), ``file`` (a ``.distcp`` committed
   under its final name: size and the items it holds), ``done``.
   A torn last line (a kill mid-append) is ignored: it only loses a record, and what it described is redone.
-- ``staging.zarr``: with ``--keep-staging``, a Zarr v3 view of the model (``formats/staging.py``).
+- ``staging.zarr``: with ``--keep-staging``, a Zarr v3 view of the model (``sinks/zarr_view.py``).
 
 A re-run keeps committed ``.distcp`` files (``committed_files``) and, by default, every journaled chunk of a
-``.partial`` file whose bytes still match its CRC-32 (``formats/torch_dist_sink.py``). A re-run with another
+``.partial`` file whose bytes still match its CRC-32 (``sinks/torch_dist.py``). A re-run with another
 number of ranks keeps the committed files only (``set_world``: the journals are compacted to their file
 records and the ``.partial`` files removed), since a file's chunks may then be another rank's.
 
@@ -29,8 +29,8 @@ import struct
 from pathlib import Path
 
 from streamconv.errors import OutputError, output_error
-from streamconv.formats.atomic import NOFOLLOW, fsync_dir, fsync_write
-from streamconv.outdir import LOCK_FILE
+from streamconv.files.atomic import NOFOLLOW, fsync_dir, fsync_write
+from streamconv.runtime.outdir import LOCK_FILE
 
 STATE_DIR = ".streamconv"
 IDENTITY_FILE = "identity.json"
@@ -296,7 +296,7 @@ def clean_leftovers(ckpt: Path, keep=(), patterns=LEFTOVER_PATTERNS) -> int:
     return n
 
 
-STAGING_STORE = "staging.zarr"  # the --keep-staging view (formats/staging.py)
+STAGING_STORE = "staging.zarr"  # the --keep-staging view (sinks/zarr_view.py)
 
 
 def drop_staging(journal: "Journal") -> None:

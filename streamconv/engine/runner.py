@@ -26,13 +26,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from streamconv import copier, dtypes, scatter
-from streamconv.copier import Phases
-from streamconv.device import CpuStage, make_stage, on_cpu
+from streamconv import dtypes
+from streamconv.engine import direct
+from streamconv.engine import scatter
+from streamconv.engine.direct import Phases
+from streamconv.engine.device import CpuStage, make_stage, on_cpu
 from streamconv.errors import UsageError
-from streamconv.memory import Memory
+from streamconv.engine.memory import Memory
 from streamconv.units import fmt_bytes, parse_size  # noqa: F401  (re-exported: engine.fmt_bytes)
-from streamconv.plan import Chunk, Plan
+from streamconv.plan.build import Chunk, Plan
 
 DEFAULT_MAX_MEMORY = 2 * 1024**3
 STOP_WAIT = 5.0  # seconds a stopping run waits for its reads in flight and its writer
@@ -60,8 +62,8 @@ class Stats:
     read_seconds: float = 0.0  # time reader threads spent reading (summed over threads)
     write_seconds: float = 0.0  # time the writer thread spent finishing and writing
     wait_seconds: float = 0.0  # time the main thread waited for reads
-    phases: Phases = field(default_factory=Phases)  # the direct path's seconds per phase (copier.py)
-    path: str = "buffered"  # "direct" (copier.py: pieces straight to their place) or "buffered" (below)
+    phases: Phases = field(default_factory=Phases)  # the direct path's seconds per phase (direct.py)
+    path: str = "buffered"  # "direct" (direct.py: pieces straight to their place) or "buffered" (below)
 
 
 @dataclass
@@ -200,9 +202,9 @@ def run(plan: Plan, source, sink, *, max_memory: int = DEFAULT_MAX_MEMORY, worke
     ``device`` selects (tests).
     """
     t0 = time.perf_counter()
-    if stage is None and copier.usable(source, sink, device):
+    if stage is None and direct.usable(source, sink, device):
         stats = Stats(path="direct")
-        copier.run(plan, source, sink, max_memory=max_memory, workers=workers, progress=progress, skip=skip,
+        direct.run(plan, source, sink, max_memory=max_memory, workers=workers, progress=progress, skip=skip,
                    stats=stats)
         stats.seconds = time.perf_counter() - t0
         return stats

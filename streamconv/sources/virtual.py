@@ -23,8 +23,8 @@ from streamconv.dtypes import to_torch
 
 from streamconv.models import rules
 from streamconv.models.spec import ModelSpec
-from streamconv.plan import Chunk, Read
-from streamconv.scatter import row_blocks
+from streamconv.plan.build import Chunk, Read
+from streamconv.engine.scatter import row_blocks
 
 PATTERN = 1_048_573  # elements; prime, so the pattern never lines up with a row length
 

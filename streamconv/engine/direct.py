@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from streamconv import pagecache
-from streamconv.checksum import crc32
-from streamconv.device import on_cpu
+from streamconv.files import pagecache
+from streamconv.files.checksum import crc32
+from streamconv.engine.device import on_cpu
 from streamconv.errors import BadInputError, output_error
-from streamconv.plan import Chunk
+from streamconv.plan.build import Chunk
 
 PIECE_BYTES = 1 << 20  # measured here: 1 MiB pieces copy with CRC at 0.6 CPU-s/GB, 64 MiB ones at 0.9-1.6
 
@@ -65,7 +65,7 @@ class Phases:
 
 def usable(source, sink, device: str) -> bool:
     """Whether the direct path serves: a safetensors source, a sink that places chunks, the CPU."""
-    from streamconv.formats.safetensors import SafetensorsSource
+    from streamconv.sources.safetensors import SafetensorsSource
 
     return isinstance(source, SafetensorsSource) and hasattr(sink, "place") and on_cpu(device)
 
@@ -135,7 +135,7 @@ class _Worker:
         read as float8, dequantized to ``out_dtype`` (``transforms.dequantize``), checksummed and written."""
         import torch
 
-        from streamconv.transforms import dequantize
+        from streamconv.engine.transforms import dequantize
 
         out_dtype = out_dtype.torch
         path, off, n = self.source.extent(r.name, r.row0, r.row1, r.index)
@@ -246,7 +246,7 @@ class _FileQueue:
 
 def run(plan, source, sink, *, max_memory: int, workers: int, progress, skip, stats) -> None:
     """Run ``plan`` on the direct path (see the module docstring); fills ``stats`` (``engine.Stats``)."""
-    from streamconv.scatter import FileScatter
+    from streamconv.engine.scatter import FileScatter
 
     todo = []
     for c in plan.chunks:

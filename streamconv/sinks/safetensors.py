@@ -13,8 +13,8 @@ from pathlib import Path
 
 from streamconv import crashpoints
 from streamconv.errors import BadInputError
-from streamconv.formats.safetensors import ShardWriter, read_header
-from streamconv.formats.atomic import fsync_dir, fsync_write
+from streamconv.sources.safetensors import ShardWriter, read_header
+from streamconv.files.atomic import fsync_dir, fsync_write
 
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_METADATA = {"format": "pt"}

@@ -20,8 +20,8 @@ from pathlib import Path
 from streamconv import dtypes
 from streamconv.dtypes import DType
 from streamconv.errors import BadInputError, output_error
-from streamconv.formats.atomic import commit, create_temporary
-from streamconv.pagecache import WriteBehind
+from streamconv.files.atomic import commit, create_temporary
+from streamconv.files.pagecache import WriteBehind
 
 # Headers of real checkpoints are a few hundred KiB; refuse absurd sizes before allocating.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -255,7 +255,7 @@ class SafetensorsSource:
         values = torch.frombuffer(buf, dtype=dtype.torch).view(out_shape)
         scale = self.dequant.get(name)
         if scale is not None and not index:  # a quantized weight: its value, in float32
-            from streamconv.transforms import dequantize
+            from streamconv.engine.transforms import dequantize
 
             return dequantize(values, scale.values, scale.block, row0, torch.float32)
         return values

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from streamconv import pagecache
+from streamconv.files import pagecache
 from streamconv.errors import output_error
 
 

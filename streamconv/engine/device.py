@@ -127,7 +127,7 @@ class CudaStage:
 
         if job.quant is None:
             return dev_in.to(dtypes.of(job.out_dtype).torch)
-        from streamconv.transforms import dequantize_on_device
+        from streamconv.engine.transforms import dequantize_on_device
 
         dev_out = torch.empty(dev_in.shape, dtype=dtypes.of(job.out_dtype).torch, device=self.device)
         for row, n, scale, row0 in job.quant:

@@ -30,7 +30,7 @@ import socket
 import threading
 from contextlib import contextmanager
 
-from streamconv import interrupt
+from streamconv.runtime import interrupt
 from streamconv.errors import EXIT_INTERNAL, StreamconvError, UsageError
 
 HEARTBEAT_SECONDS = 0.5  # how often ranks exchange state while they work (latency of progress and of errors)

@@ -28,8 +28,8 @@ import torch
 
 from streamconv.dtypes import to_torch
 from streamconv.errors import UsageError, output_error
-from streamconv.formats.atomic import fsync_dir, fsync_file
-from streamconv.pagecache import copy_range
+from streamconv.files.atomic import fsync_dir, fsync_file
+from streamconv.files.pagecache import copy_range
 
 ENCODING_BF16 = "raw bfloat16 bits in uint16: view as bfloat16 (torch: .view(torch.bfloat16); numpy: ml_dtypes)"
 ENCODING_FP8 = "raw float8 bits in uint8: view as the torch_dtype attribute says"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from streamconv.formats.safetensors import ShardWriter, itemsize
+from streamconv.sources.safetensors import ShardWriter, itemsize
 from streamconv.models import rules
 from streamconv.models.config import spec_from_config
 
@@ -259,7 +259,7 @@ def dequantized_copy(src: Path | str, out: Path | str) -> Path:
 
 # --------------------------------------------------------------------------- DeciLM (nemotron-nas) configs
 
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Published config.json files shipped with streamconv (see configs/README.md for where each comes from).
 REAL_CONFIGS = {
     "nano-4b-v1.1": "llama-3_1-nemotron-nano-4b-v1_1.config.json",

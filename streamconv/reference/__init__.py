@@ -1,0 +1,1 @@
+"""The real things outputs are judged against: synthetic checkpoints, an independent forward, megatron-core's models."""

@@ -49,7 +49,7 @@ def timed_run(src: Path, out: Path, staging: bool, file_bytes: int) -> float:
         shutil.rmtree(out)
     os.sync()
     t0 = time.perf_counter()
-    hf2mcore(str(src), out, Options(quiet=True, staging=staging, file_bytes=file_bytes))
+    hf2mcore(str(src), out, Options(quiet=True, chunk_journal=staging, file_bytes=file_bytes))
     return time.perf_counter() - t0
 
 

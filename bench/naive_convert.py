@@ -27,7 +27,8 @@ import torch  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from streamconv.formats.torch_dist import COMMON_STATE, COMMON_STATE_KEY, write_common_files  # noqa: E402
+from streamconv.formats.names import COMMON_STATE_KEY  # noqa: E402
+from streamconv.formats.torch_dist import COMMON_STATE, write_common_files  # noqa: E402
 from streamconv.models import rules  # noqa: E402
 from streamconv.models.config import load_config, spec_from_config  # noqa: E402
 from streamconv.engine.transforms import fuse  # noqa: E402

@@ -80,7 +80,7 @@ def output_digest(out: Path) -> dict[str, str]:
 def killed_at_half(src: Path, out: Path, extra, tmp: Path) -> None:
     """A default run SIGKILLed once about half of its bytes are committed."""
     from streamconv.sources.safetensors import SafetensorsSource
-    from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for
+    from streamconv.inputs import chunk_bytes_for, import_plan_for as build_plan
     from streamconv.models.config import load_config, spec_from_config
 
     source = SafetensorsSource(src)

@@ -68,20 +68,22 @@ def main() -> int:
 
     from streamconv.engine import runner
     from streamconv.runtime import rss
-    from streamconv.commands.hf2mcore import chunk_bytes_for
+    from streamconv.inputs import chunk_bytes_for
+    from streamconv.units import fmt_bytes, parse_size
     from streamconv.models import rules
     from streamconv.models.config import load_config, spec_from_config
     from streamconv.plan.build import describe, import_plan
     from streamconv.runtime.progress import make_progress
-    from streamconv.sources.virtual import DigestSink, VirtualSource
+    from streamconv.sinks.digest import DigestSink
+    from streamconv.sources.virtual import VirtualSource
 
-    budget = runner.parse_size(args.max_memory)
+    budget = parse_size(args.max_memory)
     spec = spec_from_config(load_config(args.config))
     plan = import_plan(spec, {t.name: torch.bfloat16 for t in rules.hf_tensors(spec)}, None,
                        chunk_bytes=chunk_bytes_for(budget))
     d = describe(plan)
     print(f"plan: {d['architecture']}, {d['layers']} layers, {d['parameters'] / 1e9:.3f} B parameters, "
-          f"{d['bytes'] / 1e9:.1f} GB, {d['chunks']} chunks of at most {runner.fmt_bytes(d['largest_chunk_bytes'])}, "
+          f"{d['bytes'] / 1e9:.1f} GB, {d['chunks']} chunks of at most {fmt_bytes(d['largest_chunk_bytes'])}, "
           f"largest tensor {d['largest_tensor']} ({d['largest_tensor_bytes'] / 1e9:.1f} GB)")
     if args.limit_gb:
         keep, total = [], 0

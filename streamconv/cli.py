@@ -14,8 +14,8 @@ import os
 import signal
 import sys
 
-# numpy's OpenBLAS starts a thread per CPU when numpy is imported, and they spin for a while: ~0.06 CPU-s/GB of a
-# conversion (measured, 2026-12-02). streamconv never multiplies matrices with numpy (torch has its own BLAS).
+# numpy's OpenBLAS starts a thread per CPU when numpy is imported, and they spin for a while, costing CPU time a
+# conversion needs (docs/benchmarks.md). streamconv never multiplies matrices with numpy (torch has its own BLAS).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from streamconv import __version__  # noqa: E402
@@ -130,7 +130,7 @@ HELPS = {
     'demo': (
         'generate a tiny Nemotron-shaped checkpoint, convert it, load it with megatron-core and compare '
         'logits with a reference',
-        ['streamconv demo']),
+        ['streamconv demo', 'streamconv demo --workdir ./demo-out --overwrite']),
 }
 EXIT_CODES = ("exit codes: 0 ok, 1 internal error (a bug: --debug shows it), 2 usage, 3 bad input, 4 output or I/O "
               "(disk full, folder locked or not empty), 5 verify/compare mismatch, 130/143 interrupted (SIGINT/SIGTERM)")
@@ -151,7 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"streamconv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parser.set_defaults(_subparsers=sub)
+    _add_hf2mcore(sub)
+    _add_verify(sub)
+    _add_mcore2hf(sub)
+    _add_generate(sub)
+    _add_plan(sub)
+    _add_inspect(sub)
+    _add_demo(sub)
+    return parser
 
+
+def _add_hf2mcore(sub) -> None:
     p = sub.add_parser("hf2mcore", **_helps("hf2mcore"), aliases=["import"],
                        help="convert a HF safetensors checkpoint to Megatron-Core torch_dist (alias: import)")
     p.add_argument("--hf-model", required=True, help="HF model folder or hub repo id (owner/name)")
@@ -180,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_hf2mcore, command="hf2mcore")
 
+
+def _add_verify(sub) -> None:
     p = sub.add_parser("verify", **_helps("verify"), help="check, bit for bit, that every tensor of a torch_dist checkpoint equals "
                                       "its HF source under the mapping")
     p.add_argument("--hf-model", required=True, help="the HF model folder (or hub repo id) it was converted from")
@@ -190,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_verify)
 
+
+def _add_mcore2hf(sub) -> None:
     p = sub.add_parser("mcore2hf", **_helps("mcore2hf"), aliases=["export"],
                        help="export a Megatron-Core torch_dist checkpoint to HF safetensors (alias: export)")
     p.add_argument("--megatron-path", required=True,
@@ -215,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_mcore2hf, command="mcore2hf")
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", **_helps("generate"), help="run a converted checkpoint: real megatron-core model, greedy decoding "
                                         "(the upstream page's third step)")
     p.add_argument("--megatron-path", "--megatron_model_path", dest="megatron_path", required=True,
@@ -243,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_generate, command="generate")
 
+
+def _add_plan(sub) -> None:
     p = sub.add_parser("plan", **_helps("plan"), help="print the conversion plan without reading weights")
     p.add_argument("--hf-model", required=True, help="HF model folder, config.json, or hub repo id")
     p.add_argument("--dtype", default=None, help="output dtype: bf16, fp16 or fp32 (also spelled bfloat16, float16, "
@@ -254,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_plan)
 
+
+def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", **_helps("inspect"), help="list a checkpoint's tensors (name, shape, dtype, bytes, file), totals and "
                                        "architecture, from headers and metadata only")
     p.add_argument("path", help="HF folder, .safetensors file, or torch_dist checkpoint (folder with .metadata, "
@@ -261,12 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", **_helps("demo"), help="generate a tiny Nemotron-shaped checkpoint, convert it, load it with "
                                     "megatron-core and compare logits")
-    p.add_argument("--workdir", default=None, help="where to put the demo files (default: a temporary folder)")
+    p.add_argument("--workdir", default=None, help="where to put the demo files (default: a temporary folder); "
+                   "its <model>-hf and <model>-mcore folders must not exist yet, unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace the demo's folders in --workdir")
     _add_common(p)
     p.set_defaults(func=cmd_demo)
-    return parser
 
 
 def _early_status(args, message: str) -> None:
@@ -283,7 +306,7 @@ def cmd_hf2mcore(args) -> int:
     opts = Options(dtype=args.dtype, max_memory=args.max_memory, workers=args.workers or engine_workers(),
                    device=args.device,
                    overwrite=args.overwrite, allow_unused=args.allow_unused, quiet=args.quiet or args.json,
-                   staging=not args.no_staging, keep_staging=args.keep_staging, file_bytes=args.distcp_size,
+                   chunk_journal=not args.no_staging, zarr_view=args.keep_staging, file_bytes=args.distcp_size,
                    recheck=args.recheck)
     if args.no_staging and args.keep_staging:
         raise UsageError("--keep-staging and --no-staging contradict each other; choose one")

@@ -6,7 +6,7 @@ subprocess it kills):
 - ``STREAMCONV_TEST_PAUSE=<point>[:<n>]``: the n-th time ``pause(point)`` is reached (default 1), create the
   file ``STREAMCONV_TEST_PAUSE_FILE`` and stop the whole process (SIGSTOP: no other thread goes on) until
   it is killed. Points: ``chunk`` (a chunk written and journaled, sinks/torch_dist.py; written into its shard,
-  sinks/safetensors.py; compared, commands/verify.py), ``metadata``
+  sinks/safetensors.py; compared, sinks/compare.py), ``metadata``
   (half of ``.metadata`` written to its temporary file), ``work`` (set up, before the engine's first chunk).
   With ``STREAMCONV_TEST_PAUSE_CONTINUE=1`` a SIGCONT lets it go on (a test changes something meanwhile).
   The file exists a moment before the SIGSTOP lands, and a SIGCONT sent in between is lost (the process

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from streamconv.engine import runner
 from streamconv.cli import main
 from streamconv.sources.safetensors import SafetensorsSource
-from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for
+from streamconv.inputs import chunk_bytes_for, import_plan_for as build_plan
 from streamconv.models import rules
 from streamconv.models.config import spec_from_config
 from streamconv.reference.forward import reference_logits

@@ -129,7 +129,7 @@ def test_two_processes_convert_and_export_what_one_does(tmp_path, case, capsys):
     assert rc == 0, err[-3000:]
     summary = json.loads(out)
     assert summary["shards"] >= 4 and all(r["bytes"] > 0 for r in summary["ranks"])
-    assert summary["seconds"] >= summary["engine_seconds"] == max(r["seconds"] for r in summary["ranks"])
+    assert summary["seconds"] >= summary["engine_seconds"] == max(r["engine_seconds"] for r in summary["ranks"])
     assert summary["peak_in_flight_bytes"] == max(r["peak_in_flight_bytes"] for r in summary["ranks"]) > 0
     back = {k: v for f in sorted(hf.glob("*.safetensors")) for k, v in load_file(f).items()}
     assert sorted(back) == sorted(weights)
@@ -197,7 +197,7 @@ def llama(tmp_path_factory):
 def plan_of(src: Path, source=None):
     """The plan a conversion of ``src`` with SETTINGS makes."""
     from streamconv.sources.safetensors import SafetensorsSource
-    from streamconv.commands.hf2mcore import build_plan
+    from streamconv.inputs import import_plan_for as build_plan
     from streamconv.models.config import load_config, spec_from_config
     from streamconv.plan.build import DEFAULT_CHUNK_BYTES
     from streamconv.units import parse_size

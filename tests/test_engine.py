@@ -14,17 +14,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from streamconv.engine import runner
+from streamconv.engine import buffered, runner
 from streamconv.engine import scatter
+from streamconv.engine.contracts import Sink
 from streamconv.engine.device import CudaStage
 from streamconv.errors import BadInputError, UsageError
 from streamconv.sources.safetensors import SafetensorsSource
-from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for
+from streamconv.inputs import chunk_bytes_for, import_plan_for as build_plan
 from streamconv.engine.memory import Memory
 from streamconv.models.config import spec_from_config
 from streamconv.runtime.progress import RichProgress
 from streamconv.reference.synth import llama_config, make_checkpoint, mixed_decilm_config
-from streamconv.sources.virtual import DigestSink, VirtualSource
+from streamconv.sinks.digest import DigestSink
+from streamconv.sources.virtual import VirtualSource
 
 CFG = llama_config(hidden=64, layers=3, heads=8, kv_heads=2, ffn=160, vocab=320)
 
@@ -55,7 +57,7 @@ def run_digest(folder, budget, workers=2, dtype=None, cuda_path_slots=0):
         plan = plan_for(source, budget, dtype)
         stage, max_memory = None, budget
         if cuda_path_slots:
-            jobs = [runner.make_job(plan, c, source) for c in plan.chunks]
+            jobs = [buffered.make_job(plan, c, source) for c in plan.chunks]
             slot = max(j.shape[0] * j.shape[1] * max(j.buf_dtype.itemsize, j.out_dtype.itemsize) for j in jobs)
             stage = CudaStage("cpu", slot, cuda_path_slots, pin=False)
             max_memory += stage.reserved
@@ -101,7 +103,7 @@ def live_tensor_bytes() -> dict[int, int]:
     return out
 
 
-class LiveBytesSink:
+class LiveBytesSink(Sink):
     """Measures, at every write, the bytes of all live tensors that were not there before the run."""
 
     def __init__(self, baseline: dict[int, int]):

@@ -222,27 +222,28 @@ def test_the_cuda_stage_dequantizes_with_the_cpus_bits(tmp_path, name):
     """The CUDA stage (its code path run on the CPU: slots without pinning, no stream) is handed the raw
     float8 bytes and dequantizes them where it casts (``transforms.dequantize_on_device``, tensor operations
     only); every chunk equals the CPU's table look-ups bit for bit, QKV and gate/up fusions included."""
-    from streamconv.engine import runner
-    from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for, open_source
+    from streamconv.engine import buffered, runner
+    from streamconv.inputs import chunk_bytes_for, import_plan_for as build_plan
+    from streamconv.sources.safetensors import SafetensorsSource
     from streamconv.engine.device import CudaStage
     from streamconv.models.config import load_config, spec_from_config
-    from streamconv.sources.virtual import DigestSink
+    from streamconv.sinks.digest import DigestSink
 
     src = make_checkpoint(tmp_path / "hf", llama_config(**LLAMA), seed=2, shards=2, dtype=torch.bfloat16)
     fp8 = quantize_checkpoint(src, tmp_path / "fp8", **METHODS[name])
     cfg = load_config(fp8)
     digests = []
     for cuda_path in (False, True):
-        source = open_source(fp8, cfg)
+        source = SafetensorsSource(fp8, cfg)
         try:
             plan = build_plan(source, spec_from_config(cfg), None, chunk_bytes_for(256 << 10))
             stage, budget = None, 256 << 10
             if cuda_path:
-                jobs = [runner.make_job(plan, c, source) for c in plan.chunks]
+                jobs = [buffered.make_job(plan, c, source) for c in plan.chunks]
                 slot = max(j.shape[0] * j.shape[1] * max(j.buf_dtype.itemsize, j.out_dtype.itemsize) for j in jobs)
                 stage = CudaStage("cpu", slot, 3, pin=False)
                 budget += stage.reserved
-                raw = [runner.make_job(plan, c, source, stage=stage) for c in plan.chunks]
+                raw = [buffered.make_job(plan, c, source, stage=stage) for c in plan.chunks]
                 assert sum(j.quant is not None and j.buf_dtype == torch.float8_e4m3fn for j in raw) > 2 * 7
             sink = DigestSink(plan, source, verify_every=1)
             runner.run(plan, source, sink, max_memory=budget, workers=2, stage=stage)

@@ -16,7 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamconv.errors import BadInputError
-from streamconv.sources.safetensors import DTYPES, SafetensorsSource, ShardWriter, itemsize, read_header
+from streamconv.formats.safetensors import DTYPES, itemsize, read_header
+from streamconv.sinks.safetensors import ShardWriter
+from streamconv.sources.safetensors import SafetensorsSource
 from streamconv.models import rules
 from streamconv.models.config import load_config, spec_from_config
 from streamconv.reference.synth import llama_config

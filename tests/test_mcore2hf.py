@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from streamconv.cli import main
 from streamconv.sources.torch_dist import TorchDistSource
-from streamconv.commands.mcore2hf import MARKER, resolve_checkpoint
+from streamconv.formats.names import EXPORT_MARKER as MARKER
+from streamconv.inputs import resolve_checkpoint
 from streamconv.models.config import spec_from_config
 from streamconv.reference.synth import llama_config, make_checkpoint
 

@@ -145,7 +145,7 @@ def _kill_and_change_a_kept_chunks_source(model, out, *extra):
     records = [json.loads(line) for line in (out / ".streamconv" / "journal.jsonl").read_text().splitlines()]
     kept = next(r for r in records if r["t"] == "chunk")
     from streamconv.sources.safetensors import SafetensorsSource
-    from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for
+    from streamconv.inputs import chunk_bytes_for, import_plan_for as build_plan
     from streamconv.models.config import load_config, spec_from_config
 
     source = SafetensorsSource(model)
@@ -272,7 +272,7 @@ def test_a_disk_full_at_the_tracker_leaves_no_commit_markers(src, tmp_path, monk
     real = h.fsync_write
 
     def full_at_tracker(path, data):
-        if Path(path).name == h.TRACKER:
+        if Path(path).name == h.TRACKER_FILE:
             raise errors.output_error(path, OSError(errno.ENOSPC, "No space left on device", str(path)))
         return real(path, data)
 
@@ -281,7 +281,7 @@ def test_a_disk_full_at_the_tracker_leaves_no_commit_markers(src, tmp_path, monk
     for mode in ([], ["--no-staging"]):
         rc = main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), "--quiet", "--overwrite", *mode])
         assert rc == errors.EXIT_IO
-        assert h.TRACKER in capsys.readouterr().err
+        assert h.TRACKER_FILE in capsys.readouterr().err
         for marker in ("latest_checkpointed_iteration.txt", "latest_train_state.pt", "iter_0000000/.metadata"):
             assert not (out / marker).exists(), marker
     monkeypatch.setattr(h, "fsync_write", real)

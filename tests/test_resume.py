@@ -126,7 +126,7 @@ def chunks_kept(out: Path, plan, staged: bool) -> set:
 
 def plan_of(src):
     from streamconv.sources.safetensors import SafetensorsSource
-    from streamconv.commands.hf2mcore import build_plan, chunk_bytes_for
+    from streamconv.inputs import chunk_bytes_for, import_plan_for as build_plan
     from streamconv.models.config import load_config, spec_from_config
 
     source = SafetensorsSource(src)

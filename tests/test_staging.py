@@ -10,7 +10,7 @@ import torch
 import zarr
 
 from streamconv.cli import main
-from streamconv.sinks.zarr_view import StagingStore, chunk_coords, grid_for
+from streamconv.sinks.zarr_view import ZarrView, chunk_coords, grid_for
 from streamconv.sources.torch_dist import TorchDistSource
 from streamconv.plan.build import Chunk, Plan, Target
 from streamconv.models import rules
@@ -80,7 +80,7 @@ def test_uneven_chunks_map_onto_a_regular_grid(tmp_path):
     key = "decoder.final_layernorm.weight"
     chunks = [Chunk(key, o, s, (), 0, s[0] * s[1] * 2) for o, s in regions]
     plan = Plan("hf2mcore", None, {key: Target(key, (10, 3), torch.bfloat16)}, chunks)
-    store = StagingStore(tmp_path / "s.zarr", plan)
+    store = ZarrView(tmp_path / "s.zarr", plan)
     full = torch.randn(10, 3).to(torch.bfloat16)
     for c in chunks:
         crc = store.write(c, full[c.offsets[0]:c.offsets[0] + c.sizes[0]])

@@ -7,6 +7,9 @@ and per-layer FFN widths as in the real block pattern). Needs megatron-core (``p
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -16,8 +19,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from streamconv.errors import UsageError
-from streamconv.commands.hf2mcore import ITER_DIR, Options, hf2mcore
+from streamconv.errors import OutputError, StreamconvError, UsageError
+from streamconv.formats.names import ITER_DIR
 from streamconv.reference.synth import make_checkpoint, real_config, scale_config
 
 TOLERANCE = 1e-4
@@ -39,8 +42,20 @@ def _hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def check_model(label: str, cfg: dict, workdir: Path) -> dict:
-    """Generate, convert, load with megatron-core, compare logits. Returns a result row."""
+def convert(src: Path, out: Path, overwrite: bool) -> dict:
+    """``streamconv hf2mcore`` as a user runs it (a process of its own); its ``--json`` summary."""
+    cmd = [sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(src), "--megatron-path", str(out),
+           "--quiet", "--json"] + (["--overwrite"] if overwrite else [])
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise StreamconvError(f"streamconv hf2mcore failed (exit {r.returncode}): "
+                              f"{(r.stderr.strip().splitlines() or [''])[-1]}")
+    return json.loads(r.stdout)
+
+
+def check_model(label: str, cfg: dict, workdir: Path, overwrite: bool) -> dict:
+    """Generate, convert, load with megatron-core, compare logits. Returns a result row. Folders the demo
+    would write that hold something already are refused unless ``overwrite``."""
     warnings.filterwarnings("ignore", category=UserWarning)  # megatron-core's deprecation chatter
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
@@ -50,9 +65,16 @@ def check_model(label: str, cfg: dict, workdir: Path) -> dict:
     from streamconv.reference.forward import reference_logits
 
     name = label.split()[0].lower()
+    for folder in (workdir / f"{name}-hf", workdir / f"{name}-mcore"):
+        if not overwrite and (folder.is_symlink() or folder.exists() and (not folder.is_dir() or any(folder.iterdir()))):
+            raise OutputError(f"{folder}: exists and is not empty; choose another --workdir or pass --overwrite")
+    if overwrite and (workdir / f"{name}-hf").is_dir():
+        import shutil
+
+        shutil.rmtree(workdir / f"{name}-hf")
     src = make_checkpoint(workdir / f"{name}-hf", cfg, seed=0, dtype=torch.float32, shards=3)
     t0 = time.perf_counter()
-    summary = hf2mcore(str(src), workdir / f"{name}-mcore", Options(overwrite=True, quiet=True))
+    summary = convert(src, workdir / f"{name}-mcore", overwrite)
     seconds = time.perf_counter() - t0
     ckpt = workdir / f"{name}-mcore" / ITER_DIR
     model = mcore.build_hetero_gpt(cfg) if "block_configs" in cfg else mcore.build_gpt(cfg)
@@ -76,10 +98,8 @@ def run_demo(args) -> int:
         for label, real, hidden, heads, layers in MODELS:
             cfg = scale_config(real_config(real), hidden=hidden, heads=heads, layers=layers, vocab=512)
             status.print(f"[bold]{label}[/]: generating, converting with streamconv, loading with megatron-core ...")
-            rows.append(check_model(label, cfg, workdir))
+            rows.append(check_model(label, cfg, workdir, overwrite=not args.workdir or args.overwrite))
     if getattr(args, "json", False):
-        import json
-
         print(json.dumps(rows, indent=2))
     else:
         table = Table(title="streamconv demo: HF -> torch_dist -> megatron-core GPTModel, logits vs reference")

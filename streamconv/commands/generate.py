@@ -46,14 +46,14 @@ def available_memory(device: str) -> int:
 
 def model_parameters(source) -> int:
     """Elements of the model's weights in a checkpoint (optimizer state and objects not counted)."""
-    from streamconv.commands.mcore2hf import MODEL_PREFIXES
+    from streamconv.formats.names import MODEL_PREFIXES
 
     return sum(math.prod(t.shape) for k, t in source.tensors.items() if k.startswith(MODEL_PREFIXES))
 
 
 def tokenizer_folder(ckpt: Path, hf_model: str | None) -> Path:
     from streamconv.formats.run_config_reader import TOKENIZER_DIR
-    from streamconv.commands.hf2mcore import resolve_hf_model
+    from streamconv.inputs import resolve_hf_model
 
     own = ckpt / TOKENIZER_DIR
     if hf_model is None and (own / "tokenizer_config.json").is_file():
@@ -137,68 +137,20 @@ def _require(module: str) -> None:
 
 
 def generate(args) -> dict:
-    from streamconv.runtime import dist
-
+    """Build the model the checkpoint describes, load it (default strictness), decode greedily; the result."""
     for module in ("megatron.core", "transformers"):
         _require(module)
     _quiet_libraries()
-    from streamconv.sources.torch_dist import TorchDistSource
-    from streamconv.commands.hf2mcore import parse_dtype
-    from streamconv.commands.mcore2hf import model_config, resolve_checkpoint
-    from streamconv.models.config import spec_from_config
-
-    ckpt = resolve_checkpoint(args.megatron_path)
-    try:
-        cfg = model_config(ckpt, None)[0]
-    except UsageError:
-        if args.hf_model is None:
-            raise
-        cfg = model_config(ckpt, args.hf_model)[0]
-    spec_from_config(cfg)  # refuses what streamconv does not know, in one line
-    device = args.device
-    dtype = (parse_dtype(args.dtype) or parse_dtype("fp32" if device == "cpu" else str(cfg.get("torch_dtype", "bf16")))
-             ).torch
-    tp = args.tp
-    job = dist.current()
-    world = job.world if job is not None else 1
-    if tp != world:
-        raise UsageError(f"--tp {tp} needs {tp} processes (torchrun --nproc-per-node {tp} -m streamconv generate ...); "
-                         f"this run has {world}")
-    with TorchDistSource(ckpt) as source:
-        params = model_parameters(source)
-    need = params * dtype.itemsize // tp
-    have = args.max_memory or available_memory(device)
-    what = (f"the model: {params:,} parameters x {dtype.itemsize} bytes ({str(dtype).removeprefix('torch.')})"
-            f"{f' / {tp} ranks' if tp > 1 else ''} = {fmt_bytes(need)} per process")
-    if need > have:
-        raise UsageError(f"{what}, above the {fmt_bytes(have)} {'--max-memory allows' if args.max_memory else 'free'}"
-                         f"; use --dtype bf16, more --tp ranks, or a bigger machine")
-    shows = (job is None or job.rank == 0) and not (args.json or args.quiet)  # rank 0, for a person
-    if shows:
-        print(f"{what}; loading {ckpt}", file=sys.stderr, flush=True)
-
     from transformers import AutoTokenizer
 
+    ckpt, cfg, dtype, params, shows = _check(args)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder(ckpt, args.hf_model)))
     prompt_ids = encode(tokenizer, args.prompt, args.chat)
     if not prompt_ids:
         raise UsageError("--prompt: empty after tokenization")
-
-    from streamconv.reference import mcore as mh
-
-    if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     t0 = time.perf_counter()
-    build = mh.build_hetero_gpt if cfg.get("block_configs") else mh.build_gpt
-    model = build(cfg, tp=tp, dtype=dtype, parallel_output=False)
-    mh.load_checkpoint(model, ckpt, check_extra=False)  # default strictness
-    if device.startswith("cuda"):
-        model = model.to(device)
+    step = _load(ckpt, cfg, dtype, args.device, args.tp)
     load_seconds = time.perf_counter() - t0
-
-    def step(ids):
-        return mh.logits(model, ids.to(device) if device != "cpu" else ids).cpu()
-
     shown = [""]
 
     def stream(out_ids):
@@ -218,19 +170,79 @@ def generate(args) -> dict:
         sys.stdout.write("\n")
     result = {"command": "generate", "checkpoint": str(ckpt), "prompt": args.prompt, "prompt_tokens": len(prompt_ids),
               "tokens": new_ids, "text": tokenizer.decode(new_ids, skip_special_tokens=True),
-              "dtype": str(dtype).removeprefix("torch."), "device": device, "tp": tp, "parameters": params,
+              "dtype": str(dtype).removeprefix("torch."), "device": args.device, "tp": args.tp, "parameters": params,
               "load_seconds": round(load_seconds, 2), "tokens_per_s": round(len(new_ids) / max(gen_seconds, 1e-9), 2)}
     if args.compare_hf:
-        from streamconv.commands.hf2mcore import resolve_hf_model
-
-        folder = resolve_hf_model(args.compare_hf)
-        ref_ids, ref_first = greedy(hf_step(folder, cfg), prompt_ids, len(new_ids), None)
-        same = ref_ids == new_ids
-        result["compare_hf"] = {"folder": str(folder), "identical": same, "hf_tokens": ref_ids,
-                                "first_difference": next((i for i, (a, b) in enumerate(zip(new_ids, ref_ids)) if a != b),
-                                                         None),
-                                "first_step_max_abs_logit_diff": float((first - ref_first.float()).abs().max())}
+        result["compare_hf"] = _compare_hf(args.compare_hf, cfg, prompt_ids, new_ids, first)
     return result
+
+
+def _check(args):
+    """The checkpoint, its config, the dtype, its parameters, and whether this process shows text: refused in
+    one line when the ranks do not match ``--tp`` or the model does not fit the memory."""
+    from streamconv.inputs import model_config, parse_dtype, resolve_checkpoint
+    from streamconv.models.config import spec_from_config
+    from streamconv.runtime import dist
+    from streamconv.sources.torch_dist import TorchDistSource
+
+    ckpt = resolve_checkpoint(args.megatron_path)
+    try:
+        cfg = model_config(ckpt, None)[0]
+    except UsageError:
+        if args.hf_model is None:
+            raise
+        cfg = model_config(ckpt, args.hf_model)[0]
+    spec_from_config(cfg)  # refuses what streamconv does not know, in one line
+    dtype = (parse_dtype(args.dtype) or parse_dtype("fp32" if args.device == "cpu"
+                                                    else str(cfg.get("torch_dtype", "bf16")))).torch
+    tp = args.tp
+    job = dist.current()
+    world = job.world if job is not None else 1
+    if tp != world:
+        raise UsageError(f"--tp {tp} needs {tp} processes (torchrun --nproc-per-node {tp} -m streamconv generate ...); "
+                         f"this run has {world}")
+    with TorchDistSource(ckpt) as source:
+        params = model_parameters(source)
+    need = params * dtype.itemsize // tp
+    have = args.max_memory or available_memory(args.device)
+    what = (f"the model: {params:,} parameters x {dtype.itemsize} bytes ({str(dtype).removeprefix('torch.')})"
+            f"{f' / {tp} ranks' if tp > 1 else ''} = {fmt_bytes(need)} per process")
+    if need > have:
+        raise UsageError(f"{what}, above the {fmt_bytes(have)} {'--max-memory allows' if args.max_memory else 'free'}"
+                         f"; use --dtype bf16, more --tp ranks, or a bigger machine")
+    shows = (job is None or job.rank == 0) and not (args.json or args.quiet)  # rank 0, for a person
+    if shows:
+        print(f"{what}; loading {ckpt}", file=sys.stderr, flush=True)
+    return ckpt, cfg, dtype, params, shows
+
+
+def _load(ckpt, cfg: dict, dtype, device: str, tp: int):
+    """megatron-core's model for ``cfg``, loaded from ``ckpt``; returns its ``step(ids) -> logits``."""
+    from streamconv.reference import mcore as mh
+
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    build = mh.build_hetero_gpt if cfg.get("block_configs") else mh.build_gpt
+    model = build(cfg, tp=tp, dtype=dtype, parallel_output=False)
+    mh.load_checkpoint(model, ckpt, check_extra=False)  # default strictness
+    if device.startswith("cuda"):
+        model = model.to(device)
+
+    def step(ids):
+        return mh.logits(model, ids.to(device) if device != "cpu" else ids).cpu()
+
+    return step
+
+
+def _compare_hf(hf_folder: str, cfg: dict, prompt_ids, new_ids, first) -> dict:
+    """The HF model's greedy tokens and first-step logits beside ours (``--compare-hf``)."""
+    from streamconv.inputs import resolve_hf_model
+
+    folder = resolve_hf_model(hf_folder)
+    ref_ids, ref_first = greedy(hf_step(folder, cfg), prompt_ids, len(new_ids), None)
+    return {"folder": str(folder), "identical": ref_ids == new_ids, "hf_tokens": ref_ids,
+            "first_difference": next((i for i, (a, b) in enumerate(zip(new_ids, ref_ids)) if a != b), None),
+            "first_step_max_abs_logit_diff": float((first - ref_first.float()).abs().max())}
 
 
 def generate_command(args) -> int:

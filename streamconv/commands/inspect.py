@@ -97,7 +97,7 @@ def inspect_path(path: str | Path) -> Report:
         return torch_dist_report(_resolve_torch_dist(p))
     if any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file():
         return hf_report(p)
-    from streamconv.commands.mcore2hf import refuse_unfinished
+    from streamconv.inputs import refuse_unfinished
 
     refuse_unfinished(p)
     raise BadInputError(f"{p}: not a checkpoint: no *.safetensors (Hugging Face), no {METADATA_FILE}, "
@@ -109,7 +109,7 @@ def _checkpoint_subfolders(p: Path) -> list[Path]:
 
 
 def _resolve_torch_dist(p: Path) -> Path:
-    from streamconv.commands.mcore2hf import resolve_checkpoint
+    from streamconv.inputs import resolve_checkpoint
 
     return resolve_checkpoint(p)
 
@@ -118,7 +118,7 @@ def _resolve_torch_dist(p: Path) -> Path:
 
 
 def hf_file_report(path: Path) -> Report:
-    from streamconv.sources.safetensors import read_header
+    from streamconv.formats.safetensors import read_header
 
     infos = read_header(path)
     tensors = [Entry(n, tuple(i.shape), dtype_name(i.dtype), i.nbytes, path.name) for n, i in infos.items()]

@@ -15,18 +15,20 @@ from streamconv.runtime.progress import stdout_console
 from streamconv import dtypes
 from streamconv.engine import runner
 from streamconv.errors import UsageError
-from streamconv.commands.hf2mcore import check_budget, chunk_bytes_for, parse_dtype, resolve_hf_model
+from streamconv.engine.contracts import Source
+from streamconv.inputs import check_budget, chunk_bytes_for, parse_dtype, resolve_hf_model
 from streamconv.models import rules
 from streamconv.models.config import load_config, spec_from_config
 from streamconv.plan.build import describe, import_plan
+from streamconv.units import fmt_bytes
 
 CONFIG_DTYPES = {"bfloat16": dtypes.BFLOAT16, "float16": dtypes.FLOAT16, "float32": dtypes.FLOAT32}
 
 
-class ShapeSource:
+class ShapeSource(Source):
     """What the engine's memory accounting needs from a source, computed from the spec (no weights)."""
 
-    direct_reads = True  # like a safetensors source: reads land in the chunk's buffer (engine/scatter.py)
+    reads = "extents"  # it stands in for a safetensors source: reads land in the chunk's buffer (scatter.py)
 
     def __init__(self, spec, dtype: dtypes.DType):
         self.shapes = {t.name: t.shape for t in rules.hf_tensors(spec)}
@@ -101,8 +103,8 @@ def plan_command(args) -> int:
     shapes = ShapeSource(spec, src_dtype)
     summary["min_memory_bytes"] = runner.min_memory(plan, shapes)
     if summary["min_memory_bytes"] > args.max_memory:  # what hf2mcore refuses, plan refuses too
-        raise UsageError(f"--max-memory {runner.fmt_bytes(args.max_memory)} is below the "
-                         f"{runner.fmt_bytes(summary['min_memory_bytes'])} one chunk needs")
+        raise UsageError(f"--max-memory {fmt_bytes(args.max_memory)} is below the "
+                         f"{fmt_bytes(summary['min_memory_bytes'])} one chunk needs")
     per_layer = layer_rows(plan, shapes)
     by_key: dict[str, int] = {}
     for c in plan.chunks:
@@ -120,7 +122,7 @@ def plan_command(args) -> int:
         for col in ("key", "shape", "dtype", "bytes", "chunks"):
             table.add_column(col, justify="right" if col in ("bytes", "chunks") else "left")
         for t in plan.targets.values():
-            table.add_row(t.key, str(list(t.shape)), str(t.dtype).replace("torch.", ""), runner.fmt_bytes(t.nbytes),
+            table.add_row(t.key, str(list(t.shape)), str(t.dtype).replace("torch.", ""), fmt_bytes(t.nbytes),
                           str(by_key[t.key]))
         console.print(table)
     if getattr(args, "layers", False):
@@ -131,8 +133,8 @@ def plan_command(args) -> int:
             attn = f"{r['query_groups']} groups" if r["attention"] == "attention" else r["attention"]
             ffn = str(r["ffn_hidden_size"]) if r["mlp"] == "mlp" else r["mlp"]
             table.add_row(str(r["layer"]), attn, ffn, f"{r['parameters'] / 1e6:,.1f}M",
-                          runner.fmt_bytes(r["bytes"]), str(r["chunks"]), runner.fmt_bytes(r["largest_tensor_bytes"]),
-                          runner.fmt_bytes(r["memory_bytes"]))
+                          fmt_bytes(r["bytes"]), str(r["chunks"]), fmt_bytes(r["largest_tensor_bytes"]),
+                          fmt_bytes(r["memory_bytes"]))
         console.print(table)
     grid = Table(title=f"plan: {spec.architecture}, {spec.num_layers} layers", show_header=False)
     grid.add_column(style="bold")
@@ -140,16 +142,16 @@ def plan_command(args) -> int:
     grid.add_row("parameters", f"{summary['parameters']:,} ({summary['parameters'] / 1e9:.3f} B)")
     if method is not None:
         grid.add_row("quantization", f"{method}: weights dequantized on the fly (fp8 x scale)")
-    grid.add_row("output", f"{runner.fmt_bytes(summary['bytes'])} as {summary['dtype']}")
+    grid.add_row("output", f"{fmt_bytes(summary['bytes'])} as {summary['dtype']}")
     grid.add_row("tensors / objects", f"{summary['tensors']} / {summary['objects']}")
     grid.add_row("chunks / files", f"{summary['chunks']} / {summary['files']}")
-    grid.add_row("largest tensor", f"{summary['largest_tensor']} ({runner.fmt_bytes(summary['largest_tensor_bytes'])})")
-    grid.add_row("largest chunk", runner.fmt_bytes(summary["largest_chunk_bytes"]))
+    grid.add_row("largest tensor", f"{summary['largest_tensor']} ({fmt_bytes(summary['largest_tensor_bytes'])})")
+    grid.add_row("largest chunk", fmt_bytes(summary["largest_chunk_bytes"]))
     widest = max(per_layer, key=lambda r: r["largest_tensor_bytes"], default=None)
     if widest is not None:
-        grid.add_row("largest layer tensor", f"layer {widest['layer']}: {runner.fmt_bytes(widest['largest_tensor_bytes'])}"
-                                             f" whole, converted with {runner.fmt_bytes(widest['memory_bytes'])} in flight")
-    grid.add_row("memory budget", f"{runner.fmt_bytes(args.max_memory)} (at least "
-                                  f"{runner.fmt_bytes(summary['min_memory_bytes'])} needed)")
+        grid.add_row("largest layer tensor", f"layer {widest['layer']}: {fmt_bytes(widest['largest_tensor_bytes'])}"
+                                             f" whole, converted with {fmt_bytes(widest['memory_bytes'])} in flight")
+    grid.add_row("memory budget", f"{fmt_bytes(args.max_memory)} (at least "
+                                  f"{fmt_bytes(summary['min_memory_bytes'])} needed)")
     console.print(grid)
     return 0

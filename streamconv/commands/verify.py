@@ -20,104 +20,16 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 
-import torch
 
-from streamconv import crashpoints
 from streamconv.engine import runner
 from streamconv.errors import EXIT_MISMATCH, BadInputError
+from streamconv.formats.names import MODEL_PREFIXES, is_extra_state
 from streamconv.models import rules
 from streamconv.plan.build import Chunk, Plan, Read, Target, import_plan
 from streamconv.plan.layout import layout_segments, sources_for_fused_rows
-
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-@dataclass
-class Report:
-    checkpoint: str
-    source: str
-    tensors: int = 0
-    items: int = 0
-    bytes: int = 0
-    items_checked: int = 0
-    mismatches: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.mismatches
-
-    def as_dict(self) -> dict:
-        return {"command": "verify", "checkpoint": self.checkpoint, "source": self.source, "ok": self.ok,
-                "tensors": self.tensors, "items": self.items, "items_checked": self.items_checked,
-                "bytes": self.bytes, "seconds": round(self.seconds, 3), "mismatches": self.mismatches}
-
-
-def first_difference(actual: torch.Tensor, expected: torch.Tensor) -> tuple[int, tuple[int, ...]] | None:
-    """(number of differing elements, index of the first) comparing bits; None if bit-identical."""
-    view = _INT_VIEW[expected.element_size()]
-    a = actual.contiguous().view(view).reshape(-1)
-    e = expected.contiguous().view(view).reshape(-1)
-    if torch.equal(a, e):  # the usual case: no element-wise mask to build
-        return None
-    diff = a != e
-    n = int(diff.sum())
-    if n == 0:
-        return None
-    flat = int(diff.nonzero()[0, 0])
-    index = []
-    for size in reversed(expected.shape):
-        index.append(flat % size)
-        flat //= size
-    return n, tuple(reversed(index))
-
-
-class CompareSink:
-    """The engine's sink for verify: each expected chunk (full rows) is compared with the checkpoint's items
-    that lie in it (``items``: {(key, offsets): [(item offsets, item sizes)]}; one, unless the checkpoint
-    splits those rows along another dimension, as a tensor-parallel save does)."""
-
-    def __init__(self, ckpt_source, report: Report, items: dict | None = None):
-        self.ckpt = ckpt_source
-        self.report = report
-        self.items = items or {}
-
-    def write_overhead(self, chunk) -> int:
-        return 2 * chunk.nbytes  # the item read (a plain archive: straight into its tensor; else its bytes
-        #                          and the tensor torch.load makes of them)
-
-    def write(self, chunk, expected: torch.Tensor) -> None:
-        for offsets, sizes in self.items.get(chunk.id, [(chunk.offsets, chunk.sizes)]):
-            part = expected
-            for d, (o, n, o0) in enumerate(zip(offsets, sizes, chunk.offsets)):
-                if n != part.shape[d]:
-                    part = part.narrow(d, o - o0, n)
-            self._compare(chunk.key, tuple(offsets), tuple(sizes), part)
-        crashpoints.pause("chunk")
-
-    def _compare(self, key: str, offsets: tuple, sizes: tuple, expected: torch.Tensor) -> None:
-        where = f"{key} chunk at offsets {list(offsets)} sizes {list(sizes)}"
-        try:
-            actual = self.ckpt.read_item(key, offsets)
-        except BadInputError as e:
-            self.report.mismatches.append(f"{where}: unreadable ({e})")
-            return
-        self.report.items_checked += 1
-        if actual.dtype != expected.dtype or tuple(actual.shape) != tuple(expected.shape):
-            self.report.mismatches.append(f"{where}: holds {actual.dtype} {list(actual.shape)}, expected "
-                                          f"{expected.dtype} {list(expected.shape)}")
-            return
-        d = first_difference(actual, expected.reshape(actual.shape))
-        if d is not None:
-            n, index = d
-            self.report.mismatches.append(f"{where}: {n} of {actual.numel()} elements differ from the source "
-                                          f"(first at {list(index)})")
-
-    def close(self) -> None:
-        pass
-
+from streamconv.sinks.compare import ItemCompare, Report
+from streamconv.units import fmt_bytes
 
 def _bindings_by_key(spec) -> dict[tuple[str, tuple[int, ...]], tuple]:
     out = {}
@@ -195,7 +107,7 @@ def check_same_model(spec, ckpt_dir, folder) -> None:
     one line (exit 5) instead of a mismatch per tensor."""
     import dataclasses
 
-    from streamconv.commands.mcore2hf import model_config
+    from streamconv.inputs import model_config
     from streamconv.models.config import spec_from_config
 
     from streamconv.errors import StreamconvError
@@ -213,8 +125,8 @@ def check_same_model(spec, ckpt_dir, folder) -> None:
 def verify(hf_model: str, megatron_path: str, *, max_memory: int = runner.DEFAULT_MAX_MEMORY, workers: int = 4,
            device: str = "cpu", quiet: bool = True) -> Report:
     from streamconv.sources.torch_dist import TorchDistSource
-    from streamconv.commands.hf2mcore import open_source, resolve_hf_model, source_dtypes
-    from streamconv.commands.mcore2hf import resolve_checkpoint
+    from streamconv.inputs import resolve_checkpoint, resolve_hf_model, source_dtypes
+    from streamconv.sources.safetensors import SafetensorsSource
     from streamconv.models.config import load_config, spec_from_config
     from streamconv.runtime.progress import make_progress
 
@@ -224,7 +136,7 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = runner.DEFAUL
     spec = spec_from_config(cfg)
     ckpt_dir = resolve_checkpoint(megatron_path)
     check_same_model(spec, ckpt_dir, folder)
-    source = open_source(folder, cfg)  # a quantized source dequantizes as the conversion did
+    source = SafetensorsSource(folder, cfg)  # a quantized source dequantizes as the conversion did
     ckpt = TorchDistSource(ckpt_dir)
     report = Report(str(ckpt_dir), str(folder))
     try:
@@ -236,8 +148,6 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = runner.DEFAUL
         ref = expected_dtypes(spec, src_dtypes, ckpt.tensors)
         bindings = _bindings_by_key(spec)
         report.tensors = len(ref.targets)
-        from streamconv.commands.mcore2hf import MODEL_PREFIXES, is_extra_state
-
         for key in sorted(k for k in set(ckpt.tensors) - set(ref.targets)
                           if k.startswith(MODEL_PREFIXES) and not is_extra_state(k)):
             report.mismatches.append(f"{key}: in the checkpoint but not made from any source tensor")
@@ -273,7 +183,7 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = runner.DEFAUL
         report.items = sum(len(v) for v in items.values())
         report.bytes = sum(c.nbytes for c in chunks)
         plan = Plan("verify", spec, targets, chunks)
-        sink = CompareSink(ckpt, report, items)
+        sink = ItemCompare(ckpt, report, items)
         progress = make_progress(quiet, "verify", report.bytes, len(chunks), max_memory, plan=plan)
         with progress:
             runner.run(plan, source, sink, max_memory=max_memory, workers=workers, device=device, progress=progress)
@@ -296,7 +206,7 @@ def verify_command(args) -> int:
     if len(report.mismatches) > 50:
         print(f"... and {len(report.mismatches) - 50} more", file=sys.stderr)
     summary = (f"{report.tensors} tensors, {report.items_checked}/{report.items} items, "
-               f"{runner.fmt_bytes(report.bytes)} of {report.checkpoint} against {report.source} "
+               f"{fmt_bytes(report.bytes)} of {report.checkpoint} against {report.source} "
                f"in {report.seconds:.1f}s")
     if report.ok:
         if not args.quiet:

@@ -52,6 +52,7 @@ class CpuStage:
     device = "cpu"
     reserved = 0
     memory = None
+    dequantizes = False  # a quantized weight comes in dequantized (``scatter.copy_reads``)
 
     def attach(self, memory) -> None:
         self.memory = memory

@@ -22,52 +22,25 @@ Page cache: each piece's source range is dropped once read; the output is writte
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from streamconv.engine.contracts import FileSource, Phases, PlacingSink, Placement, Sink, Source
+from streamconv.engine.device import on_cpu
+from streamconv.errors import output_error
 from streamconv.files import pagecache
 from streamconv.files.checksum import crc32
-from streamconv.engine.device import on_cpu
-from streamconv.errors import BadInputError, output_error
+from streamconv.files.fileio import OpenFiles, pwrite_all, read_exact
 from streamconv.plan.build import Chunk
 
-PIECE_BYTES = 1 << 20  # measured here: 1 MiB pieces copy with CRC at 0.6 CPU-s/GB, 64 MiB ones at 0.9-1.6
+PIECE_BYTES = 1 << 20  # small enough to stay in the CPU cache between read, CRC and write (docs/benchmarks.md)
 
 
-@dataclass
-class Placement:
-    """Where a chunk's bytes go: ``fd`` at ``offset`` (and the same bytes to each ``(fd, offset)`` of ``also``)."""
-
-    fd: int
-    offset: int
-    path: object  # for messages
-    also: list = field(default_factory=list)
-
-
-@dataclass
-class Phases:
-    """Seconds spent per phase, summed over threads."""
-
-    read: float = 0.0
-    cast: float = 0.0
-    crc: float = 0.0
-    write: float = 0.0
-    complete: float = 0.0  # the sink's framing, journal and file commits
-
-    def add(self, other: "Phases") -> None:
-        for k in vars(self):
-            setattr(self, k, getattr(self, k) + getattr(other, k))
-
-
-def usable(source, sink, device: str) -> bool:
-    """Whether the direct path serves: a safetensors source, a sink that places chunks, the CPU."""
-    from streamconv.sources.safetensors import SafetensorsSource
-
-    return isinstance(source, SafetensorsSource) and hasattr(sink, "place") and on_cpu(device)
+def usable(source: Source, sink: Sink, device: str) -> bool:
+    """Whether the direct path serves: a source of file extents, a sink that places chunks, the CPU."""
+    return source.reads == "extents" and sink.places and on_cpu(device)
 
 
 def piece_bytes(max_memory: int, workers: int) -> int:
@@ -75,16 +48,8 @@ def piece_bytes(max_memory: int, workers: int) -> int:
     return max(4096, min(PIECE_BYTES, max_memory // (2 * max(1, workers))) // 64 * 64)
 
 
-def pwrite_all(fd: int, data, at: int) -> None:
-    """All of ``data`` at offset ``at`` of ``fd`` (``pwrite`` may write less than asked)."""
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, at)
-        view, at = view[n:], at + n
-
-
 class _Worker:
-    def __init__(self, source, files, piece: int):
+    def __init__(self, source: FileSource, files: OpenFiles, piece: int):
         self.source, self.files = source, files
         self.src = np.empty(piece, dtype=np.uint8)
         self.out = np.empty(piece, dtype=np.uint8)
@@ -115,7 +80,7 @@ class _Worker:
                 t0 = time.perf_counter()
                 at = off + e0 * src_item
                 src = memoryview(self.src)[: e * src_item]
-                self._read(fd, path, src, at)
+                read_exact(fd, src, at, path)
                 pagecache.drop(fd, at, len(src))
                 t1 = time.perf_counter()
                 data = src
@@ -150,7 +115,7 @@ class _Worker:
             t0 = time.perf_counter()
             raw = self.src if k * cols <= len(self.src) else np.empty(k * cols, dtype=np.uint8)  # a very wide row
             at = off + (row - r.row0) * cols
-            self._read(fd, path, memoryview(raw)[: k * cols], at)
+            read_exact(fd, memoryview(raw)[: k * cols], at, path)
             pagecache.drop(fd, at, k * cols)
             t1 = time.perf_counter()
             values = torch.from_numpy(raw[: k * cols]).view(info.dtype.torch).view(k, cols)
@@ -188,16 +153,6 @@ class _Worker:
             self._f32 = torch.empty(n, dtype=torch.float32)
             self._wide = torch.empty(n * 4, dtype=torch.uint8)
         return self._wide[: n * out_dtype.itemsize].view(out_dtype), self._f32[:n]
-
-    @staticmethod
-    def _read(fd: int, path, buf: memoryview, at: int) -> None:
-        done = 0
-        while done < len(buf):
-            got = os.preadv(fd, [buf[done:]], at + done)
-            if got <= 0:
-                raise BadInputError(f"{path}: unexpected end of file at byte {at + done}; the shard is truncated, "
-                                    "re-download it")
-            done += got
 
     @staticmethod
     def _write(fd: int, path, data: memoryview, at: int) -> None:
@@ -244,10 +199,8 @@ class _FileQueue:
         return mine, chunk
 
 
-def run(plan, source, sink, *, max_memory: int, workers: int, progress, skip, stats) -> None:
-    """Run ``plan`` on the direct path (see the module docstring); fills ``stats`` (``engine.Stats``)."""
-    from streamconv.engine.scatter import FileScatter
-
+def run(plan, source: FileSource, sink: PlacingSink, *, max_memory: int, workers: int, progress, skip, stats) -> None:
+    """Run ``plan`` on the direct path (see the module docstring); fills ``stats`` (``contracts.Stats``)."""
     todo = []
     for c in plan.chunks:
         if skip is not None and skip(c):
@@ -257,12 +210,12 @@ def run(plan, source, sink, *, max_memory: int, workers: int, progress, skip, st
         else:
             todo.append(c)
     n = max(1, min(workers, len(todo)))
-    quantized = bool(getattr(source, "dequant", None))  # dequantizing holds two more pieces: float32, output
+    quantized = bool(source.dequant)  # dequantizing holds two more pieces: float32, output
     piece = piece_bytes(max_memory // 2 if quantized else max_memory, n)
     held = (4 if quantized else 2) * piece * n
     stats.budget = max_memory
     stats.peak_in_flight = held if todo else 0
-    files = FileScatter(source)
+    files = OpenFiles(sequential=True)
     stop = threading.Event()
     lock = threading.Lock()
     errors: list[BaseException] = []

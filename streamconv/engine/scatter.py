@@ -2,25 +2,24 @@
 
 A chunk is the row-wise concatenation of its reads (``plan.Read``). Instead of reading each into a
 tensor of its own and concatenating them, the engine allocates the chunk's buffer once and every read
-lands in its rows. For a safetensors source, the reads of a chunk are turned into file extents, sorted
+lands in its rows. For a ``FileSource`` (safetensors), the reads of a chunk are turned into file extents, sorted
 by (file, offset), and runs that are contiguous in a file become one ``preadv`` into several places of
 the buffer: QKV's q rows of all query groups of a block are read in one sequential request that
 scatters them between the k and v rows. No copy is made in user space, and each file is read in order.
 Every byte of a source is read once: its pages are dropped from the page cache once read (pagecache.py).
 
-Sources other than safetensors fill the rows through ``read_rows`` (a source may also offer its own
-``read_into(chunk_reads, buffer)``); a read whose dtype differs from the buffer's is cast on copy.
+Other sources fill the buffer themselves (``reads = "buffer"``: ``read_into``) or through ``read_rows``
+(``reads = "rows"``; ``engine/contracts.py``); a read whose dtype differs from the buffer's is cast on copy.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from typing import Callable
 
 from streamconv import dtypes
+from streamconv.engine.contracts import FileSource, Source
 from streamconv.files import pagecache
-from streamconv.errors import BadInputError
+from streamconv.files.fileio import OpenFiles, read_scattered
 from streamconv.plan.build import Chunk, Read
 
 IOV_MAX = 1024  # Linux: most iovecs one preadv takes
@@ -37,14 +36,10 @@ def buffer_shape(chunk: Chunk) -> tuple[int, int]:
     return (rows, numel // rows) if rows else (0, 0)
 
 
-def source_dtype(source, name: str) -> dtypes.DType | None:
-    if name in getattr(source, "dequant", ()):  # a quantized weight reads as its float32 value
+def source_dtype(source: Source, name: str) -> dtypes.DType | None:
+    if name in source.dequant:  # a quantized weight reads as its float32 value
         return dtypes.FLOAT32
-    info = getattr(source, "info", None)
-    if info is None:
-        dtype_of = getattr(source, "dtype_of", None)
-        return dtypes.maybe(dtype_of(name)) if dtype_of is not None else None
-    return dtypes.of(info(name).dtype)
+    return dtypes.maybe(source.dtype_of(name))
 
 
 def read_dtype(source, chunk: Chunk) -> dtypes.DType | None:
@@ -58,7 +53,7 @@ def quantized_reads(source, chunk: Chunk) -> tuple[dtypes.DType, list[tuple[int,
     stored in, and per read (first row in the buffer, rows, its ``formats.quantized.Scale``, first row in
     the weight), when every read of ``chunk`` is a whole-weight read of a quantized weight of one float8
     dtype; else None (the reads are dequantized on the CPU, by ``read_rows``)."""
-    dequant = getattr(source, "dequant", None)
+    dequant = source.dequant
     if not dequant or not all(r.name in dequant and not r.index for r in chunk.reads):
         return None
     stored = {source.info(r.name).dtype for r in chunk.reads}
@@ -71,7 +66,7 @@ def quantized_reads(source, chunk: Chunk) -> tuple[dtypes.DType, list[tuple[int,
     return stored.pop(), out
 
 
-def row_blocks(chunk: Chunk, buf: torch.Tensor) -> list[tuple[Read, torch.Tensor]]:
+def buffer_rows(chunk: Chunk, buf: torch.Tensor) -> list[tuple[Read, torch.Tensor]]:
     """Each read with the rows of ``buf`` (a ``buffer_shape`` tensor) it fills."""
     out, row = [], 0
     for r in chunk.reads:
@@ -83,31 +78,17 @@ def row_blocks(chunk: Chunk, buf: torch.Tensor) -> list[tuple[Read, torch.Tensor
 
 def copy_reads(source, chunk: Chunk, buf: torch.Tensor) -> None:
     """Fill ``buf`` through ``source.read_rows`` (one read held at a time; cast on copy)."""
-    for r, dst in row_blocks(chunk, buf):
+    for r, dst in buffer_rows(chunk, buf):
         if dst.numel():
             dst.copy_(source.read_rows(r.name, r.row0, r.row1, r.index).reshape(dst.shape))
 
 
 class FileScatter:
-    """``read_into`` for a ``SafetensorsSource``: file extents -> ``preadv`` into the buffer."""
+    """``read_into`` for a ``FileSource``: file extents -> ``preadv`` into the buffer."""
 
-    def __init__(self, source):
+    def __init__(self, source: FileSource):
         self.source = source
-        self._fds: dict = {}
-
-    def fd(self, path) -> int:
-        """The open descriptor of ``path`` (opened once, shared by the reader threads)."""
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = os.open(path, os.O_RDONLY)
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            fd = self._fds.setdefault(path, fd)  # another thread may have opened it too: keep one
-        return fd
-
-    def extent(self, r: Read) -> tuple:
-        """``(path, file offset, length)`` of a read."""
-        return self.source.extent(r.name, r.row0, r.row1, r.index)
+        self.files = OpenFiles(sequential=True)
 
     def __call__(self, chunk: Chunk, buf: torch.Tensor) -> None:
         stored = {self.source.info(r.name).dtype for r in chunk.reads}
@@ -119,7 +100,7 @@ class FileScatter:
         pieces = []  # (path, offset, length, destination byte offset)
         dst = 0
         for r in chunk.reads:
-            path, off, n = self.extent(r)
+            path, off, n = self.source.extent(r.name, r.row0, r.row1, r.index)
             if n:
                 pieces.append((path, off, n, dst))
             dst += n
@@ -135,47 +116,36 @@ class FileScatter:
 
     def _read_run(self, run: list, raw) -> None:
         """One file range, contiguous, into several places of ``raw``."""
-        path, pos = run[0][0], run[0][1]
-        start = pos
-        views = [memoryview(raw[d:d + n]) for _, _, n, d in run]
-        fd = self.fd(path)
-        while views:
-            got = os.preadv(fd, views, pos)
-            if got <= 0:
-                raise BadInputError(f"{path}: unexpected end of file at byte {pos}; the shard is truncated, "
-                                    "re-download it")
-            pos += got
-            while views and got >= len(views[0]):
-                got -= len(views[0])
-                views.pop(0)
-            if got:
-                views[0] = views[0][got:]
-        pagecache.drop(fd, start, pos - start)
+        path, start = run[0][0], run[0][1]
+        fd = self.files.fd(path)
+        n = read_scattered(fd, [memoryview(raw[d:d + n]) for _, _, n, d in run], start, path)
+        pagecache.drop(fd, start, n)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self.files.close()
 
 
-def direct(source) -> bool:
-    """Whether reads land in the buffer with no tensor of their own (else ``copy_reads`` holds one read).
-
-    A stand-in source used only for planning says so with ``direct_reads = True``.
-    """
-    from streamconv.sources.safetensors import SafetensorsSource
-
-    return (hasattr(source, "read_into") or isinstance(source, SafetensorsSource)
-            or getattr(source, "direct_reads", False))
+def direct(source: Source) -> bool:
+    """Whether reads land in the buffer with no tensor of their own (else ``copy_reads`` holds one read)."""
+    return source.reads != "rows"
 
 
-def reader_for(source) -> Callable[[Chunk, torch.Tensor], None]:
-    """A ``read_into(chunk, buf)`` for ``source``: its own, file scatter for safetensors, else copies."""
-    own = getattr(source, "read_into", None)
-    if own is not None:
-        return own
-    from streamconv.sources.safetensors import SafetensorsSource
+class _Through:
+    """``read_into`` through the source itself: its own ``read_into``, or ``read_rows`` copied in."""
 
-    if isinstance(source, SafetensorsSource):
-        return FileScatter(source)
-    return lambda chunk, buf: copy_reads(source, chunk, buf)
+    def __init__(self, source: Source):
+        self.source = source
+
+    def __call__(self, chunk: Chunk, buf: torch.Tensor) -> None:
+        if self.source.reads == "buffer":
+            self.source.read_into(chunk, buf)
+        else:
+            copy_reads(self.source, chunk, buf)
+
+    def close(self) -> None:
+        pass  # the source is the caller's to close
+
+
+def reader_for(source: Source) -> FileScatter | _Through:
+    """A ``read_into(chunk, buf)`` for ``source`` (closed with ``close()``): file scatter for a ``FileSource``."""
+    return FileScatter(source) if source.reads == "extents" else _Through(source)

@@ -4,8 +4,8 @@ A conversion streams the whole model through the kernel's page cache. Left alone
 three ways on the hosts streamconv is for: a 506 GB run evicts everything else the host had cached;
 dirty output pages pile up until the kernel throttles the writer and then flushes them in bursts; and
 on virtual machines whose memory the host backs lazily, touching pages that have sat free for a while
-costs more than the disk itself (measured here: 0.4 GB/s writing fresh page cache against 1.9 GB/s
-when the same files' pages are dropped after each fsync). So:
+costs more than the disk itself (docs/benchmarks.md: writing fresh page cache against recycled pages).
+So:
 
 - ``drop(fd, offset, length)``: sources call it on each byte range they have read (``POSIX_FADV_DONTNEED``
   only drops whole clean pages inside the range; a page shared with a read still to come stays).

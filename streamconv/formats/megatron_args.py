@@ -27,8 +27,7 @@ import torch
 
 from streamconv.errors import BadInputError
 
-COMMON_FILE = "common.pt"
-COMMON_STATE_KEY = "common_state/shard_0_1"
+from streamconv.formats.names import COMMON_FILE, COMMON_STATE_KEY  # noqa: E402
 MAX_PICKLE_BYTES = 64 * 1024**2  # a common state is kilobytes to a few MB
 
 

@@ -64,12 +64,8 @@ _CFG = "megatron.bridge.training.config."
 # and common.pt before mcore 0.19). train_state.pt = torch.save(train_state_tensors(0)); the latest_ copy is
 # shutil.copy of it; Bridge finds iteration 0 through latest_train_state.pt: its legacy-tracker reader
 # asserts ``iteration > 0`` and so refuses a tracker holding "0".
-ITER_DIR_FORMAT = "iter_{:07d}"
-RUN_CONFIG_FILE = "run_config.yaml"  # in iter_0000000/
-TRAIN_STATE_FILE = "train_state.pt"  # in iter_0000000/
-LATEST_TRAIN_STATE_FILE = "latest_train_state.pt"  # in <out>/
-TRACKER_FILE = "latest_checkpointed_iteration.txt"  # in <out>/, text str(step), no newline
-TOKENIZER_DIR = "tokenizer"  # in iter_0000000/: the HF tokenizer's save_pretrained() output
+from streamconv.formats.names import (ITER_DIR_FORMAT, LATEST_TRAIN_STATE_FILE, RUN_CONFIG_FILE,  # noqa: E402,F401
+                                      TOKENIZER_DIR, TRACKER_FILE, TRAIN_STATE_FILE)
 BRIDGE_FILES = (RUN_CONFIG_FILE, TRAIN_STATE_FILE, TOKENIZER_DIR, LATEST_TRAIN_STATE_FILE, TRACKER_FILE)
 
 # transformers' LlamaConfig defaults: Bridge reads a config *object*, so absent keys take these.
@@ -169,6 +165,22 @@ def _common(dtype: str) -> dict:
         "context_parallel_size": 1,
         "expert_model_parallel_size": 1,
         "sequence_parallel": False,
+    }
+
+
+def _attention_and_vocab(hf_config: dict, query_groups: int) -> dict:
+    """The provider fields both families share, in Bridge's order: heads, groups, head size, vocabulary and its
+    padding, sequence length, norm epsilon, init std."""
+    heads, hidden, vocab = hf_config["num_attention_heads"], hf_config["hidden_size"], hf_config["vocab_size"]
+    return {
+        "num_attention_heads": heads,
+        "num_query_groups": query_groups,
+        "kv_channels": hf_config.get("head_dim") or hidden // heads,
+        "vocab_size": vocab,
+        "make_vocab_size_divisible_by": make_vocab_size_divisible_by(vocab),
+        "seq_length": _cfg(hf_config, "max_position_embeddings"),
+        "layernorm_epsilon": _cfg(hf_config, "rms_norm_eps"),
+        "init_method_std": _cfg(hf_config, "initializer_range"),
     }
 
 

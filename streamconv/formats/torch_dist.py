@@ -21,6 +21,7 @@ from streamconv import crashpoints, dtypes
 from streamconv.files.checksum import crc32
 from streamconv.errors import output_error
 from streamconv.formats import dcp_pickle, torch_save
+from streamconv.formats.names import COMMON_STATE_KEY, METADATA_FILE, distcp_name
 from streamconv.files.atomic import commit, create_temporary, fsync_dir, fsync_write
 
 METADATA_JSON = {
@@ -34,11 +35,6 @@ COMMON_STATE = {
     "iteration": 0,
     "content_metadata": {"singleton_local_shards": False, "chained_optim_avoid_prefix": True},
 }
-COMMON_STATE_KEY = "common_state/shard_0_1"
-
-
-def distcp_name(file: int) -> str:
-    return f"__0_{file}.distcp"
 
 
 def standalone(t):
@@ -136,7 +132,7 @@ def write_common_files(folder: Path) -> None:
 def write_metadata(folder: Path, metadata) -> None:
     """``.metadata`` to a temporary name, fsync, rename, fsync the folder: the commit of the checkpoint."""
     data = dcp_pickle.dumps(metadata)
-    tmp, path = folder / ".metadata.tmp", folder / ".metadata"
+    tmp, path = folder / (METADATA_FILE + ".tmp"), folder / METADATA_FILE
     try:
         with create_temporary(tmp) as fh:
             fh.write(data[: len(data) // 2])

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from streamconv import dtypes
 from streamconv.dtypes import DType
 from streamconv.errors import BadInputError
+from streamconv.formats.names import is_quant_companion
 from streamconv.models import rules
 from streamconv.models.spec import ModelSpec
 from streamconv.plan.layout import fused_rows_for_source, fused_rows_of, layout_segments, sources_for_fused_rows
@@ -107,16 +108,12 @@ def _itemsize(dtype) -> int:
     return dtypes.of(dtype).itemsize
 
 
-def row_blocks(rows: int, row_bytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
+def row_spans(rows: int, row_bytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
     """Split ``rows`` into contiguous blocks of at most ``chunk_bytes`` (at least one row each)."""
     step = max(1, chunk_bytes // max(1, row_bytes))
     return [(r, min(rows, r + step)) for r in range(0, rows, step)] or [(0, 0)]
 
 
-# The companions of quantized weights (Model Optimizer FP8/NVFP4, fine-grained FP8, compressed-tensors):
-# a weight stored next to one of these is not the weight until it is scaled.
-QUANT_COMPANION = re.compile(r"(^|\.)(weight_scale(_inv|_2)?|input_scale|k_scale|v_scale|input_global_scale|"
-                             r"weight_global_scale|weight_zero_point|weight_packed|qweight|qzeros|scales)$")
 FLOAT8 = dtypes.FLOAT8
 
 
@@ -127,7 +124,7 @@ def check_quantization(spec: ModelSpec, infos: dict, quant=None) -> None:
     expected = {t.name for t in rules.hf_tensors(spec)}
     known = quant.companions if quant is not None else set()
     scaled = quant.scales if quant is not None else {}
-    companions = sorted(n for n in infos if QUANT_COMPANION.search(n) and n not in known)
+    companions = sorted(n for n in infos if is_quant_companion(n) and n not in known)
     fp8 = sorted(n for n in expected if n in infos and dtypes.of(infos[n].dtype) in FLOAT8 and n not in scaled)
     if companions or fp8:
         first = companions[0] if companions else fp8[0]
@@ -195,7 +192,7 @@ def import_plan(
         shape = b.shape
         row_bytes = math.prod(shape[1:]) * max(_itemsize(dtype), *(_itemsize(src_dtypes[t.name]) for t in b.hf))
         lead = tuple(b.index)
-        for r0, r1 in row_blocks(fused_rows_of(segs), row_bytes, chunk_bytes):
+        for r0, r1 in row_spans(fused_rows_of(segs), row_bytes, chunk_bytes):
             reads = tuple(Read(b.hf[s].name, a, z) for s, a, z in sources_for_fused_rows(segs, r0, r1))
             nbytes = (r1 - r0) * math.prod(shape[1:]) * _itemsize(dtype)
             if file_fill and file_fill + nbytes > file_bytes:
@@ -236,7 +233,7 @@ def export_plan(
             shard_fill += target.nbytes
             inner = math.prod(t.shape[1:])
             row_bytes = inner * max(_itemsize(dtype), _itemsize(src_dtype))
-            for r0, r1 in row_blocks(t.shape[0], row_bytes, chunk_bytes):
+            for r0, r1 in row_spans(t.shape[0], row_bytes, chunk_bytes):
                 reads = tuple(Read(b.key, a, z, b.index) for a, z in fused_rows_for_source(segs, j, r0, r1))
                 offsets = (r0, *(0 for _ in t.shape[1:]))
                 sizes = (r1 - r0, *t.shape[1:])

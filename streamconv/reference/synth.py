@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from streamconv.sources.safetensors import ShardWriter, itemsize
+from streamconv.formats.safetensors import itemsize
+from streamconv.sinks.safetensors import ShardWriter
 from streamconv.models import rules
 from streamconv.models.config import spec_from_config
 

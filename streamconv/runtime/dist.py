@@ -147,8 +147,8 @@ class Job:
                              f"{os.environ['MASTER_PORT']} ({str(e).splitlines()[0][:200]})") from None
         job.peers = [tuple(p) for p in job.gather((socket.gethostname(), os.getpid()))]
         # torch's import left ~170,000 objects that live as long as the process: out of the collector's reach,
-        # so that a full collection does not walk them all (measured: rank 0's commit, building .metadata's
-        # objects, took 0.12 s of CPU against 0.02 s in a process without torch; 0.02 s frozen)
+        # so that a full collection does not walk them all (rank 0's commit builds .metadata's many objects;
+        # docs/benchmarks.md has the figures)
         gc.freeze()
         _current = job
         return job

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from streamconv.errors import OutputError, UsageError, output_error
 from streamconv.files.atomic import NOFOLLOW
+from streamconv.formats.names import LOCK_FILE
 
-LOCK_FILE = ".streamconv.lock"
 
 
 def _both(path) -> set[Path]:

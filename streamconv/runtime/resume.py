@@ -30,12 +30,9 @@ from pathlib import Path
 
 from streamconv.errors import OutputError, output_error
 from streamconv.files.atomic import NOFOLLOW, fsync_dir, fsync_write
-from streamconv.runtime.outdir import LOCK_FILE
-
-STATE_DIR = ".streamconv"
-IDENTITY_FILE = "identity.json"
-JOURNAL_FILE = "journal.jsonl"
-WORLD_FILE = "world"
+from streamconv.formats.names import (EXPORT_MARKER, IDENTITY_FILE, INDEX_FILE, ITER_DIR, JOURNAL_FILE, LOCK_FILE,
+                                      METADATA_FILE, STATE_DIR, WORLD_FILE, ZARR_VIEW, distcp_name)
+from streamconv.runtime import outdir
 FORMAT = 2  # bump when the journal or staging layout changes incompatibly
 
 
@@ -154,12 +151,56 @@ def check_output(out: Path, identity: dict, overwrite: bool) -> bool:
         raise OutputError(f"{path}: unreadable ({e}); pass --overwrite to start over") from None
     diff = describe_difference(old, identity)
     if diff is not None:
-        if (out / "iter_0000000" / ".metadata").is_file():  # not a run to resume: a finished checkpoint
+        if (out / ITER_DIR / METADATA_FILE).is_file():  # not a run to resume: a finished checkpoint
             raise OutputError(f"{out}: holds a finished conversion that is not this one ({diff.removeprefix('it ')}); "
                               "pass --overwrite to replace it, or choose another --megatron-path")
         raise OutputError(f"{out}: cannot resume: {diff}; pass --overwrite to start over, or choose another "
                           "--megatron-path")
     return True
+
+
+def export_identity(ckpt: Path, shards: list[list[tuple]]) -> dict:
+    """What an export (mcore2hf) is made of, ``make_identity``'s twin: a re-run resumes only when this is
+    unchanged (the memory budget, and so the chunking, may differ: the shards' bytes do not depend on it).
+    ``shards``: each shard's ``(name, dtype, shape)`` entries."""
+    meta = ckpt / METADATA_FILE
+    st = meta.stat()
+    entries = [[(n, str(d), list(s)) for n, d, s in shard] for shard in shards]
+    return {
+        "format": 1,
+        "checkpoint": str(ckpt.resolve()),
+        "metadata": {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(meta.read_bytes())},
+        "shards": _sha256(json.dumps(entries).encode()),
+    }
+
+
+def ready_export(out: Path, identity: dict, overwrite: bool) -> bool:
+    """``check_output``'s twin for an export: create ``out`` (or resume in it, its ``EXPORT_MARKER`` naming
+    this same export); returns True when resuming. The caller holds the lock and has refused an ``out`` that
+    overlaps the input (``outdir.refuse_overlap``). The marker is removed when the export is committed."""
+    marker = out / EXPORT_MARKER
+    resuming = False
+    if out.is_dir() and not outdir.is_empty(out):
+        if overwrite:
+            outdir.clear(out, markers=[INDEX_FILE])
+        elif marker.is_file():
+            try:
+                previous = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                previous = None
+            if previous != identity:
+                raise OutputError(f"{out}: holds an unfinished export of another checkpoint or with other options; "
+                                  "run the same command as before to finish it, or pass --overwrite to start over")
+            resuming = True
+        else:
+            raise OutputError(f"{out}: output folder is not empty; choose another --hf-path or pass --overwrite")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise output_error(out, e) from e
+    if not resuming:
+        fsync_write(marker, json.dumps(identity, indent=2).encode())
+    return resuming
 
 
 def uncommit(paths) -> None:
@@ -283,7 +324,7 @@ LEFTOVER_PATTERNS = ("*.partial", "*.tmp", ".write-test")
 
 
 def clean_leftovers(ckpt: Path, keep=(), patterns=LEFTOVER_PATTERNS) -> int:
-    """Delete a killed run's temporary files (ours, and ``prepare_output``'s write probe): never part of a
+    """Delete a killed run's temporary files (ours, and hf2mcore's write probe): never part of a
     checkpoint, except the names in ``keep`` (``.partial`` files whose journaled chunks resume). Returns how
     many were deleted."""
     n = 0
@@ -296,14 +337,13 @@ def clean_leftovers(ckpt: Path, keep=(), patterns=LEFTOVER_PATTERNS) -> int:
     return n
 
 
-STAGING_STORE = "staging.zarr"  # the --keep-staging view (sinks/zarr_view.py)
 
 
-def drop_staging(journal: "Journal") -> None:
+def drop_zarr_view(journal: "Journal") -> None:
     """Remove a ``--keep-staging`` view an earlier run of this output left (this run keeps none)."""
     import shutil
 
-    shutil.rmtree(journal.dir / STAGING_STORE, ignore_errors=True)
+    shutil.rmtree(journal.dir / ZARR_VIEW, ignore_errors=True)
 
 
 def file_record(file: int, path: Path, entries) -> dict:
@@ -315,7 +355,6 @@ def file_record(file: int, path: Path, entries) -> dict:
 def committed_files(records, ckpt: Path, by_file: dict) -> dict[int, list]:
     """The ``.distcp`` files an earlier run committed and that are still there as recorded: {file: items}.
     ``by_file``: {file: [chunk]} of this run's plan (a file whose items are not those chunks is redone)."""
-    from streamconv.formats.torch_dist import distcp_name
 
     done = {}
     for rec in records:

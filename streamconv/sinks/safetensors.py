@@ -9,14 +9,18 @@ Resume skips the shards already there whose header lists exactly the planned ten
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from streamconv import crashpoints
-from streamconv.errors import BadInputError
-from streamconv.sources.safetensors import ShardWriter, read_header
-from streamconv.files.atomic import fsync_dir, fsync_write
+from streamconv.dtypes import DType
+from streamconv.engine.contracts import Sink
+from streamconv.errors import BadInputError, output_error
+from streamconv.files.atomic import commit, create_temporary, fsync_dir, fsync_write
+from streamconv.files.pagecache import WriteBehind
+from streamconv.formats.names import INDEX_FILE
+from streamconv.formats.safetensors import encode_header, itemsize, read_header
 
-INDEX_FILE = "model.safetensors.index.json"
 SHARD_METADATA = {"format": "pt"}
 
 
@@ -60,7 +64,7 @@ def write_index(folder: Path, plan) -> None:
     fsync_write(folder / INDEX_FILE, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
 
 
-class SafetensorsSink:
+class SafetensorsSink(Sink):
     """Writes the chunks of an export plan (in plan order) into its shards; ``skip`` = shards already done."""
 
     def __init__(self, folder: Path, plan, skip: set[int] = frozenset()):
@@ -103,3 +107,56 @@ class SafetensorsSink:
             except OSError:
                 pass
             self.writer = None
+
+
+class ShardWriter:
+    """Writes one safetensors shard tensor by tensor, in the order of ``entries``.
+
+    The file is written under ``<name>.partial``, fsynced and renamed on ``close()``, so a shard that
+    exists under its final name is always complete. Written behind (``pagecache.WriteBehind``).
+    """
+
+    def __init__(self, path: Path | str, entries: list[tuple[str, DType, tuple[int, ...]]], metadata=None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".partial")
+        self.entries = list(entries)
+        self._next = 0
+        self._pending = 0  # bytes still owed for the current tensor
+        try:
+            self.f = create_temporary(self.tmp)
+            self.f.write(encode_header(self.entries, metadata))
+        except OSError as e:
+            raise output_error(self.tmp, e) from e
+        self.behind = WriteBehind(self.f.fileno())
+
+    def write(self, name: str, tensor) -> None:
+        """Write the next tensor whole, or in row blocks: call repeatedly until its rows are complete."""
+        import torch
+
+        exp_name, dtype, shape = self.entries[self._next]
+        if name != exp_name:
+            raise ValueError(f"expected tensor {exp_name!r} next, got {name!r}")
+        if tensor.dtype != dtype:
+            raise ValueError(f"{name}: dtype {tensor.dtype} != {dtype}")
+        if self._pending == 0:
+            self._pending = math.prod(shape) * itemsize(dtype)
+            if self._pending == 0:  # an empty tensor has no bytes to write
+                self._next += 1
+                return
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes > self._pending:
+            raise ValueError(f"{name}: more data than its shape {list(shape)} holds")
+        try:
+            self.f.write(memoryview(data))
+            self.f.flush()
+            self.behind.wrote(self.f.tell())
+        except OSError as e:
+            raise output_error(self.tmp, e) from e
+        self._pending -= data.nbytes
+        if self._pending == 0:
+            self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.entries):
+            raise ValueError(f"{self.path}: {len(self.entries) - self._next} tensors were not written")
+        commit(self.f, self.tmp, self.path, drop_cache=True)

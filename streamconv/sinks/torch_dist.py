@@ -15,7 +15,7 @@ in each ``.partial`` file left by the killed run, every journaled chunk, without
 redoes the rest. Without it (``--no-staging``), whole files are kept and ``.partial`` files are redone.
 The output is byte for byte the same in both modes, resumed or not.
 
-``view`` (``--keep-staging``): a ``staging.StagingStore`` that receives every chunk's bytes too, in the
+``view`` (``--keep-staging``): a ``zarr_view.ZarrView`` that receives every chunk's bytes too, in the
 same pass: a Zarr v3 view of the model in megatron layout.
 
 Distributed (``dist.py``): ``files`` are the ``.distcp`` files this rank writes (the layout of each is the
@@ -34,12 +34,15 @@ from streamconv import crashpoints
 from streamconv.files import pagecache
 from streamconv.runtime import resume
 from streamconv.files.checksum import crc32
-from streamconv.engine.direct import Placement, pwrite_all
+from streamconv.engine.contracts import PlacingSink, Placement
+from streamconv.files.fileio import pwrite_all
 from streamconv.errors import output_error
 from streamconv.files.atomic import NOFOLLOW, create_exclusive, fsync_dir
-from streamconv.formats.torch_dist import chunks_by_file, commit_checkpoint, distcp_name, frame_for, standalone
+from streamconv.formats.names import distcp_name
+from streamconv.formats.torch_dist import chunks_by_file, commit_checkpoint, frame_for, standalone
 
-def layout(plan) -> tuple[dict[tuple, tuple[int, int]], dict[int, int], dict[int, list]]:
+
+def item_slots(plan) -> tuple[dict[tuple, tuple[int, int]], dict[int, int], dict[int, list]]:
     """Where every chunk's item lies: ``{(key, offsets): (item offset, data offset)}``, each file's size, and
     each file's items ``[(key, offsets, offset, length)]`` in plan order (what ``.metadata`` records)."""
     slots, sizes, entries = {}, {}, {}
@@ -103,7 +106,7 @@ class _Aborted(Exception):
     pass
 
 
-class TorchDistSink:
+class TorchDistSink(PlacingSink):
     def __init__(self, ckpt: Path, plan, journal, *, chunk_journal: bool = True, view=None, extra_state=None,
                  files=None, leader: bool = True):
         self.ckpt = Path(ckpt)
@@ -115,7 +118,7 @@ class TorchDistSink:
         self.by_file = chunks_by_file(plan)
         self.mine = set(self.by_file) if files is None else set(files)  # the files this process writes
         self.leader = leader  # the process that cleans the folder's other leftovers and commits
-        self.slots, self.sizes, self.entries = layout(plan)
+        self.slots, self.sizes, self.entries = item_slots(plan)
         self.report = {"files_resumed": 0, "chunks_kept": 0, "partials_removed": 0}
         self.done: set[tuple] = set()  # chunks whose items are complete in a ``.partial`` file
         self._open: dict[int, _Open] = {}
@@ -174,7 +177,7 @@ class TorchDistSink:
 
     def kept_crcs(self) -> dict[tuple, int]:
         """``{(key, offsets): CRC-32}`` of the chunks this run keeps, as journaled when they were written (the
-        last record of a chunk is the one of the bytes in place): what ``recheck.kept`` compares against."""
+        last record of a chunk is the one of the bytes in place): what ``compare.recheck_kept`` compares against."""
         return {c.id: self._journaled[c.id]
                 for f in sorted(self.mine) for c in self.by_file[f]
                 if self.skip(c) and c.id in self._journaled}
@@ -306,7 +309,7 @@ class TorchDistSink:
         if self.view is not None:
             self.view.finish(self)
         elif self.leader:
-            resume.drop_staging(self.journal)
+            resume.drop_zarr_view(self.journal)
         return dict(self.committed)
 
     def commit(self, entries: dict[int, list]) -> None:

@@ -105,8 +105,8 @@ class StagedChunkMissing(Exception):
     pass
 
 
-class StagingStore:
-    """The zarr staging store of one plan: write, read back, checksum and drop plan chunks."""
+class ZarrView:
+    """The zarr view of one plan: write, read back, checksum and drop plan chunks."""
 
     def __init__(self, path: Path, plan, fsync_chunks: bool = False):
         import zarr

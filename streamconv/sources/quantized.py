@@ -29,22 +29,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from streamconv import dtypes
 from streamconv.errors import BadInputError
+from streamconv.formats.names import OTHER_COMPANIONS, QUANT_CONFIG_FILE, SKIPPED_SCALES as SKIPPED, WEIGHT_SCALE
 
-QUANT_CONFIG_FILE = "hf_quant_config.json"
 FLOAT8 = dtypes.FLOAT8
 SUPPORTED_MODELOPT = {"FP8": "per-tensor", "FP8_PER_CHANNEL_PER_TOKEN": "per-channel", "FP8_PB_WO": "block"}
 DEFAULT_BLOCK = (128, 128)  # Model Optimizer's FP8_PB_WO blocks
-WEIGHT_SCALE = re.compile(r"^(?P<m>.+)\.(?P<kind>weight_scale|weight_scale_inv)$")
-SKIPPED = re.compile(r"(^|\.)(input_scale|k_scale|v_scale|output_scale)$")
-# companions of quantized weights that this module does not dequantize (a checkpoint holding them is refused)
-OTHER_COMPANIONS = re.compile(r"(^|\.)(weight_scale_2|input_global_scale|weight_global_scale|weight_zero_point|"
-                              r"weight_packed|weight_shape|qweight|qzeros|scales|g_idx|SCB|absmax|quant_map)$")
 
 
 @dataclass(frozen=True)

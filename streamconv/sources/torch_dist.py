@@ -30,17 +30,20 @@ import os
 import pickle
 import stat
 import struct
-import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from streamconv.files import pagecache
+from streamconv import dtypes
+from streamconv.engine.contracts import Source
 from streamconv.errors import BadInputError
+from streamconv.files import pagecache
+from streamconv.files.fileio import OpenFiles, read_exact
+from streamconv.formats.names import METADATA_FILE
 
-METADATA_FILE = ".metadata"
+COPY_AGAIN = "the checkpoint is truncated; copy it again"
 COPY_BUFFER_BYTES = 8 * 1024**2  # bound on the temporary buffer used when a chunk is split by columns
 
 _DCP = "torch.distributed.checkpoint."
@@ -141,7 +144,7 @@ class _Storage:
 
 
 @dataclass(frozen=True)
-class ItemLayout:
+class ParsedItem:
     """Where a tensor item's elements lie: absolute file offset of its storage, and its strides."""
 
     data_start: int  # absolute byte offset of storage element 0 in the .distcp file
@@ -241,7 +244,7 @@ def _bounded_read(z: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> byte
     return data
 
 
-def parse_tensor_item(fd: int, offset: int, length: int) -> ItemLayout | None:
+def parse_tensor_item(fd: int, offset: int, length: int) -> ParsedItem | None:
     """The layout of the ``torch.save`` archive at ``[offset, offset+length)``; None if it is not a plain
     tensor archive (the caller then falls back to ``torch.load`` of the item, bounded by its length).
     Raises ``ItemRefused`` for a compressed record (torch.save never compresses; inflating one could take
@@ -277,7 +280,7 @@ def parse_tensor_item(fd: int, offset: int, length: int) -> ItemLayout | None:
         if sig != b"PK\x03\x04":
             return None
         data_start = offset + info.header_offset + 30 + name_len + extra_len
-        return ItemLayout(data_start, storage.dtype, storage_offset, size, stride)
+        return ParsedItem(data_start, storage.dtype, storage_offset, size, stride)
     except ItemRefused:
         raise
     except (zipfile.BadZipFile, pickle.UnpicklingError, StopIteration, KeyError, ValueError, TypeError,
@@ -336,13 +339,15 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-class TorchDistSource:
+class TorchDistSource(Source):
     """A lazy view of one torch_dist checkpoint folder (the one holding ``.metadata``).
 
     ``tensors``: key -> ``TensorMeta`` (shape, dtype, stored chunks); ``objects``: the BYTE_IO keys.
-    ``read_rows`` / ``read_nbytes`` are the engine's source interface (same as ``SafetensorsSource``).
-    Thread-safe: the engine calls ``read_rows`` from several reader threads.
+    An engine ``Source`` that fills a chunk's buffer itself (``reads = "buffer"``: ``read_into``).
+    Thread-safe: the engine calls it from several reader threads.
     """
+
+    reads = "buffer"
 
     def __init__(self, folder: Path | str):
         self.folder = Path(folder)
@@ -352,9 +357,8 @@ class TorchDistSource:
         except (TypeError, AttributeError, ValueError, KeyError) as e:  # allow-listed types, nonsense values
             raise BadInputError(f"{self.folder / METADATA_FILE}: malformed ({type(e).__name__}: {e}); this is not "
                                 "a checkpoint torch_dist wrote, or it was tampered with") from None
-        self._fds: dict[str, int] = {}
-        self._layouts: dict[tuple[str, int], ItemLayout | None] = {}
-        self._lock = threading.Lock()
+        self._files = OpenFiles(opener=self._open)
+        self._layouts: dict[tuple[str, int], ParsedItem | None] = {}
         self._by_layer: dict[str, dict[int, list[ItemRef]]] = {}
 
     def _parse(self) -> None:
@@ -423,6 +427,9 @@ class TorchDistSource:
             return self.tensors[name]
         except KeyError:
             raise BadInputError(f"{self.folder}: tensor {name!r} is needed but not in the checkpoint") from None
+
+    def dtype_of(self, name: str) -> dtypes.DType:
+        return dtypes.of(self.info(name).dtype)
 
     def read_nbytes(self, read) -> int:
         """Bytes that ``read_rows`` returns for a plan ``Read``."""
@@ -530,10 +537,7 @@ class TorchDistSource:
         return obj[0] if isinstance(obj, list) and len(obj) == 1 else obj
 
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        self._files.close()
 
     def __enter__(self):
         return self
@@ -543,34 +547,27 @@ class TorchDistSource:
 
     # ------------------------------------------------------------------ internals
 
-    def _fd(self, rel: str) -> int:
-        with self._lock:
-            fd = self._fds.get(rel)
-            if fd is None:
-                path = (self.folder / rel).resolve()
-                if path.parent != self.folder.resolve():
-                    raise BadInputError(f"{self.folder}: {METADATA_FILE} names a file outside the folder: {rel!r}")
-                try:
-                    fd = self._fds[rel] = os.open(path, os.O_RDONLY)
-                except OSError as e:
-                    raise BadInputError(f"{path}: cannot read: {e.strerror or e} (the checkpoint is incomplete?)") \
-                        from e
-            return fd
+    def _open(self, rel: str) -> int:
+        path = (self.folder / rel).resolve()
+        if path.parent != self.folder.resolve():
+            raise BadInputError(f"{self.folder}: {METADATA_FILE} names a file outside the folder: {rel!r}")
+        try:
+            return os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise BadInputError(f"{path}: cannot read: {e.strerror or e} (the checkpoint is incomplete?)") from e
 
-    def _pread(self, rel: str, offset: int, length: int) -> bytes:
-        data = os.pread(self._fd(rel), length, offset)
-        if len(data) != length:
-            raise BadInputError(f"{self.folder / rel}: unexpected end of file; copy the checkpoint again")
+    def _fd(self, rel: str) -> int:
+        return self._files.fd(rel)
+
+    def _pread(self, rel: str, offset: int, length: int) -> bytearray:
+        data = bytearray(length)
+        read_exact(self._fd(rel), memoryview(data), offset, self.folder / rel, COPY_AGAIN)
         return data
 
     def _preadinto(self, rel: str, view: memoryview, offset: int) -> None:
-        fd, done = self._fd(rel), 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise BadInputError(f"{self.folder / rel}: unexpected end of file; copy the checkpoint again")
-            done += got
-        pagecache.drop(fd, offset, done)  # rows are read once (pagecache.py)
+        fd = self._fd(rel)
+        read_exact(fd, view, offset, self.folder / rel, COPY_AGAIN)
+        pagecache.drop(fd, offset, len(view))  # rows are read once (pagecache.py)
 
     def _candidates(self, meta: TensorMeta, index: tuple[int, ...]) -> list[ItemRef]:
         """Chunks that may overlap leading index ``index`` (bucketed by layer for stacked keys)."""
@@ -584,7 +581,7 @@ class TorchDistSource:
             self._by_layer[meta.key] = by_layer
         return by_layer.get(index[0], [])
 
-    def _layout(self, meta: TensorMeta, c: ItemRef) -> ItemLayout | None:
+    def _layout(self, meta: TensorMeta, c: ItemRef) -> ParsedItem | None:
         cache_key = (c.file, c.offset)
         if cache_key not in self._layouts:
             try:
@@ -643,7 +640,7 @@ class TorchDistSource:
             sl[p] = slice(dst_lo[p] + a - local_lo[p], dst_lo[p] + b - local_lo[p])
             out[tuple(sl)].copy_(part)
 
-    def _read_strided(self, c: ItemRef, layout: ItemLayout, lo, hi, itemsize: int) -> torch.Tensor:
+    def _read_strided(self, c: ItemRef, layout: ParsedItem, lo, hi, itemsize: int) -> torch.Tensor:
         start = layout.storage_offset + sum(a * s for a, s in zip(lo, layout.stride))
         end = layout.storage_offset + sum((b - 1) * s for b, s in zip(hi, layout.stride)) + 1
         data = torch.empty((end - start) * itemsize, dtype=torch.uint8)

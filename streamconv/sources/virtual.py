@@ -1,9 +1,9 @@
-"""A source with no disk behind it and a sink that keeps nothing: the engine at any scale, on any host.
+"""A source with no disk behind it: the engine at any scale, on any host (with ``sinks/digest.py``).
 
 ``VirtualSource`` serves every HF tensor of a ``ModelSpec`` with deterministic values generated on the
 fly for each read: element ``k`` (row-major) of tensor ``name`` is ``pattern[(start(name) + k) % P]``,
 with ``pattern`` a fixed seeded random vector of ``P`` (prime) values, so any row range of any tensor is
-produced by a few memory copies, at memory speed. ``DigestSink`` checksums what it is given (one CRC-32
+produced by a few memory copies, at memory speed. ``sinks.digest.DigestSink`` checksums what it is given (one CRC-32
 over all output bytes in plan order: invariant to chunk size, budget and worker count) and discards
 it; every ``verify_every``-th chunk is also rebuilt independently (``read_rows`` per read, concatenated
 and cast) and compared bit for bit.
@@ -19,18 +19,21 @@ import zlib
 
 import torch
 
-from streamconv.dtypes import to_torch
+from streamconv import dtypes
+from streamconv.engine.contracts import Source
 
 from streamconv.models import rules
 from streamconv.models.spec import ModelSpec
+from streamconv.engine.scatter import buffer_rows
 from streamconv.plan.build import Chunk, Read
-from streamconv.engine.scatter import row_blocks
 
 PATTERN = 1_048_573  # elements; prime, so the pattern never lines up with a row length
 
 
-class VirtualSource:
+class VirtualSource(Source):
     """Every HF tensor of ``spec``, in ``dtype``, made up on request (same values for the same request)."""
+
+    reads = "buffer"
 
     def __init__(self, spec: ModelSpec, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
         self.dtype = dtype
@@ -39,8 +42,8 @@ class VirtualSource:
         pattern = (torch.randn(PATTERN, generator=g) * 0.02).to(dtype)
         self._pattern2 = torch.cat([pattern, pattern])  # any window of <= PATTERN elements is one slice
 
-    def dtype_of(self, name: str) -> torch.dtype:
-        return self.dtype
+    def dtype_of(self, name: str) -> dtypes.DType:
+        return dtypes.of(self.dtype)
 
     def read_nbytes(self, read: Read) -> int:
         shape = self.shapes[read.name][len(read.index):]
@@ -79,7 +82,7 @@ class VirtualSource:
 
     def read_into(self, chunk: Chunk, buf: torch.Tensor) -> None:
         """The engine's direct read: each read generated straight into its rows of ``buf``."""
-        for r, dst in row_blocks(chunk, buf):
+        for r, dst in buffer_rows(chunk, buf):
             start, count = self._span(r)
             if buf.dtype == self.dtype:
                 self._fill(r.name, start, dst.reshape(-1))
@@ -88,46 +91,3 @@ class VirtualSource:
 
     def close(self) -> None:
         pass
-
-
-class DigestSink:
-    """Checksums and discards; rebuilds every ``verify_every``-th chunk independently and compares."""
-
-    def __init__(self, plan, source, verify_every: int = 0):
-        self.plan = plan
-        self.source = source
-        self.verify_every = verify_every
-        self.crc = 0
-        self.bytes = 0
-        self.chunks = 0
-        self.verified = 0
-        self.mismatches: list[str] = []
-
-    def sampled(self, chunk: Chunk) -> bool:
-        """Whether ``chunk`` is rebuilt and compared (a fixed property of the chunk, about 1 in ``verify_every``)."""
-        return bool(self.verify_every) and zlib.crc32(f"{chunk.key}{chunk.offsets}".encode()) % self.verify_every == 0
-
-    def write_overhead(self, chunk: Chunk) -> int:
-        """Nothing, except for a sampled chunk: its reference and the reads that build it."""
-        if not self.sampled(chunk):
-            return 0
-        return 2 * chunk.nbytes + sum(self.source.read_nbytes(r) for r in chunk.reads)
-
-    def write(self, chunk: Chunk, tensor: torch.Tensor) -> None:
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-        self.crc = zlib.crc32(data, self.crc)
-        if self.sampled(chunk):
-            parts = [self.source.read_rows(r.name, r.row0, r.row1, r.index) for r in chunk.reads]
-            ref = torch.cat(parts).to(to_torch(self.plan.targets[chunk.key].dtype)).reshape(chunk.sizes)
-            bits = _INT[ref.element_size()]
-            if ref.shape != tensor.shape or not torch.equal(ref.view(bits), tensor.view(bits)):
-                self.mismatches.append(f"{chunk.key} at {list(chunk.offsets)}")
-            self.verified += 1
-        self.bytes += data.nbytes
-        self.chunks += 1
-
-    def close(self) -> None:
-        pass
-
-
-_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

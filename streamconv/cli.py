@@ -20,7 +20,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from streamconv import __version__  # noqa: E402
 from streamconv.runtime import interrupt
-from streamconv.errors import EXIT_INTERNAL, EXIT_IO, EXIT_USAGE, StreamconvError, UsageError, output_error  # noqa: E402
+from streamconv.errors import EXIT_INTERNAL, EXIT_IO, EXIT_USAGE, StreamconvError, UsageError, output_error, printable  # noqa: E402
 
 # What an interrupted command leaves behind, per command (printed after "error: interrupted by SIGINT;").
 INTERRUPT_HINTS = {
@@ -505,12 +505,6 @@ def _internal(args, e: Exception) -> int:
         raise e
     return _fail(args, f"internal error: {type(e).__name__}: {e} (run again with --debug for a traceback)",
                  EXIT_INTERNAL)
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters escaped (``\\n``, ``\\x1b``): a file name from an input can never
-    forge another line or colour the terminal."""
-    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _speaks() -> bool:

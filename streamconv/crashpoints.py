@@ -14,7 +14,7 @@ subprocess it kills):
 - ``STREAMCONV_TEST_RANK=<r>``: in a distributed run, the hooks act on rank ``r`` only.
 - ``STREAMCONV_TEST_SLOW=<seconds>``: ``slow(f)`` sleeps ``f`` times that (per chunk, once it is written),
   so a test can see a run at work before it signals it.
-- ``STREAMCONV_TEST_TINY_BUDGET=1``: ``--max-memory`` below 1 MiB is accepted (``commands/hf2mcore.check_budget``),
+- ``STREAMCONV_TEST_TINY_BUDGET=1``: ``--max-memory`` below 1 MiB is accepted (``inputs.check_budget``),
   so a tiny test model splits into many chunks (tests/conftest.py sets it for every test).
 - ``STREAMCONV_TEST_STARTED=<file>``: ``started()`` creates that file (when the sink starts, before resuming),
   so a test times its kill from there rather than from the interpreter's start.

@@ -17,6 +17,16 @@ EXIT_INTERRUPTED = 130  # SIGINT (ctrl-C): 128 + 2
 EXIT_TERMINATED = 143  # SIGTERM: 128 + 15
 
 
+MAX_LINE = 2000  # characters of one line streamconv prints about an input (a crafted name can be any length)
+
+
+def printable(text: str, limit: int = MAX_LINE) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``) and cut to ``limit`` characters: a name
+    or path from an input can never forge another line, colour the terminal or flood it."""
+    out = "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
+    return out if len(out) <= limit else f"{out[:limit]}... ({len(out) - limit} more characters)"
+
+
 class StreamconvError(Exception):
     """A problem the user can act on; ``str(err)`` is the one-line message."""
 

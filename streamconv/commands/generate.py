@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from streamconv.errors import EXIT_MISMATCH, UsageError
+from streamconv.formats.names import MODEL_PREFIXES
 from streamconv.units import fmt_bytes
 
 
@@ -46,8 +47,6 @@ def available_memory(device: str) -> int:
 
 def model_parameters(source) -> int:
     """Elements of the model's weights in a checkpoint (optimizer state and objects not counted)."""
-    from streamconv.formats.names import MODEL_PREFIXES
-
     return sum(math.prod(t.shape) for k, t in source.tensors.items() if k.startswith(MODEL_PREFIXES))
 
 
@@ -203,6 +202,7 @@ def _check(args):
                          f"this run has {world}")
     with TorchDistSource(ckpt) as source:
         params = model_parameters(source)
+        source.check_objects(MODEL_PREFIXES)  # megatron-core unpickles them with weights_only=False: plain data only
     need = params * dtype.itemsize // tp
     have = args.max_memory or available_memory(args.device)
     what = (f"the model: {params:,} parameters x {dtype.itemsize} bytes ({str(dtype).removeprefix('torch.')})"

@@ -22,7 +22,7 @@ from streamconv.engine import runner
 from streamconv.errors import OutputError, UsageError, output_error
 from streamconv.files.atomic import fsync_write
 from streamconv.formats import run_config
-from streamconv.formats.names import HF_CONFIG_DIR, ITER_DIR, METADATA_FILE, TOKENIZER_DIR, TOKENIZER_FILES, \
+from streamconv.formats.names import CONFIG_FILE, HF_CONFIG_DIR, ITER_DIR, METADATA_FILE, TOKENIZER_DIR, TOKENIZER_FILES, \
     TRACKER_FILE, ZARR_VIEW
 from streamconv.inputs import check_budget, check_fits, chunk_bytes_for, import_plan_for, parse_dtype, \
     resolve_hf_model
@@ -93,6 +93,8 @@ def _setup(hf_model: str, out: Path, opts: Options) -> _Setup:
         raise OutputError(f"{out}: exists and is not a folder")
     source = SafetensorsSource(folder, cfg)  # a quantized checkpoint's scales are read here
     try:
+        # the files themselves too: a HF cache's shards are symlinks into blobs/ (--overwrite deletes out)
+        outdir.refuse_overlap(out, source.files() + [folder / CONFIG_FILE], "--megatron-path")
         dtype = parse_dtype(opts.dtype)
         plan = import_plan_for(source, spec, dtype, chunk_bytes_for(opts.max_memory), opts.allow_unused,
                                opts.file_bytes)
@@ -215,6 +217,7 @@ def _convert(s: _Setup, sink: TorchDistSink, opts: Options, job, mine: set, quie
 def _commit(out: Path, s: _Setup, sink: TorchDistSink, entries: dict, hf_model: str, job) -> None:
     """Rank 0: Bridge's files, ``.metadata`` (the sink), then the tracker; the other ranks close their sinks."""
     def commit() -> None:
+        resume.check_unchanged(s.folder, s.source.files(), s.identity)
         write_bridge_files(s.folder, out, out / ITER_DIR, s.spec, s.plan, hf_model)
         sink.commit(entries)
         try:  # what Bridge / Megatron-LM look for in <out> comes after .metadata: never before

@@ -16,7 +16,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from streamconv.errors import EXIT_BAD_INPUT, BadInputError, StreamconvError
+from streamconv.errors import EXIT_BAD_INPUT, BadInputError, StreamconvError, printable
+from streamconv.formats.names import MODEL_PREFIXES
 
 METADATA_FILE = ".metadata"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -221,6 +222,11 @@ def torch_dist_report(folder: Path) -> Report:
             tensors.append(Entry(key, tuple(meta.shape), dtype_name(meta.dtype), meta.nbytes, where,
                                  len(meta.chunks), files))
         objects = sorted(source.objects, key=natural_key)
+        try:  # what a model load would unpickle must be plain data (torch DCP runs pickles in full)
+            source.check_objects(MODEL_PREFIXES)
+            unsafe = None
+        except BadInputError as e:
+            unsafe = str(e)
         all_files = sorted({ref.file for ref in source._storage.values()}, key=natural_key)
         from streamconv.formats import megatron_args
 
@@ -232,6 +238,8 @@ def torch_dist_report(folder: Path) -> Report:
         source.close()
     args = (common or {}).get("args")
     arch, model, check = _torch_dist_architecture(folder, {t.name: t.shape for t in tensors}, args)
+    if unsafe is not None:
+        check = f"refused: {unsafe}"
     return Report("torch_dist", str(folder), arch, model, check, sorted(tensors, key=lambda t: natural_key(t.name)),
                   objects, all_files, convertible=check.startswith("ok") if check != NO_RUN_CONFIG else None,
                   training_state=training_state(tensors, objects, common))
@@ -307,27 +315,29 @@ def _check_keys(spec, keys: dict[str, tuple], described_by: str = "run_config.ya
 
 def render(report: Report, console) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from streamconv.units import fmt_bytes
 
     torch_dist = report.kind == "torch_dist"
-    table = Table(title=f"{report.path} ({'torch_dist' if torch_dist else 'Hugging Face safetensors'})")
+    table = Table(title=Text(printable(f"{report.path} ({'torch_dist' if torch_dist else 'Hugging Face safetensors'})")))
     longest = max((len(t.name) for t in report.tensors), default=4)
     for col in ("name", "shape", "dtype", "bytes", "file", *(("chunks",) if torch_dist else ())):
         table.add_column(col, justify="right" if col in ("bytes", "chunks") else "left", overflow="fold",
                          min_width=min(longest, 64) if col == "name" else None)
     for t in report.tensors:
-        row = [t.name, "[" + ", ".join(map(str, t.shape)) + "]", t.dtype, fmt_bytes(t.bytes), t.file]
+        row = [Text(printable(t.name)), "[" + ", ".join(map(str, t.shape)) + "]", t.dtype, fmt_bytes(t.bytes),
+               Text(printable(t.file))]
         table.add_row(*row, *((str(t.chunks),) if torch_dist else ()))
     console.print(table)
     tot = report.totals()
     grid = Table(show_header=False, box=None)
     grid.add_column(style="bold")
     grid.add_column()
-    grid.add_row("architecture", report.architecture or "unknown")
+    grid.add_row("architecture", Text(printable(report.architecture or "unknown")))
     for key, value in report.model.items():
-        grid.add_row(f"  {key}", ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict)
-                     else str(value))
+        grid.add_row(Text(printable(f"  {key}")), Text(printable(
+            ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else str(value))))
     grid.add_row("tensors", f"{tot['tensors']:,}" + (f" (+{tot['objects']} objects)" if tot["objects"] else ""))
     grid.add_row("parameters", f"{tot['parameters']:,} ({tot['parameters'] / 1e9:.3f} B)")
     grid.add_row("bytes", f"{tot['bytes']:,} ({fmt_bytes(tot['bytes'])}) in {tot['files']} file(s)")
@@ -338,7 +348,7 @@ def render(report: Report, console) -> None:
                                        f"({fmt_bytes(ts['optimizer_bytes'])}), rng_state: {ts['rng_state']} object(s), "
                                        f"args: {'yes' if ts['args'] else 'no'}"
                      + (f", also {', '.join(ts['other_common_keys'])}" if ts["other_common_keys"] else ""))
-    grid.add_row("check", report.check)
+    grid.add_row("check", Text(printable(report.check)))
     console.print(grid)
 
 

@@ -44,6 +44,7 @@ from streamconv.sources.torch_dist import TorchDistSource
 MARKER = EXPORT_MARKER
 # Tensors a (padded) vocabulary may make longer than the config's vocab_size: the extra rows are dropped.
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+DEFAULT_VOCAB_DIVISOR = 128  # Megatron-LM's --make-vocab-size-divisible-by
 
 
 @dataclass
@@ -59,8 +60,26 @@ class Options:
     strict: bool = True  # False (--not-strict): model tensors outside the mapping are left out, not refused
 
 
-def check_checkpoint(spec: ModelSpec, source: TorchDistSource, strict: bool = True) -> list[str]:
-    """Every megatron tensor the spec implies is there with its shape; no model tensor is left over."""
+def vocab_padding(ckpt: Path, source: TorchDistSource) -> int:
+    """What Megatron padded the vocabulary to a multiple of: ``make_vocab_size_divisible_by`` x
+    ``tensor_model_parallel_size`` of the training args in the checkpoint's common state, else 128 (its
+    default divisor, one rank)."""
+    from streamconv.formats import megatron_args
+
+    try:
+        args = (megatron_args.common_state(ckpt, source) or {}).get("args")
+    except BadInputError:
+        args = None
+    divisor, tp = (getattr(args, name, None) for name in ("make_vocab_size_divisible_by", "tensor_model_parallel_size"))
+    if isinstance(divisor, int) and isinstance(tp, int) and 0 < divisor <= 1 << 16 and 0 < tp <= 1 << 16:
+        return divisor * tp
+    return DEFAULT_VOCAB_DIVISOR
+
+
+def check_checkpoint(spec: ModelSpec, source: TorchDistSource, strict: bool = True,
+                     pad_multiple: int = 128) -> list[str]:
+    """Every megatron tensor the spec implies is there with its shape; no model tensor is left over. The
+    vocabulary tensors may be longer only by Megatron's padding: to the next multiple of ``pad_multiple``."""
     expected: dict[str, tuple[int, ...]] = {}
     for b in rules.bindings(spec):
         expected[b.key] = b.global_shape
@@ -73,7 +92,12 @@ def check_checkpoint(spec: ModelSpec, source: TorchDistSource, strict: bool = Tr
     for key, shape in expected.items():
         meta = source.tensors[key]
         got = meta.shape
-        padded = key in VOCAB_KEYS and got[1:] == shape[1:] and got[0] >= shape[0]
+        padded = key in VOCAB_KEYS and got[1:] == shape[1:] and got[0] == -(-shape[0] // pad_multiple) * pad_multiple
+        if got != shape and key in VOCAB_KEYS and got[1:] == shape[1:] and got[0] > shape[0] and not padded:
+            raise BadInputError(f"{where}: tensor {key!r} has {got[0]} rows but the config's vocabulary is {shape[0]}: "
+                                f"more than Megatron's padding to a multiple of {pad_multiple} "
+                                f"({-(-shape[0] // pad_multiple) * pad_multiple} rows); cutting it would drop real "
+                                f"tokens; {hint}")
         if got != shape and not padded:
             raise BadInputError(f"{where}: tensor {key!r} has shape {list(got)} but the config implies "
                                 f"{list(shape)}; {hint}")
@@ -144,7 +168,8 @@ def _setup(megatron_path, out: Path, opts: Options) -> _Export:
     outdir.refuse_overlap(out, [ckpt] + ([cfg_folder] if cfg_folder is not None else []), "--hf-path")
     source = TorchDistSource(ckpt)
     try:
-        left_out = check_checkpoint(spec, source, strict=opts.strict)
+        outdir.refuse_overlap(out, source.files(), "--hf-path")  # symlinked files: their targets too
+        left_out = check_checkpoint(spec, source, strict=opts.strict, pad_multiple=vocab_padding(ckpt, source))
         mcore_dtypes = {k: m.dtype for k, m in source.tensors.items()}
         plan = export_plan(spec, mcore_dtypes, out_dtype, chunk_bytes_for(opts.max_memory), opts.max_shard_size)
         check_fits(plan, source, opts.max_memory)

@@ -23,7 +23,7 @@ import time
 
 
 from streamconv.engine import runner
-from streamconv.errors import EXIT_MISMATCH, BadInputError
+from streamconv.errors import EXIT_MISMATCH, BadInputError, printable
 from streamconv.formats.names import MODEL_PREFIXES, is_extra_state
 from streamconv.models import rules
 from streamconv.plan.build import Chunk, Plan, Read, Target, import_plan
@@ -154,6 +154,11 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = runner.DEFAUL
         for key in ref.objects:
             if key not in ckpt.objects:
                 report.mismatches.append(f"{key}: object missing (megatron-core refuses to load without it)")
+        for key in sorted(k for k in ckpt.objects if k.startswith(MODEL_PREFIXES)):
+            try:  # torch DCP's loader unpickles these in full: anything but plain data could run code there
+                ckpt.read_object(key)
+            except BadInputError as e:
+                report.mismatches.append(f"{key}: not plain data, refused ({e})")
         targets: dict[str, Target] = {}
         chunks: list[Chunk] = []
         items: dict[tuple, list] = {}  # (key, full-row offsets) -> the items in those rows
@@ -202,12 +207,12 @@ def verify_command(args) -> int:
         print(json.dumps(report.as_dict(), indent=2))
         return 0 if report.ok else EXIT_MISMATCH
     for line in report.mismatches[:50]:
-        print(f"MISMATCH {line}", file=sys.stderr)
+        print(f"MISMATCH {printable(line)}", file=sys.stderr)
     if len(report.mismatches) > 50:
         print(f"... and {len(report.mismatches) - 50} more", file=sys.stderr)
-    summary = (f"{report.tensors} tensors, {report.items_checked}/{report.items} items, "
-               f"{fmt_bytes(report.bytes)} of {report.checkpoint} against {report.source} "
-               f"in {report.seconds:.1f}s")
+    summary = printable(f"{report.tensors} tensors, {report.items_checked}/{report.items} items, "
+                        f"{fmt_bytes(report.bytes)} of {report.checkpoint} against {report.source} "
+                        f"in {report.seconds:.1f}s")
     if report.ok:
         if not args.quiet:
             print(f"verify: OK: {summary}: every tensor is bit-identical to its source")

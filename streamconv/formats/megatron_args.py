@@ -47,6 +47,9 @@ class Foreign:
         return f"{self.name}({', '.join(map(repr, self.args))})"
 
 
+MAX_FOREIGN = 1024  # distinct globals a common state may name that the allow-list does not rebuild
+
+
 def _foreign(name: str) -> type:
     return type("Foreign", (Foreign,), {"name": name})
 
@@ -62,6 +65,14 @@ _ALLOWED = {
 
 
 class _Unpickler(pickle.Unpickler):
+    """The allow-list unpickler. Every other global becomes a ``Foreign`` stand-in: one class per name,
+    interned, at most ``MAX_FOREIGN`` names (a crafted pickle naming millions would otherwise build a class
+    for each)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._foreign: dict[str, type] = {}
+
     def find_class(self, module: str, name: str):
         # torch.save's protocol 2 names Python 2's modules (__builtin__.set): read them as Python 3's
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
@@ -73,7 +84,14 @@ class _Unpickler(pickle.Unpickler):
             return getattr(torch, name)
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_parameter"):
             return lambda *a, **k: None  # a tensor: its bytes are never read
-        return _foreign(f"{module}.{name}")
+        full = f"{module}.{name}"
+        stand_in = self._foreign.get(full)
+        if stand_in is None:
+            if len(self._foreign) >= MAX_FOREIGN or len(full) > 512:
+                raise pickle.UnpicklingError(f"it names more than {MAX_FOREIGN} unknown globals (or one of "
+                                             f"{len(full)} characters); a common state names a few")
+            stand_in = self._foreign[full] = _foreign(full)
+        return stand_in
 
     def persistent_load(self, pid):
         return None  # a tensor's storage

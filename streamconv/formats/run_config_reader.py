@@ -34,8 +34,9 @@ def hf_config_from_run_config(path: Path | str) -> dict:
         doc = yaml.safe_load(path.read_text())
     except OSError as e:
         raise BadInputError(f"{path}: cannot read: {e.strerror or e}") from e
-    except yaml.YAMLError as e:
-        raise BadInputError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); pass --hf-config instead") from e
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: a number of over 4,300 digits
+        raise BadInputError(f"{path}: not valid YAML ({(str(e).splitlines() or [type(e).__name__])[0][:200]}); "
+                            "pass --hf-config instead") from e
     model = doc.get("model") if isinstance(doc, dict) else None
     if not isinstance(model, dict):
         raise BadInputError(f"{path}: has no 'model:' section; pass --hf-config instead")
@@ -69,7 +70,49 @@ def _side_file(name, where) -> str:
         os.close(fd)
 
 
+# The model section's fields read here, by kind: each is checked before it is used (a crafted value is a
+# string, a stand-in object, a 100,000-digit number or an alias expanding to gigabytes).
+SIZE_FIELDS = ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+               "kv_channels", "vocab_size", "seq_length")
+REAL_FIELDS = ("layernorm_epsilon", "rotary_base", "rope_scaling_factor", "attention_dropout", "init_method_std",
+               "seq_len_interpolation_factor")
+TEXT_FIELDS = ("normalization", "position_embedding_type", "heterogeneous_layers_config_path")
+MAX_SIZE = 1 << 40
+MAX_ENCODED_JSON = 16 * 1024**2
+
+
+def check_fields(model: dict, where) -> None:
+    """Every field ``hf_config_from_model_section`` reads is a plain value of its kind: sizes positive
+    integers below 2**40, reals finite numbers, texts short strings; else one line (exit 3)."""
+    import math
+
+    if not isinstance(model, dict):
+        raise BadInputError(f"{where}: the model section is not a mapping; pass --hf-config")
+
+    def refuse(key, what):
+        value = model[key]
+        shown = repr(value) if isinstance(value, (int, float, str, bool)) else f"a {type(value).__name__}"
+        raise BadInputError(f"{where}: model.{key} must be {what}, got {shown[:80]}; pass --hf-config")
+
+    for key in SIZE_FIELDS:
+        v = model.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 < v < MAX_SIZE):
+            refuse(key, "a positive integer below 2**40")
+    for key in REAL_FIELDS:
+        v = model.get(key)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+            refuse(key, "a finite number")
+    for key in TEXT_FIELDS:
+        v = model.get(key)
+        if v is not None and (not isinstance(v, str) or len(v) > 4096):
+            refuse(key, "a short string")
+    v = model.get("heterogeneous_layers_config_encoded_json")
+    if v is not None and (not isinstance(v, str) or len(v) > MAX_ENCODED_JSON):
+        refuse("heterogeneous_layers_config_encoded_json", "a JSON string of at most 16 MiB")
+
+
 def hf_config_from_model_section(model: dict, where: Path | str = RUN_CONFIG_FILE) -> dict:
+    check_fields(model, where)
     encoded = model.get("heterogeneous_layers_config_encoded_json")
     config_path = model.get("heterogeneous_layers_config_path")
     if encoded or config_path:

@@ -28,6 +28,7 @@ import gc
 import os
 import socket
 import threading
+import time
 from contextlib import contextmanager
 
 from streamconv.runtime import interrupt
@@ -112,6 +113,10 @@ def error_state(e: BaseException) -> tuple[int, str]:
     return EXIT_INTERNAL, f"internal error: {type(e).__name__}: {e}"
 
 
+DEATH_POLLS = 200  # x DEATH_POLL_SECONDS: how long a lost rank's process may take to show as dead
+DEATH_POLL_SECONDS = 0.01
+
+
 class Job:
     """This process's place in a distributed conversion: rank, world, the collectives it uses."""
 
@@ -181,8 +186,15 @@ class Job:
         return dead
 
     def lost(self) -> PeerFailed:
-        """The error for a job that lost a rank (its connections closed)."""
+        """The error for a job that lost a rank (its connections closed). A killed process closes its sockets
+        a moment before it shows as a zombie: its state is polled until one shows dead, at most
+        ``DEATH_POLLS`` times (a rank on another host never shows: then "another rank")."""
         dead = self.dead_peers()
+        for _ in range(DEATH_POLLS):
+            if dead:
+                break
+            time.sleep(DEATH_POLL_SECONDS)
+            dead = self.dead_peers()
         who = (f"rank {', '.join(map(str, dead))} ended unexpectedly (killed or crashed)" if dead
                else "another rank ended unexpectedly (killed, crashed, or its host is unreachable)")
         return PeerFailed(f"stopped: {who}; nothing was committed, re-run the same command to resume", 1)

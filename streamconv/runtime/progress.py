@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import threading
 
+from streamconv.errors import printable
 from streamconv.units import fmt_bytes
 
 # rich is imported where a bar or a table is drawn: a --quiet or --json run never loads it (0.2 s here)
@@ -155,7 +156,7 @@ def status(message: str, quiet: bool = False) -> None:
     resuming): for people only (a terminal, or STREAMCONV_PROGRESS=1), never with --quiet or --json."""
     if quiet or not (sys.stderr.isatty() or _force()):
         return
-    sys.stderr.write(f"streamconv: {message}\n")
+    sys.stderr.write(f"streamconv: {printable(message)}\n")
     sys.stderr.flush()
 
 

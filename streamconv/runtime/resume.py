@@ -63,6 +63,24 @@ def input_identity(folder: Path, shard_paths) -> dict:
     return {"files": files, "json_sha256": extra}
 
 
+def check_unchanged(folder: Path, shard_paths, identity: dict) -> None:
+    """Before the commit: the input is still what the run started from (a shard rewritten in place while it
+    was read, even with its size and header kept, has a new mtime and ctime); else ``BadInputError`` and
+    nothing is committed."""
+    from streamconv.errors import BadInputError
+
+    try:
+        now = dict(identity, input=input_identity(folder, shard_paths))
+    except OSError as e:
+        raise BadInputError(f"{folder}: changed during the conversion ({e.strerror or e}); nothing was committed: "
+                            "run again with --overwrite once the model is complete") from None
+    diff = describe_difference(identity, now)
+    if diff is not None:
+        detail = diff[diff.find("(") + 1:-1] if diff.endswith(")") else diff
+        raise BadInputError(f"{folder}: the input changed during the conversion ({detail}); nothing was committed: "
+                            "run again with --overwrite once the model no longer changes")
+
+
 def plan_digest(plan) -> str:
     """A digest of everything in the plan that decides output bytes (chunks, files, dtypes, objects)."""
     h = hashlib.sha256()
@@ -248,8 +266,9 @@ def read_records(path: Path) -> list[dict]:
 
 def set_world(out: Path, ckpt: Path, world: int) -> bool:
     """Before the ranks open their journals (rank 0, holding the lock): if the journals were written by
-    another number of ranks, keep only their ``file`` records, in this world's rank-0 journal, and remove
-    every ``.partial`` file. Returns whether it compacted."""
+    another number of ranks, keep only their ``file`` records and, for ``--recheck``, the ``chunk`` records
+    (CRC-32) of those committed files' chunks, in this world's rank-0 journal, and remove every ``.partial``
+    file. Returns whether it compacted."""
     state = Path(out) / STATE_DIR
     path = state / WORLD_FILE
     try:
@@ -260,8 +279,14 @@ def set_world(out: Path, ckpt: Path, world: int) -> bool:
         return False
     try:
         state.mkdir(parents=True, exist_ok=True)
-        files = [r for p in _journals(state) for r in read_records(p) if r.get("t") == "file"]
-        text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in files).encode()
+        kept = []
+        for p in _journals(state):  # a file's chunk records are in the journal of the rank that committed it
+            records = read_records(p)
+            files = [r for r in records if r.get("t") == "file"]
+            in_files = {(k, tuple(o)) for r in files for k, o, *_ in r["items"]}
+            kept += [r for r in records if r.get("t") == "chunk" and (r["key"], tuple(r["offsets"])) in in_files]
+            kept += files
+        text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept).encode()
         fsync_write(state / journal_name(0, world), text)
         for p in _journals(state):
             if p.name != journal_name(0, world):

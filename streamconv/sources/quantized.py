@@ -169,6 +169,9 @@ def detect(source, folder: Path, cfg: dict, read_values: bool = True) -> Quantiz
         weight = WEIGHT_SCALE.match(name)["m"] + ".weight"
         if weight not in infos:
             raise BadInputError(f"{infos[name].path}: scale {name!r} has no weight {weight!r} beside it")
+        if weight in quant.scales:
+            raise BadInputError(f"{infos[name].path}: {weight!r} has both a weight_scale and a weight_scale_inv; "
+                                "which one applies is ambiguous: the checkpoint is not one format or the other")
         quant.scales[weight] = _scale(source, name, infos[weight], block, read_values)
     for name in fp8:
         if name not in quant.scales:
@@ -179,6 +182,24 @@ def detect(source, folder: Path, cfg: dict, read_values: bool = True) -> Quantiz
             raise BadInputError(f"{infos[name].path}: {name!r} has a weight_scale but is {infos[name].dtype}, not "
                                 "float8")
     return quant
+
+
+def _check_values(path, name: str, values) -> None:
+    """Scales must be finite and non-zero (NaN, inf or 0 would make the whole weight NaN, inf or 0); a
+    negative one is legal arithmetic but no quantizer writes it: said once on stderr."""
+    import sys
+
+    import torch
+
+    bad = ~torch.isfinite(values) | (values == 0)
+    if bool(bad.any()):
+        first = values.reshape(-1)[bad.reshape(-1).nonzero()[0, 0]].item()
+        raise BadInputError(f"{path}: scale {name!r} holds {int(bad.sum())} value(s) that are NaN, infinite or zero "
+                            f"(first: {first}): the weight would dequantize to NaN, infinities or zeros; the "
+                            "checkpoint is corrupt")
+    if bool((values < 0).any()):
+        sys.stderr.write(f"warning: {path}: scale {name!r} holds negative values; quantizers write positive "
+                         "scales (the weight's signs flip)\n")
 
 
 def _scale(source, name: str, weight, block, read_values: bool = True) -> Scale:
@@ -197,14 +218,16 @@ def _scale(source, name: str, weight, block, read_values: bool = True) -> Scale:
     shape = tuple(weight.shape)
     if len(shape) != 2:
         raise BadInputError(f"{weight.path}: quantized weight {name[:-len('_scale')]!r} is {list(shape)}, not 2-D")
+    if read_values:
+        _check_values(info.path, name, values)
     n = values.numel()
     if n == 1 and (block is None or values.dim() < 2):
         return Scale(values.reshape(()))
     if block is None:
-        if n == shape[0] and values.dim() <= 2:
+        if tuple(values.shape) in ((shape[0],), (shape[0], 1)):  # one per row (output channel), as a column
             return Scale(values.reshape(-1))
         raise BadInputError(f"{info.path}: scale {name!r} {list(info.shape)} fits neither one per tensor nor one "
-                            f"per row of {list(shape)}")
+                            f"per row ([{shape[0]}] or [{shape[0]}, 1]) of {list(shape)}")
     want = (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
     if tuple(values.shape) != want:
         raise BadInputError(f"{info.path}: scale {name!r} is {list(info.shape)}; {block[0]}x{block[1]} blocks of "

@@ -77,6 +77,10 @@ class SafetensorsSource(FileSource):
         except KeyError:
             raise BadInputError(f"{self.folder}: tensor {name!r} is needed but not in the checkpoint") from None
 
+    def files(self) -> list[Path]:
+        """The shard files the tensors are read from (as named in the folder: symlinks not resolved)."""
+        return sorted({info.path for info in self.tensors.values()})
+
     def dtype_of(self, name: str) -> DType:
         return self.info(name).dtype
 

@@ -22,6 +22,7 @@ whose archive cannot be parsed this way is loaded whole with ``torch.load(weight
 
 from __future__ import annotations
 
+import bisect
 import collections
 import importlib
 import io
@@ -304,6 +305,26 @@ def _refuse_overlaps(folder: Path, storage: dict) -> None:
                                     f"{METADATA_FILE}; this is not a checkpoint torch_dist wrote, or it was tampered with")
 
 
+def _refuse_chunk_overlaps(folder: Path, key: str, chunks: list) -> None:
+    """No two chunks of a tensor may share an element (``chunks`` sorted by offsets). Sort and sweep along
+    dim 0: a chunk is compared only with the chunks still open at its first row, so a tensor of N row blocks
+    costs N log N, not N^2."""
+    if chunks and not chunks[0].offsets:  # a 0-dim tensor: one chunk holds it
+        if len(chunks) > 1:
+            raise BadInputError(f"{folder / METADATA_FILE}: tensor {key!r} has {len(chunks)} chunks of one element")
+        return
+    open_: list = []
+    for c in chunks:
+        start = c.offsets[0]
+        open_ = [a for a in open_ if a.offsets[0] + a.sizes[0] > start]
+        for a in open_:
+            if c.sizes[0] and a.sizes[0] and all(max(ao, co) < min(ao + asz, co + csz) for ao, asz, co, csz
+                                                 in zip(a.offsets[1:], a.sizes[1:], c.offsets[1:], c.sizes[1:])):
+                raise BadInputError(f"{folder / METADATA_FILE}: chunks {list(a.offsets)} and {list(c.offsets)} of "
+                                    f"{key!r} overlap; this is not a checkpoint torch_dist wrote, or it was tampered with")
+        open_.append(c)
+
+
 @dataclass(frozen=True)
 class ItemRef:
     """One stored chunk of a tensor: its place in the global tensor and in the files."""
@@ -359,7 +380,7 @@ class TorchDistSource(Source):
                                 "a checkpoint torch_dist wrote, or it was tampered with") from None
         self._files = OpenFiles(opener=self._open)
         self._layouts: dict[tuple[str, int], ParsedItem | None] = {}
-        self._by_layer: dict[str, dict[int, list[ItemRef]]] = {}
+        self._by_start: dict[str, tuple[list[int], int]] = {}  # _candidates' index
 
     def _parse(self) -> None:
         """``tensors``, ``objects`` and where every item is, from ``.metadata``, every number checked."""
@@ -413,6 +434,8 @@ class TorchDistSource(Source):
                         raise BadInputError(f"{self.folder / METADATA_FILE}: chunk {list(offs)}+{list(szs)} lies "
                                             f"outside tensor {key!r} {list(shape)}")
                     chunks.append(ItemRef(offs, szs, ref.file, ref.offset, ref.length))
+                chunks.sort(key=lambda c: c.offsets)
+                _refuse_chunk_overlaps(self.folder, key, chunks)
                 self.tensors[key] = TensorMeta(key, shape, md.properties.dtype, tuple(chunks), md.properties)
             else:
                 raise BadInputError(f"{self.folder / METADATA_FILE}: entry {key!r} is of unknown kind "
@@ -476,19 +499,16 @@ class TorchDistSource(Source):
             return
         out = out.view(region)
         boxes = []
-        for c in self._candidates(meta, index):
+        for c in self._candidates(meta, lo[0], hi[0]):
             blo = tuple(max(a, o) for a, o in zip(lo, c.offsets))
             bhi = tuple(min(b, o + s) for b, o, s in zip(hi, c.offsets, c.sizes))
             if all(a < b for a, b in zip(blo, bhi)):
                 boxes.append((c, blo, bhi))
         covered = sum(math.prod(b - a for a, b in zip(blo, bhi)) for _, blo, bhi in boxes)
-        overlap = any(all(max(a0, a1) < min(b0, b1) for a0, b0, a1, b1 in zip(x[1], x[2], y[1], y[2]))
-                      for i, x in enumerate(boxes) for y in boxes[i + 1:])
-        if overlap or covered != math.prod(region):
+        if covered != math.prod(region):  # (no two chunks overlap: refused when the checkpoint was opened)
             raise BadInputError(
                 f"{self.folder}: tensor {name!r} rows [{row0}, {row1}) of index {list(index)}: the stored chunks "
-                f"{'overlap' if overlap else f'cover {covered} of {math.prod(region)} elements'}; the checkpoint is "
-                "inconsistent")
+                f"cover {covered} of {math.prod(region)} elements; the checkpoint is inconsistent")
         for c, blo, bhi in boxes:
             self._copy_box(meta, c, blo, bhi, lo, out)
 
@@ -536,6 +556,21 @@ class TorchDistSource(Source):
                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
         return obj[0] if isinstance(obj, list) and len(obj) == 1 else obj
 
+    def files(self) -> list[Path]:
+        """Every file ``.metadata`` names (as named in the folder: symlinks not resolved)."""
+        return sorted({self.folder / ref.file for ref in self._storage.values()})
+
+    def check_objects(self, prefixes: tuple[str, ...]) -> int:
+        """Every object item whose key starts with one of ``prefixes`` (what a model load unpickles:
+        megatron-core's ``_extra_state``) is plain data: read as ``read_object`` reads it, with
+        ``torch.load(weights_only=True)``. torch DCP's own loader unpickles these items with
+        ``weights_only=False``, so a crafted one would run code there: it is refused here first
+        (``BadInputError``, one line naming the item). Returns the objects checked."""
+        keys = sorted(k for k in self.objects if k.startswith(prefixes))
+        for key in keys:
+            self.read_object(key)
+        return len(keys)
+
     def close(self) -> None:
         self._files.close()
 
@@ -569,17 +604,14 @@ class TorchDistSource(Source):
         read_exact(fd, view, offset, self.folder / rel, COPY_AGAIN)
         pagecache.drop(fd, offset, len(view))  # rows are read once (pagecache.py)
 
-    def _candidates(self, meta: TensorMeta, index: tuple[int, ...]) -> list[ItemRef]:
-        """Chunks that may overlap leading index ``index`` (bucketed by layer for stacked keys)."""
-        if not index or not all(c.sizes[0] == 1 for c in meta.chunks):
-            return list(meta.chunks)
-        by_layer = self._by_layer.get(meta.key)
-        if by_layer is None:
-            by_layer = collections.defaultdict(list)
-            for c in meta.chunks:
-                by_layer[c.offsets[0]].append(c)
-            self._by_layer[meta.key] = by_layer
-        return by_layer.get(index[0], [])
+    def _candidates(self, meta: TensorMeta, lo: int, hi: int) -> list[ItemRef]:
+        """Chunks whose first-dimension span meets ``[lo, hi)`` (a bisection in the chunks, sorted by offsets)."""
+        index = self._by_start.get(meta.key)
+        if index is None:
+            starts = [c.offsets[0] for c in meta.chunks]
+            index = self._by_start[meta.key] = (starts, max((c.sizes[0] for c in meta.chunks), default=0))
+        starts, widest = index
+        return list(meta.chunks[bisect.bisect_left(starts, lo - widest + 1):bisect.bisect_left(starts, hi)])
 
     def _layout(self, meta: TensorMeta, c: ItemRef) -> ParsedItem | None:
         cache_key = (c.file, c.offset)

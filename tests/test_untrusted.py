@@ -1,0 +1,438 @@
+"""Issue 24: nothing a checkpoint says is trusted. Each test builds its crafted input itself and checks the
+promised behaviour: one clear line, the documented exit code, nothing lost, never a checkpoint that looks
+complete or is silently wrong."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamconv.cli import main
+from streamconv.reference.synth import llama_config, make_checkpoint
+
+ITER = "iter_0000000"
+
+
+def lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny Llama (vocab 1024) and its conversion, split into several chunks per tensor."""
+    root = tmp_path_factory.mktemp("untrusted")
+    src = make_checkpoint(root / "hf", llama_config(vocab=1024), seed=3, shards=2)
+    out = root / "mcore"
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), "--quiet", "--max-memory",
+                 "256KiB"]) == 0
+    return src, out
+
+
+def private_copy(converted, tmp_path) -> tuple[Path, Path]:
+    src, out = converted
+    return src, Path(shutil.copytree(out, tmp_path / "mcore", symlinks=True))
+
+
+def load_metadata(ckpt: Path):
+    """Our own test's ``.metadata`` (written by streamconv a moment ago): plain pickle is fine here."""
+    with open(ckpt / ".metadata", "rb") as f:
+        return pickle.load(f)
+
+
+def save_metadata(ckpt: Path, meta) -> None:
+    with open(ckpt / ".metadata", "wb") as f:
+        pickle.dump(meta, f)
+
+
+class Planted:
+    """An object whose unpickling calls ``open(path, "w")``: it creates a file when (and only when) run."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def plant(ckpt: Path, key: str, marker: Path) -> None:
+    """Point object item ``key`` of ``.metadata`` at a new file holding ``torch.save([Planted])``."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    buf = io.BytesIO()
+    torch.save([Planted(marker)], buf)
+    data = buf.getvalue()
+    (ckpt / "__9_0.distcp").write_bytes(data)
+    meta = load_metadata(ckpt)
+    meta.storage_data[MetadataIndex(key)] = _StorageInfo("__9_0.distcp", 0, len(data))
+    save_metadata(ckpt, meta)
+
+
+# --------------------------------------------------------------------- 1. code planted in an object item
+
+def test_a_planted_pickle_is_refused_by_generate_verify_and_inspect_and_never_runs(converted, tmp_path, capsys):
+    src, out = private_copy(converted, tmp_path)
+    ckpt = out / ITER
+    key = next(k for k in load_metadata(ckpt).state_dict_metadata if k.endswith("_extra_state/shard_0_2"))
+    marker = tmp_path / "it-ran"
+    plant(ckpt, key, marker)
+    # the planted item is real: torch DCP's own loader (weights_only=False) would run it
+    torch.load(io.BytesIO((ckpt / "__9_0.distcp").read_bytes()), weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+
+    capsys.readouterr()
+    assert main(["generate", "--megatron-path", str(out), "--prompt", "hi", "--max-new-tokens", "1", "--quiet"]) == 3
+    err = lines(capsys.readouterr().err)
+    assert len(err) == 1 and key in err[0] and "safely" in err[0], err
+    assert main(["verify", "--hf-model", str(src), "--megatron-path", str(out), "--quiet", "--json"]) == 5
+    report = capsys.readouterr().out
+    assert key in report and "not plain data" in report
+    assert main(["inspect", str(out), "--json"]) == 3
+    assert "refused" in capsys.readouterr().out
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------- 2. --overwrite and a HF cache's symlinks
+
+def test_overwrite_never_deletes_the_blobs_a_cache_snapshot_links_to(converted, tmp_path, capsys):
+    src, _ = converted
+    cache = tmp_path / "models--o--m"
+    blobs, snap = cache / "blobs", cache / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        blob = blobs / f"sha-{f.name}"
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    before = {p.name: p.read_bytes() for p in blobs.iterdir()}
+    capsys.readouterr()
+    rc = main(["hf2mcore", "--hf-model", str(snap), "--megatron-path", str(blobs), "--overwrite", "--quiet"])
+    assert rc == 2
+    err = lines(capsys.readouterr().err)
+    assert len(err) == 1 and "input" in err[0], err
+    assert {p.name: p.read_bytes() for p in blobs.iterdir()} == before
+    # the same snapshot converts fine into a folder of its own
+    assert main(["hf2mcore", "--hf-model", str(snap), "--megatron-path", str(tmp_path / "out"), "--quiet"]) == 0
+
+
+# --------------------------------------------------------------------- 10. demo --workdir
+
+def test_demo_refuses_to_replace_what_is_in_its_workdir(tmp_path, capsys):
+    pytest.importorskip("megatron.core")
+    mine = tmp_path / "nano-8b-hf"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["demo", "--workdir", str(tmp_path), "--quiet"]) == 4
+    err = lines(capsys.readouterr().err)
+    assert len(err) == 1 and "--overwrite" in err[0], err
+    assert (mine / "precious.txt").read_text() == "mine"
+
+
+# --------------------------------------------------------------------- 11. the vocabulary is cut only by padding
+
+def test_export_drops_megatron_padding_only(converted, tmp_path, capsys):
+    src, out = converted
+    cfg = llama_config(vocab=1000)  # 1024 = 1000 padded to a multiple of 128: those rows may go
+    (tmp_path / "c1000").mkdir()
+    (tmp_path / "c1000" / "config.json").write_text(__import__("json").dumps(cfg))
+    assert main(["mcore2hf", "--megatron-path", str(out), "--hf-path", str(tmp_path / "hf1000"),
+                 "--hf-config", str(tmp_path / "c1000"), "--quiet"]) == 0
+    from safetensors import safe_open
+
+    shards = sorted((tmp_path / "hf1000").glob("*.safetensors"))
+    rows = {}
+    for s in shards:
+        with safe_open(s, "pt") as f:
+            rows.update({k: f.get_slice(k).get_shape()[0] for k in f.keys() if "embed" in k or "lm_head" in k})
+    assert set(rows.values()) == {1000}
+    cfg = llama_config(vocab=300)  # 1024 rows for 300 tokens is not padding: refused, nothing written
+    (tmp_path / "c300").mkdir()
+    (tmp_path / "c300" / "config.json").write_text(__import__("json").dumps(cfg))
+    capsys.readouterr()
+    assert main(["mcore2hf", "--megatron-path", str(out), "--hf-path", str(tmp_path / "hf300"),
+                 "--hf-config", str(tmp_path / "c300"), "--quiet"]) == 3
+    err = lines(capsys.readouterr().err)
+    assert len(err) == 1 and "padding" in err[0] and "1024" in err[0], err
+    assert not (tmp_path / "hf300").exists() or not any((tmp_path / "hf300").glob("*.safetensors"))
+
+
+# --------------------------------------------------------------------- 16. overlapping chunks, found by a sweep
+
+def test_overlapping_chunks_are_refused(converted, tmp_path, capsys):
+    _, out = private_copy(converted, tmp_path)
+    ckpt = out / ITER
+    meta = load_metadata(ckpt)
+    key, md = next((k, m) for k, m in meta.state_dict_metadata.items()
+                   if hasattr(m, "chunks") and len(m.chunks) >= 3 and m.chunks[0].sizes[0] > 1)
+    first = md.chunks[0]
+    grown = list(first.sizes)
+    grown[0] += 1  # one row more: it now shares a row with the next chunk
+    md.chunks[0] = type(first)(offsets=first.offsets, sizes=__import__("torch").Size(grown))
+    save_metadata(ckpt, meta)
+    capsys.readouterr()
+    assert main(["mcore2hf", "--megatron-path", str(out), "--hf-path", str(tmp_path / "hf"), "--quiet"]) == 3
+    err = lines(capsys.readouterr().err)
+    assert len(err) == 1 and "overlap" in err[0] and key in err[0], err
+
+
+def test_the_overlap_sweep_finds_overlaps_a_neighbour_check_would_miss(tmp_path):
+    """A long chunk that overlaps a chunk two places after it in sorted order (its neighbour does not)."""
+    from streamconv.errors import BadInputError
+    from streamconv.sources.torch_dist import ItemRef, _refuse_chunk_overlaps
+
+    def ref(o, s):
+        return ItemRef(o, s, "f", 0, 1)
+
+    ok = [ref((0, 0), (4, 2)), ref((0, 2), (4, 2)), ref((4, 0), (4, 4))]
+    _refuse_chunk_overlaps(tmp_path, "t", ok)
+    bad = [ref((0, 0), (8, 2)), ref((0, 2), (4, 2)), ref((4, 1), (4, 3))]  # 1st and 3rd share rows 4-7, col 1
+    with pytest.raises(BadInputError, match="overlap"):
+        _refuse_chunk_overlaps(tmp_path, "t", bad)
+
+
+# --------------------------------------------------------------------- 9. FP8 scales are checked
+
+@pytest.fixture(scope="module")
+def fp8_sources(tmp_path_factory):
+    from streamconv.reference.synth import quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("fp8")
+    src = make_checkpoint(root / "hf", llama_config(hidden=64, heads=4, kv_heads=4, ffn=128), seed=4, shards=1)
+    return {m: quantize_checkpoint(src, root / m, m, block=(16, 16), shards=1)
+            for m in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")}
+
+
+def edit_tensors(folder: Path, edit) -> None:
+    """Edit the (one) shard's tensors; the index names any tensor added."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    (f,) = folder.glob("*.safetensors")
+    tensors = load_file(f)
+    edit(tensors)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {n: f.name for n in tensors}
+        index.write_text(json.dumps(data))
+
+
+SCALE = "model.layers.0.self_attn.o_proj.weight_scale"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0], ids=["nan", "inf", "zero"])
+def test_a_non_finite_or_zero_scale_is_refused(fp8_sources, tmp_path, capsys, value):
+    src = Path(shutil.copytree(fp8_sources["FP8"], tmp_path / "src"))
+    edit_tensors(src, lambda t: t.__setitem__(SCALE, torch.tensor(value)))
+    capsys.readouterr()
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(tmp_path / "out"), "--quiet"]) == 3
+    err = lines(capsys.readouterr().err)
+    assert len(err) == 1 and SCALE in err[0] and "NaN, infinite or zero" in err[0], err
+    assert not (tmp_path / "out" / ITER / ".metadata").exists()
+
+
+def test_a_negative_scale_converts_with_a_warning(fp8_sources, tmp_path, capsys):
+    src = Path(shutil.copytree(fp8_sources["FP8"], tmp_path / "src"))
+    edit_tensors(src, lambda t: t.__setitem__(SCALE, -t[SCALE]))
+    capsys.readouterr()
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(tmp_path / "out"), "--quiet"]) == 0
+    assert "negative" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (8, 8)], ids=["per-column", "square-blocks"])
+def test_a_scale_that_is_not_one_per_row_is_refused(fp8_sources, tmp_path, capsys, shape):
+    """A [1, cols] scale on a square o_proj, or a block grid with as many elements as rows, has the element
+    count of a per-row scale: it must not be applied per row."""
+    src = Path(shutil.copytree(fp8_sources["FP8_PER_CHANNEL_PER_TOKEN"], tmp_path / "src"))
+    edit_tensors(src, lambda t: t.__setitem__(SCALE, t[SCALE].reshape(shape).contiguous()))
+    capsys.readouterr()
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(tmp_path / "out"), "--quiet"]) == 3
+    err = lines(capsys.readouterr().err)
+    assert len(err) == 1 and SCALE in err[0] and "per row" in err[0], err
+
+
+def test_a_weight_with_two_kinds_of_scale_is_refused(fp8_sources, tmp_path, capsys):
+    src = Path(shutil.copytree(fp8_sources["FP8"], tmp_path / "src"))
+    edit_tensors(src, lambda t: t.__setitem__(SCALE + "_inv", 1 / t[SCALE]))
+    capsys.readouterr()
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(tmp_path / "out"), "--quiet"]) == 3
+    err = lines(capsys.readouterr().err)
+    assert len(err) == 1 and "weight_scale_inv" in err[0] and "ambiguous" in err[0], err
+
+
+# --------------------------------------------------------------------- 18. names are printed escaped
+
+def test_names_from_a_checkpoint_cannot_forge_lines_or_colour_the_terminal(converted, tmp_path, capsys):
+    src, out = private_copy(converted, tmp_path)
+    ckpt = out / ITER
+    meta = load_metadata(ckpt)
+    forged = "decoder.final_layernorm.weight\nverify: OK: \x1b[32mall good\x1b[0m [bold]x[/bold]"
+    meta.state_dict_metadata[forged] = meta.state_dict_metadata["decoder.final_layernorm.weight"]
+    for index in [i for i in meta.storage_data if i.fqn == "decoder.final_layernorm.weight"]:
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        meta.storage_data[MetadataIndex(forged, index.offset)] = meta.storage_data[index]
+    save_metadata(ckpt, meta)
+    capsys.readouterr()
+    main(["verify", "--hf-model", str(src), "--megatron-path", str(out)])
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and not any(line.startswith("verify: OK") for line in err.splitlines())
+    assert "\\x1b" in err and "\\n" in err
+    main(["inspect", str(out)])
+    shown = capsys.readouterr().out
+    assert "\x1b[32m" not in shown and not any(line.lstrip().startswith("verify: OK") for line in shown.splitlines())
+
+
+def test_an_error_line_is_bounded():
+    from streamconv.errors import MAX_LINE, printable
+
+    line = printable("x" * 100_000 + "\n")
+    assert len(line) < MAX_LINE + 40 and "more characters" in line
+
+
+# --------------------------------------------------------------------- 5. --recheck after another process count
+
+def test_recheck_still_checks_after_the_journals_were_compacted(tmp_path):
+    """The output was made by another number of processes (its journals are compacted on resume): the
+    committed files' chunk CRCs survive, so --recheck still catches a source changed behind the file
+    system's back."""
+    import json
+    import subprocess
+    import sys
+
+    model = make_checkpoint(tmp_path / "hf", llama_config(), seed=2, shards=2)
+    out = tmp_path / "out"
+    small = ["--max-memory", "64KiB", "--distcp-size", "40KiB", "--quiet"]
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(model),
+                               "--megatron-path", str(out), *small, *args], capture_output=True, text=True)
+
+    assert run().returncode == 0
+    (out / ".streamconv" / "world").write_text("2")  # as a 2-process run leaves it
+    records = [json.loads(x) for x in (out / ".streamconv" / "journal.jsonl").read_text().splitlines()]
+    chunk = next(r for r in records if r["t"] == "chunk" and r["key"].endswith("linear_fc2.weight"))
+    from streamconv.inputs import chunk_bytes_for, import_plan_for
+    from streamconv.models.config import load_config, spec_from_config
+    from streamconv.sources.safetensors import SafetensorsSource
+
+    with_source = SafetensorsSource(model)
+    plan = import_plan_for(with_source, spec_from_config(load_config(model)), None, chunk_bytes_for(64 * 1024),
+                           file_bytes=40 * 1024)
+    c = next(c for c in plan.chunks if (c.key, list(c.offsets)) == (chunk["key"], chunk["offsets"]))
+    shard, at, n = with_source.extent(c.reads[0].name, c.reads[0].row0, c.reads[0].row1, c.reads[0].index)
+    with_source.close()
+    st = shard.stat()
+    with open(shard, "r+b") as f:  # a flipped bit, size and mtime as they were; the identity's ctime forged
+        f.seek(at + n // 2)
+        b = f.read(1)
+        f.seek(at + n // 2)
+        f.write(bytes([b[0] ^ 0x08]))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    ident_path = out / ".streamconv" / "identity.json"
+    ident = json.loads(ident_path.read_text())
+    for f in ident["input"]["files"]:
+        if f["name"] == shard.name:
+            f["ctime_ns"] = shard.stat().st_ctime_ns
+    ident_path.write_text(json.dumps(ident))
+    r = run("--recheck")
+    assert r.returncode == 3 and shard.name in r.stderr and "changed since" in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------- 6. a shard rewritten in place during a run
+
+def test_a_shard_rewritten_in_place_during_the_run_is_not_committed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from streamconv import crashpoints
+
+    model = make_checkpoint(tmp_path / "hf", llama_config(), seed=2, shards=2)
+    out = tmp_path / "out"
+    marker = tmp_path / "paused"
+    proc = subprocess.Popen([sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(model),
+                             "--megatron-path", str(out), "--quiet", "--max-memory", "64KiB", "--distcp-size", "40KiB"],
+                            env={**os.environ, "STREAMCONV_TEST_PAUSE": "chunk:2", "STREAMCONV_TEST_PAUSE_FILE": str(marker),
+                                 "STREAMCONV_TEST_PAUSE_CONTINUE": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not marker.exists():  # the run's own progress decides when
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.005)
+    crashpoints.wait_stopped(proc.pid)
+    shard = sorted(model.glob("*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x10  # dd conv=notrunc: same size, same header, another value
+    with open(shard, "r+b") as f:
+        f.write(data)
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert "changed during the conversion" in err and shard.name in err, err
+    assert not (out / ITER / ".metadata").exists() and not (out / "latest_checkpointed_iteration.txt").exists()
+
+
+# --------------------------------------------------------------------- 12-14, 17. what describes the model
+
+def _edit_run_config(out: Path, edit) -> None:
+    path = out / ITER / "run_config.yaml"
+    text = path.read_text()
+    path.write_text(edit(text))
+
+
+@pytest.mark.parametrize("value, field", [
+    ('"x"', "kv_channels"),  # a string: kv_channels * heads would make a gigabyte string
+    ("!!python/name:os.system", None),  # not even loadable by safe_load: refused as unreadable
+    ("1" * 5000, None),  # a 5,000-digit integer: not a YAML number Python reads
+    ("0.5", "kv_channels"),
+], ids=["string", "python-tag", "huge", "float"])
+def test_a_crafted_size_in_run_config_is_one_line(converted, tmp_path, capsys, value, field):
+    _, out = private_copy(converted, tmp_path)
+    _edit_run_config(out, lambda t: t.replace("  kv_channels: 16\n", f"  kv_channels: {value}\n"))
+    capsys.readouterr()
+    rc = main(["mcore2hf", "--megatron-path", str(out), "--hf-path", str(tmp_path / "hf"), "--quiet"])
+    err = lines(capsys.readouterr().err)
+    assert rc == 3 and len(err) == 1 and "internal error" not in err[0], err
+    if field:
+        assert f"model.{field}" in err[0], err
+
+
+def test_an_alias_bomb_in_run_config_is_refused_before_it_expands(converted, tmp_path, capsys):
+    _, out = private_copy(converted, tmp_path)
+    bomb = "".join(f"b{i}: &b{i + 1} [*b{i}, *b{i}, *b{i}, *b{i}]\n" for i in range(40))
+    _edit_run_config(out, lambda t: "b0: &b0 [x]\n" + bomb.replace("b0: &b1 [*b0", "b0x: &b1 [*b0")
+                     .replace("&b0 [x]", "&b0 [x]") + t.replace("  seq_length: 4096\n", "  seq_length: *b40\n"))
+    capsys.readouterr()
+    rc = main(["mcore2hf", "--megatron-path", str(out), "--hf-path", str(tmp_path / "hf"), "--quiet"])
+    err = lines(capsys.readouterr().err)
+    assert rc == 3 and len(err) == 1 and "model.seq_length" in err[0], err
+    assert not (tmp_path / "hf" / "config.json").exists()
+
+
+def test_a_common_state_naming_many_unknown_globals_is_refused(tmp_path):
+    """Each unknown global becomes an inert stand-in, interned by name and bounded in number."""
+    import pickletools  # noqa: F401  (the opcodes below are plain protocol-2 pickle)
+
+    from streamconv.errors import BadInputError
+    from streamconv.formats import megatron_args
+
+    ops = [b"\x80\x02", b"]"]  # PROTO 2, EMPTY_LIST
+    for i in range(megatron_args.MAX_FOREIGN + 10):
+        ops.append(f"cmod{i}\nName\n".encode() + b")R" + b"a")  # GLOBAL, EMPTY_TUPLE, REDUCE, APPEND
+    ops.append(b".")
+    with pytest.raises(BadInputError, match="unknown globals"):
+        megatron_args.unpickle(b"".join(ops), tmp_path / "common.pt")
+    same = [b"\x80\x02", b"]"] + [b"cmod\nName\n)Ra"] * 5000 + [b"."]
+    objs = megatron_args.unpickle(b"".join(same), tmp_path / "common.pt")
+    assert len(objs) == 5000 and len({type(o) for o in objs}) == 1

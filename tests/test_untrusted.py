@@ -436,3 +436,31 @@ def test_a_common_state_naming_many_unknown_globals_is_refused(tmp_path):
     same = [b"\x80\x02", b"]"] + [b"cmod\nName\n)Ra"] * 5000 + [b"."]
     objs = megatron_args.unpickle(b"".join(same), tmp_path / "common.pt")
     assert len(objs) == 5000 and len({type(o) for o in objs}) == 1
+
+
+# --------------------------------------------------------------------- 17. a float64 source is refused at planning
+
+def test_a_float64_source_is_refused_before_anything_is_written(tmp_path, capsys):
+    src = make_checkpoint(tmp_path / "hf", llama_config(), seed=2, shards=1, dtype=torch.float64)
+    capsys.readouterr()
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(tmp_path / "out"), "--quiet"]) == 3
+    err = lines(capsys.readouterr().err)
+    assert len(err) == 1 and "float64" in err[0], err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.distcp"))
+
+
+# --------------------------------------------------------------------- 3. symlinked folders inside an output
+
+def test_a_resume_never_writes_through_a_symlinked_folder(converted, tmp_path, capsys):
+    src, out = private_copy(converted, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    (out / ITER).rename(elsewhere)
+    (elsewhere / "keep.partial").write_text("mine")
+    (out / ITER).symlink_to(elsewhere)
+    before = {p.name: p.stat().st_mtime_ns for p in elsewhere.iterdir()}
+    capsys.readouterr()
+    rc = main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(out), "--quiet", "--max-memory", "256KiB"])
+    err = lines(capsys.readouterr().err)
+    assert rc == 4 and len(err) == 1 and "symlinked folder" in err[0], err
+    assert {p.name: p.stat().st_mtime_ns for p in elsewhere.iterdir()} == before
+    assert (elsewhere / "keep.partial").read_text() == "mine"

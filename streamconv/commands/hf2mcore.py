@@ -112,6 +112,8 @@ def _setup(hf_model: str, out: Path, opts: Options) -> _Setup:
 def _prepare(out: Path, identity: dict, opts: Options, world: int) -> resume.Journal:
     """The output folder, ready for this conversion (fresh, overwritten or resumed), and rank 0's journal.
     The caller holds the output's lock."""
+    if not opts.overwrite and out.is_dir():
+        outdir.refuse_linked_folders(out)
     resuming = resume.check_output(out, identity, opts.overwrite)  # refuses another conversion's folder
     ckpt = _ready_output(out, opts.overwrite, resume=resuming)
     if resuming:  # nothing may look complete while a resumed run works

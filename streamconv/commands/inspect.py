@@ -17,10 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from streamconv.errors import EXIT_BAD_INPUT, BadInputError, StreamconvError, printable
-from streamconv.formats.names import MODEL_PREFIXES
-
-METADATA_FILE = ".metadata"
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
+from streamconv.formats.names import METADATA_FILE, MODEL_PREFIXES, RUN_CONFIG_FILE, TRACKER_FILE
 
 
 @dataclass
@@ -264,7 +261,7 @@ NO_RUN_CONFIG = "no run_config.yaml: architecture guessed from the key layout"
 def _torch_dist_architecture(folder: Path, keys: dict[str, tuple], args=None) -> tuple[str | None, dict, str]:
     """From Megatron-Bridge's ``run_config.yaml`` when there, else from Megatron-LM's training ``args``
     (then the keys are checked against the mapping); else a guess from the key layout."""
-    run_config = folder / "run_config.yaml"
+    run_config = folder / RUN_CONFIG_FILE
     per_layer = any(re.match(r"decoder\.layers\.\d+\.", k) for k in keys)
     layout = {"layer_keys": "per-layer (heterogeneous)" if per_layer else "stacked [L, ...]"}
     if not run_config.is_file() and args is not None:

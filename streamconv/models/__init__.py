@@ -1,1 +1,3 @@
-"""ModelSpec (parsed from config.json) and one module of mapping rules per model family."""
+"""Models: ``spec`` (ModelSpec), ``config`` (config.json -> spec: read, dispatch, check), one parser per family
+(``llama``, ``decilm``), and ``rules``: the one mapping table (HF <-> mcore) every family's rows live in and both
+directions read."""

@@ -115,6 +115,7 @@ def row_spans(rows: int, row_bytes: int, chunk_bytes: int) -> list[tuple[int, in
 
 
 FLOAT8 = dtypes.FLOAT8
+WEIGHT_DTYPES = (dtypes.BFLOAT16, dtypes.FLOAT16, dtypes.FLOAT32)  # what a model's weights may be stored as
 
 
 def check_quantization(spec: ModelSpec, infos: dict, quant=None) -> None:
@@ -155,6 +156,11 @@ def check_source(spec: ModelSpec, infos: dict, allow_unused: bool = False, quant
             raise BadInputError(
                 f"{infos[name].path}: tensor {name!r} has shape {list(got)} but config.json implies {list(shape)}"
             )
+        dtype = dtypes.of(infos[name].dtype)
+        if dtype not in WEIGHT_DTYPES and not (quant is not None and name in quant.scales):
+            raise BadInputError(
+                f"{infos[name].path}: tensor {name!r} is {dtype.name}; Megatron checkpoints hold bfloat16, float16 or "
+                "float32 weights: convert the model to one of them first")
     extra = sorted(n for n in infos if n not in expected and not IGNORED_HF.search(n))
     if extra and not allow_unused:
         hint = " (tie_word_embeddings is true but lm_head.weight is present)" if extra == ["lm_head.weight"] else ""

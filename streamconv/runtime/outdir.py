@@ -113,6 +113,18 @@ def clear(out: Path, markers) -> None:
         raise output_error(out, e) from e
 
 
+def refuse_linked_folders(out: Path) -> None:
+    """An output folder to resume in must hold no symlinked folder (``iter_0000000``, ``.streamconv``, the zarr
+    view's chunk folders): a resume would write, and delete leftovers, through it, outside ``out``. Files are
+    opened ``O_NOFOLLOW`` already; folders are refused here, in one line (exit 4)."""
+    for root, dirs, _ in os.walk(out):  # os.walk does not descend into symlinked folders
+        for d in dirs:
+            p = Path(root) / d
+            if p.is_symlink():
+                raise OutputError(f"{p}: a symlinked folder inside the output (-> {os.readlink(p)}); streamconv "
+                                  "never writes through links: remove it, pass --overwrite, or choose another folder")
+
+
 def is_empty(out: Path) -> bool:
     """Nothing in ``out`` but (maybe) our lock file."""
     return not any(p.name != LOCK_FILE for p in Path(out).iterdir())

@@ -198,6 +198,8 @@ def ready_export(out: Path, identity: dict, overwrite: bool) -> bool:
     overlaps the input (``outdir.refuse_overlap``). The marker is removed when the export is committed."""
     marker = out / EXPORT_MARKER
     resuming = False
+    if out.is_dir() and not overwrite:
+        outdir.refuse_linked_folders(out)
     if out.is_dir() and not outdir.is_empty(out):
         if overwrite:
             outdir.clear(out, markers=[INDEX_FILE])

@@ -332,19 +332,9 @@ def test_recheck_still_checks_after_the_journals_were_compacted(tmp_path):
     c = next(c for c in plan.chunks if (c.key, list(c.offsets)) == (chunk["key"], chunk["offsets"]))
     shard, at, n = with_source.extent(c.reads[0].name, c.reads[0].row0, c.reads[0].row1, c.reads[0].index)
     with_source.close()
-    st = shard.stat()
-    with open(shard, "r+b") as f:  # a flipped bit, size and mtime as they were; the identity's ctime forged
-        f.seek(at + n // 2)
-        b = f.read(1)
-        f.seek(at + n // 2)
-        f.write(bytes([b[0] ^ 0x08]))
-    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
-    ident_path = out / ".streamconv" / "identity.json"
-    ident = json.loads(ident_path.read_text())
-    for f in ident["input"]["files"]:
-        if f["name"] == shard.name:
-            f["ctime_ns"] = shard.stat().st_ctime_ns
-    ident_path.write_text(json.dumps(ident))
+    from crafting import flip_behind_the_file_systems_back
+
+    flip_behind_the_file_systems_back(shard, at + n // 2, out)
     r = run("--recheck")
     assert r.returncode == 3 and shard.name in r.stderr and "changed since" in r.stderr, r.stderr
 

@@ -199,7 +199,6 @@ def provider_fields_llama(hf_config: dict, dtype: str | None = None) -> dict:
     _require(hf_config, "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     heads = hf_config["num_attention_heads"]
     hidden = hf_config["hidden_size"]
-    vocab = hf_config["vocab_size"]
     act = _cfg(hf_config, "hidden_act")
     if act not in _ACTIVATIONS:
         raise ValueError(f"unsupported hidden_act {act!r}")
@@ -208,14 +207,7 @@ def provider_fields_llama(hf_config: dict, dtype: str | None = None) -> dict:
         "num_layers": hf_config["num_hidden_layers"],
         "hidden_size": hidden,
         "ffn_hidden_size": _cfg(hf_config, "intermediate_size"),
-        "num_attention_heads": heads,
-        "num_query_groups": hf_config.get("num_key_value_heads") or heads,
-        "kv_channels": hf_config.get("head_dim") or hidden // heads,
-        "vocab_size": vocab,
-        "make_vocab_size_divisible_by": make_vocab_size_divisible_by(vocab),
-        "seq_length": _cfg(hf_config, "max_position_embeddings"),
-        "layernorm_epsilon": _cfg(hf_config, "rms_norm_eps"),
-        "init_method_std": _cfg(hf_config, "initializer_range"),
+        **_attention_and_vocab(hf_config, hf_config.get("num_key_value_heads") or heads),
         "attention_dropout": _cfg(hf_config, "attention_dropout"),
         "hidden_dropout": 0.0,
         "share_embeddings_and_output_weights": bool(_cfg(hf_config, "tie_word_embeddings")),
@@ -276,7 +268,6 @@ def provider_fields_decilm(hf_config: dict, dtype: str | None = None) -> dict:
     _require(hf_config, "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     heads = hf_config["num_attention_heads"]
     hidden = hf_config["hidden_size"]
-    vocab = hf_config["vocab_size"]
     groups_per = [(b.get("attention") or {}).get("n_heads_in_group") for b in blocks]
     n_in_group = next((n for n in groups_per if n), None)
     fields = {
@@ -284,14 +275,8 @@ def provider_fields_decilm(hf_config: dict, dtype: str | None = None) -> dict:
         "num_layers": hf_config["num_hidden_layers"],
         "hidden_size": hidden,
         "ffn_hidden_size": 4 * hidden,
-        "num_attention_heads": heads,
-        "num_query_groups": heads // n_in_group if n_in_group else (hf_config.get("num_key_value_heads") or heads),
-        "kv_channels": hf_config.get("head_dim") or hidden // heads,
-        "vocab_size": vocab,
-        "make_vocab_size_divisible_by": make_vocab_size_divisible_by(vocab),
-        "seq_length": _cfg(hf_config, "max_position_embeddings"),
-        "layernorm_epsilon": _cfg(hf_config, "rms_norm_eps"),
-        "init_method_std": _cfg(hf_config, "initializer_range"),
+        **_attention_and_vocab(hf_config, heads // n_in_group if n_in_group
+                               else (hf_config.get("num_key_value_heads") or heads)),
         "attention_dropout": 0.0,
         "hidden_dropout": 0.0,
         "share_embeddings_and_output_weights": bool(_cfg(hf_config, "tie_word_embeddings")),

@@ -454,3 +454,50 @@ def test_a_resume_never_writes_through_a_symlinked_folder(converted, tmp_path, c
     assert rc == 4 and len(err) == 1 and "symlinked folder" in err[0], err
     assert {p.name: p.stat().st_mtime_ns for p in elsewhere.iterdir()} == before
     assert (elsewhere / "keep.partial").read_text() == "mine"
+
+
+# --------------------------------------------------------------------- 17. more inputs that were "internal error"
+
+def test_an_output_path_that_is_a_symlink_loop_is_one_line(converted, tmp_path, capsys):
+    src, out = converted
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    capsys.readouterr()
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(tmp_path / "a"), "--quiet"]) == 2
+    assert main(["mcore2hf", "--megatron-path", str(out), "--hf-path", str(tmp_path / "a"), "--quiet"]) == 2
+    err = lines(capsys.readouterr().err)
+    assert len(err) == 2 and all("do not resolve" in e for e in err), err
+
+
+def test_generate_with_an_hf_model_folder_without_a_tokenizer_is_one_line(converted, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    _, out = private_copy(converted, tmp_path)
+    shutil.rmtree(out / ITER / "tokenizer", ignore_errors=True)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((converted[0] / "config.json").read_text())
+    capsys.readouterr()
+    rc = main(["generate", "--megatron-path", str(out), "--hf-model", str(bare), "--prompt", "hi", "--quiet"])
+    err = lines(capsys.readouterr().err)
+    assert rc == 3 and len(err) == 1 and "no tokenizer files" in err[0], err
+
+
+@pytest.mark.parametrize("craft", ["complex64", "layout", "huge-shape"])
+def test_a_crafted_element_type_or_shape_in_metadata_is_one_line(converted, tmp_path, capsys, craft):
+    src, out = private_copy(converted, tmp_path)
+    ckpt = out / ITER
+    meta = load_metadata(ckpt)
+    md = meta.state_dict_metadata["decoder.final_layernorm.weight"]
+    if craft == "complex64":
+        md.properties.dtype = torch.complex64
+    elif craft == "layout":
+        md.properties.dtype = torch.strided
+    else:
+        md.size = torch.Size([2 ** 2000])
+    save_metadata(ckpt, meta)
+    for args in (["inspect", str(out)], ["verify", "--hf-model", str(src), "--megatron-path", str(out), "--quiet"],
+                 ["mcore2hf", "--megatron-path", str(out), "--hf-path", str(tmp_path / "hf"), "--quiet"]):
+        capsys.readouterr()
+        assert main(args) == 3, args
+        err = lines(capsys.readouterr().err)
+        assert len(err) == 1 and "decoder.final_layernorm.weight" in err[0], (args, err)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from streamconv.errors import EXIT_MISMATCH, UsageError
+from streamconv.errors import EXIT_MISMATCH, BadInputError, UsageError
 from streamconv.formats.names import MODEL_PREFIXES
 from streamconv.units import fmt_bytes
 
@@ -58,7 +58,11 @@ def tokenizer_folder(ckpt: Path, hf_model: str | None) -> Path:
     if hf_model is None and (own / "tokenizer_config.json").is_file():
         return own
     if hf_model is not None:
-        return resolve_hf_model(hf_model, allow_patterns=["*.json", "tokenizer.model", "*.jinja"])
+        folder = resolve_hf_model(hf_model, allow_patterns=["*.json", "tokenizer.model", "*.jinja"])
+        if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            raise BadInputError(f"{folder}: no tokenizer files (tokenizer.json, tokenizer.model or "
+                                "tokenizer_config.json); pass the --hf-model folder the model was converted from")
+        return folder
     raise UsageError(f"{ckpt}: no tokenizer/ folder beside the checkpoint; pass --hf-model <HF folder | hub id> for "
                      "its tokenizer")
 

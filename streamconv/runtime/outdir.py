@@ -24,9 +24,12 @@ from streamconv.formats.names import LOCK_FILE
 
 
 def _both(path) -> set[Path]:
-    """A path as given (absolute, normalized) and with its symlinks resolved."""
+    """A path as given (absolute, normalized) and with its symlinks resolved (a loop of links: one line)."""
     p = Path(path).expanduser()
-    return {Path(os.path.abspath(p)), p.resolve()}
+    try:
+        return {Path(os.path.abspath(p)), p.resolve()}
+    except (RuntimeError, OSError) as e:  # RuntimeError: "Symlink loop" (Python < 3.13)
+        raise UsageError(f"{p}: its symlinks do not resolve ({e}); pass a real folder") from None
 
 
 def refuse_overlap(out: Path, inputs, flag: str) -> None:

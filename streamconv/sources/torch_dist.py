@@ -50,6 +50,7 @@ COPY_BUFFER_BYTES = 8 * 1024**2  # bound on the temporary buffer used when a chu
 _DCP = "torch.distributed.checkpoint."
 # .metadata larger than this is not a checkpoint we wrote or megatron-core saves (a few MB at 253B)
 MAX_METADATA_BYTES = 1 << 30
+MAX_DIM = 1 << 48  # no tensor dimension comes near it
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     [(_DCP + "metadata", n) for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
                                       "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
@@ -422,6 +423,14 @@ class TorchDistSource(Source):
                 self.objects.append(key)
             elif isinstance(md, TensorStorageMetadata):
                 shape = tuple(int(s) for s in md.size)
+                dtype = getattr(md.properties, "dtype", None)
+                if not isinstance(dtype, torch.dtype) or str(dtype).removeprefix("torch.") not in dtypes.BY_NAME:
+                    raise BadInputError(f"{self.folder / METADATA_FILE}: tensor {key!r} has element type "
+                                        f"{str(dtype)[:40]}, which no model weight has; this is not a checkpoint "
+                                        "streamconv reads")
+                if any(not 0 <= s < MAX_DIM for s in shape):
+                    raise BadInputError(f"{self.folder / METADATA_FILE}: tensor {key!r} has a dimension outside "
+                                        f"0..2**48 ({str(list(shape))[:80]}); it was tampered with")
                 chunks = []
                 for c in md.chunks:
                     offs, szs = tuple(int(x) for x in c.offsets), tuple(int(x) for x in c.sizes)

@@ -16,11 +16,17 @@ from streamconv import dtypes
 from streamconv.engine import runner
 from streamconv.errors import BadInputError, UsageError
 from streamconv.formats import run_config_reader
-from streamconv.formats.names import HF_CONFIG_DIR, IDENTITY_FILE, METADATA_FILE, STATE_DIR, TRACKER_FILE
+from streamconv.formats.names import HF_CONFIG_DIR, IDENTITY_FILE, METADATA_FILE, MODEL_PREFIXES, STATE_DIR, \
+    TRACKER_FILE, is_extra_state
+from streamconv.models import rules
 from streamconv.models.config import load_config, spec_from_config
+from streamconv.models.spec import ModelSpec
 from streamconv.plan.build import DEFAULT_CHUNK_BYTES, DEFAULT_FILE_BYTES, Plan, check_source, import_plan
 from streamconv.units import fmt_bytes
 
+# Tensors a (padded) vocabulary may make longer than the config's vocab_size: the extra rows are dropped.
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+DEFAULT_VOCAB_DIVISOR = 128  # Megatron-LM's --make-vocab-size-divisible-by
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 CONFIG_PATTERNS = ["*.json", "tokenizer.model"]  # what a hub --hf-config fetches: never the weights
 DTYPES = {
@@ -213,3 +219,57 @@ def carried_config(ckpt: Path, derived: dict) -> tuple[dict, None, bytes] | None
     return carried, None, raw
 
 
+def vocab_padding(ckpt: Path, source) -> int:
+    """What Megatron padded the vocabulary to a multiple of: ``make_vocab_size_divisible_by`` x
+    ``tensor_model_parallel_size`` of the training args in the checkpoint's common state, else 128 (its
+    default divisor, one rank)."""
+    from streamconv.formats import megatron_args
+
+    try:
+        args = (megatron_args.common_state(ckpt, source) or {}).get("args")
+    except BadInputError:
+        args = None
+    divisor, tp = (getattr(args, name, None) for name in ("make_vocab_size_divisible_by", "tensor_model_parallel_size"))
+    if isinstance(divisor, int) and isinstance(tp, int) and 0 < divisor <= 1 << 16 and 0 < tp <= 1 << 16:
+        return divisor * tp
+    return DEFAULT_VOCAB_DIVISOR
+
+
+def check_checkpoint(spec: ModelSpec, source, strict: bool = True,
+                     pad_multiple: int = 128) -> list[str]:
+    """Every megatron tensor the spec implies is in ``source`` (a ``TorchDistSource``) with its shape; no model
+    tensor is left over. The
+    vocabulary tensors may be longer only by Megatron's padding: to the next multiple of ``pad_multiple``."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for b in rules.bindings(spec):
+        expected[b.key] = b.global_shape
+    where = source.folder
+    hint = "check that --hf-config (or the checkpoint's run_config.yaml) describes this checkpoint"
+    missing = [k for k in expected if k not in source.tensors]
+    if missing:
+        raise BadInputError(f"{where}: tensor {missing[0]!r} is needed for {spec.architecture} with this config but "
+                            f"is not in the checkpoint ({len(missing)} missing); {hint}")
+    for key, shape in expected.items():
+        meta = source.tensors[key]
+        got = meta.shape
+        padded = key in VOCAB_KEYS and got[1:] == shape[1:] and got[0] == -(-shape[0] // pad_multiple) * pad_multiple
+        if got != shape and key in VOCAB_KEYS and got[1:] == shape[1:] and got[0] > shape[0] and not padded:
+            raise BadInputError(f"{where}: tensor {key!r} has {got[0]} rows but the config's vocabulary is {shape[0]}: "
+                                f"more than Megatron's padding to a multiple of {pad_multiple} "
+                                f"({-(-shape[0] // pad_multiple) * pad_multiple} rows); cutting it would drop real "
+                                f"tokens; {hint}")
+        if got != shape and not padded:
+            raise BadInputError(f"{where}: tensor {key!r} has shape {list(got)} but the config implies "
+                                f"{list(shape)}; {hint}")
+        if str(meta.dtype).removeprefix("torch.") not in dtypes.BY_NAME or not dtypes.of(meta.dtype).safetensors:
+            raise BadInputError(f"{where}: tensor {key!r} is {meta.dtype}, which safetensors cannot store")
+    unused = sorted(k for k in source.tensors if k not in expected and k.startswith(MODEL_PREFIXES)
+                    and not is_extra_state(k))
+    if unused and not strict:  # --not-strict: exported without them, and said in the summary
+        return unused
+    if unused:
+        tied = " (the config ties the embeddings but the checkpoint has an output layer)" \
+            if unused[0] == "output_layer.weight" else ""
+        raise BadInputError(f"{where}: {len(unused)} model tensor(s) are not in the {spec.architecture} mapping of "
+                            f"this config, first {unused[0]!r}{tied}; {hint} (or --not-strict to leave them out)")
+    return []

@@ -361,3 +361,31 @@ def test_ranks_that_see_other_inputs_are_refused(llama, tmp_path):
     lines = streamconv_lines(err)
     assert len(lines) == 2 and all("no such folder" in line for line in lines), err[-3000:]
     assert {line.split(":")[1].strip() for line in lines} == {"rank 0", "rank 1"}
+
+
+def test_ranks_given_different_output_folders_refuse_before_writing(llama, tmp_path):
+    """The srun recipe run from two working directories with a relative --megatron-path: each rank would write
+    its files into its own folder and rank 0 would commit a checkpoint missing rank 1's. Every rank stops in
+    one line; neither folder gets a checkpoint."""
+    import socket
+
+    src, _ = llama
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2", "PYTHONPATH": os.pathsep.join(sys.path)}
+    dirs = [tmp_path / "node0", tmp_path / "node1"]
+    procs = []
+    for r, d in enumerate(dirs):
+        d.mkdir()
+        procs.append(subprocess.Popen([sys.executable, "-m", "streamconv", *hf2mcore_args(src, "out", "--quiet")],
+                                      cwd=d, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errs
+    for err in errs:
+        mine = streamconv_lines(err)
+        assert len(mine) == 1 and "output folder" in mine[0], err
+    for d in dirs:
+        assert not (d / "out" / ITER / ".metadata").exists() and not list((d / "out").rglob("*.distcp"))

@@ -501,3 +501,19 @@ def test_a_crafted_element_type_or_shape_in_metadata_is_one_line(converted, tmp_
         assert main(args) == 3, args
         err = lines(capsys.readouterr().err)
         assert len(err) == 1 and "decoder.final_layernorm.weight" in err[0], (args, err)
+
+
+# --------------------------------------------------------------------- 8. generate builds the model it checked
+
+@pytest.mark.parametrize("vocab", [2_000_000, 600])
+def test_generate_refuses_a_config_that_does_not_describe_the_stored_tensors(converted, tmp_path, capsys, vocab):
+    """run_config.yaml says another vocabulary than the 1024 rows stored: megatron-core would size (2,000,000)
+    or load (600, with allow_shape_mismatch) another model. Refused before anything is built."""
+    pytest.importorskip("megatron.core")
+    _, out = private_copy(converted, tmp_path)
+    _edit_run_config(out, lambda t: t.replace("  vocab_size: 1024\n", f"  vocab_size: {vocab}\n"))
+    capsys.readouterr()
+    rc = main(["generate", "--megatron-path", str(out), "--prompt", "hi", "--max-new-tokens", "1", "--quiet",
+               "--max-memory", "100MiB"])
+    err = lines(capsys.readouterr().err)
+    assert rc == 3 and len(err) == 1 and "embedding.word_embeddings.weight" in err[0], err

@@ -45,11 +45,6 @@ def available_memory(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def model_parameters(source) -> int:
-    """Elements of the model's weights in a checkpoint (optimizer state and objects not counted)."""
-    return sum(math.prod(t.shape) for k, t in source.tensors.items() if k.startswith(MODEL_PREFIXES))
-
-
 def tokenizer_folder(ckpt: Path, hf_model: str | None) -> Path:
     from streamconv.formats.run_config_reader import TOKENIZER_DIR
     from streamconv.inputs import resolve_hf_model
@@ -183,7 +178,8 @@ def generate(args) -> dict:
 def _check(args):
     """The checkpoint, its config, the dtype, its parameters, and whether this process shows text: refused in
     one line when the ranks do not match ``--tp`` or the model does not fit the memory."""
-    from streamconv.inputs import model_config, parse_dtype, resolve_checkpoint
+    from streamconv.inputs import check_checkpoint, model_config, parse_dtype, resolve_checkpoint, vocab_padding
+    from streamconv.models import rules
     from streamconv.models.config import spec_from_config
     from streamconv.runtime import dist
     from streamconv.sources.torch_dist import TorchDistSource
@@ -195,7 +191,7 @@ def _check(args):
         if args.hf_model is None:
             raise
         cfg = model_config(ckpt, args.hf_model)[0]
-    spec_from_config(cfg)  # refuses what streamconv does not know, in one line
+    spec = spec_from_config(cfg)  # refuses what streamconv does not know, in one line
     dtype = (parse_dtype(args.dtype) or parse_dtype("fp32" if args.device == "cpu"
                                                     else str(cfg.get("torch_dtype", "bf16")))).torch
     tp = args.tp
@@ -205,8 +201,11 @@ def _check(args):
         raise UsageError(f"--tp {tp} needs {tp} processes (torchrun --nproc-per-node {tp} -m streamconv generate ...); "
                          f"this run has {world}")
     with TorchDistSource(ckpt) as source:
-        params = model_parameters(source)
+        # the model built from the config must be the one stored (megatron-core loads the embedding even when
+        # its shape differs), and its size is the model's, not the stored tensors'
+        check_checkpoint(spec, source, strict=False, pad_multiple=vocab_padding(ckpt, source))
         source.check_objects(MODEL_PREFIXES)  # megatron-core unpickles them with weights_only=False: plain data only
+    params = sum(math.prod(shape) for shape in {b.key: b.global_shape for b in rules.bindings(spec)}.values())
     need = params * dtype.itemsize // tp
     have = args.max_memory or available_memory(args.device)
     what = (f"the model: {params:,} parameters x {dtype.itemsize} bytes ({str(dtype).removeprefix('torch.')})"

@@ -22,7 +22,7 @@ from streamconv.engine import runner
 from streamconv.errors import OutputError, UsageError, output_error
 from streamconv.files.atomic import fsync_write
 from streamconv.formats import run_config
-from streamconv.formats.names import CONFIG_FILE, HF_CONFIG_DIR, ITER_DIR, METADATA_FILE, TOKENIZER_DIR, TOKENIZER_FILES, \
+from streamconv.formats.names import CONFIG_FILE, HF_CONFIG_DIR, JOB_TOKEN_FILE, ITER_DIR, METADATA_FILE, TOKENIZER_DIR, TOKENIZER_FILES, \
     TRACKER_FILE, ZARR_VIEW
 from streamconv.inputs import check_budget, check_fits, chunk_bytes_for, import_plan_for, parse_dtype, \
     resolve_hf_model
@@ -134,8 +134,8 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
     check_budget(opts.max_memory, quiet=quiet)
     if job is not None and opts.zarr_view:
         raise UsageError("--keep-staging is not available in a distributed run; run it in one process")
-    s = dist.set_up(job, lambda: _setup(hf_model, out, opts), lambda s: s.identity, lambda s: s.source.close(),
-                    "another input or plan")
+    s = dist.set_up(job, lambda: _setup(hf_model, out, opts), lambda s: (s.identity, str(out.resolve())),
+                    lambda s: s.source.close(), "another input, output folder or plan")
     plan = s.plan
     status(f"planned {len(plan.targets)} tensors in {len(plan.chunks)} chunks, {fmt_bytes(plan.total_bytes)} "
            f"into {plan.num_files + 1} files" + (f" on {world} processes" if world > 1 else ""), quiet)
@@ -172,6 +172,8 @@ def _open_sink(out: Path, s: _Setup, opts: Options, job, mine: set, quiet: bool)
     rank, world = dist.place(job)
     journal = job.on_rank0(lambda: _prepare(out, s.identity, opts, world)) if job is not None else \
         _prepare(out, s.identity, opts, world)
+    if job is not None:
+        job.same_folder(out, JOB_TOKEN_FILE, "--megatron-path")
     if rank != 0:
         journal = resume.Journal(out, s.identity, resume.journal_name(rank, world))
     view = None

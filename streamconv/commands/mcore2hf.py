@@ -24,15 +24,13 @@ from pathlib import Path
 
 from contextlib import nullcontext
 
-from streamconv import dtypes
 from streamconv.engine import runner
-from streamconv.errors import BadInputError, OutputError, UsageError
+from streamconv.errors import OutputError, UsageError
 from streamconv.files.atomic import fsync_dir, fsync_write
-from streamconv.formats.names import (EXPORT_MARKER, INDEX_FILE, MODEL_PREFIXES, TOKENIZER_DIR,
-                                      TOKENIZER_FILES, is_extra_state)
-from streamconv.inputs import check_budget, check_fits, chunk_bytes_for, model_config, parse_dtype, \
-    resolve_checkpoint
-from streamconv.models import rules
+from streamconv.formats.names import (EXPORT_JOB_TOKEN_FILE, EXPORT_MARKER, INDEX_FILE, TOKENIZER_DIR,
+                                      TOKENIZER_FILES)
+from streamconv.inputs import check_budget, check_checkpoint, check_fits, chunk_bytes_for, model_config, \
+    parse_dtype, resolve_checkpoint, vocab_padding
 from streamconv.models.config import spec_from_config
 from streamconv.models.spec import ModelSpec
 from streamconv.plan.build import DEFAULT_SHARD_BYTES, Plan, export_plan
@@ -42,9 +40,6 @@ from streamconv.sinks.safetensors import SafetensorsSink, shard_complete, shard_
 from streamconv.sources.torch_dist import TorchDistSource
 
 MARKER = EXPORT_MARKER
-# Tensors a (padded) vocabulary may make longer than the config's vocab_size: the extra rows are dropped.
-VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
-DEFAULT_VOCAB_DIVISOR = 128  # Megatron-LM's --make-vocab-size-divisible-by
 
 
 @dataclass
@@ -58,61 +53,6 @@ class Options:
     overwrite: bool = False
     quiet: bool = False
     strict: bool = True  # False (--not-strict): model tensors outside the mapping are left out, not refused
-
-
-def vocab_padding(ckpt: Path, source: TorchDistSource) -> int:
-    """What Megatron padded the vocabulary to a multiple of: ``make_vocab_size_divisible_by`` x
-    ``tensor_model_parallel_size`` of the training args in the checkpoint's common state, else 128 (its
-    default divisor, one rank)."""
-    from streamconv.formats import megatron_args
-
-    try:
-        args = (megatron_args.common_state(ckpt, source) or {}).get("args")
-    except BadInputError:
-        args = None
-    divisor, tp = (getattr(args, name, None) for name in ("make_vocab_size_divisible_by", "tensor_model_parallel_size"))
-    if isinstance(divisor, int) and isinstance(tp, int) and 0 < divisor <= 1 << 16 and 0 < tp <= 1 << 16:
-        return divisor * tp
-    return DEFAULT_VOCAB_DIVISOR
-
-
-def check_checkpoint(spec: ModelSpec, source: TorchDistSource, strict: bool = True,
-                     pad_multiple: int = 128) -> list[str]:
-    """Every megatron tensor the spec implies is there with its shape; no model tensor is left over. The
-    vocabulary tensors may be longer only by Megatron's padding: to the next multiple of ``pad_multiple``."""
-    expected: dict[str, tuple[int, ...]] = {}
-    for b in rules.bindings(spec):
-        expected[b.key] = b.global_shape
-    where = source.folder
-    hint = "check that --hf-config (or the checkpoint's run_config.yaml) describes this checkpoint"
-    missing = [k for k in expected if k not in source.tensors]
-    if missing:
-        raise BadInputError(f"{where}: tensor {missing[0]!r} is needed for {spec.architecture} with this config but "
-                            f"is not in the checkpoint ({len(missing)} missing); {hint}")
-    for key, shape in expected.items():
-        meta = source.tensors[key]
-        got = meta.shape
-        padded = key in VOCAB_KEYS and got[1:] == shape[1:] and got[0] == -(-shape[0] // pad_multiple) * pad_multiple
-        if got != shape and key in VOCAB_KEYS and got[1:] == shape[1:] and got[0] > shape[0] and not padded:
-            raise BadInputError(f"{where}: tensor {key!r} has {got[0]} rows but the config's vocabulary is {shape[0]}: "
-                                f"more than Megatron's padding to a multiple of {pad_multiple} "
-                                f"({-(-shape[0] // pad_multiple) * pad_multiple} rows); cutting it would drop real "
-                                f"tokens; {hint}")
-        if got != shape and not padded:
-            raise BadInputError(f"{where}: tensor {key!r} has shape {list(got)} but the config implies "
-                                f"{list(shape)}; {hint}")
-        if str(meta.dtype).removeprefix("torch.") not in dtypes.BY_NAME or not dtypes.of(meta.dtype).safetensors:
-            raise BadInputError(f"{where}: tensor {key!r} is {meta.dtype}, which safetensors cannot store")
-    unused = sorted(k for k in source.tensors if k not in expected and k.startswith(MODEL_PREFIXES)
-                    and not is_extra_state(k))
-    if unused and not strict:  # --not-strict: exported without them, and said in the summary
-        return unused
-    if unused:
-        tied = " (the config ties the embeddings but the checkpoint has an output layer)" \
-            if unused[0] == "output_layer.weight" else ""
-        raise BadInputError(f"{where}: {len(unused)} model tensor(s) are not in the {spec.architecture} mapping of "
-                            f"this config, first {unused[0]!r}{tied}; {hint} (or --not-strict to leave them out)")
-    return []
 
 
 def write_config(out: Path, cfg: dict, verbatim: bytes | None, plan: Plan, dtype_given: bool) -> None:
@@ -187,8 +127,8 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
     rank, world = dist.place(job)
     quiet = opts.quiet or rank != 0
     check_budget(opts.max_memory, quiet=quiet)
-    e = dist.set_up(job, lambda: _setup(megatron_path, out, opts), lambda e: e.identity, lambda e: e.source.close(),
-                    "another checkpoint or plan")
+    e = dist.set_up(job, lambda: _setup(megatron_path, out, opts), lambda e: (e.identity, str(out.resolve())),
+                    lambda e: e.source.close(), "another checkpoint, output folder or plan")
     parts = dist.split(e.plan.file_bytes(), world)
     note = dist.idle_note(parts, "shard", "--max-shard-size", e.plan.total_bytes)
     if note:
@@ -199,6 +139,7 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
                 resume.ready_export(out, e.identity, opts.overwrite)
             else:
                 job.on_rank0(lambda: resume.ready_export(out, e.identity, opts.overwrite))
+                job.same_folder(out, EXPORT_JOB_TOKEN_FILE, "--hf-path")
             t0 = time.perf_counter()  # the export's own work: resume checks, engine, index (the job's, on rank 0)
             figures = _convert(out, e, opts, job, parts[rank], quiet, t0)
             copied = _finish(out, e) if job is None else job.on_rank0(lambda: _finish(out, e))
@@ -244,5 +185,6 @@ def _finish(out: Path, e: _Export) -> list[str]:
     names = copy_side_files(out, side + [e.ckpt / TOKENIZER_DIR])
     write_index(out, e.plan)  # last: with it a sharded folder is complete
     (out / MARKER).unlink(missing_ok=True)
+    (out / EXPORT_JOB_TOKEN_FILE).unlink(missing_ok=True)
     fsync_dir(out)
     return names

@@ -60,6 +60,8 @@ JOURNAL_FILE = "journal.jsonl"
 WORLD_FILE = "world"
 ZARR_VIEW = "staging.zarr"  # the --keep-staging view (sinks/zarr_view.py), in STATE_DIR
 LOCK_FILE = ".streamconv.lock"
+JOB_TOKEN_FILE = ".streamconv/job"  # in an output: rank 0's token under torchrun, read back by every rank
+EXPORT_JOB_TOKEN_FILE = ".streamconv-mcore2hf.job"  # the same in an export's folder (removed at its end)
 EXPORT_MARKER = ".streamconv-mcore2hf.json"  # an unfinished mcore2hf output
 
 

@@ -29,6 +29,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 from contextlib import contextmanager
 
 from streamconv.runtime import interrupt
@@ -245,6 +246,36 @@ class Job:
             raise UsageError(f"rank {other} sees {what} than rank 0 (the same files on a shared file system, the same "
                              "streamconv and the same options on every rank are needed)")
         return got[0]
+
+    def same_folder(self, folder: Path, token_file: str, flag: str) -> None:
+        """Every rank writes into the folder rank 0 prepared: rank 0 writes a token of its own there (after
+        preparing it), every rank reads it back, and a rank whose ``folder`` is another one (another path, a
+        relative path on another working directory, a node-local folder of the same name) stops the job in
+        one line, before anything is written."""
+        import secrets
+
+        from streamconv.files.atomic import fsync_write
+
+        path = Path(folder) / token_file
+
+        def write() -> str:
+            token = secrets.token_hex(16)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fsync_write(path, token.encode())
+            return token
+
+        token = self.on_rank0(write)
+
+        def check() -> None:
+            try:
+                seen = path.read_text()
+            except OSError:
+                seen = None
+            if seen != token:
+                raise UsageError(f"{folder}: not the folder rank 0 prepared ({flag} must name one folder on a file "
+                                 "system every rank sees, with the same path on every node)")
+
+        self.agree(check)
 
     def on_rank0(self, fn):
         """Run ``fn()`` on rank 0 only and hand its result (or its error) to every rank."""

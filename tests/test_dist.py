@@ -389,3 +389,24 @@ def test_ranks_given_different_output_folders_refuse_before_writing(llama, tmp_p
         assert len(mine) == 1 and "output folder" in mine[0], err
     for d in dirs:
         assert not (d / "out" / ITER / ".metadata").exists() and not list((d / "out").rglob("*.distcp"))
+
+
+def test_a_job_refused_the_output_lock_says_so_on_every_rank(llama, tmp_path):
+    """Another streamconv holds the folder: rank 0 is refused the lock, and rank 1 reports rank 0's line, not
+    a rank that "ended unexpectedly"."""
+    import fcntl
+
+    src, _ = llama
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out / ".streamconv.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    os.pwrite(fd, b"4242\n", 0)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        rc, _, err = run_torchrun(2, *hf2mcore_args(src, out, "--quiet"))
+    finally:
+        os.close(fd)
+    mine = streamconv_lines(err)
+    assert rc != 0 and any("rank 0:" in line and "pid 4242" in line for line in mine), err
+    assert any(line.startswith("error: rank 1: stopped: rank 0 failed:") and "pid 4242" in line for line in mine), err
+    assert not any("ended unexpectedly" in line for line in mine), err

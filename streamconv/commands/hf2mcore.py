@@ -144,7 +144,7 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
     if note:
         status(note, quiet)
     try:
-        with outdir.OutputLock(out) if rank == 0 else nullcontext():  # one writer: from the identity check to the tracker
+        with outdir.job_lock(out, job):  # one writer: from the identity check to the tracker
             t0 = time.perf_counter()  # the conversion's own work: resume checks, engine, commit
             sink = _open_sink(out, s, opts, job, parts[rank], quiet)
             try:

@@ -134,7 +134,7 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
     if note:
         status(note, quiet)
     try:
-        with outdir.OutputLock(out) if rank == 0 else nullcontext():
+        with outdir.job_lock(out, job):
             if job is None:
                 resume.ready_export(out, e.identity, opts.overwrite)
             else:

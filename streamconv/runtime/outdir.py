@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -96,6 +97,23 @@ class OutputLock:
                 pass
             os.close(self.fd)
             self.fd = None
+
+
+@contextlib.contextmanager
+def job_lock(out: Path, job):
+    """``OutputLock`` for a run alone or for a distributed job (``dist.Job``): rank 0 takes it, and a refusal
+    reaches every rank as rank 0's own line (not as a rank that "ended unexpectedly")."""
+    if job is None:
+        with OutputLock(out):
+            yield
+        return
+    lock = OutputLock(out) if job.rank == 0 else None
+    job.on_rank0((lambda: lock.__enter__() and None) if lock is not None else None)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
 
 
 def clear(out: Path, markers) -> None:

@@ -107,11 +107,12 @@ def check_budget(max_memory: int, quiet: bool = False) -> None:
                          f"--max-memory {fmt_bytes(8 * SMALL_CHUNK_BYTES)} or more avoids it\n")
 
 
-def check_fits(plan: Plan, source, max_memory: int) -> None:
-    """The budget holds the plan's largest chunk."""
+def check_fits(plan: Plan, source, max_memory: int) -> int:
+    """The budget holds the plan's largest chunk; returns what that chunk needs (``runner.min_memory``)."""
     need = runner.min_memory(plan, source)
     if need > max_memory:
         raise UsageError(f"--max-memory {fmt_bytes(max_memory)} is below the {fmt_bytes(need)} one chunk needs")
+    return need
 
 
 def source_dtypes(source) -> dict:

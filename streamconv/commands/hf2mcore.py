@@ -99,7 +99,7 @@ def _setup(hf_model: str, out: Path, opts: Options) -> _Setup:
         plan = import_plan_for(source, spec, dtype, chunk_bytes_for(opts.max_memory), opts.allow_unused,
                                opts.file_bytes)
         check_fits(plan, source, opts.max_memory)
-        identity = resume.make_identity(folder, {i.path for i in source.tensors.values()}, plan,
+        identity = resume.make_identity(folder, source.files(), plan,
                                         dtype=str(dtype).removeprefix("torch.") if dtype else None,
                                         file_bytes=opts.file_bytes,
                                         staging=opts.chunk_journal)

@@ -39,7 +39,6 @@ from streamconv.runtime.progress import make_progress, status
 from streamconv.sinks.safetensors import SafetensorsSink, shard_complete, shard_entries, shard_name, write_index
 from streamconv.sources.torch_dist import TorchDistSource
 
-MARKER = EXPORT_MARKER
 
 
 @dataclass
@@ -184,7 +183,7 @@ def _finish(out: Path, e: _Export) -> list[str]:
     side = [e.cfg_folder] if e.cfg_folder is not None else []
     names = copy_side_files(out, side + [e.ckpt / TOKENIZER_DIR])
     write_index(out, e.plan)  # last: with it a sharded folder is complete
-    (out / MARKER).unlink(missing_ok=True)
+    (out / EXPORT_MARKER).unlink(missing_ok=True)
     (out / EXPORT_JOB_TOKEN_FILE).unlink(missing_ok=True)
     fsync_dir(out)
     return names

@@ -14,9 +14,8 @@ from streamconv.runtime.progress import stdout_console
 
 from streamconv import dtypes
 from streamconv.engine import runner
-from streamconv.errors import UsageError
 from streamconv.engine.contracts import Source
-from streamconv.inputs import check_budget, chunk_bytes_for, parse_dtype, resolve_hf_model
+from streamconv.inputs import check_budget, check_fits, chunk_bytes_for, parse_dtype, resolve_hf_model
 from streamconv.models import rules
 from streamconv.models.config import load_config, spec_from_config
 from streamconv.plan.build import describe, import_plan
@@ -101,10 +100,7 @@ def plan_command(args) -> int:
     summary["chunk_bytes"] = plan.chunk_bytes
     summary["max_memory_bytes"] = args.max_memory
     shapes = ShapeSource(spec, src_dtype)
-    summary["min_memory_bytes"] = runner.min_memory(plan, shapes)
-    if summary["min_memory_bytes"] > args.max_memory:  # what hf2mcore refuses, plan refuses too
-        raise UsageError(f"--max-memory {fmt_bytes(args.max_memory)} is below the "
-                         f"{fmt_bytes(summary['min_memory_bytes'])} one chunk needs")
+    summary["min_memory_bytes"] = check_fits(plan, shapes, args.max_memory)  # what hf2mcore refuses, plan does too
     per_layer = layer_rows(plan, shapes)
     by_key: dict[str, int] = {}
     for c in plan.chunks:

@@ -37,7 +37,7 @@ def split(layout: str, fused: torch.Tensor, src_rows: list[int], heads_per_group
 
 
 _FLOAT8_VALUES: dict = {}  # float8 dtype -> its 256 values as float32 (numpy), torch's own conversion
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # a tensor's bits, by element size
 
 
 def _values_of(dtype: torch.dtype) -> np.ndarray:
@@ -51,7 +51,7 @@ def _lookup(table: torch.Tensor, values: torch.Tensor, out: torch.Tensor | None 
     """``table[byte]`` for each float8 element of ``values`` (into ``out`` if given): a 256-entry table
     look-up (torch's float8 conversion is element by element; a look-up runs at memory speed)."""
     codes = values.contiguous().view(torch.uint8).numpy()
-    ints = _INT_VIEW[table.element_size()]
+    ints = INT_VIEW[table.element_size()]
     if out is None:
         return torch.from_numpy(np.take(table.contiguous().view(ints).numpy(), codes, mode="clip")).view(table.dtype)
     np.take(table.contiguous().view(ints).numpy(), codes, out=out.view(ints).numpy(), mode="clip")  # unbuffered

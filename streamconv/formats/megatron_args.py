@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from streamconv.errors import BadInputError
+from streamconv.formats.names import COMMON_FILE, COMMON_STATE_KEY
 
-from streamconv.formats.names import COMMON_FILE, COMMON_STATE_KEY  # noqa: E402
 MAX_PICKLE_BYTES = 64 * 1024**2  # a common state is kilobytes to a few MB
 
 

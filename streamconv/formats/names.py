@@ -65,9 +65,9 @@ EXPORT_JOB_TOKEN_FILE = ".streamconv-mcore2hf.job"  # the same in an export's fo
 EXPORT_MARKER = ".streamconv-mcore2hf.json"  # an unfinished mcore2hf output
 
 
-def distcp_name(file: int, rank: int = 0) -> str:
-    """A ``.distcp`` file's name, as torch DCP's writer names them."""
-    return f"__{rank}_{file}.distcp"
+def distcp_name(file: int) -> str:
+    """A ``.distcp`` file's name, as torch DCP's writer names them (streamconv writes every file as rank 0's)."""
+    return f"__0_{file}.distcp"
 
 
 def is_extra_state(key: str) -> bool:

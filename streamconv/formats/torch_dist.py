@@ -21,7 +21,7 @@ from streamconv import crashpoints, dtypes
 from streamconv.files.checksum import crc32
 from streamconv.errors import output_error
 from streamconv.formats import dcp_pickle, torch_save
-from streamconv.formats.names import COMMON_STATE_KEY, METADATA_FILE, distcp_name
+from streamconv.formats.names import COMMON_FILE, COMMON_STATE_KEY, METADATA_FILE, METADATA_JSON_FILE, distcp_name
 from streamconv.files.atomic import commit, create_temporary, fsync_dir, fsync_write
 
 METADATA_JSON = {
@@ -125,8 +125,8 @@ def build_metadata(targets, chunks_by_key, objects, storage):
 
 def write_common_files(folder: Path) -> None:
     """``common.pt`` and ``metadata.json`` (read by megatron-core before the sharded part)."""
-    fsync_write(folder / "common.pt", torch_save.save_bytes(dict(COMMON_STATE)))
-    fsync_write(folder / "metadata.json", json.dumps(METADATA_JSON).encode())
+    fsync_write(folder / COMMON_FILE, torch_save.save_bytes(dict(COMMON_STATE)))
+    fsync_write(folder / METADATA_JSON_FILE, json.dumps(METADATA_JSON).encode())
 
 
 def write_metadata(folder: Path, metadata) -> None:

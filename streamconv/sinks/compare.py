@@ -18,10 +18,8 @@ import torch
 from streamconv import crashpoints
 from streamconv.engine import direct
 from streamconv.engine.contracts import Placement, PlacingSink, Sink, Stats
+from streamconv.engine.transforms import INT_VIEW
 from streamconv.errors import BadInputError
-
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
 
 @dataclass
 class Report:
@@ -46,7 +44,7 @@ class Report:
 
 def first_difference(actual: torch.Tensor, expected: torch.Tensor) -> tuple[int, tuple[int, ...]] | None:
     """(number of differing elements, index of the first) comparing bits; None if bit-identical."""
-    view = _INT_VIEW[expected.element_size()]
+    view = INT_VIEW[expected.element_size()]
     a = actual.contiguous().view(view).reshape(-1)
     e = expected.contiguous().view(view).reshape(-1)
     if torch.equal(a, e):  # the usual case: no element-wise mask to build

@@ -11,6 +11,7 @@ import torch
 
 from streamconv.dtypes import to_torch
 from streamconv.engine.contracts import Sink
+from streamconv.engine.transforms import INT_VIEW
 from streamconv.plan.build import Chunk
 
 
@@ -43,7 +44,7 @@ class DigestSink(Sink):
         if self.sampled(chunk):
             parts = [self.source.read_rows(r.name, r.row0, r.row1, r.index) for r in chunk.reads]
             ref = torch.cat(parts).to(to_torch(self.plan.targets[chunk.key].dtype)).reshape(chunk.sizes)
-            bits = _INT[ref.element_size()]
+            bits = INT_VIEW[ref.element_size()]
             if ref.shape != tensor.shape or not torch.equal(ref.view(bits), tensor.view(bits)):
                 self.mismatches.append(f"{chunk.key} at {list(chunk.offsets)}")
             self.verified += 1
@@ -53,5 +54,3 @@ class DigestSink(Sink):
     def close(self) -> None:
         pass
 
-
-_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -177,9 +177,10 @@ def _add_hf2mcore(sub) -> None:
                    help="journal whole .distcp files only, not each chunk: a re-run redoes the file a kill "
                         "interrupted (the output is the same)")
     p.add_argument("--recheck", action="store_true",
-                   help="when resuming, first read the source of every chunk kept from the killed run again and "
-                        "compare it with the CRC-32 journaled then (catches a source changed behind the file "
-                        "system's back; costs a read of the kept part)")
+                   help="when resuming, first read back every chunk kept from the killed run (redoing any whose "
+                        "bytes differ from the CRC-32 journaled then), then read its source again and compare "
+                        "(refusing a source changed behind the file system's back); costs a read of the kept "
+                        "part of the output and of the input")
     p.add_argument("--keep-staging", action="store_true",
                    help="also write a zarr v3 view of the model (<megatron-path>/.streamconv/staging.zarr), in "
                         "megatron layout, readable with zarr/xarray/tensorstore (one more write per byte)")

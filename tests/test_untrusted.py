@@ -517,3 +517,132 @@ def test_generate_refuses_a_config_that_does_not_describe_the_stored_tensors(con
                "--max-memory", "100MiB"])
     err = lines(capsys.readouterr().err)
     assert rc == 3 and len(err) == 1 and "embedding.word_embeddings.weight" in err[0], err
+
+
+# --------------------------------------------------------------------- 7. --recheck reads the kept output back
+
+def _killed_half_way(tmp_path):
+    """A conversion SIGKILLed once several files are committed and a ``.partial`` holds journaled chunks;
+    returns the model, the output, the plan's item slots and the journal's records."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from streamconv.inputs import chunk_bytes_for, import_plan_for
+    from streamconv.models.config import load_config, spec_from_config
+    from streamconv.sinks.torch_dist import item_slots
+    from streamconv.sources.safetensors import SafetensorsSource
+
+    model = make_checkpoint(tmp_path / "hf", llama_config(), seed=2, shards=2)
+    out = tmp_path / "out"
+    marker = tmp_path / "paused"
+    proc = subprocess.Popen([sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(model),
+                             "--megatron-path", str(out), *RECHECK_SMALL, "--workers", "1"],
+                            env={**os.environ, "STREAMCONV_TEST_PAUSE": "chunk:9",
+                                 "STREAMCONV_TEST_PAUSE_FILE": str(marker)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not marker.exists():  # the run's own progress decides when
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    source = SafetensorsSource(model)
+    plan = import_plan_for(source, spec_from_config(load_config(model)), None, chunk_bytes_for(64 * 1024),
+                           file_bytes=40 * 1024)
+    source.close()
+    slots, _, _ = item_slots(plan)
+    records = [json.loads(x) for x in (out / ".streamconv" / "journal.jsonl").read_text().splitlines() if x]
+    return model, out, plan, slots, records
+
+
+RECHECK_SMALL = ["--max-memory", "64KiB", "--distcp-size", "40KiB", "--quiet"]
+
+
+def _resume(model, out, *args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(model),
+                           "--megatron-path", str(out), *RECHECK_SMALL, *args], capture_output=True, text=True)
+
+
+def _flip(path: Path, at: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("damage", ["committed", "partial", "forged"])
+def test_recheck_reads_the_kept_output_back_and_redoes_what_differs(tmp_path, damage, capsys):
+    """A byte flipped in a committed ``.distcp``, one in a journaled chunk of a ``.partial``, a chunk record
+    forged for a hole: a plain resume trusts them (exit 0, ``verify`` finds the damage: what docs/resume.md
+    says it trusts); ``--recheck`` reads the kept output back, redoes what differs, and the output is right."""
+    import json
+
+    from streamconv.formats.names import distcp_name
+
+    model, out, plan, slots, records = _killed_half_way(tmp_path)
+    ckpt = out / ITER
+    committed = [r for r in records if r["t"] == "file"]
+    file_of = {c.id: c.file for c in plan.chunks}
+    partial_files = {p.name for p in ckpt.glob("*.partial")}
+    journaled = [(r["key"], tuple(r["offsets"])) for r in records if r["t"] == "chunk"]
+    in_partial = [cid for cid in journaled if distcp_name(file_of[cid]) + ".partial" in partial_files]
+    assert committed and in_partial, records  # the kill left both kinds of kept bytes
+    if damage == "committed":
+        key, offsets, *_ = committed[0]["items"][0]
+        _flip(ckpt / distcp_name(committed[0]["file"]), slots[(key, tuple(offsets))][1] + 3)
+    elif damage == "partial":
+        cid = in_partial[0]
+        _flip(ckpt / (distcp_name(file_of[cid]) + ".partial"), slots[cid][1] + 3)
+    else:  # a record for a chunk whose place is a hole: its CRC is the one of zeros, so only the framing differs
+        from streamconv.files.checksum import crc32
+
+        f = file_of[in_partial[-1]]
+        hole = next(c for c in reversed(plan.chunks) if c.file == f and c.id not in journaled)
+        path = ckpt / (distcp_name(f) + ".partial")
+        item_at, data_at = slots[hole.id]
+        nbytes = hole.nbytes
+        with open(path, "r+b") as fh:  # a hole, whatever an in-flight thread wrote there
+            fh.seek(item_at)
+            fh.write(bytes(data_at - item_at + nbytes + 512))
+        with open(out / ".streamconv" / "journal.jsonl", "a") as fh:
+            fh.write(json.dumps({"t": "chunk", "key": hole.key, "offsets": list(hole.offsets),
+                                 "crc32": crc32(bytes(nbytes))}) + "\n")
+    plain = Path(shutil.copytree(out, tmp_path / "plain", symlinks=True))
+    assert _resume(model, plain).returncode == 0
+    assert main(["verify", "--hf-model", str(model), "--megatron-path", str(plain), "--quiet"]) == 5
+    r = _resume(model, out, "--recheck", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["output_chunks_redone"] >= 1 and summary["output_rechecked_chunks"] >= len(journaled) - 1
+    assert summary["output_rechecked_bytes"] > 0
+    assert main(["verify", "--hf-model", str(model), "--megatron-path", str(out), "--quiet"]) == 0
+    r = _resume(model, out, "--recheck", "--json")  # a finished folder rechecks clean
+    assert r.returncode == 0 and json.loads(r.stdout)["output_chunks_redone"] == 0, r.stderr
+
+
+def test_a_committed_file_whose_record_lies_about_its_items_is_redone(tmp_path):
+    """A ``file`` record whose items are not where the plan lays them (a forged or foreign record) is not
+    trusted even by a plain resume: the file is written again, and ``.metadata`` records the plan's offsets."""
+    import json
+
+    model, out, plan, slots, records = _killed_half_way(tmp_path)
+    journal = out / ".streamconv" / "journal.jsonl"
+    forged = []
+    for r in records:
+        if r["t"] == "file" and not forged:
+            r["items"][0][2] += 8
+            forged.append(r["file"])
+        journal_line = json.dumps(r)
+        r.clear()
+        r["line"] = journal_line
+    assert forged
+    journal.write_text("".join(r["line"] + "\n" for r in records))
+    r = _resume(model, out, "--json")
+    assert r.returncode == 0, r.stderr
+    assert main(["verify", "--hf-model", str(model), "--megatron-path", str(out), "--quiet"]) == 0

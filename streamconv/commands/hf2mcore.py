@@ -241,10 +241,19 @@ def _commit(out: Path, s: _Setup, sink: TorchDistSink, entries: dict, hf_model: 
 
 
 def _recheck(plan: Plan, source, sink, opts: Options, quiet: bool) -> None:
-    """``--recheck``: the kept chunks' sources, compared with the journal before the run goes on (the counts go
-    to the summary with the sink's report)."""
+    """``--recheck``, before the run goes on: the kept output read back and compared with the journal (a chunk
+    that differs is done again), then the kept chunks' sources converted again and compared with the journal
+    (a change is refused). The counts go to the summary with the sink's report."""
     from streamconv.sinks.compare import recheck_kept
 
+    kept = sink.report["files_resumed"] + sink.report["chunks_kept"]
+    if kept:
+        status("rechecking the kept output against the journal", quiet)
+    found = sink.recheck_output(opts.workers)
+    sink.report.update(found)
+    if found["output_chunks_redone"]:
+        status(f"{found['output_chunks_redone']} kept chunks differ from what was journaled (changed on disk since "
+               "they were written): converting them again", quiet)
     expected = sink.kept_crcs()
     if expected:
         status(f"rechecking the source of {len(expected)} kept chunks", quiet)

@@ -11,8 +11,10 @@
   A torn last line (a kill mid-append) is ignored: it only loses a record, and what it described is redone.
 - ``staging.zarr``: with ``--keep-staging``, a Zarr v3 view of the model (``sinks/zarr_view.py``).
 
-A re-run keeps committed ``.distcp`` files (``committed_files``) and, by default, every journaled chunk of a
-``.partial`` file whose bytes still match its CRC-32 (``sinks/torch_dist.py``). A re-run with another
+A re-run keeps committed ``.distcp`` files whose record names the plan's own items (``committed_files``) and,
+by default, every journaled chunk of a ``.partial`` file, without reading either back; ``--recheck`` reads them
+back against their journaled CRC-32 and redoes what differs (``sinks/torch_dist.py``; a ``redo`` record voids
+a chunk's record). What a plain resume trusts is listed in docs/resume.md. A re-run with another
 number of ranks keeps the committed files only (``set_world``: the journals are compacted to their file
 records and the ``.partial`` files removed), since a file's chunks may then be another rank's.
 
@@ -379,18 +381,26 @@ def file_record(file: int, path: Path, entries) -> dict:
             "items": [[k, list(o), off, n] for k, o, off, n in entries]}
 
 
-def committed_files(records, ckpt: Path, by_file: dict) -> dict[int, list]:
+def committed_files(records, ckpt: Path, entries: dict) -> dict[int, list]:
     """The ``.distcp`` files an earlier run committed and that are still there as recorded: {file: items}.
-    ``by_file``: {file: [chunk]} of this run's plan (a file whose items are not those chunks is redone)."""
+    ``entries``: {file: [(key, offsets, offset, length)]} of this run's plan; a file whose recorded items or
+    size are not those (another layout, a forged record) is redone."""
 
     done = {}
     for rec in records:
         if rec.get("t") != "file":
             continue
-        f = rec["file"]
+        f = rec.get("file")
+        if not isinstance(f, int):
+            continue
+        try:
+            items = [(k, tuple(o), off, n) for k, o, off, n in rec["items"]]
+        except (TypeError, ValueError):
+            continue
+        if f not in entries or items != list(entries[f]):
+            continue
         path = Path(ckpt) / distcp_name(f)
-        items = [(k, tuple(o), off, n) for k, o, off, n in rec["items"]]
-        expect = [c.id for c in by_file.get(f, [])]
-        if path.is_file() and path.stat().st_size == rec["size"] and [(k, o) for k, o, *_ in items] == expect:
+        if path.is_file() and not path.is_symlink() and path.stat().st_size == rec["size"] == \
+                entries[f][-1][2] + entries[f][-1][3]:
             done[f] = items
     return done

@@ -90,15 +90,17 @@ class _Open:
 
 def chunks_of_last_open(records, file_of: dict) -> set:
     """The chunks journaled since their file's ``.partial`` was last created (an ``open`` record): the
-    records of an earlier ``.partial`` of the same name, finished or thrown away since, do not count."""
+    records of an earlier ``.partial`` of the same name, finished or thrown away since, do not count, nor
+    does a chunk whose last record is a ``redo``."""
     live: dict[int, set] = {}
     for r in records:
         if r.get("t") == "open":
             live[r["file"]] = set()
-        elif r.get("t") == "chunk":
+        elif r.get("t") in ("chunk", "redo"):  # redo: --recheck found the chunk's kept bytes altered
             cid = (r["key"], tuple(r["offsets"]))
             if cid in file_of:
-                live.setdefault(file_of[cid], set()).add(cid)
+                (live.setdefault(file_of[cid], set()).add if r["t"] == "chunk" else
+                 live.setdefault(file_of[cid], set()).discard)(cid)
     return set().union(*live.values()) if live else set()
 
 
@@ -127,7 +129,7 @@ class TorchDistSink(PlacingSink):
         crashpoints.started()
         records = journal.records()
         self.committed: dict[int, list] = {f: items for f, items in
-                                           resume.committed_files(records, self.ckpt, self.by_file).items()
+                                           resume.committed_files(records, self.ckpt, self.entries).items()
                                            if f in self.mine}  # final names
         self.report["files_resumed"] = len(self.committed)
         keep = {distcp_name(f) + ".partial" for f in self.by_file if f not in self.mine}  # other ranks'
@@ -171,6 +173,83 @@ class TorchDistSink(PlacingSink):
                     self.report["chunks_kept"] += 1
             if self._left[f] == 0:
                 self._commit_file(f)
+
+    def recheck_output(self, workers: int = 1) -> dict:
+        """``--recheck``: read back every item this run keeps (in a committed ``.distcp`` or a ``.partial``) and
+        compare its framing with the plan's and its bytes' CRC-32 with the journal's. A kept chunk that differs
+        (a byte changed on disk, a record forged for a hole, no record at all) is done again: in a ``.partial``,
+        the chunk alone (a ``redo`` record voids its old one first); in a committed file, the whole file
+        (removed, so no later run keeps it). Returns ``{"output_rechecked_chunks", "output_rechecked_bytes",
+        "output_chunks_redone"}``."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        jobs = []
+        for f in sorted(self.mine):
+            if f in self.committed:
+                jobs.append((f, self.ckpt / distcp_name(f), self.by_file[f]))
+            elif f in self._open:
+                jobs.append((f, self._open[f].tmp, [c for c in self.by_file[f] if c.id in self.done]))
+        with ThreadPoolExecutor(max(1, min(workers, len(jobs) or 1)), thread_name_prefix="streamconv-recheck") as pool:
+            found = list(pool.map(lambda job: self._reread(*job), jobs))
+        redone = 0
+        for (f, path, _), (_, bad) in zip(jobs, found):
+            if not bad:
+                continue
+            if f in self.committed:  # the file's items are redone from the start, under a fresh .partial
+                try:
+                    path.unlink()
+                except OSError as e:
+                    raise output_error(path, e) from e
+                del self.committed[f]
+                kept = {c.id for c in self.by_file[f]} & self.done  # committed by this run from its .partial
+                if kept:
+                    self.done -= kept
+                    self.report["chunks_kept"] -= len(kept)
+                else:
+                    self.report["files_resumed"] -= 1
+                self._left[f] = len(self.by_file[f])
+                redone += len(self.by_file[f])
+                continue
+            for c in bad:
+                self.journal.append({"t": "redo", "key": c.key, "offsets": list(c.offsets)})
+                self.done.discard(c.id)
+                self._left[f] += 1
+                self.report["chunks_kept"] -= 1
+                redone += 1
+        self.journal.sync()
+        return {"output_rechecked_chunks": sum(len(chunks) for _, _, chunks in jobs),
+                "output_rechecked_bytes": sum(n for n, _ in found), "output_chunks_redone": redone}
+
+    def _reread(self, f: int, path: Path, chunks) -> tuple[int, list]:
+        """The kept ``chunks`` of file ``f`` at ``path``, read back: (bytes read, the chunks that differ)."""
+        bad, nbytes = [], 0
+        buf = memoryview(bytearray(1 << 20))
+        try:
+            fd = os.open(path, os.O_RDONLY | NOFOLLOW)
+        except OSError as e:
+            raise output_error(path, e) from e
+        try:
+            for c in chunks:
+                frame = frame_for(c.sizes, self.plan.targets[c.key].dtype)
+                item_at, data_at = self.slots[c.id]
+                want = self._journaled.get(c.id)
+                prefix = os.pread(fd, len(frame.prefix), item_at)
+                crc, at, end = 0, data_at, data_at + frame.nbytes
+                while at < end:
+                    got = os.preadv(fd, [buf[:min(len(buf), end - at)]], at)
+                    if got <= 0:
+                        break
+                    crc = crc32(buf[:got], crc)
+                    at += got
+                suffix = os.pread(fd, frame.length - frame.nbytes - len(frame.prefix), end) if at == end else b""
+                nbytes += at - item_at + len(suffix)
+                if want is None or crc != want or prefix != frame.prefix or suffix != frame.suffix(want):
+                    bad.append(c)
+        except OSError as e:
+            raise output_error(path, e) from e
+        finally:
+            os.close(fd)
+        return nbytes, bad
 
     def skip(self, chunk) -> bool:
         return chunk.file in self.committed or chunk.id in self.done

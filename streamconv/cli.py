@@ -279,6 +279,8 @@ def _add_inspect(sub) -> None:
                                        "architecture, from headers and metadata only")
     p.add_argument("path", help="HF folder, .safetensors file, or torch_dist checkpoint (folder with .metadata, "
                                 "an iter_*/release folder, or their parent with the tracker file)")
+    p.add_argument("--max-memory", type=_size, default="2GiB",
+                   help="bound on what reading a torch_dist .metadata may build (default 2GiB; at least 64MiB)")
     _add_common(p)
     p.set_defaults(func=cmd_inspect)
 

@@ -170,9 +170,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
                         "folder with one)")
 
 
-def model_config(ckpt: Path, hf_config: str | None) -> tuple[dict, Path | None, bytes | None, str]:
+def model_config(ckpt: Path, hf_config: str | None, max_memory: int | None = None) -> tuple[dict, Path | None, bytes | None, str]:
     """The HF config dict, the folder it came from (tokenizer files may be there), when given as a file its
-    exact bytes (copied verbatim), and what described the model (for the summary's ``config_from``)."""
+    exact bytes (copied verbatim), and what described the model (for the summary's ``config_from``).
+    ``max_memory``: what reading ``.metadata`` may build (``TorchDistSource``)."""
     if hf_config is not None:
         folder = resolve_hf_model(hf_config, allow_patterns=CONFIG_PATTERNS)
         cfg = load_config(folder)
@@ -188,7 +189,7 @@ def model_config(ckpt: Path, hf_config: str | None) -> tuple[dict, Path | None, 
     from streamconv.formats import megatron_args
     from streamconv.sources.torch_dist import TorchDistSource
 
-    with TorchDistSource(ckpt) as source:  # a Megatron-LM training checkpoint: its args in the common state
+    with TorchDistSource(ckpt, max_memory) as source:  # a Megatron-LM training checkpoint: its args in the common state
         state = megatron_args.common_state(ckpt, source)
     if state is not None and state.get("args") is not None:
         where = ckpt / megatron_args.COMMON_FILE if (ckpt / megatron_args.COMMON_FILE).is_file() else ckpt

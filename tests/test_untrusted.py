@@ -646,3 +646,104 @@ def test_a_committed_file_whose_record_lies_about_its_items_is_redone(tmp_path):
     r = _resume(model, out, "--json")
     assert r.returncode == 0, r.stderr
     assert main(["verify", "--hf-model", str(model), "--megatron-path", str(out), "--quiet"]) == 0
+
+
+# --------------------------------------------------------------------- 15. what .metadata may build is bounded
+
+_MEASURED = ("import os, subprocess, sys\n"
+             "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
+             "err = p.stderr.read()\n"
+             "_, status, usage = os.wait4(p.pid, 0)\n"
+             "sys.stderr.buffer.write(err)\n"
+             "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)\n")
+
+
+def _peak_rss(*args) -> tuple[int, str, int]:
+    """(exit code, stderr, peak resident bytes) of one streamconv process. Started by a small Python process:
+    a child's peak counts its parent's memory before the ``exec`` (``vfork``), and pytest's is large."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _MEASURED, sys.executable, "-m", "streamconv", *map(str, args)],
+                       capture_output=True, text=True)
+    rc, kib = map(int, r.stdout.split())
+    return rc, r.stderr, kib * 1024
+
+
+@pytest.mark.parametrize("bomb", ["objects", "bytes"])
+def test_what_metadata_builds_is_bounded_by_max_memory(converted, tmp_path, bomb):
+    """A ``.metadata`` of 16 MiB of empty dicts builds ~1.1 GB of objects, one 80 MiB string 80 MiB: under
+    --max-memory 64MiB every reader stops at about 64 MiB (one line, exit 3), whatever the file's size."""
+    import struct
+
+    src, out = private_copy(converted, tmp_path)
+    legit = {}
+    for command in ("inspect", "verify", "mcore2hf"):
+        args = {"inspect": [out], "verify": ["--hf-model", src, "--megatron-path", out],
+                "mcore2hf": ["--megatron-path", out, "--hf-path", tmp_path / "hf-ok"]}[command]
+        rc, err, legit[command] = _peak_rss(command, *args, "--max-memory", "64MiB", "--quiet")
+        assert rc == 0, err
+    meta = out / ITER / ".metadata"
+    with open(meta, "wb") as f:
+        if bomb == "objects":
+            f.write(b"\x80\x04](")
+            for _ in range(16):
+                f.write(b"}" * (1 << 20))
+            f.write(b"e.")
+        else:
+            f.write(b"\x80\x04X" + struct.pack("<I", 80 << 20))
+            for _ in range(80):
+                f.write(b"a" * (1 << 20))
+            f.write(b".")
+    for command in ("inspect", "verify", "mcore2hf"):
+        args = {"inspect": [out], "verify": ["--hf-model", src, "--megatron-path", out],
+                "mcore2hf": ["--megatron-path", out, "--hf-path", tmp_path / "hf-bomb"]}[command]
+        rc, err, peak = _peak_rss(command, *args, "--max-memory", "64MiB", "--quiet")
+        assert rc == 3 and len(err.strip().splitlines()) == 1, err
+        assert "reading it would take more than 64.0 MiB of memory" in err and "--max-memory" in err, err
+        assert peak < legit[command] + (64 + 48 << 20), (command, peak, legit[command])
+
+
+# --------------------------------------------------------------------- a file the user may not read
+
+def _without_read_override() -> list[str]:
+    """The command prefix that makes a process unable to read a file its mode denies: none for a plain user;
+    for root, ``setpriv`` dropping the capabilities that bypass file modes (skips where there is none)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: a file's mode cannot deny a read")
+    drop = "-dac_override,-dac_read_search"
+    return [setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}"]
+
+
+def test_a_file_without_read_permission_is_one_line(converted, tmp_path):
+    """A shard, a ``.distcp`` or ``.metadata`` this user may not read: one line naming it and why, exit 3,
+    and no output left behind."""
+    import subprocess
+    import sys
+
+    prefix = _without_read_override()
+    src, out = private_copy(converted, tmp_path)
+    model = Path(shutil.copytree(src, tmp_path / "hf"))
+
+    def run(*args):
+        return subprocess.run([*prefix, sys.executable, "-m", "streamconv", *map(str, args), "--quiet"],
+                              capture_output=True, text=True)
+
+    shard = sorted(model.glob("*.safetensors"))[-1]
+    shard.chmod(0)
+    for r in (run("hf2mcore", "--hf-model", model, "--megatron-path", tmp_path / "new"), run("inspect", model)):
+        assert r.returncode == 3 and lines(r.stderr) == r.stderr.strip().splitlines(), r.stderr
+        assert shard.name in r.stderr and "Permission denied" in r.stderr, r.stderr
+    assert not (tmp_path / "new").exists()
+    item = out / ITER / "__0_0.distcp"
+    item.chmod(0)
+    r = run("mcore2hf", "--megatron-path", out, "--hf-path", tmp_path / "back")
+    assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert item.name in r.stderr and "permissions" in r.stderr and "incomplete" not in r.stderr, r.stderr
+    assert not any((tmp_path / "back").glob("*.safetensors"))
+    (out / ITER / ".metadata").chmod(0)
+    r = run("inspect", out)
+    assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1 and "Permission denied" in r.stderr, r.stderr

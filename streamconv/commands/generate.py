@@ -186,7 +186,7 @@ def _check(args):
 
     ckpt = resolve_checkpoint(args.megatron_path)
     try:
-        cfg = model_config(ckpt, None)[0]
+        cfg = model_config(ckpt, None, args.max_memory)[0]
     except UsageError:
         if args.hf_model is None:
             raise
@@ -200,7 +200,7 @@ def _check(args):
     if tp != world:
         raise UsageError(f"--tp {tp} needs {tp} processes (torchrun --nproc-per-node {tp} -m streamconv generate ...); "
                          f"this run has {world}")
-    with TorchDistSource(ckpt) as source:
+    with TorchDistSource(ckpt, args.max_memory) as source:
         # the model built from the config must be the one stored (megatron-core loads the embedding even when
         # its shape differs), and its size is the model's, not the stored tensors'
         check_checkpoint(spec, source, strict=False, pad_multiple=vocab_padding(ckpt, source))

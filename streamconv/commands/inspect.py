@@ -81,18 +81,18 @@ def dtype_name(dtype) -> str:
 # ------------------------------------------------------------------------------------------ detection
 
 
-def inspect_path(path: str | Path) -> Report:
+def inspect_path(path: str | Path, max_memory: int | None = None) -> Report:
     p = Path(path).expanduser()
     if not p.exists():
         raise BadInputError(f"{p}: not found")
     if p.is_file():
         if p.name == METADATA_FILE:
-            return torch_dist_report(p.parent)
+            return torch_dist_report(p.parent, max_memory)
         if p.name == "config.json":
             return hf_report(p.parent)
         return hf_file_report(p)
     if (p / METADATA_FILE).is_file() or (p / TRACKER_FILE).is_file() or _checkpoint_subfolders(p):
-        return torch_dist_report(_resolve_torch_dist(p))
+        return torch_dist_report(_resolve_torch_dist(p), max_memory)
     if any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file():
         return hf_report(p)
     from streamconv.inputs import refuse_unfinished
@@ -207,10 +207,10 @@ def _spec_facts(spec) -> dict:
 # ------------------------------------------------------------------------------------------ torch_dist
 
 
-def torch_dist_report(folder: Path) -> Report:
+def torch_dist_report(folder: Path, max_memory: int | None = None) -> Report:
     from streamconv.sources.torch_dist import TorchDistSource
 
-    source = TorchDistSource(folder)  # .metadata through the allow-list unpickler, storage validated
+    source = TorchDistSource(folder, max_memory)  # .metadata through the allow-list unpickler, storage validated
     try:
         tensors = []
         for key, meta in source.tensors.items():
@@ -351,7 +351,7 @@ def render(report: Report, console) -> None:
 
 def inspect_command(args) -> int:
     """Exit 0, or 3 (bad input) when the check found what would stop a conversion (the report is printed)."""
-    report = inspect_path(args.path)
+    report = inspect_path(args.path, args.max_memory)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

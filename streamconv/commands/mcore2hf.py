@@ -97,7 +97,7 @@ class _Export(NamedTuple):
 def _setup(megatron_path, out: Path, opts: Options) -> _Export:
     """Checkpoint, config, source and plan: the same on every rank of a distributed run."""
     ckpt = resolve_checkpoint(megatron_path)
-    cfg, cfg_folder, verbatim, config_from = model_config(ckpt, opts.hf_config)
+    cfg, cfg_folder, verbatim, config_from = model_config(ckpt, opts.hf_config, opts.max_memory)
     spec = spec_from_config(cfg)
     out_dtype = parse_dtype(opts.dtype)
     if opts.max_shard_size <= 0:
@@ -105,7 +105,7 @@ def _setup(megatron_path, out: Path, opts: Options) -> _Export:
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")
     outdir.refuse_overlap(out, [ckpt] + ([cfg_folder] if cfg_folder is not None else []), "--hf-path")
-    source = TorchDistSource(ckpt)
+    source = TorchDistSource(ckpt, opts.max_memory)
     try:
         outdir.refuse_overlap(out, source.files(), "--hf-path")  # symlinked files: their targets too
         left_out = check_checkpoint(spec, source, strict=opts.strict, pad_multiple=vocab_padding(ckpt, source))

@@ -102,7 +102,7 @@ def _describe_spec(spec) -> str:
             f"{spec.num_attention_heads} heads, vocabulary {spec.vocab_size}")
 
 
-def check_same_model(spec, ckpt_dir, folder) -> None:
+def check_same_model(spec, ckpt_dir, folder, max_memory: int) -> None:
     """When the checkpoint describes its model (run_config.yaml or training args), it must be the source's:
     one line (exit 5) instead of a mismatch per tensor."""
     import dataclasses
@@ -113,7 +113,7 @@ def check_same_model(spec, ckpt_dir, folder) -> None:
     from streamconv.errors import StreamconvError
 
     try:
-        described = spec_from_config(model_config(ckpt_dir, None)[0])
+        described = spec_from_config(model_config(ckpt_dir, None, max_memory)[0])
     except StreamconvError:  # nothing (readable) describes it, e.g. a plain torch_dist save: tensor by tensor
         return
     if dataclasses.replace(described, torch_dtype=spec.torch_dtype) != spec:
@@ -135,9 +135,9 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = runner.DEFAUL
     cfg = load_config(folder)
     spec = spec_from_config(cfg)
     ckpt_dir = resolve_checkpoint(megatron_path)
-    check_same_model(spec, ckpt_dir, folder)
+    check_same_model(spec, ckpt_dir, folder, max_memory)
     source = SafetensorsSource(folder, cfg)  # a quantized source dequantizes as the conversion did
-    ckpt = TorchDistSource(ckpt_dir)
+    ckpt = TorchDistSource(ckpt_dir, max_memory)
     report = Report(str(ckpt_dir), str(folder))
     try:
         src_dtypes = source_dtypes(source)

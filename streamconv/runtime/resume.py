@@ -42,6 +42,15 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _file_sha256(path: Path) -> str:
+    """A whole file's SHA-256, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _header_sha256(path: Path) -> str:
     """Hash of a safetensors file's length prefix and JSON header (cheap: never the data)."""
     with open(path, "rb") as f:
@@ -189,7 +198,7 @@ def export_identity(ckpt: Path, shards: list[list[tuple]]) -> dict:
     return {
         "format": 1,
         "checkpoint": str(ckpt.resolve()),
-        "metadata": {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(meta.read_bytes())},
+        "metadata": {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _file_sha256(meta)},
         "shards": _sha256(json.dumps(entries).encode()),
     }
 

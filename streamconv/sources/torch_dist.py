@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import errno
 import importlib
 import io
 import math
@@ -39,10 +40,13 @@ import torch
 
 from streamconv import dtypes
 from streamconv.engine.contracts import Source
+from streamconv.engine.runner import DEFAULT_MAX_MEMORY
 from streamconv.errors import BadInputError
 from streamconv.files import pagecache
 from streamconv.files.fileio import OpenFiles, read_exact
 from streamconv.formats.names import METADATA_FILE
+from streamconv.runtime import rss
+from streamconv.units import fmt_bytes
 
 COPY_AGAIN = "the checkpoint is truncated; copy it again"
 COPY_BUFFER_BYTES = 8 * 1024**2  # bound on the temporary buffer used when a chunk is split by columns
@@ -51,6 +55,9 @@ _DCP = "torch.distributed.checkpoint."
 # .metadata larger than this is not a checkpoint we wrote or megatron-core saves (a few MB at 253B)
 MAX_METADATA_BYTES = 1 << 30
 MAX_DIM = 1 << 48  # no tensor dimension comes near it
+# what unpickling .metadata may build, at the least (else --max-memory, default DEFAULT_MAX_MEMORY): Ultra-253B's
+# at the default chunk size is 3.2 MiB and builds 51 MiB of objects
+METADATA_MEMORY_FLOOR = 64 * 1024**2
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     [(_DCP + "metadata", n) for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
                                       "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
@@ -104,29 +111,78 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("persistent ids are not allowed in a torch_dist .metadata")
 
 
-def load_metadata(path: Path | str):
-    """The DCP ``Metadata`` in ``path``, unpickled with the allow-list above."""
+class MetadataTooLarge(Exception):  # not an UnpicklingError: the C unpickler turns those into EOFError
+    pass
+
+
+class _MeteredReader:
+    """``.metadata`` as the unpickler reads it, with what unpickling builds kept under ``allowance`` bytes.
+
+    A pickle's objects can take ~70 times its own size (one ``}`` byte is an empty dict), so the file's cap
+    does not bound them. The C unpickler refills its input through ``peek``, at most 128 KiB at a time (the
+    slice below): at each refill, and before any larger read, this process's growth in resident memory since
+    the start is checked, so the unpickler stops within ~10 MiB of the allowance, whatever the file holds."""
+
+    STEP = 128 * 1024
+
+    def __init__(self, f, allowance: int):
+        self.f = f
+        self.allowance = allowance
+        self.start = rss.current()
+
+    def _check(self, more: int = 0) -> None:
+        grown = rss.current() - self.start + max(more, 0)
+        if grown > self.allowance:
+            raise MetadataTooLarge(grown, self.f.tell())
+
+    def peek(self, n: int = 0) -> bytes:
+        self._check()
+        return self.f.peek(self.STEP)[:self.STEP]
+
+    def read(self, n: int = -1) -> bytes:
+        self._check(n if n and n > self.STEP else 0)
+        return self.f.read(n)
+
+    def readinto(self, b) -> int:
+        self._check(len(b) if len(b) > self.STEP else 0)
+        return self.f.readinto(b)
+
+    def readline(self) -> bytes:
+        self._check()
+        return self.f.readline(self.STEP)
+
+
+def load_metadata(path: Path | str, max_memory: int | None = None):
+    """The DCP ``Metadata`` in ``path``, unpickled with the allow-list above, building at most ``max_memory``
+    (at least ``METADATA_MEMORY_FLOOR``; default ``DEFAULT_MAX_MEMORY``, --max-memory's) of objects."""
     from torch.distributed.checkpoint.metadata import Metadata
 
     path = Path(path)
+    allowance = max(max_memory or DEFAULT_MAX_MEMORY, METADATA_MEMORY_FLOOR)
     try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise BadInputError(f"{path}: not a regular file; a checkpoint's {METADATA_FILE} must be one")
-        size = st.st_size
-        if size > MAX_METADATA_BYTES:
-            raise BadInputError(f"{path}: {size} bytes is too large for a torch_dist .metadata")
-        data = path.read_bytes()
+        with open(path, "rb", buffering=1 << 20) as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise BadInputError(f"{path}: not a regular file; a checkpoint's {METADATA_FILE} must be one")
+            if st.st_size > MAX_METADATA_BYTES:
+                raise BadInputError(f"{path}: {st.st_size} bytes is too large for a torch_dist .metadata")
+            meta = RestrictedUnpickler(_MeteredReader(f, allowance)).load()
     except FileNotFoundError:
         raise BadInputError(f"{path.parent}: no {METADATA_FILE}: not a torch_dist checkpoint, or an incomplete one "
                             "(an interrupted conversion: run it again to finish)") from None
-    except OSError as e:
-        raise BadInputError(f"{path}: cannot read: {e.strerror or e}") from e
-    try:
-        meta = RestrictedUnpickler(io.BytesIO(data)).load()
+    except MetadataTooLarge as e:
+        raise BadInputError(f"{path}: reading it would take more than {fmt_bytes(allowance)} of memory "
+                            f"({fmt_bytes(e.args[0])} after {fmt_bytes(e.args[1])} of its {fmt_bytes(st.st_size)}); "
+                            "not a checkpoint's metadata, or one with very many chunks: then raise --max-memory") \
+            from None
     except pickle.UnpicklingError as e:
         raise BadInputError(f"{path}: refused: {e} (nothing in the file was executed); this file is not a "
                             "torch_dist checkpoint's metadata, or it was tampered with") from None
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read: {e.strerror or e}") from e
+    except MemoryError:
+        raise BadInputError(f"{path}: out of memory while reading it; not a checkpoint's metadata, or one too "
+                            "large for this host") from None
     except Exception as e:  # truncated or garbage pickles raise many types
         raise BadInputError(f"{path}: unreadable torch_dist metadata ({type(e).__name__}: {e})") from None
     if not isinstance(meta, Metadata) or not isinstance(getattr(meta, "state_dict_metadata", None), dict) \
@@ -371,9 +427,9 @@ class TorchDistSource(Source):
 
     reads = "buffer"
 
-    def __init__(self, folder: Path | str):
+    def __init__(self, folder: Path | str, max_memory: int | None = None):
         self.folder = Path(folder)
-        self.metadata = load_metadata(self.folder / METADATA_FILE)
+        self.metadata = load_metadata(self.folder / METADATA_FILE, max_memory)
         try:
             self._parse()
         except (TypeError, AttributeError, ValueError, KeyError) as e:  # allow-listed types, nonsense values
@@ -598,7 +654,9 @@ class TorchDistSource(Source):
         try:
             return os.open(path, os.O_RDONLY)
         except OSError as e:
-            raise BadInputError(f"{path}: cannot read: {e.strerror or e} (the checkpoint is incomplete?)") from e
+            hint = {errno.ENOENT: " (the checkpoint is incomplete?)",
+                    errno.EACCES: " (its permissions do not let this user read it)"}.get(e.errno, "")
+            raise BadInputError(f"{path}: cannot read: {e.strerror or e}{hint}") from e
 
     def _fd(self, rel: str) -> int:
         return self._files.fd(rel)

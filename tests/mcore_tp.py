@@ -1,12 +1,16 @@
-"""Re-save a torch_dist checkpoint with REAL megatron-core at tensor-parallel N (gloo, CPU processes).
+"""Re-save a torch_dist checkpoint with REAL megatron-core at tensor-parallel N x pipeline-parallel P (gloo, CPU
+processes, N x P of them).
 
-Each rank builds the GPTModel with ``tensor_model_parallel_size=N`` (local spec; Llama, or DeciLM through
+Each rank builds its part of the GPTModel with ``tensor_model_parallel_size=N`` and
+``pipeline_model_parallel_size=P`` (its stage's layers; the embedding on the first stage, the output layer on the
+last), in ``dtype`` (local spec; Llama, or DeciLM through
 ``HeterogeneousTransformerConfig`` when the config has ``block_configs``), loads the source checkpoint with
 ``dist_checkpointing.load`` (default strictness) and saves it with ``dist_checkpointing.save``: the output has
 the chunking a real TP=N training save has (row/column splits, SwiGLU gate/up halves per rank,
-``__{rank}_{i}.distcp`` files per rank). Several jobs share one set of processes (spawning is the slow part).
+``__{rank}_{i}.distcp`` files per rank, layers spread over the stages). Several jobs share one set of processes
+(spawning is the slow part).
 
-    resave_tensor_parallel([(hf_config, src_ckpt_dir, dst_dir), ...], tp=2)
+    resave_tensor_parallel([(hf_config, src_ckpt_dir, dst_dir), ...], tp=2, pp=2, dtype="bfloat16")
 """
 
 from __future__ import annotations
@@ -15,13 +19,13 @@ import os
 import tempfile
 
 
-def _worker(rank: int, world: int, init_file: str, jobs: list) -> None:
+def _worker(rank: int, tp: int, pp: int, dtype: str, init_file: str, jobs: list) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
     import torch
 
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=tp * pp)
     import json
 
     import mcore_harness as mh
@@ -31,10 +35,10 @@ def _worker(rank: int, world: int, init_file: str, jobs: list) -> None:
     from megatron.core.transformer.heterogeneous.heterogeneous_config import HeterogeneousTransformerConfig
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    parallel_state.initialize_model_parallel(world, 1)
+    parallel_state.initialize_model_parallel(tp, pp)
     for cfg, src, dst in jobs:
-        kwargs = mh._common_config_kwargs(cfg)
-        kwargs.update(tensor_model_parallel_size=world, perform_initialization=False)
+        kwargs = mh._common_config_kwargs(cfg, tp, getattr(torch, dtype))
+        kwargs.update(pipeline_model_parallel_size=pp, pipeline_dtype=getattr(torch, dtype), perform_initialization=False)
         heads = cfg["num_attention_heads"]
         if cfg.get("block_configs"):
             config = HeterogeneousTransformerConfig(**kwargs, num_query_groups=heads,
@@ -52,8 +56,8 @@ def _worker(rank: int, world: int, init_file: str, jobs: list) -> None:
     torch.distributed.destroy_process_group()
 
 
-def resave_tensor_parallel(jobs: list, tp: int = 2) -> None:
-    """``jobs``: ``[(hf_config, src_ckpt_dir, dst_dir), ...]``."""
+def resave_tensor_parallel(jobs: list, tp: int = 2, pp: int = 1, dtype: str = "float32") -> None:
+    """``jobs``: ``[(hf_config, src_ckpt_dir, dst_dir), ...]``, the sources in ``dtype``."""
     import torch.multiprocessing as mp
 
     fd, init_file = tempfile.mkstemp(prefix="mcore_tp_pg_")
@@ -61,7 +65,7 @@ def resave_tensor_parallel(jobs: list, tp: int = 2) -> None:
     os.unlink(init_file)
     try:
         jobs = [(cfg, str(src), str(dst)) for cfg, src, dst in jobs]
-        mp.spawn(_worker, args=(tp, init_file, jobs), nprocs=tp, join=True)
+        mp.spawn(_worker, args=(tp, pp, dtype, init_file, jobs), nprocs=tp * pp, join=True)
     finally:
         if os.path.exists(init_file):
             os.unlink(init_file)

@@ -11,7 +11,8 @@ import pickle
 import signal
 import subprocess
 import sys
-import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,12 +198,40 @@ def test_exported_llama_loads_in_transformers_with_identical_logits(tmp_path):
 # ---------------------------------------------------------------------------------------------- real TP=2 save
 
 
+def assert_reads_as_dcp_loads(folder: Path) -> None:
+    """Any rows of any tensor of ``folder`` read back as torch DCP's own loader sees them, through ``read_rows``
+    and as the file ranges the engine's direct path copies (``spans``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+
+    from streamconv.plan.build import Read
+
+    meta = FileSystemReader(str(folder)).read_metadata()
+    state = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
+             for k, v in meta.state_dict_metadata.items() if hasattr(v, "size") and not k.startswith("optimizer.")}
+    dcp_load(state, storage_reader=FileSystemReader(str(folder)), no_dist=True)
+    with TorchDistSource(folder) as reader:
+        assert reader.use_extents(state)
+        for key, full in state.items():
+            stacked = key.startswith("decoder.layers.") and not key.split(".")[2].isdigit()
+            for index in ([(i,) for i in range(full.shape[0])] if stacked else [()]):
+                part = full[index] if index else full
+                rows = part.shape[0]
+                for r0, r1 in ((0, rows), (1, rows - 1), (rows // 3, rows // 3 + 1)):
+                    assert torch.equal(reader.read_rows(key, r0, r1, index), part[r0:r1]), (key, index, r0, r1)
+                    data = bytearray()
+                    for path, off, n in reader.spans(Read(key, r0, r1, index)):
+                        with open(path, "rb") as f:
+                            f.seek(off)
+                            data += f.read(n)
+                    assert bytes(data) == part[r0:r1].contiguous().view(torch.uint8).numpy().tobytes(), \
+                        (key, index, r0, r1)
+
+
 def test_real_megatron_tp2_saves_export_the_same_tensors(tmp_path, capsys):
     """Llama (stacked keys) and DeciLM with every block variant (per-layer keys), each re-saved by real
     megatron-core at TP=2, export to the same HF tensors as their TP=1 checkpoints."""
     mcore_tp = pytest.importorskip("mcore_tp")
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint import load as dcp_load
 
     cfg = llama_config(hidden=64, layers=2, heads=8, kv_heads=2, ffn=160, vocab=256)
     src = make_checkpoint(tmp_path / "hf", cfg, seed=4, shards=2)
@@ -227,23 +256,11 @@ def test_real_megatron_tp2_saves_export_the_same_tensors(tmp_path, capsys):
     with TorchDistSource(htp2) as reader:
         assert len(reader.tensors["decoder.layers.0.mlp.linear_fc1.weight"].chunks) == 4
         assert len(reader.tensors["decoder.layers.2.self_attention.weight"].chunks) == 2  # a linear replacement
-    # any region reads back as torch DCP's own loader sees it
     for folder in (tp2, htp2):
-        meta = FileSystemReader(str(folder)).read_metadata()
-        state = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
-                 for k, v in meta.state_dict_metadata.items() if hasattr(v, "size")}
-        dcp_load(state, storage_reader=FileSystemReader(str(folder)), no_dist=True)
-        with TorchDistSource(folder) as reader:
-            for key, full in state.items():
-                stacked = key.startswith("decoder.layers.") and not key.split(".")[2].isdigit()
-                for index in ([(i,) for i in range(full.shape[0])] if stacked else [()]):
-                    part = full[index] if index else full
-                    rows = part.shape[0]
-                    for r0, r1 in ((0, rows), (1, rows - 1), (rows // 3, rows // 3 + 1)):
-                        assert torch.equal(reader.read_rows(key, r0, r1, index), part[r0:r1]), (key, index, r0, r1)
+        assert_reads_as_dcp_loads(folder)
 
     mcore2hf(tmp_path / "tp1", tmp_path / "out1", "--hf-config", src)
-    mcore2hf(tp2, tmp_path / "out2", "--hf-config", src, "--max-memory", "24KiB")
+    assert mcore2hf(tp2, tmp_path / "out2", "--hf-config", src, "--max-memory", "24KiB")["engine_path"] == "direct"
     assert_bit_exact(load_folder(tmp_path / "out1"), load_folder(tmp_path / "out2"))
     assert_bit_exact(load_folder(src), load_folder(tmp_path / "out2"))
     mcore2hf(htp2, tmp_path / "decilm_out2", "--hf-config", hsrc, "--max-memory", "24KiB")
@@ -260,6 +277,49 @@ def test_real_megatron_tp2_saves_export_the_same_tensors(tmp_path, capsys):
         report = json.loads(capsys.readouterr().out)
         assert report["convertible"] is not False  # None: no run_config.yaml to judge by
         assert report["totals"]["files"] == len(list(folder.glob("__*_*.distcp")))
+
+
+@pytest.mark.parametrize("tp,pp,dtype", [(2, 2, "float32"), (4, 1, "bfloat16")])
+def test_real_megatron_training_layouts_export_exactly(tmp_path, tp, pp, dtype):
+    """What training leaves: real megatron-core saves at TP=2 x PP=2 (layers on two stages, the embedding on the
+    first, the output layer on the last, four ranks' files) and TP=4 in bf16 export on the direct path, bit for
+    bit the source's tensors, and the export's logits (transformers) equal megatron-core's own read-back of the
+    same checkpoint."""
+    from transformers import LlamaForCausalLM
+
+    import mcore_harness as mh
+
+    mcore_tp = pytest.importorskip("mcore_tp")
+    cfg = {**llama_config(hidden=64, layers=2, heads=8, kv_heads=4, ffn=160, vocab=256), "torch_dtype": dtype}
+    src = make_checkpoint(tmp_path / "hf", cfg, seed=11, dtype=getattr(torch, dtype), shards=2)
+    hf2mcore(src, tmp_path / "tp1")
+    saved = tmp_path / "saved"
+    mcore_tp.resave_tensor_parallel([(cfg, tmp_path / "tp1" / "iter_0000000", saved)], tp=tp, pp=pp, dtype=dtype)
+    assert {p.name.split("_")[2] for p in saved.glob("__*_*.distcp")} == {str(r) for r in range(tp * pp)}
+    with TorchDistSource(saved) as reader:
+        qkv = reader.tensors["decoder.layers.self_attention.linear_qkv.weight"]
+        assert {c.file.split("_")[2] for c in qkv.chunks} == {str(r) for r in range(tp * pp)}  # every rank's
+        assert len(qkv.chunks) == 2 * tp  # layers x tensor-parallel ranks
+        norm = reader.dtype_of("decoder.final_layernorm.weight")  # megatron-core keeps norms in float32
+    assert_reads_as_dcp_loads(saved)
+
+    summary = mcore2hf(saved, tmp_path / "out", "--hf-config", src, "--max-memory", "24KiB")
+    assert summary["engine_path"] == "direct"
+    got, want = load_folder(tmp_path / "out"), load_folder(src)
+    assert got["model.norm.weight"].dtype == norm and sorted(got) == sorted(want)
+    assert all(torch.equal(got[k].to(want[k].dtype), want[k]) for k in want)  # as stored, values unchanged
+    cast = mcore2hf(saved, tmp_path / "cast", "--hf-config", src, "--max-memory", "24KiB", "--dtype", dtype)
+    assert cast["engine_path"] == "direct"
+    assert_bit_exact(want, load_folder(tmp_path / "cast"))
+
+    if dtype == "float32":  # megatron-core's forward on the CPU: float32
+        model = mh.build_gpt(cfg)
+        mh.load_checkpoint(model, saved, check_extra=False)
+        tokens = torch.randint(0, cfg["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = mh.logits(model, tokens)
+            got = LlamaForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()(tokens).logits
+        assert (got - ref).abs().max() < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- safety, errors
@@ -348,32 +408,32 @@ def test_checkpoint_folder_forms(tmp_path):
         resolve_checkpoint(tmp_path / "b")
 
 
-KILL_AFTER = textwrap.dedent("""
-    import os, signal, sys
-    from streamconv.sinks import safetensors
-    from streamconv.cli import main
-    write, n = safetensors.SafetensorsSink.write, [0]
-    def killing_write(self, chunk, tensor):
-        if n[0] == int(sys.argv[1]):
-            os.kill(os.getpid(), signal.SIGKILL)
-        n[0] += 1
-        write(self, chunk, tensor)
-    safetensors.SafetensorsSink.write = killing_write
-    sys.exit(main(sys.argv[2:]))
-""")
+def killed_at_chunk(n: int, args: list[str], marker: Path) -> None:
+    """Run ``streamconv <args>`` until its ``n``-th chunk is journaled (``crashpoints.pause``), then SIGKILL it."""
+    proc = subprocess.Popen([sys.executable, "-m", "streamconv", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "STREAMCONV_TEST_PAUSE": f"chunk:{n}", "STREAMCONV_TEST_PAUSE_FILE": str(marker)})
+    while not marker.exists():  # the run's own progress decides when, not a timer
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
 
 
 def test_killed_export_resumes_to_identical_output(tmp_path, capsys):
+    """Killed after its 25th chunk: the re-run keeps the complete shards and every journaled chunk of the
+    ``.partial`` one (exactly the 25 chunks, none read again) and ends byte for byte as a run never killed."""
     cfg = llama_config(**LLAMA)
     src = make_checkpoint(tmp_path / "hf", cfg, seed=9, dtype=torch.bfloat16, shards=2)
     hf2mcore(src, tmp_path / "mcore")
     args = ["mcore2hf", "--megatron-path", str(tmp_path / "mcore"), "--max-shard-size", "40KB",
             "--max-memory", "16KiB", "--quiet"]
-    mcore2hf(tmp_path / "mcore", tmp_path / "clean", *args[3:-1])
+    clean = mcore2hf(tmp_path / "mcore", tmp_path / "clean", *args[3:-1])
+    assert clean["engine_path"] == "direct" and clean["chunks"] > 40
 
     out = tmp_path / "out"
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER, "25", *args, "--hf-path", str(out)])
-    assert killed.returncode == -signal.SIGKILL
+    killed_at_chunk(25, [*args, "--hf-path", str(out)], tmp_path / "paused")
     assert (out / MARKER).is_file() and not (out / "model.safetensors.index.json").exists()
     finished = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert finished and list(out.glob("*.partial"))
@@ -383,6 +443,8 @@ def test_killed_export_resumes_to_identical_output(tmp_path, capsys):
     assert rc == 4 and "unfinished export" in err, err
     summary = mcore2hf(tmp_path / "mcore", out, *args[3:-1])
     assert summary["shards_skipped"] == len(finished)
+    assert summary["chunks_resumed"] == 25 and summary["chunks"] == clean["chunks"] - 25
+    assert 1 <= summary["chunks_kept"] <= 25  # in the .partial shard; the rest of the 25 are in complete shards
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "clean").iterdir())
     for p in (tmp_path / "clean").iterdir():
         assert (out / p.name).read_bytes() == p.read_bytes(), p.name

@@ -111,7 +111,7 @@ def finish_and_check(src, out, ref, capsys, *extra) -> dict:
 def chunks_kept(out: Path, plan, staged: bool) -> set:
     """The chunks a re-run on ``out`` keeps: those of committed files and, staged, those journaled since
     their ``.partial`` was created."""
-    from streamconv.sinks.torch_dist import chunks_of_last_open
+    from streamconv.runtime.resume import chunks_of_last_open
 
     journal = out / ".streamconv" / "journal.jsonl"
     if not journal.exists():

@@ -9,14 +9,20 @@ hub id) or else by the checkpoint's own ``run_config.yaml`` (Megatron-Bridge). O
     <hf-path>/config.json, tokenizer and generation files (when a source for them is known)
     <hf-path>/model.safetensors.index.json       written last (several shards)
 
-Resume: ``<hf-path>/.streamconv-mcore2hf.json`` records what the export is made of; re-running the same
-command keeps the shards already complete (a shard exists under its final name only when complete) and
-writes the rest. The marker is removed when the export is finished.
+The engine's direct path copies each tensor's bytes from their ranges in the ``.distcp`` items straight to
+their place in the shards (``sinks/safetensors.py`` lays every shard out from the plan), without torch when
+no ``--dtype`` cast is asked; a checkpoint with items of another layout goes through the buffered path.
+
+Resume: ``<hf-path>/.streamconv-mcore2hf.json`` records what the export is made of, ``<hf-path>/.streamconv``
+journals each chunk placed; re-running the same command keeps the shards already complete (a shard exists under
+its final name only when complete) and every journaled chunk of the others, and writes the rest. Both are
+removed when the export is finished.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -27,7 +33,7 @@ from contextlib import nullcontext
 from streamconv.engine import runner
 from streamconv.errors import OutputError, UsageError
 from streamconv.files.atomic import fsync_dir, fsync_write
-from streamconv.formats.names import (EXPORT_JOB_TOKEN_FILE, EXPORT_MARKER, INDEX_FILE, TOKENIZER_DIR,
+from streamconv.formats.names import (EXPORT_JOB_TOKEN_FILE, EXPORT_MARKER, INDEX_FILE, STATE_DIR, TOKENIZER_DIR,
                                       TOKENIZER_FILES)
 from streamconv.inputs import check_budget, check_checkpoint, check_fits, chunk_bytes_for, model_config, \
     parse_dtype, resolve_checkpoint, vocab_padding
@@ -36,7 +42,7 @@ from streamconv.models.spec import ModelSpec
 from streamconv.plan.build import DEFAULT_SHARD_BYTES, Plan, export_plan
 from streamconv.runtime import dist, outdir, report, resume, rss
 from streamconv.runtime.progress import make_progress, status
-from streamconv.sinks.safetensors import SafetensorsSink, shard_complete, shard_entries, shard_name, write_index
+from streamconv.sinks.safetensors import SafetensorsSink, shard_entries, write_index
 from streamconv.sources.torch_dist import TorchDistSource
 
 
@@ -146,7 +152,7 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
     finally:
         e.source.close()
     return report.summarize(
-        "mcore2hf", figures, seconds, processes=world if job is not None else None, summed=("shards_skipped",),
+        "mcore2hf", figures, seconds, processes=world if job is not None else None, summed=("shards_skipped", "chunks_kept"),
         input=str(e.ckpt), config_from=e.config_from, output=str(out), architecture=e.spec.architecture,
         layers=e.spec.num_layers, tensors=len(e.plan.targets), shards=e.plan.num_files,
         index=INDEX_FILE if e.plan.num_files > 1 else None,
@@ -154,23 +160,48 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
         copied=copied, max_memory_bytes=opts.max_memory, workers=opts.workers, device=opts.device)
 
 
-def _convert(out: Path, e: _Export, opts: Options, job, mine: set, quiet: bool, t0: float) -> list[dict]:
-    """This rank's shards through the engine (complete ones kept); every rank's figures."""
+def _journal(out: Path, e: _Export, job) -> resume.Journal:
+    """This rank's journal in ``<hf-path>/.streamconv``: rank 0's first (it compacts the journals of a run with
+    another number of ranks, whose ``.partial`` shards may be another rank's and are redone, and starts the
+    state folder), then the other ranks'."""
     rank, world = dist.place(job)
-    entries = shard_entries(e.plan)
-    done = {i for i in mine if shard_complete(out / shard_name(i, e.plan.num_files), entries[i])}
-    sink = SafetensorsSink(out, e.plan, skip=done)
+
+    def first() -> resume.Journal:
+        resume.set_world(out, out, world)
+        return resume.Journal(out, e.identity, resume.journal_name(0, world))
+
+    if job is None:
+        return first()
+    mine: list = []
+    job.on_rank0(lambda: mine.append(first()))
+    return mine[0] if rank == 0 else resume.Journal(out, e.identity, resume.journal_name(rank, world))
+
+
+def _convert(out: Path, e: _Export, opts: Options, job, mine: set, quiet: bool, t0: float) -> list[dict]:
+    """This rank's shards through the engine (complete shards and journaled chunks kept); every rank's figures."""
+    rank, world = dist.place(job)
+    part = e.plan.part(mine)
+    e.source.use_extents({r.name for c in part.chunks for r in c.reads})  # plain items: read as file ranges
+    journal = _journal(out, e, job)
+    try:
+        sink = SafetensorsSink(out, e.plan, journal, files=mine)
+    except BaseException:
+        journal.close()
+        raise
+    if sink.report["shards_skipped"] or sink.report["chunks_kept"]:
+        status(f"resuming: {sink.report['shards_skipped']} shards and {sink.report['chunks_kept']} more chunks "
+               "kept from the last run", quiet)
     cpu0 = rss.cpu_seconds()
     progress = make_progress(quiet, "mcore2hf", e.plan.total_bytes, len(e.plan.chunks), opts.max_memory)
     rss.reset_peak()  # the export's own peak, apart from start-up
     try:
         with progress, job.heartbeat(dist.job_progress(progress, world)) if job else nullcontext() as hb:
-            stats = runner.run(e.plan.part(mine), e.source, sink, max_memory=opts.max_memory, workers=opts.workers,
+            stats = runner.run(part, e.source, sink, max_memory=opts.max_memory, workers=opts.workers,
                                device=opts.device, progress=dist.Counting(progress, hb) if hb else progress,
-                               skip=lambda c: c.file in done)
+                               skip=sink.skip)
             sink.close()
             figures = report.rank_figures(rank, stats, time.perf_counter() - t0, rss.cpu_seconds() - cpu0,
-                                          shards=sorted(mine), shards_skipped=len(done))
+                                          shards=sorted(mine), **sink.report)
             return hb.finish(figures) if hb is not None else [figures]
     except BaseException:
         sink.abort()
@@ -183,6 +214,7 @@ def _finish(out: Path, e: _Export) -> list[str]:
     side = [e.cfg_folder] if e.cfg_folder is not None else []
     names = copy_side_files(out, side + [e.ckpt / TOKENIZER_DIR])
     write_index(out, e.plan)  # last: with it a sharded folder is complete
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)  # the journal (the marker last: until then a re-run resumes)
     (out / EXPORT_MARKER).unlink(missing_ok=True)
     (out / EXPORT_JOB_TOKEN_FILE).unlink(missing_ok=True)
     fsync_dir(out)

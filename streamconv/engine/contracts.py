@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Literal, Mapping, Protocol
 
 if TYPE_CHECKING:  # (typing only: the engine never imports torch or the plan for these)
     import torch
@@ -35,7 +35,7 @@ class Source(Protocol):
 
     ``reads`` declares how the engine fills a chunk's buffer from it:
 
-    - ``"extents"``: a ``FileSource``; every read is one contiguous range of a file (``extent``), which the
+    - ``"extents"``: a ``FileSource``; every read is a list of byte ranges of files (``spans``), which the
       engine reads itself straight into place (``preadv``): the direct path when the sink places chunks.
     - ``"buffer"``: the source fills a chunk's buffer itself (``read_into``), with no tensor of its own.
     - ``"rows"``: each read comes back as a tensor (``read_rows``) and is copied into the buffer.
@@ -62,15 +62,17 @@ class Source(Protocol):
 
 
 class FileSource(Source, Protocol):
-    """A source whose every read is one byte range of a file (``reads = "extents"``)."""
+    """A source whose reads are byte ranges of files (``reads = "extents"``): the engine reads them itself."""
 
     reads: ClassVar[Literal["extents"]] = "extents"
 
     def info(self, name: str) -> Any:
-        """Tensor ``name``'s ``dtype`` (``dtypes.DType``) and ``shape``."""
+        """Tensor ``name``'s ``dtype`` and ``shape``."""
 
-    def extent(self, name: str, row0: int, row1: int, index: tuple[int, ...] = ()) -> tuple[Any, int, int]:
-        """``(file, byte offset, length)`` of those rows: one contiguous range, row-major."""
+    def spans(self, read: Read) -> Iterable[tuple[Any, int, int]]:
+        """``(file, byte offset, length)`` ranges whose concatenation is ``read``'s rows, row-major, in the
+        dtype ``dtype_of(read.name)`` (one range for a safetensors tensor; one per stored item, or per row of
+        an item split by columns, for a torch_dist one). ``file`` is a path the engine opens itself."""
 
 
 @dataclass

@@ -10,7 +10,8 @@ separate extents landing next to each other), moves it in pieces of ``PIECE_BYTE
 
 A piece fits in the CPU cache, so the CRC-32 (which zip requires) and the write read it from there, not
 from memory. Every source byte is read once, every output byte written once; the threads work on
-different chunks at once. When a chunk's last piece is written the sink completes it
+different chunks at once. A piece may gather several extents (a torch_dist tensor split by columns
+gives one per row and stored item). When a chunk's last piece is written the sink completes it
 (``sink.placed(chunk, placement, crc)``: item framing, journal record, and the file's commit once all
 its chunks are in). Memory is ``workers`` x two pieces, whatever the model and chunk sizes (four when a
 quantized source is dequantized: its float32 values and their output, ``_dequantize``).
@@ -67,33 +68,43 @@ class _Worker:
             if scale is not None:
                 crc, pos = self._dequantize(r, scale, out_dtype, place, behind, stop, crc, pos)
                 continue
-            path, off, n = self.source.extent(r.name, r.row0, r.row1, r.index)
-            src_dtype = self.source.info(r.name).dtype
+            src_dtype = self.source.dtype_of(r.name)
             src_item = src_dtype.itemsize
             cast = src_dtype != out_dtype
-            step = self.piece // max(src_item, out_item)  # elements per piece
-            fd = self.files.fd(path)
-            for e0 in range(0, n // src_item, step):
-                if stop.is_set():
-                    raise _Stopped
-                e = min(step, n // src_item - e0)
-                t0 = time.perf_counter()
-                at = off + e0 * src_item
-                src = memoryview(self.src)[: e * src_item]
-                read_exact(fd, src, at, path)
-                pagecache.drop(fd, at, len(src))
-                t1 = time.perf_counter()
-                data = src
-                if cast:  # torch's rounding (imported only by a conversion that casts)
-                    import torch
-
-                    dst = torch.from_numpy(self.out[: e * out_item]).view(out_dtype.torch)
-                    dst.copy_(torch.from_numpy(self.src[: e * src_item]).view(src_dtype.torch))
-                    data = memoryview(self.out)[: e * out_item]
-                crc, pos = self._emit(data, place, behind, crc, pos, t0, t1)
+            cap = self.piece // max(src_item, out_item) * src_item  # source bytes per piece
+            filled, t0 = 0, time.perf_counter()
+            for path, off, n in self.source.spans(r):  # a piece is filled from as many spans as it takes
+                fd = self.files.fd(path)
+                while n:
+                    if stop.is_set():
+                        raise _Stopped
+                    take = min(n, cap - filled)
+                    read_exact(fd, memoryview(self.src)[filled:filled + take], off, path)
+                    pagecache.drop(fd, off, take)
+                    filled, off, n = filled + take, off + take, n - take
+                    if filled == cap:
+                        crc, pos = self._convert(filled, src_dtype, out_dtype, cast, place, behind, crc, pos, t0)
+                        filled, t0 = 0, time.perf_counter()
+            if filled:
+                crc, pos = self._convert(filled, src_dtype, out_dtype, cast, place, behind, crc, pos, t0)
         if pos != chunk.nbytes:
             raise RuntimeError(f"chunk {chunk.key} {list(chunk.offsets)}: copied {pos} of {chunk.nbytes} bytes")
         return crc
+
+    def _convert(self, filled: int, src_dtype, out_dtype, cast: bool, place: Placement, behind, crc: int, pos: int,
+                 t0: float) -> tuple[int, int]:
+        """The ``filled`` source bytes of the piece (read from ``t0``), cast if the dtypes differ, then
+        emitted (``_emit``)."""
+        t1 = time.perf_counter()
+        data = memoryview(self.src)[:filled]
+        if cast:  # torch's rounding (imported only by a conversion that casts)
+            import torch
+
+            e = filled // src_dtype.itemsize
+            dst = torch.from_numpy(self.out[: e * out_dtype.itemsize]).view(out_dtype.torch)
+            dst.copy_(torch.from_numpy(self.src[:filled]).view(src_dtype.torch))
+            data = memoryview(self.out)[: e * out_dtype.itemsize]
+        return self._emit(data, place, behind, crc, pos, t0, t1)
 
     def _dequantize(self, r, scale, out_dtype, place: Placement, behind, stop, crc: int, pos: int) -> tuple[int, int]:
         """A quantized weight's rows: whole rows per piece (a block scale's column blocks need the row),
@@ -103,7 +114,7 @@ class _Worker:
         from streamconv.engine.transforms import dequantize
 
         out_dtype = out_dtype.torch
-        path, off, n = self.source.extent(r.name, r.row0, r.row1, r.index)
+        (path, off, n), = self.source.spans(r)  # a quantized safetensors weight: its rows are one range
         info = self.source.info(r.name)
         cols = math.prod(info.shape[1:])
         step = max(1, self.piece // (4 * max(1, cols)))  # rows whose float32 value fits in a piece

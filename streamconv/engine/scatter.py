@@ -2,7 +2,8 @@
 
 A chunk is the row-wise concatenation of its reads (``plan.Read``). Instead of reading each into a
 tensor of its own and concatenating them, the engine allocates the chunk's buffer once and every read
-lands in its rows. For a ``FileSource`` (safetensors), the reads of a chunk are turned into file extents, sorted
+lands in its rows. For a ``FileSource`` (safetensors; a torch_dist checkpoint of plain items), the reads of a chunk are turned
+into file extents (``spans``), sorted
 by (file, offset), and runs that are contiguous in a file become one ``preadv`` into several places of
 the buffer: QKV's q rows of all query groups of a block are read in one sequential request that
 scatters them between the k and v rows. No copy is made in user space, and each file is read in order.
@@ -91,7 +92,7 @@ class FileScatter:
         self.files = OpenFiles(sequential=True)
 
     def __call__(self, chunk: Chunk, buf: torch.Tensor) -> None:
-        stored = {self.source.info(r.name).dtype for r in chunk.reads}
+        stored = {self.source.dtype_of(r.name) for r in chunk.reads}
         if stored != {dtypes.of(buf.dtype)}:  # cast on copy; a quantized weight dequantized (unless the stage does it)
             return copy_reads(self.source, chunk, buf)
         import torch
@@ -100,10 +101,10 @@ class FileScatter:
         pieces = []  # (path, offset, length, destination byte offset)
         dst = 0
         for r in chunk.reads:
-            path, off, n = self.source.extent(r.name, r.row0, r.row1, r.index)
-            if n:
-                pieces.append((path, off, n, dst))
-            dst += n
+            for path, off, n in self.source.spans(r):
+                if n:
+                    pieces.append((path, off, n, dst))
+                dst += n
         pieces.sort()
         run: list = []
         for p in pieces:

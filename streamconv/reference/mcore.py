@@ -189,8 +189,8 @@ def _gpt_model(config: TransformerConfig, spec, cfg: dict, parallel_output: bool
             transformer_layer_spec=spec,
             vocab_size=cfg["vocab_size"],
             max_sequence_length=cfg.get("max_position_embeddings", MAX_SEQ_LEN),
-            pre_process=True,
-            post_process=True,
+            pre_process=parallel_state.is_pipeline_first_stage(),  # True unless pipeline parallel
+            post_process=parallel_state.is_pipeline_last_stage(),
             parallel_output=parallel_output,
             share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)),
             position_embedding_type="rope",

@@ -384,6 +384,22 @@ def drop_zarr_view(journal: "Journal") -> None:
     shutil.rmtree(journal.dir / ZARR_VIEW, ignore_errors=True)
 
 
+def chunks_of_last_open(records, file_of: dict) -> set:
+    """The chunks journaled since their file's ``.partial`` was last created (an ``open`` record): the
+    records of an earlier ``.partial`` of the same name, finished or thrown away since, do not count, nor
+    does a chunk whose last record is a ``redo``."""
+    live: dict[int, set] = {}
+    for r in records:
+        if r.get("t") == "open":
+            live[r["file"]] = set()
+        elif r.get("t") in ("chunk", "redo"):  # redo: --recheck found the chunk's kept bytes altered
+            cid = (r["key"], tuple(r["offsets"]))
+            if cid in file_of:
+                (live.setdefault(file_of[cid], set()).add if r["t"] == "chunk" else
+                 live.setdefault(file_of[cid], set()).discard)(cid)
+    return set().union(*live.values()) if live else set()
+
+
 def file_record(file: int, path: Path, entries) -> dict:
     """The journal record of a committed ``.distcp`` file: its size and items ``(key, offsets, offset, length)``."""
     return {"t": "file", "file": file, "size": path.stat().st_size,

@@ -121,7 +121,7 @@ class CrcCompare(PlacingSink):
     def placed(self, chunk, place: Placement, crc: int) -> None:
         want = self.expected[chunk.id]
         if crc != want:
-            files = sorted({str(self.source.extent(r.name, r.row0, r.row1, r.index)[0]) for r in chunk.reads})
+            files = sorted({str(path) for r in chunk.reads for path, _, _ in self.source.spans(r)})
             raise BadInputError(
                 f"{', '.join(files)}: changed since the interrupted run: {chunk.key} {list(chunk.offsets)} converts "
                 f"to other bytes than the ones kept (CRC-32 {crc:08x}, journaled {want:08x}); run again with "

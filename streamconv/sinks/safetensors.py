@@ -1,25 +1,32 @@
 """The engine's sink for mcore2hf: plan chunks -> HF safetensors shards + ``model.safetensors.index.json``.
 
 Shards are named as ``save_pretrained`` names them (``model-00001-of-00003.safetensors``; a single shard is
-``model.safetensors`` with no index). Each shard is one ``ShardWriter``: header first, tensors streamed in
-plan order, written under ``.partial``, fsynced and renamed, so a shard under its final name is complete.
-Resume skips the shards already there whose header lists exactly the planned tensors.
+``model.safetensors`` with no index). ``SafetensorsSink`` places every chunk in its shard (the engine's direct
+path), journals it and commits each shard when full; resume keeps complete shards and journaled chunks.
+``ShardWriter`` writes one shard tensor by tensor, in order (``synth`` and tests make checkpoints with it).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import threading
 from pathlib import Path
 
 from streamconv import crashpoints
 from streamconv.dtypes import DType
-from streamconv.engine.contracts import Sink
+from streamconv.engine.contracts import Placement, PlacingSink
 from streamconv.errors import BadInputError, output_error
-from streamconv.files.atomic import commit, create_temporary, fsync_dir, fsync_write
+from streamconv.files import pagecache
+from streamconv.files.atomic import NOFOLLOW, commit, create_exclusive, create_temporary, fsync_dir, fsync_write
+from streamconv.files.checksum import crc32
+from streamconv.files.fileio import pwrite_all
 from streamconv.files.pagecache import WriteBehind
 from streamconv.formats.names import INDEX_FILE
 from streamconv.formats.safetensors import encode_header, itemsize, read_header
+from streamconv.runtime import resume
+from streamconv.sinks.committer import Committer
 
 SHARD_METADATA = {"format": "pt"}
 
@@ -64,49 +71,203 @@ def write_index(folder: Path, plan) -> None:
     fsync_write(folder / INDEX_FILE, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
 
 
-class SafetensorsSink(Sink):
-    """Writes the chunks of an export plan (in plan order) into its shards; ``skip`` = shards already done."""
+def shard_layout(plan) -> tuple[dict[int, bytes], dict[tuple, int], dict[int, int]]:
+    """Where every chunk of an export plan lies, fixed before a byte is read: each shard's header bytes, each
+    chunk's byte offset in its shard (``{(key, offsets): offset}``: header, then the tensors back to back in
+    plan order, a chunk's rows at their place in its tensor) and each shard's size."""
+    entries = shard_entries(plan)
+    headers = {f: encode_header(entries[f], SHARD_METADATA) for f in range(plan.num_files)}
+    starts: dict[str, int] = {}
+    sizes: dict[int, int] = {}
+    for f, shard in enumerate(entries):
+        at = len(headers[f])
+        for name, dtype, shape in shard:
+            starts[name] = at
+            at += math.prod(shape) * itemsize(dtype)
+        sizes[f] = at
+    slots = {}
+    for c in plan.chunks:
+        t = plan.targets[c.key]
+        slots[c.id] = starts[c.key] + c.offsets[0] * math.prod(t.shape[1:]) * t.dtype.itemsize if t.shape else \
+            starts[c.key]
+    return headers, slots, sizes
 
-    def __init__(self, folder: Path, plan, skip: set[int] = frozenset()):
+
+class _Shard:
+    """A shard being written under ``<name>.partial``: its header in place, its size reserved."""
+
+    def __init__(self, path: Path, header: bytes, size: int, fresh: bool):
+        self.path = path
+        self.tmp = path.with_name(path.name + ".partial")
+        try:
+            if fresh:  # a new file, never through a link planted at its name
+                self.fd = create_exclusive(self.tmp, os.O_RDWR)
+                pwrite_all(self.fd, header, 0)
+                os.ftruncate(self.fd, size)  # every tensor has its place: a hole until written
+            else:  # a killed run's file, checked by the caller
+                self.fd = os.open(self.tmp, os.O_RDWR | NOFOLLOW)
+        except OSError as e:
+            raise output_error(self.tmp, e) from e
+
+    def commit(self) -> None:
+        try:
+            os.fsync(self.fd)
+            pagecache.drop(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.tmp, self.path)
+            fsync_dir(self.path.parent)
+        except OSError as e:
+            raise output_error(self.path, e) from e
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class SafetensorsSink(PlacingSink):
+    """Places the chunks of an export plan in its shards (``files``: the shards this process writes).
+
+    Every shard's layout is fixed by the plan (``shard_layout``): a shard is created under ``.partial`` with
+    its header written and its size reserved, and each chunk's bytes go straight to their place
+    (``place``; the engine's direct path writes them, ``write`` does it from a tensor on the buffered path).
+    A placed chunk is made durable and journaled (``committer.py``: ``fdatasync``, then its record with its
+    CRC-32); a shard whose chunks are all in is fsynced and renamed to its final name, so a shard under its
+    final name is complete.
+
+    Resume (``resume.Journal``, in ``<hf-path>/.streamconv``): a shard already under its final name whose
+    header lists exactly the planned tensors is kept (``shard_complete``); in a ``.partial`` shard of the
+    planned size and header, every chunk journaled since the shard was created is kept without being read
+    again; the rest is written.
+    """
+
+    def __init__(self, folder: Path, plan, journal, files=None):
         self.folder = Path(folder)
         self.plan = plan
+        self.journal = journal
         self.entries = shard_entries(plan)
-        self.skip = set(skip)
-        self.writer: ShardWriter | None = None
-        self.current = -1
+        self.headers, self.slots, self.sizes = shard_layout(plan)
+        self.by_file: dict[int, list] = {}
+        for c in plan.chunks:
+            self.by_file.setdefault(c.file, []).append(c)
+        self.mine = set(self.by_file) if files is None else set(files)
+        self.report = {"shards_skipped": 0, "chunks_kept": 0}
+        self.done: set[tuple] = set()  # chunks kept in a ``.partial`` shard
+        self.committed = {f for f in self.mine if shard_complete(self._path(f), self.entries[f])}
+        self.report["shards_skipped"] = len(self.committed)
+        self._open: dict[int, _Shard] = {}
+        self._left = {f: len(self.by_file[f]) for f in self.mine if f not in self.committed}
+        self._lock = threading.Lock()
+        crashpoints.started()
+        self._resume_partials(journal.records())
+        self._committer = Committer(journal, self._done)
+
+    def _path(self, f: int) -> Path:
+        return self.folder / shard_name(f, self.plan.num_files)
+
+    def _resume_partials(self, records) -> None:
+        """Keep each ``.partial`` shard of this plan's layout (header and size) with its journaled chunks; a
+        chunk's record is written only once its bytes are on disk, so a record that survived a crash names a
+        chunk that did. Any other ``.partial`` of this process's shards is removed."""
+        recs = resume.chunks_of_last_open(records, {c.id: c.file for c in self.plan.chunks})
+        for f in sorted(self.mine):
+            tmp = self._path(f).with_name(self._path(f).name + ".partial")
+            if f not in self.committed and tmp.is_file() and not tmp.is_symlink() and self._laid_out(tmp, f):
+                self._shard(f, fresh=False)
+                for c in self.by_file[f]:
+                    if c.id in recs:
+                        self.done.add(c.id)
+                        self._left[f] -= 1
+                        self.report["chunks_kept"] += 1
+                if self._left[f] == 0:
+                    self._commit_shard(f)
+            elif tmp.is_symlink() or tmp.exists():
+                try:
+                    tmp.unlink()
+                except OSError as e:
+                    raise output_error(tmp, e) from e
+
+    def _laid_out(self, tmp: Path, f: int) -> bool:
+        """Whether ``tmp`` has shard ``f``'s planned header and size."""
+        header = self.headers[f]
+        try:
+            with open(tmp, "rb") as fh:
+                return os.fstat(fh.fileno()).st_size == self.sizes[f] and fh.read(len(header)) == header
+        except OSError:
+            return False
+
+    def skip(self, chunk) -> bool:
+        """Whether ``chunk`` is already in place (its shard complete, or journaled in its ``.partial``)."""
+        return chunk.file in self.committed or chunk.id in self.done
+
+    def _shard(self, f: int, fresh: bool = True) -> _Shard:
+        with self._lock:
+            opened = self._open.get(f)
+            if opened is None:
+                if fresh:  # the chunk records of any earlier file of this name are void
+                    self.journal.append({"t": "open", "file": f}, sync=True)
+                opened = self._open[f] = _Shard(self._path(f), self.headers[f], self.sizes[f], fresh)
+            return opened
+
+    def place(self, chunk) -> Placement:
+        opened = self._shard(chunk.file)
+        return Placement(opened.fd, self.slots[chunk.id], opened.tmp)
+
+    def placed(self, chunk, place: Placement, crc: int) -> None:
+        self._committer.check()
+        self._committer.put(chunk, place, crc)
 
     def write_overhead(self, chunk) -> int:
         """Bytes ``write`` allocates beyond the tensor it is given: none (its memory is written as is)."""
         return 0
 
     def write(self, chunk, tensor) -> None:
-        if chunk.file != self.current:
-            self._finish_current()
-            self.current = chunk.file
-            path = self.folder / shard_name(chunk.file, self.plan.num_files)
-            self.writer = ShardWriter(path, self.entries[chunk.file], metadata=SHARD_METADATA)
-        self.writer.write(chunk.key, tensor)
-        crashpoints.pause("chunk")
+        """A chunk held in memory (the buffered engine path: ``--device cuda``, a checkpoint of unusual items)."""
+        import torch
 
-    def _finish_current(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            fsync_dir(self.folder)
-            self.writer = None
+        t = tensor.detach().contiguous().cpu()
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        if len(data) != chunk.nbytes:
+            raise ValueError(f"{chunk.key} {list(chunk.offsets)}: {len(data)} bytes, the plan has {chunk.nbytes}")
+        place = self.place(chunk)
+        try:
+            pwrite_all(place.fd, data, place.offset)
+        except OSError as e:
+            raise output_error(place.path, e) from e
+        self.placed(chunk, place, crc32(data))
+
+    def _done(self, chunk) -> None:
+        crashpoints.pause("chunk")
+        with self._lock:
+            self._left[chunk.file] -= 1
+            full = self._left[chunk.file] == 0
+        if full:
+            self._commit_shard(chunk.file)
+
+    def _commit_shard(self, f: int) -> None:
+        with self._lock:
+            opened = self._open.pop(f)
+        opened.commit()
+        with self._lock:
+            self.committed.add(f)
 
     def close(self) -> None:
-        """Finish the last shard (the caller writes the index last, with ``write_index``)."""
-        self._finish_current()
+        """Wait for this process's shards to be committed (the caller writes the index last: ``write_index``)."""
+        self._committer.stop()
+        missing = sorted(self.mine - self.committed)
+        if missing:
+            raise RuntimeError(f"shards {missing} were never completed")
+        self.journal.close()
 
     def abort(self) -> None:
-        """Close the shard being written (its ``.partial`` stays for the next run to redo). Closing flushes
-        its buffer, which fails again on a full disk: that second error is not the one to report."""
-        if self.writer is not None:
-            try:
-                self.writer.f.close()
-            except OSError:
-                pass
-            self.writer = None
+        """Close what is open; ``.partial`` shards stay for the next run (which checks them)."""
+        self._committer.abort()
+        with self._lock:
+            for opened in self._open.values():
+                opened.close()
+            self._open.clear()
+        self.journal.close()
 
 
 class ShardWriter:

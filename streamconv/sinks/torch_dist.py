@@ -26,7 +26,6 @@ ends this rank's part and returns its files' items; rank 0 ``commit``s every ran
 from __future__ import annotations
 
 import os
-import queue
 import threading
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from streamconv.errors import output_error
 from streamconv.files.atomic import NOFOLLOW, create_exclusive, fsync_dir
 from streamconv.formats.names import distcp_name
 from streamconv.formats.torch_dist import chunks_by_file, commit_checkpoint, frame_for, standalone
+from streamconv.sinks.committer import Committer
 
 
 def item_slots(plan) -> tuple[dict[tuple, tuple[int, int]], dict[int, int], dict[int, list]]:
@@ -88,26 +88,6 @@ class _Open:
             self.fd = -1
 
 
-def chunks_of_last_open(records, file_of: dict) -> set:
-    """The chunks journaled since their file's ``.partial`` was last created (an ``open`` record): the
-    records of an earlier ``.partial`` of the same name, finished or thrown away since, do not count, nor
-    does a chunk whose last record is a ``redo``."""
-    live: dict[int, set] = {}
-    for r in records:
-        if r.get("t") == "open":
-            live[r["file"]] = set()
-        elif r.get("t") in ("chunk", "redo"):  # redo: --recheck found the chunk's kept bytes altered
-            cid = (r["key"], tuple(r["offsets"]))
-            if cid in file_of:
-                (live.setdefault(file_of[cid], set()).add if r["t"] == "chunk" else
-                 live.setdefault(file_of[cid], set()).discard)(cid)
-    return set().union(*live.values()) if live else set()
-
-
-class _Aborted(Exception):
-    pass
-
-
 class TorchDistSink(PlacingSink):
     def __init__(self, ckpt: Path, plan, journal, *, chunk_journal: bool = True, view=None, extra_state=None,
                  files=None, leader: bool = True):
@@ -143,12 +123,7 @@ class TorchDistSink(PlacingSink):
         if chunk_journal:
             self._resume_partials(records)
         self._journaled = {(r["key"], tuple(r["offsets"])): r["crc32"] for r in records if r.get("t") == "chunk"}
-        self._error: BaseException | None = None
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._committer = None
-        if chunk_journal:
-            self._committer = threading.Thread(target=self._commit_loop, name="streamconv-commit", daemon=True)
-            self._committer.start()
+        self._committer = Committer(journal, self._done) if chunk_journal else None
 
     # ------------------------------------------------------------------ resume
 
@@ -156,7 +131,7 @@ class TorchDistSink(PlacingSink):
         """Keep the journaled chunks of each ``.partial`` file: a chunk's record is written only after its
         bytes and framing are on disk (``fdatasync``), so a record that survived a crash names a chunk that
         did; a chunk without one (a kill mid-chunk, a lost last line) is done again."""
-        recs = chunks_of_last_open(records, {c.id: c.file for c in self.plan.chunks})
+        recs = resume.chunks_of_last_open(records, {c.id: c.file for c in self.plan.chunks})
         for f in list(self._left):
             tmp = self.ckpt / (distcp_name(f) + ".partial")
             if not tmp.is_file() or tmp.is_symlink():
@@ -281,14 +256,14 @@ class TorchDistSink(PlacingSink):
 
     def placed(self, chunk, place: Placement, crc: int) -> None:
         """``chunk``'s bytes are at ``place``: complete its item; then (on the committer thread, with the
-        chunk journal) make it durable and journal it; commit its file when full."""
+        chunk journal) make it durable and journal it (``committer.py``); commit its file when full."""
         self._check()
         for fd, _ in place.also:
             self.view.close_chunk(chunk, fd)
         self._complete(chunk, place.fd, crc)
         crashpoints.slow(1.0)
         if self._committer is not None:
-            self._queue.put((chunk, place, crc))
+            self._committer.put(chunk, place, crc)
         else:
             self._done(chunk)
 
@@ -300,44 +275,13 @@ class TorchDistSink(PlacingSink):
         if full:
             self._commit_file(chunk.file)
 
-    def _commit_loop(self) -> None:
-        """The committer: each batch of completed chunks is made durable with one ``fdatasync`` per file
-        (the record is the chunk's commit: its bytes are on disk before the record exists), then journaled.
-        The worker threads never wait for the disk's flush."""
-        stop = False
-        while not stop:
-            batch = [self._queue.get()]
-            while not self._queue.empty():
-                batch.append(self._queue.get())
-            stop = any(b is None for b in batch)
-            batch = [b for b in batch if b is not None]
-            if self._error is not None:
-                continue
-            try:
-                synced = set()
-                for _, place, _ in batch:
-                    if place.fd not in synced:
-                        try:
-                            os.fdatasync(place.fd)
-                        except OSError as e:
-                            raise output_error(place.path, e) from e
-                        synced.add(place.fd)
-                for chunk, _, crc in batch:
-                    self.journal.append({"t": "chunk", "key": chunk.key, "offsets": list(chunk.offsets),
-                                         "crc32": crc})
-                    self._done(chunk)
-            except BaseException as e:  # reported at the next placed() or at close()
-                self._error = e
-
     def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
+        if self._committer is not None:
+            self._committer.check()
 
     def _stop_committer(self) -> None:
         if self._committer is not None:
-            self._queue.put(None)
-            self._committer.join()
-            self._committer = None
+            self._committer.stop()
 
     def write(self, chunk, tensor) -> None:
         """A chunk held in memory (the buffered engine path)."""
@@ -405,8 +349,8 @@ class TorchDistSink(PlacingSink):
 
     def abort(self) -> None:
         """Close what is open; ``.partial`` files stay for the next run (which checks them)."""
-        self._error = self._error or _Aborted()  # the committer journals nothing more
-        self._stop_committer()
+        if self._committer is not None:
+            self._committer.abort()  # it journals nothing more
         with self._lock:
             for opened in self._open.values():
                 opened.close()

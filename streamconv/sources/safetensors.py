@@ -1,7 +1,7 @@
 """The lazy safetensors source: a HF checkpoint folder's shards, read only where a plan asks (row slices).
 
 Headers are parsed up front (``formats/safetensors.py``); every read after that is one byte range of a
-shard (``extent``), which the engine reads itself (``preadv``): a shard is never loaded whole.
+shard (``extent``, the engine's ``spans``), which the engine reads itself (``preadv``): a shard is never loaded whole.
 """
 
 from __future__ import annotations
@@ -107,6 +107,10 @@ class SafetensorsSource(FileSource):
             first_row = first_row * n + i
         first_row = first_row * rows + row0
         return info.path, info.start + first_row * row_bytes, (row1 - row0) * row_bytes
+
+    def spans(self, read) -> list[tuple[Path, int, int]]:
+        """The engine's reads (``FileSource``): a read's rows are one range of a shard."""
+        return [self.extent(read.name, read.row0, read.row1, read.index)]
 
     def read_rows(self, name: str, row0: int, row1: int, index: tuple[int, ...] = ()):
         """Rows ``[row0, row1)`` of tensor ``name`` (along dim 0, after the leading ``index``), a tensor."""

@@ -25,7 +25,9 @@ from __future__ import annotations
 import bisect
 import collections
 import errno
+import heapq
 import importlib
+import itertools
 import io
 import math
 import os
@@ -438,6 +440,7 @@ class TorchDistSource(Source):
         self._files = OpenFiles(opener=self._open)
         self._layouts: dict[tuple[str, int], ParsedItem | None] = {}
         self._by_start: dict[str, tuple[list[int], int]] = {}  # _candidates' index
+        self._paths: dict[str, Path] = {}  # _path's
 
     def _parse(self) -> None:
         """``tensors``, ``objects`` and where every item is, from ``.metadata``, every number checked."""
@@ -550,19 +553,84 @@ class TorchDistSource(Source):
     def fill_rows(self, out: torch.Tensor, name: str, row0: int, row1: int, index: tuple[int, ...] = ()) -> None:
         """``read_rows`` into ``out``: a contiguous tensor of the tensor's dtype with as many elements."""
         meta = self.info(name)
-        shape, k = meta.shape, len(index)
-        if k >= len(shape) or any(not 0 <= i < n for i, n in zip(index, shape)) or not 0 <= row0 <= row1 <= shape[k]:
-            raise BadInputError(f"{self.folder}: rows [{row0}, {row1}) of index {list(index)} are outside tensor "
-                                f"{name!r} {list(shape)}")
-        lo = (*index, row0, *(0 for _ in shape[k + 1:]))
-        hi = (*(i + 1 for i in index), row1, *shape[k + 1:])
-        region = tuple(h - l for l, h in zip(lo, hi))
+        lo, region, boxes = self._boxes(meta, row0, row1, index)
         if out.dtype != meta.dtype or not out.is_contiguous() or out.numel() != math.prod(region):
             raise ValueError(f"fill_rows: {name}: needs a contiguous {meta.dtype} tensor of {math.prod(region)} "
                              f"elements, got {out.dtype} {list(out.shape)}")
         if out.numel() == 0:
             return
         out = out.view(region)
+        for c, blo, bhi in boxes:
+            self._copy_box(meta, c, blo, bhi, lo, out)
+
+    def use_extents(self, names) -> bool:
+        """Whether every stored chunk of tensors ``names`` is a plain ``torch.save`` archive whose elements lie
+        row-major in one range of its file (what megatron-core and hf2mcore write): then this source serves
+        the engine's reads as file ranges (``reads = "extents"``, ``spans``: the direct path), and says so.
+        Reads each chunk's small archive directory once (its layout is kept for the reads)."""
+        for name in sorted(set(names)):
+            meta = self.info(name)
+            for c in meta.chunks:
+                layout = self._layout(meta, c)
+                if layout is None or not layout.standard:
+                    return False
+        self.reads = "extents"
+        return True
+
+    def spans(self, read) -> list[tuple[Path, int, int]]:
+        """A plan ``Read`` as file ranges (``FileSource``, after ``use_extents``): row-major over the rows
+        asked for, one range per stored chunk of those rows, or per row and chunk where the chunks split the
+        rows by columns (tensor parallel); ranges that continue each other are merged."""
+        meta = self.info(read.name)
+        lo, region, boxes = self._boxes(meta, read.row0, read.row1, read.index)
+        if not math.prod(region):
+            return []
+        runs = heapq.merge(*(self._box_runs(meta, c, blo, bhi, lo, region) for c, blo, bhi in boxes))
+        out: list[list] = []
+        for _, path, off, n in runs:
+            if out and out[-1][0] is path and out[-1][1] + out[-1][2] == off:
+                out[-1][2] += n
+            else:
+                out.append([path, off, n])
+        return [tuple(x) for x in out]
+
+    def _box_runs(self, meta: TensorMeta, c: ItemRef, blo, bhi, lo, region):
+        """The part ``[blo, bhi)`` of chunk ``c`` as ``(position in the region, path, file offset, bytes)``
+        ranges, in row-major order: the innermost dims the part spans whole (in the chunk and in the region)
+        are one range with the dim outside them, the outer dims are enumerated."""
+        layout = self._layout(meta, c)
+        if layout is None or not layout.standard:  # use_extents said no: the engine does not ask
+            raise RuntimeError(f"{meta.key}: chunk {list(c.offsets)} is not a plain archive; no file ranges")
+        item = _itemsize(meta.dtype)
+        nd = len(region)
+        rstride = [1] * nd
+        for d in range(nd - 2, -1, -1):
+            rstride[d] = rstride[d + 1] * region[d + 1]
+        p = nd - 1
+        while p > 0 and blo[p] == c.offsets[p] and bhi[p] == c.offsets[p] + c.sizes[p] and \
+                blo[p] == lo[p] and bhi[p] - lo[p] == region[p]:
+            p -= 1
+        run = (bhi[p] - blo[p]) * math.prod(c.sizes[p + 1:]) * item
+        path = self._path(c.file)
+        base = layout.data_start + (layout.storage_offset + (blo[p] - c.offsets[p]) * layout.stride[p]) * item
+        rbase = (blo[p] - lo[p]) * rstride[p]
+        for idx in itertools.product(*(range(a, b) for a, b in zip(blo[:p], bhi[:p]))):
+            yield (rbase + sum((i - l) * s for i, l, s in zip(idx, lo, rstride)), path,
+                   base + sum((i - o) * s for i, o, s in zip(idx, c.offsets, layout.stride)) * item, run)
+
+    def _boxes(self, meta: TensorMeta, row0: int, row1: int, index: tuple[int, ...]):
+        """Rows ``[row0, row1)`` of ``index`` of ``meta`` as a region (its first corner, its sizes) and the
+        parts of stored chunks that tile it: ``[(chunk, part's first corner, part's end)]``, in global
+        coordinates; refuses rows outside the tensor and chunks that do not cover the region."""
+        name, shape, k = meta.key, meta.shape, len(index)
+        if k >= len(shape) or any(not 0 <= i < n for i, n in zip(index, shape)) or not 0 <= row0 <= row1 <= shape[k]:
+            raise BadInputError(f"{self.folder}: rows [{row0}, {row1}) of index {list(index)} are outside tensor "
+                                f"{name!r} {list(shape)}")
+        lo = (*index, row0, *(0 for _ in shape[k + 1:]))
+        hi = (*(i + 1 for i in index), row1, *shape[k + 1:])
+        region = tuple(h - l for l, h in zip(lo, hi))
+        if not math.prod(region):
+            return lo, region, []
         boxes = []
         for c in self._candidates(meta, lo[0], hi[0]):
             blo = tuple(max(a, o) for a, o in zip(lo, c.offsets))
@@ -574,8 +642,7 @@ class TorchDistSource(Source):
             raise BadInputError(
                 f"{self.folder}: tensor {name!r} rows [{row0}, {row1}) of index {list(index)}: the stored chunks "
                 f"cover {covered} of {math.prod(region)} elements; the checkpoint is inconsistent")
-        for c, blo, bhi in boxes:
-            self._copy_box(meta, c, blo, bhi, lo, out)
+        return lo, region, boxes
 
     def item_info(self, key: str, offsets: tuple[int, ...] | None = None) -> ItemRef:
         """Where item ``(key, offsets)`` is stored (``file``, ``offset``, ``length``); offsets None: an object."""
@@ -660,6 +727,16 @@ class TorchDistSource(Source):
 
     def _fd(self, rel: str) -> int:
         return self._files.fd(rel)
+
+    def _path(self, rel: str) -> Path:
+        """The file ``rel`` as the engine opens it (``spans``): resolved once, inside the folder (as ``_open``)."""
+        path = self._paths.get(rel)
+        if path is None:
+            path = (self.folder / rel).resolve()
+            if path.parent != self.folder.resolve():
+                raise BadInputError(f"{self.folder}: {METADATA_FILE} names a file outside the folder: {rel!r}")
+            path = self._paths[rel] = path
+        return path
 
     def _pread(self, rel: str, offset: int, length: int) -> bytearray:
         data = bytearray(length)

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -264,6 +265,26 @@ def caps_available() -> bool:
         return True
     except (OSError, RuntimeError):
         return False
+
+
+def run(cmd, env=None) -> dict:
+    """Run ``cmd``; wall and CPU seconds (user + sys of the child), and its --json summary if any."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if p.returncode != 0:
+        sys.exit(f"failed ({p.returncode}): {' '.join(map(str, cmd))}\n{p.stderr[-2000:]}")
+    out = {"wall": wall, "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)}
+    if p.stdout.strip().startswith("{"):
+        out["summary"] = json.loads(p.stdout)
+    return out
+
+
+def phases(results) -> dict:
+    keys = results[0]["summary"].get("phases", {})
+    return {k: round(median([r["summary"]["phases"][k] for r in results]), 2) for k in keys}
 
 
 def finish(args, report: dict, work: Path) -> int:

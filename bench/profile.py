@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import signal
 import subprocess
@@ -38,21 +37,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c  # noqa: E402
-
-
-def run(cmd, env=None) -> dict:
-    """Run ``cmd``; wall and CPU seconds (user + sys of the child), and its --json summary if any."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if p.returncode != 0:
-        sys.exit(f"failed ({p.returncode}): {' '.join(map(str, cmd))}\n{p.stderr[-2000:]}")
-    out = {"wall": wall, "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)}
-    if p.stdout.strip().startswith("{"):
-        out["summary"] = json.loads(p.stdout)
-    return out
 
 
 def hf2mcore(src: Path, out: Path, *extra) -> list[str]:
@@ -105,11 +89,6 @@ def killed_at_half(src: Path, out: Path, extra, tmp: Path) -> None:
     p.wait()
 
 
-def phases(results) -> dict:
-    keys = results[0]["summary"].get("phases", {})
-    return {k: round(c.median([r["summary"]["phases"][k] for r in results]), 2) for k in keys}
-
-
 def measure_place(src: Path, work: Path, where: str, rounds: int, extra) -> dict:
     gb = c.folder_bytes(src) / 1e9
     sync = where.startswith("disk")
@@ -129,12 +108,12 @@ def measure_place(src: Path, work: Path, where: str, rounds: int, extra) -> dict
     for i in range(rounds):
         dst = work / "cp"
         before(dst)
-        rows["cp -r"].append(run(["sh", "-c", f"cp -r '{src}' '{dst}'" + (" && sync" if sync else "")]))
+        rows["cp -r"].append(c.run(["sh", "-c", f"cp -r '{src}' '{dst}'" + (" && sync" if sync else "")]))
         for name, flags in (("default", []), ("--no-staging", ["--no-staging"])):
             out = work / name.strip("-")
             before(out)
             cmd = hf2mcore(src, out, *flags, *extra)
-            r = run(["sh", "-c", shlex.join(cmd) + " && sync"] if sync else cmd)  # timed with its sync, as cp is
+            r = c.run(["sh", "-c", shlex.join(cmd) + " && sync"] if sync else cmd)  # timed with its sync, as cp is
             rows[name].append(r)
             if i == 0:
                 digest = output_digest(out)
@@ -154,7 +133,7 @@ def measure_place(src: Path, work: Path, where: str, rounds: int, extra) -> dict
             "wall_vs_cp": round(c.median([r["wall"] for r in rs]) / cp, 2),
             "cpu_per_gb": round(c.median([r["cpu"] for r in rs]) / gb, 2),
             "conversion_cpu_per_gb": round(c.median([r["summary"]["cpu_seconds"] for r in rs]) / gb, 2),
-            "phases": phases(rs),
+            "phases": c.phases(rs),
             "peak_rss_gib": round(max(r["summary"]["peak_rss_bytes"] for r in rs) / c.GiB, 2),
         }
     return report
@@ -171,11 +150,11 @@ def measure_resume(src: Path, work: Path, where: str, rounds: int, extra) -> dic
     for _ in range(rounds):
         c.rmtree(out)
         c.start_alike(src, where)
-        fresh.append(run(hf2mcore(src, out, *extra))["summary"])
+        fresh.append(c.run(hf2mcore(src, out, *extra))["summary"])
         c.rmtree(out)
         killed_at_half(src, out, extra, work)
         c.start_alike(src, where)
-        resumed.append(run([a for a in hf2mcore(src, out, *extra) if a != "--overwrite"])["summary"])
+        resumed.append(c.run([a for a in hf2mcore(src, out, *extra) if a != "--overwrite"])["summary"])
     c.rmtree(out)
     f, r = (c.median([s["seconds"] for s in rs]) for rs in (fresh, resumed))
     return {"fresh_seconds": round(f, 2), "resumed_seconds": round(r, 2), "ratio": round(r / f, 2),
@@ -196,7 +175,7 @@ def measure_small(work: Path, rounds: int, extra) -> dict:
     times: dict[str, list] = {"default": [], "--no-staging": []}
     for _ in range(rounds):
         for name, flags in (("default", []), ("--no-staging", ["--no-staging"])):
-            times[name].append(run(hf2mcore(src, work / "small-out", *flags, *extra))["summary"]["seconds"])
+            times[name].append(c.run(hf2mcore(src, work / "small-out", *flags, *extra))["summary"]["seconds"])
     c.rmtree(work / "small-out")
     d, n = c.median(times["default"]), c.median(times["--no-staging"])
     return {"gb": round(c.folder_bytes(src) / 1e9, 3), "default_seconds": round(d, 2),
@@ -207,7 +186,7 @@ def measure_startup(work: Path, rounds: int) -> dict:
     from streamconv.reference.synth import llama_config, make_checkpoint
 
     src = make_checkpoint(work / "tiny", llama_config(), seed=0)
-    walls = [run(hf2mcore(src, work / "tiny-out", "--quiet"))["wall"] for _ in range(rounds)]
+    walls = [c.run(hf2mcore(src, work / "tiny-out", "--quiet"))["wall"] for _ in range(rounds)]
     return {"tiny_wall": round(c.median(walls), 2), "tiny_bytes": c.folder_bytes(src)}
 
 

@@ -139,3 +139,62 @@ def _emit(obj, out: bytearray) -> None:
             out += b"b"  # BUILD
     else:
         raise TypeError(f"cannot write {type(obj).__name__} into .metadata")
+
+
+# --------------------------------------------------------------------------- reading, without torch
+
+class Record:
+    """A DCP class as ``.metadata`` is read without torch (``sources/torch_dist.RestrictedUnpickler``): an
+    inert object holding the fields pickle gives it (the state dict of a dataclass; an Enum's value). Its class
+    is named as the DCP class it stands for (``record_class``): nothing of the checkpoint's is ever called."""
+
+    def __init__(self, *args):
+        self.args = args  # an Enum member rebuilt from its value (WriteItemType, _MEM_FORMAT_ENCODING)
+
+    def __setstate__(self, state) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):  # (dict, slots)
+            state = {**(state[0] or {}), **state[1]}
+        if not isinstance(state, dict):
+            raise ValueError(f"{type(self).__name__}: state of type {type(state).__name__}")
+        self.__dict__.update({str(k): v for k, v in state.items()})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+class TensorPropertiesRecord(Record):
+    """``TensorProperties`` pickles as a tuple: ``(dtype, layout, requires_grad, memory format, pin_memory)``."""
+
+    def __setstate__(self, state) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise ValueError("TensorProperties: its state is not the 5 fields torch writes")
+        self.dtype, self.layout, self.requires_grad, self.memory_format, self.pin_memory = state
+
+
+_RECORDS: dict[str, type] = {}
+# fields the DCP dataclasses default (pickle leaves out nothing, but a writer may: ours leaves out an object's
+# MetadataIndex.offset, as DCP's own does not need it)
+_DEFAULTS = {"MetadataIndex": {"offset": None, "index": None}, "_StorageInfo": {"transform_descriptors": None},
+             "Metadata": {"planner_data": None, "storage_data": None, "storage_meta": None}}
+
+
+def record_class(name: str) -> type:
+    """The stand-in class of the DCP class ``name`` (one per name: ``type(x).__name__`` says what it is)."""
+    cls = _RECORDS.get(name)
+    if cls is None:
+        cls = _RECORDS[name] = type(name, (TensorPropertiesRecord if name == "TensorProperties" else Record,),
+                                    dict(_DEFAULTS.get(name, {})))
+    return cls
+
+
+class TorchConstant(str):
+    """A torch value named in the file (``torch.strided``, ``torch.complex64``: not an element type streamconv
+    reads, which are ``dtypes.DType``), kept as its name."""
+
+    def __repr__(self) -> str:
+        return f"torch.{str(self)}"
+
+
+def torch_size(dims) -> tuple:
+    """``torch.Size(dims)`` as read: a tuple."""
+    return tuple(dims)

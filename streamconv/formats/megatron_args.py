@@ -5,7 +5,7 @@ Megatron-LM's training loop saves the non-sharded state (``args``, ``iteration``
 the optimizer's scheduler, ...) in ``common.pt`` (megatron-core 0.16-0.18) or as the object
 ``common_state/shard_0_1`` inside the ``.distcp`` files (0.19+). Both are ``torch.save`` pickles. They are
 read here with an allow-list unpickler: ``argparse.Namespace``, ``collections.OrderedDict``, torch dtypes
-and plain containers are rebuilt; tensors become ``None`` (their bytes are never read); any other global (an
+(as ``dtypes.DType``) and plain containers are rebuilt; tensors become ``None`` (their bytes are never read); any other global (an
 enum of megatron's, a partial, a class) becomes a ``Foreign`` stand-in that records its name and arguments.
 Nothing is imported and no code from the checkpoint runs.
 
@@ -23,8 +23,7 @@ import pickle
 import zipfile
 from pathlib import Path
 
-import torch
-
+from streamconv import dtypes
 from streamconv.errors import BadInputError
 from streamconv.formats.names import COMMON_FILE, COMMON_STATE_KEY
 
@@ -80,8 +79,8 @@ class _Unpickler(pickle.Unpickler):
         allowed = _ALLOWED.get((module, name))
         if allowed is not None:
             return allowed
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        if module == "torch" and name in dtypes.BY_NAME:
+            return dtypes.BY_NAME[name]  # a dtype, as ``dtypes.DType`` (torch is not imported for it)
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_parameter"):
             return lambda *a, **k: None  # a tensor: its bytes are never read
         full = f"{module}.{name}"
@@ -137,7 +136,7 @@ def common_state(ckpt: Path, source=None) -> dict | None:
 
 
 def _dtype_name(value) -> str | None:
-    if isinstance(value, torch.dtype):
+    if isinstance(value, dtypes.DType):
         return str(value)
     return None
 

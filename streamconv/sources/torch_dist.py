@@ -26,19 +26,18 @@ import bisect
 import collections
 import errno
 import heapq
-import importlib
 import itertools
 import io
 import math
 import os
 import pickle
 import stat
+import re
 import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from streamconv import dtypes
 from streamconv.engine.contracts import Source
@@ -46,9 +45,14 @@ from streamconv.engine.runner import DEFAULT_MAX_MEMORY
 from streamconv.errors import BadInputError
 from streamconv.files import pagecache
 from streamconv.files.fileio import OpenFiles, read_exact
+from streamconv.formats.dcp_pickle import Record, TorchConstant, record_class, torch_size
 from streamconv.formats.names import METADATA_FILE
+from streamconv.formats.torch_save import STORAGE_CLASSES
 from streamconv.runtime import rss
 from streamconv.units import fmt_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 COPY_AGAIN = "the checkpoint is truncated; copy it again"
 COPY_BUFFER_BYTES = 8 * 1024**2  # bound on the temporary buffer used when a chunk is split by columns
@@ -72,45 +76,47 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     + [(m, n) for m in ("pathlib", "pathlib._local") for n in ("PosixPath", "WindowsPath", "PurePosixPath",
                                                                "PureWindowsPath")]
 )
-_STORAGE_DTYPES = {name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
+_STORAGE_DTYPES = {name: dtypes.BY_NAME[dtype] for dtype, name in STORAGE_CLASSES.items()}
+_TORCH_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")  # torch.<dtype>, torch.<layout>, torch.<memory format>
 
 
-def _torch_constant(name: str):
-    value = getattr(torch, name, None)
-    if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
-        return value
-    return None
-
-
-def _get_layout(name: str) -> torch.layout:
-    value = _torch_constant(str(name).removeprefix("torch."))
-    if not isinstance(value, torch.layout):
-        raise pickle.UnpicklingError(f"unknown tensor layout {name!r}")
-    return value
+def _get_layout(name) -> TorchConstant:
+    name = str(name).removeprefix("torch.")
+    if not _TORCH_NAME.match(name):
+        raise pickle.UnpicklingError(f"unknown tensor layout {name[:40]!r}")
+    return TorchConstant(name)
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals a DCP ``.metadata`` needs; anything else is refused before it is called."""
+    """Resolves only the globals a DCP ``.metadata`` needs, each to an inert stand-in (``dcp_pickle.Record``:
+    a DCP class; ``dtypes.DType``: an element type; ``TorchConstant``: another torch value; a tuple:
+    ``torch.Size``); anything else is refused before it is called. torch is never imported for it."""
 
     def find_class(self, module: str, name: str):
         if (module, name) in ALLOWED_GLOBALS:
-            try:
-                return getattr(importlib.import_module(module), name)
-            except (ImportError, AttributeError):
-                raise pickle.UnpicklingError(f"global {module}.{name} does not exist in this torch "
-                                             f"{torch.__version__}") from None
+            if module == "collections":
+                return collections.OrderedDict
+            if module.startswith("pathlib"):
+                return _path
+            return record_class(name)
         if module == "torch":
             if name == "Size":
-                return torch.Size
-            value = _torch_constant(name)
-            if value is not None:
-                return value  # a dtype/layout/memory format value: nothing to call
+                return torch_size
+            if name in dtypes.BY_NAME:
+                return dtypes.BY_NAME[name]
+            if _TORCH_NAME.match(name):
+                return TorchConstant(name)  # a layout or memory format (or a dtype no weight has): a value
         if module == "torch.serialization" and name == "_get_layout":
             return _get_layout
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a torch_dist .metadata")
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("persistent ids are not allowed in a torch_dist .metadata")
+
+
+def _path(*parts) -> str:
+    """A ``pathlib`` path in ``StorageMeta.checkpoint_id``, as read: its text."""
+    return "/".join(str(p) for p in parts)
 
 
 class MetadataTooLarge(Exception):  # not an UnpicklingError: the C unpickler turns those into EOFError
@@ -155,10 +161,9 @@ class _MeteredReader:
 
 
 def load_metadata(path: Path | str, max_memory: int | None = None):
-    """The DCP ``Metadata`` in ``path``, unpickled with the allow-list above, building at most ``max_memory``
-    (at least ``METADATA_MEMORY_FLOOR``; default ``DEFAULT_MAX_MEMORY``, --max-memory's) of objects."""
-    from torch.distributed.checkpoint.metadata import Metadata
-
+    """The DCP ``Metadata`` in ``path`` as stand-ins (``dcp_pickle.Record``: fields, no behaviour), unpickled with
+    the allow-list above, building at most ``max_memory`` (at least ``METADATA_MEMORY_FLOOR``; default
+    ``DEFAULT_MAX_MEMORY``, --max-memory's) of objects."""
     path = Path(path)
     allowance = max(max_memory or DEFAULT_MAX_MEMORY, METADATA_MEMORY_FLOOR)
     try:
@@ -187,7 +192,7 @@ def load_metadata(path: Path | str, max_memory: int | None = None):
                             "large for this host") from None
     except Exception as e:  # truncated or garbage pickles raise many types
         raise BadInputError(f"{path}: unreadable torch_dist metadata ({type(e).__name__}: {e})") from None
-    if not isinstance(meta, Metadata) or not isinstance(getattr(meta, "state_dict_metadata", None), dict) \
+    if type(meta).__name__ != "Metadata" or not isinstance(getattr(meta, "state_dict_metadata", None), dict) \
             or not isinstance(getattr(meta, "storage_data", None), dict):
         raise BadInputError(f"{path}: not a torch.distributed.checkpoint Metadata object")
     return meta
@@ -198,7 +203,7 @@ def load_metadata(path: Path | str, max_memory: int | None = None):
 
 @dataclass(frozen=True)
 class _Storage:
-    dtype: torch.dtype
+    dtype: dtypes.DType
     key: str
     numel: int
 
@@ -208,7 +213,7 @@ class ParsedItem:
     """Where a tensor item's elements lie: absolute file offset of its storage, and its strides."""
 
     data_start: int  # absolute byte offset of storage element 0 in the .distcp file
-    dtype: torch.dtype
+    dtype: dtypes.DType
     storage_offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
@@ -328,7 +333,7 @@ def parse_tensor_item(fd: int, offset: int, length: int) -> ParsedItem | None:
         if storage_offset < 0 or storage_offset > storage.numel:
             raise ItemRefused(f"its storage offset {storage_offset} lies outside its {storage.numel}-element storage")
         info = names[f"{prefix}data/{storage.key}"]
-        itemsize = torch.empty((), dtype=storage.dtype).element_size()
+        itemsize = storage.dtype.itemsize
         if info.compress_type != zipfile.ZIP_STORED or info.file_size != storage.numel * itemsize:
             return None
         if any(n < 0 for n in size) or any(s < 0 for s in stride):
@@ -402,21 +407,21 @@ class TensorMeta:
 
     key: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: dtypes.DType  # (equal to the torch dtype of its name; ``.torch`` is that dtype)
     chunks: tuple[ItemRef, ...]
-    properties: object = None  # the DCP TensorProperties
+    properties: object = None  # the DCP TensorProperties, as read (``dcp_pickle.Record``)
 
     @property
-    def size(self) -> torch.Size:
-        return torch.Size(self.shape)
+    def size(self) -> tuple[int, ...]:
+        return self.shape
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def _itemsize(dtype) -> int:
+    return dtypes.of(dtype).itemsize
 
 
 class TorchDistSource(Source):
@@ -444,8 +449,6 @@ class TorchDistSource(Source):
 
     def _parse(self) -> None:
         """``tensors``, ``objects`` and where every item is, from ``.metadata``, every number checked."""
-        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-
         storage: dict[tuple[str, tuple[int, ...] | None], ItemRef] = {}
         sizes: dict[str, int] = {}
         for index, info in self.metadata.storage_data.items():
@@ -476,14 +479,15 @@ class TorchDistSource(Source):
         self.tensors: dict[str, TensorMeta] = {}
         self.objects: list[str] = []
         for key, md in self.metadata.state_dict_metadata.items():
-            if isinstance(md, BytesStorageMetadata):
+            kind = type(md).__name__ if isinstance(md, Record) else None
+            if kind == "BytesStorageMetadata":
                 if (key, None) not in storage:
                     raise BadInputError(f"{self.folder / METADATA_FILE}: object {key!r} has no storage entry")
                 self.objects.append(key)
-            elif isinstance(md, TensorStorageMetadata):
+            elif kind == "TensorStorageMetadata":
                 shape = tuple(int(s) for s in md.size)
                 dtype = getattr(md.properties, "dtype", None)
-                if not isinstance(dtype, torch.dtype) or str(dtype).removeprefix("torch.") not in dtypes.BY_NAME:
+                if not isinstance(dtype, dtypes.DType):
                     raise BadInputError(f"{self.folder / METADATA_FILE}: tensor {key!r} has element type "
                                         f"{str(dtype)[:40]}, which no model weight has; this is not a checkpoint "
                                         "streamconv reads")
@@ -504,7 +508,7 @@ class TorchDistSource(Source):
                     chunks.append(ItemRef(offs, szs, ref.file, ref.offset, ref.length))
                 chunks.sort(key=lambda c: c.offsets)
                 _refuse_chunk_overlaps(self.folder, key, chunks)
-                self.tensors[key] = TensorMeta(key, shape, md.properties.dtype, tuple(chunks), md.properties)
+                self.tensors[key] = TensorMeta(key, shape, dtype, tuple(chunks), md.properties)
             else:
                 raise BadInputError(f"{self.folder / METADATA_FILE}: entry {key!r} is of unknown kind "
                                     f"{type(md).__name__}")
@@ -530,8 +534,11 @@ class TorchDistSource(Source):
     def read_rows(self, name: str, row0: int, row1: int, index: tuple[int, ...] = ()) -> torch.Tensor:
         """Rows ``[row0, row1)`` along dim ``len(index)`` of tensor ``name``, its leading dims fixed to
         ``index``: a new tensor of shape ``[row1 - row0, *shape[len(index)+1:]]``."""
+        import torch
+
         meta = self.info(name)
-        out = torch.empty((row1 - row0, *meta.shape[len(index) + 1:]) if row1 >= row0 else (0,), dtype=meta.dtype)
+        out = torch.empty((row1 - row0, *meta.shape[len(index) + 1:]) if row1 >= row0 else (0,),
+                          dtype=meta.dtype.torch)
         self.fill_rows(out, name, row0, row1, index)
         return out
 
@@ -668,7 +675,9 @@ class TorchDistSource(Source):
                 layout = self._layout(meta, c)
                 if layout is None or not layout.standard:
                     return self._load_item(meta, c)
-                t = torch.empty(c.sizes, dtype=meta.dtype)
+                import torch
+
+                t = torch.empty(c.sizes, dtype=meta.dtype.torch)
                 if t.numel():
                     self._preadinto(c.file, memoryview(t.reshape(-1).view(torch.uint8).numpy()),
                                     layout.data_start + layout.storage_offset * _itemsize(meta.dtype))
@@ -680,6 +689,8 @@ class TorchDistSource(Source):
         ref = self._storage.get((key, None))
         if ref is None or key not in self.objects:
             raise BadInputError(f"{self.folder}: object {key!r} is not in the checkpoint")
+        import torch
+
         data = self._pread(ref.file, ref.offset, ref.length)
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -773,6 +784,8 @@ class TorchDistSource(Source):
         return self._layouts[cache_key]
 
     def _load_item(self, meta: TensorMeta, c: ItemRef) -> torch.Tensor:
+        import torch
+
         data = self._pread(c.file, c.offset, c.length)
         try:
             t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -798,6 +811,8 @@ class TorchDistSource(Source):
             return
         itemsize = _itemsize(meta.dtype)
         if layout.standard and _contiguous_box(local_lo, local_hi, c.sizes) and dst.is_contiguous():
+            import torch
+
             start = layout.storage_offset + sum(a * s for a, s in zip(local_lo, layout.stride))
             view = memoryview(dst.reshape(-1).view(torch.uint8).numpy())  # dst's own memory
             self._preadinto(c.file, view, layout.data_start + start * itemsize)
@@ -819,9 +834,11 @@ class TorchDistSource(Source):
     def _read_strided(self, c: ItemRef, layout: ParsedItem, lo, hi, itemsize: int) -> torch.Tensor:
         start = layout.storage_offset + sum(a * s for a, s in zip(lo, layout.stride))
         end = layout.storage_offset + sum((b - 1) * s for b, s in zip(hi, layout.stride)) + 1
+        import torch
+
         data = torch.empty((end - start) * itemsize, dtype=torch.uint8)
         self._preadinto(c.file, memoryview(data.numpy()), layout.data_start + start * itemsize)
-        flat = data.view(layout.dtype)
+        flat = data.view(layout.dtype.torch)
         return flat.as_strided(tuple(b - a for a, b in zip(lo, hi)), layout.stride, 0)
 
 

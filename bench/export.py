@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""The export (`streamconv mcore2hf`) against `cp -r` of the same torch_dist folder.
+
+    python bench/export.py [--sizes 3] [--where tmpfs,disk] [--rounds 3] [--resume] [--workdir DIR]
+
+The bf16 Llama of the benchmarks (``_common.family_config``) is imported once (``hf2mcore``, default
+chunking); then, per place (``tmpfs``: the torch_dist folder copied to /dev/shm and the output there;
+``disk``: the work folder, the checkpoint read into the page cache before every run, every run ending
+with ``sync``), for ``--rounds`` rounds, alternating and each run started alike (``_common.start_alike``,
+the last output removed just before):
+- ``cp -r`` of the torch_dist folder;
+- ``mcore2hf`` at its defaults (``--max-memory 2GiB``);
+- ``mcore2hf --max-memory 64MiB`` (the bound the issue names for peak RSS).
+Medians of wall time (whole process), the export's own ``seconds`` (``--json``), CPU seconds per GB (user +
+sys of the whole process), the engine's phases and its path, and the highest peak RSS (``--json``'s
+``peak_rss_bytes``: the whole process, start-up included). The first round's exports are checked tensor by
+tensor against the HF source, bit for bit. ``--resume``: a default export SIGKILLed once half its bytes are
+journaled (a crash-test hook: it follows progress, not the clock), then re-run; the re-run's ``seconds``
+against a fresh export's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c  # noqa: E402
+
+
+def mcore2hf(src: Path, out: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "streamconv", "mcore2hf", "--megatron-path", str(src), "--hf-path", str(out),
+            "--overwrite", "--json", *extra]
+
+
+def imported(hf: Path, work: Path) -> Path:
+    """The torch_dist checkpoint of ``hf`` (made once, next to it)."""
+    out = work / (hf.name.replace("hf-", "mcore-"))
+    if not (out / "latest_checkpointed_iteration.txt").is_file():
+        c.run([sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(hf), "--megatron-path", str(out),
+             "--overwrite", "--quiet"])
+    return out
+
+
+def same_as_source(out: Path, hf: Path) -> str | None:
+    """None when every tensor of the export equals the HF source's, bit for bit (one tensor at a time)."""
+    import torch
+    from safetensors import safe_open
+
+    def tensors(folder: Path) -> dict[str, Path]:
+        found = {}
+        for p in sorted(folder.glob("*.safetensors")):
+            with safe_open(p, "pt") as f:
+                found.update({k: p for k in f.keys()})
+        return found
+
+    a, b = tensors(hf), tensors(out)
+    if sorted(a) != sorted(b):
+        return f"tensor names differ: {sorted(set(a) ^ set(b))[:3]}"
+    for name in a:
+        with safe_open(a[name], "pt") as fa, safe_open(b[name], "pt") as fb:
+            x, y = fa.get_tensor(name), fb.get_tensor(name)
+            if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x.view(torch.uint8) if x.dim() else x,
+                                                                          y.view(torch.uint8) if y.dim() else y):
+                return f"{name} differs"
+    return None
+
+
+def killed_at_half(src: Path, out: Path, work: Path, extra) -> None:
+    """An export SIGKILLed once the chunks journaled hold about half of its bytes."""
+    from streamconv.commands.mcore2hf import Options, _setup
+
+    e = _setup(src, work / "plan-only", Options())
+    e.source.close()
+    n, done = 0, 0
+    while done < e.plan.total_bytes / 2:
+        done += e.plan.chunks[n].nbytes
+        n += 1
+    marker = work / "half"
+    marker.unlink(missing_ok=True)
+    env = {**os.environ, "STREAMCONV_TEST_PAUSE": f"chunk:{n}", "STREAMCONV_TEST_PAUSE_FILE": str(marker)}
+    p = subprocess.Popen(mcore2hf(src, out, *extra), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not marker.exists():
+        if p.poll() is not None:
+            sys.exit(f"the run to kill ended first: {p.stderr.read()[-2000:]}")
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
+def measure_place(src: Path, hf: Path, work: Path, where: str, rounds: int, extra) -> dict:
+    gb = c.folder_bytes(src) / 1e9
+    sync = where.startswith("disk")
+    last = [None]
+
+    def before(out: Path):
+        c.start_alike(src, where)
+        c.rmtree(last[0]) if last[0] else None
+        last[0] = out
+
+    modes = {"default": [], "64MiB": ["--max-memory", "64MiB"]}
+    rows: dict[str, list] = {"cp -r": [], **{m: [] for m in modes}}
+    checked = {}
+    for i in range(rounds):
+        dst = work / "cp"
+        before(dst)
+        rows["cp -r"].append(c.run(["sh", "-c", f"cp -r '{src}' '{dst}'" + (" && sync" if sync else "")]))
+        for name, flags in modes.items():
+            out = work / f"export-{name}"
+            before(out)
+            cmd = mcore2hf(src, out, *flags, *extra)
+            rows[name].append(c.run(["sh", "-c", shlex.join(cmd) + " && sync"] if sync else cmd))
+            if i == 0:
+                checked[name] = same_as_source(out, hf)
+                assert checked[name] is None, checked[name]
+    c.rmtree(last[0])
+    cp = c.median([r["wall"] for r in rows["cp -r"]])
+    report = {"gb": round(gb, 3), "where": where, "cp_wall": round(cp, 2),
+              "cp_cpu_per_gb": round(c.median([r["cpu"] for r in rows["cp -r"]]) / gb, 2),
+              "bit_exact": all(v is None for v in checked.values())}
+    for name in modes:
+        rs = rows[name]
+        seconds = c.median([r["summary"]["seconds"] for r in rs])
+        report[name] = {
+            "wall": round(c.median([r["wall"] for r in rs]), 2),
+            "seconds": round(seconds, 2),
+            "seconds_vs_cp": round(seconds / cp, 2),
+            "wall_vs_cp": round(c.median([r["wall"] for r in rs]) / cp, 2),
+            "cpu_per_gb": round(c.median([r["cpu"] for r in rs]) / gb, 2),
+            "cpu_vs_cp": round(c.median([r["cpu"] for r in rs]) / c.median([r["cpu"] for r in rows["cp -r"]]), 2),
+            "phases": c.phases(rs),
+            "engine_path": rs[0]["summary"]["engine_path"],
+            "peak_rss_mib": round(max(r["summary"]["peak_rss_bytes"] for r in rs) / c.MiB),
+        }
+    return report
+
+
+def measure_resume(src: Path, work: Path, where: str, rounds: int, extra) -> dict:
+    """A fresh export against a re-run after a kill at half, both started alike."""
+    fresh, resumed = [], []
+    out = work / "resume"
+    for _ in range(rounds):
+        c.rmtree(out)
+        c.start_alike(src, where)
+        fresh.append(c.run(mcore2hf(src, out, *extra))["summary"])
+        c.rmtree(out)
+        killed_at_half(src, out, work, extra)
+        c.start_alike(src, where)
+        resumed.append(c.run([a for a in mcore2hf(src, out, *extra) if a != "--overwrite"])["summary"])
+    c.rmtree(out)
+    f, r = (c.median([s["seconds"] for s in rs]) for rs in (fresh, resumed))
+    return {"fresh_seconds": round(f, 2), "resumed_seconds": round(r, 2), "ratio": round(r / f, 2),
+            "resumed_share_of_bytes": round(c.median([s["bytes"] / fresh[0]["bytes"] for s in resumed]), 2),
+            "chunks_kept": c.median([s["chunks_resumed"] for s in resumed])}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="3", help="model sizes in GB (default 3)")
+    ap.add_argument("--where", default="tmpfs,disk", help="tmpfs, disk, disk-cold; comma-separated")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--resume", action="store_true", help="also a re-run after a kill at half")
+    ap.add_argument("--workdir", help="where the disk runs work (default: a temporary folder under /var/tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    extra = ["--workers", str(args.workers)] if args.workers else []
+    disk = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="streamconv-export-", dir="/var/tmp"))
+    shm = Path(tempfile.mkdtemp(prefix="streamconv-export-", dir="/dev/shm")) if Path("/dev/shm").is_dir() else None
+    report = {"machine": c.machine(), "places": []}
+    try:
+        for size in [float(s) for s in args.sizes.split(",") if s]:
+            hf = c.checkpoint(disk, size)
+            src_disk = imported(hf, disk)
+            for where, src, work in c.places(src_disk, args.where, disk, shm):
+                place = measure_place(src, hf, work, where, args.rounds, extra)
+                if args.resume:
+                    place["resume"] = measure_resume(src, work, where, args.rounds, extra)
+                report["places"].append(place)
+                print(json.dumps(place), flush=True)
+    finally:
+        if shm is not None:
+            c.rmtree(shm)
+    return c.finish(args, report, disk)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

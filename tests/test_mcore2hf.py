@@ -321,6 +321,14 @@ def test_real_megatron_training_layouts_export_exactly(tmp_path, tp, pp, dtype):
             got = LlamaForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()(tokens).logits
         assert (got - ref).abs().max() < 1e-4
 
+    # verify in the export's direction: the exported folder against the checkpoint it came from, streamed
+    assert main(["verify", "--hf-model", str(tmp_path / "out"), "--megatron-path", str(saved), "--quiet"]) == 0
+    shard = sorted((tmp_path / "out").glob("*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x40  # a bit of the last tensor's last element
+    shard.write_bytes(bytes(data))
+    assert main(["verify", "--hf-model", str(tmp_path / "out"), "--megatron-path", str(saved), "--quiet"]) == 5
+
 
 # ---------------------------------------------------------------------------------------------- safety, errors
 
@@ -433,7 +441,7 @@ def test_killed_export_resumes_to_identical_output(tmp_path, capsys):
     assert clean["engine_path"] == "direct" and clean["chunks"] > 40
 
     out = tmp_path / "out"
-    killed_at_chunk(25, [*args, "--hf-path", str(out)], tmp_path / "paused")
+    killed_at_chunk(25, [*args, "--workers", "1", "--hf-path", str(out)], tmp_path / "paused")  # in plan order
     assert (out / MARKER).is_file() and not (out / "model.safetensors.index.json").exists()
     finished = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert finished and list(out.glob("*.partial"))
@@ -448,6 +456,25 @@ def test_killed_export_resumes_to_identical_output(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "clean").iterdir())
     for p in (tmp_path / "clean").iterdir():
         assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_a_resume_with_another_budget_keeps_the_complete_shards_and_redoes_the_partial_one(tmp_path):
+    """Another --max-memory chunks the tensors otherwise: the journaled chunks of the killed run's .partial shard
+    do not name this run's chunks, so that shard is written again (complete shards are kept)."""
+    cfg = llama_config(**LLAMA)
+    src = make_checkpoint(tmp_path / "hf", cfg, seed=9, dtype=torch.bfloat16, shards=2)
+    hf2mcore(src, tmp_path / "mcore")
+    args = ["mcore2hf", "--megatron-path", str(tmp_path / "mcore"), "--max-shard-size", "40KB", "--quiet"]
+    mcore2hf(tmp_path / "mcore", tmp_path / "clean", *args[3:-1])
+    out = tmp_path / "out"
+    killed_at_chunk(25, [*args, "--max-memory", "16KiB", "--workers", "1", "--hf-path", str(out)], tmp_path / "paused")
+    finished = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert finished and list(out.glob("*.partial"))
+    summary = mcore2hf(tmp_path / "mcore", out, *args[3:-1], "--max-memory", "48KiB")
+    assert summary["shards_skipped"] == len(finished) and summary["chunks_kept"] == 0
+    for p in (tmp_path / "clean").iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "clean").iterdir())
 
 
 def test_the_source_config_is_carried_and_exported_back_unchanged(tmp_path, capsys):

@@ -12,8 +12,17 @@ import resource
 import sys
 
 
+_before_reset = 0  # the high-water mark when ``reset_peak`` last cleared it
+
+
 def run_peak() -> int:
-    """Peak RSS of this process since it started, in bytes."""
+    """Peak RSS of this process since it started, in bytes: the kernel's high-water mark of this program's
+    memory (``VmHWM``, kept across ``reset_peak``). Not ``getrusage``'s ``ru_maxrss``, which Linux carries
+    over ``execve`` from the process that forked this one (a parent of 2 GB makes every child look 2 GB); it
+    is the fallback where ``/proc`` is not there."""
+    hwm = _status("VmHWM")
+    if hwm is not None:
+        return max(hwm, _before_reset)
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb if sys.platform == "darwin" else kb * 1024
 
@@ -35,6 +44,8 @@ def current() -> int:
 
 def reset_peak() -> bool:
     """Start a new window: the high-water mark drops to the current RSS. False where unsupported."""
+    global _before_reset
+    _before_reset = max(_before_reset, _status("VmHWM") or 0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -138,8 +138,9 @@ class SafetensorsSink(PlacingSink):
 
     Resume (``resume.Journal``, in ``<hf-path>/.streamconv``): a shard already under its final name whose
     header lists exactly the planned tensors is kept (``shard_complete``); in a ``.partial`` shard of the
-    planned size and header, every chunk journaled since the shard was created is kept without being read
-    again; the rest is written.
+    planned size and header, created with the same chunking (its ``open`` record's ``chunk_bytes``: a re-run
+    may pass another ``--max-memory``), every chunk journaled since the shard was created is kept without being
+    read again; the rest is written.
     """
 
     def __init__(self, folder: Path, plan, journal, files=None):
@@ -171,9 +172,12 @@ class SafetensorsSink(PlacingSink):
         chunk's record is written only once its bytes are on disk, so a record that survived a crash names a
         chunk that did. Any other ``.partial`` of this process's shards is removed."""
         recs = resume.chunks_of_last_open(records, {c.id: c.file for c in self.plan.chunks})
+        opened = {r.get("file"): r for r in records if r.get("t") == "open"}  # each shard's last
         for f in sorted(self.mine):
             tmp = self._path(f).with_name(self._path(f).name + ".partial")
-            if f not in self.committed and tmp.is_file() and not tmp.is_symlink() and self._laid_out(tmp, f):
+            same_chunks = opened.get(f, {}).get("chunk_bytes") == self.plan.chunk_bytes  # (--max-memory may differ)
+            if f not in self.committed and tmp.is_file() and not tmp.is_symlink() and same_chunks and \
+                    self._laid_out(tmp, f):
                 self._shard(f, fresh=False)
                 for c in self.by_file[f]:
                     if c.id in recs:
@@ -206,7 +210,7 @@ class SafetensorsSink(PlacingSink):
             opened = self._open.get(f)
             if opened is None:
                 if fresh:  # the chunk records of any earlier file of this name are void
-                    self.journal.append({"t": "open", "file": f}, sync=True)
+                    self.journal.append({"t": "open", "file": f, "chunk_bytes": self.plan.chunk_bytes}, sync=True)
                 opened = self._open[f] = _Shard(self._path(f), self.headers[f], self.sizes[f], fresh)
             return opened
 

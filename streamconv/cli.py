@@ -60,6 +60,16 @@ def joined():
         job.close()
 
 
+def _connections(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of connections: {text!r}") from None
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"--connections {n}: choose 1 to 256")
+    return n
+
+
 def _workers(text: str) -> int:
     try:
         n = int(text)
@@ -164,8 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_hf2mcore(sub) -> None:
     p = sub.add_parser("hf2mcore", **_helps("hf2mcore"), aliases=["import"],
                        help="convert a HF safetensors checkpoint to Megatron-Core torch_dist (alias: import)")
-    p.add_argument("--hf-model", required=True, help="HF model folder or hub repo id (owner/name)")
+    p.add_argument("--hf-model", required=True,
+                   help="HF model folder, or hub repo id (owner/name, owner/name@revision): its weights are read "
+                        "over HTTP range requests, never downloaded (unless all in the local cache)")
     p.add_argument("--megatron-path", required=True, help="output folder (gets iter_0000000/ and the tracker file)")
+    p.add_argument("--revision", default=None,
+                   help="a hub id's branch, tag or commit (default main); pinned to its commit at planning")
+    p.add_argument("--connections", type=_connections, default=16,
+                   help="a hub id: range requests in flight (default 16), apart from --workers")
+    p.add_argument("--download-first", action="store_true",
+                   help="a hub id: download the whole model into the Hugging Face cache first, then convert it "
+                        "from there (twice the disk; the streaming default needs none)")
     p.add_argument("--dtype", "--torch-dtype", dest="dtype", default=None,
                    help="output dtype: bf16, fp16 or fp32 (also spelled bfloat16, float16, float32), or auto (default: keep each tensor's "
                         "source dtype)")
@@ -310,7 +329,8 @@ def cmd_hf2mcore(args) -> int:
                    device=args.device,
                    overwrite=args.overwrite, allow_unused=args.allow_unused, quiet=args.quiet or args.json,
                    chunk_journal=not args.no_staging, zarr_view=args.keep_staging, file_bytes=args.distcp_size,
-                   recheck=args.recheck)
+                   recheck=args.recheck, revision=args.revision, connections=args.connections,
+                   download_first=args.download_first)
     if args.no_staging and args.keep_staging:
         raise UsageError("--keep-staging and --no-staging contradict each other; choose one")
     _check_device(args.device)

@@ -16,6 +16,8 @@ subprocess it kills):
   so a test can see a run at work before it signals it.
 - ``STREAMCONV_TEST_TINY_BUDGET=1``: ``--max-memory`` below 1 MiB is accepted (``inputs.check_budget``),
   so a tiny test model splits into many chunks (tests/conftest.py sets it for every test).
+- ``STREAMCONV_TEST_HUB_WAIT=<seconds>``: the Hub source's first wait before a retry (``sources/hub.py``; 1 s),
+  so a test that injects faults does not wait a second per retry.
 - ``STREAMCONV_TEST_STARTED=<file>``: ``started()`` creates that file (when the sink starts, before resuming),
   so a test times its kill from there rather than from the interpreter's start.
 """
@@ -29,6 +31,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+HUB_WAIT_HOOK = "STREAMCONV_TEST_HUB_WAIT"
 _counts: dict[str, int] = defaultdict(int)
 _lock = threading.Lock()
 

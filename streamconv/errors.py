@@ -51,6 +51,12 @@ class OutputError(StreamconvError):
     exit_code = EXIT_IO
 
 
+class SourceIOError(StreamconvError):
+    """The input cannot be read for now (the Hub unreachable after retries): run the same command again."""
+
+    exit_code = EXIT_IO
+
+
 # errno -> (what happened, what to do) for OSErrors met while writing output
 _OUTPUT_ERRNO = {
     errno.ENOSPC: ("disk full (no space left on device)", "free space or choose another output folder, then run again"),

@@ -47,7 +47,7 @@ def parse_dtype(name: str | None) -> dtypes.DType | None:
         raise UsageError(f"--dtype {name!r}: {DTYPE_CHOICES}") from None
 
 
-def resolve_hf_model(hf_model: str, allow_patterns=HUB_PATTERNS) -> Path:
+def resolve_hf_model(hf_model: str, allow_patterns=HUB_PATTERNS, revision: str | None = None) -> Path:
     """A local folder as is; otherwise a hub repo id, fetched (only the needed files) or found in the cache."""
     path = Path(hf_model).expanduser()
     if path.is_dir():
@@ -65,12 +65,61 @@ def resolve_hf_model(hf_model: str, allow_patterns=HUB_PATTERNS) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id=hf_model, allow_patterns=allow_patterns))
+        return Path(snapshot_download(repo_id=hf_model, revision=revision, allow_patterns=allow_patterns))
     except Exception as e:  # the hub raises many types (offline, not found, auth, network)
         raise BadInputError(
             f"{hf_model}: cannot get it from the Hugging Face hub or its cache ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); pass a local folder or check HF_HUB_OFFLINE/HF_TOKEN"
         ) from e
+
+
+def split_hub_id(hf_model: str, revision: str | None) -> tuple[str, str | None]:
+    """``owner/name@revision`` -> (``owner/name``, revision); ``--revision`` given too must agree."""
+    repo_id, at, rev = hf_model.partition("@")
+    if at and revision is not None and revision != rev:
+        raise UsageError(f"--hf-model {hf_model} names revision {rev!r} but --revision says {revision!r}")
+    return repo_id, (rev if at else revision)
+
+
+def is_hub_id(hf_model: str) -> bool:
+    """Not a local path, and shaped as ``owner/name`` (with an optional ``@revision``)."""
+    repo_id = hf_model.partition("@")[0]
+    return not Path(hf_model).expanduser().exists() and not hf_model.startswith((".", "/", "~")) and \
+        repo_id.count("/") == 1 and all(repo_id.split("/"))
+
+
+def open_hf_model(hf_model: str, revision: str | None = None, download_first: bool = False,
+                  pinned: str | None = None):
+    """What ``--hf-model`` names, ready to read: ``(folder, hub)``. A local folder (or config.json) as is, hub
+    None. A hub id: its revision pinned to a commit (``pinned``: the commit an interrupted run of this output
+    was pinned to, resumed on); a model whose weights are all in the local cache, or with ``download_first``
+    (fetched whole first), is read from the cache as a folder (hub None); otherwise only its small files go
+    to the cache and ``hub`` (a ``sources.hub.HubModel``) streams the weights. ``HF_HUB_OFFLINE``: the cache only."""
+    if not is_hub_id(hf_model):
+        return resolve_hf_model(hf_model), None
+    from huggingface_hub import constants
+
+    repo_id, rev = split_hub_id(hf_model, revision)
+    if constants.HF_HUB_OFFLINE:
+        return resolve_hf_model(repo_id, revision=rev), None
+    from streamconv.sources.hub import HubModel, hub_error
+
+    model = HubModel.resolve(repo_id, pinned or rev)
+    if download_first:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(repo_id, revision=model.sha, allow_patterns=HUB_PATTERNS)), None
+        except Exception as e:
+            raise hub_error(repo_id, "downloading", e) from None
+    if model.cached_folder() is not None:
+        from huggingface_hub import snapshot_download
+
+        try:  # the weights are cached: the small files too (fetched if one is missing)
+            return Path(snapshot_download(repo_id, revision=model.sha, allow_patterns=HUB_PATTERNS)), None
+        except Exception as e:
+            raise hub_error(repo_id, "the cache", e) from None
+    return model.fetch_small(), model
 
 
 def chunk_bytes_for(max_memory: int) -> int:

@@ -24,14 +24,15 @@ from streamconv.files.atomic import fsync_write
 from streamconv.formats import run_config
 from streamconv.formats.names import CONFIG_FILE, HF_CONFIG_DIR, JOB_TOKEN_FILE, ITER_DIR, METADATA_FILE, TOKENIZER_DIR, TOKENIZER_FILES, \
     TRACKER_FILE, ZARR_VIEW
-from streamconv.inputs import check_budget, check_fits, chunk_bytes_for, import_plan_for, parse_dtype, \
-    resolve_hf_model
+from streamconv.inputs import check_budget, check_fits, chunk_bytes_for, import_plan_for, open_hf_model, parse_dtype, \
+    split_hub_id
 from streamconv.models.config import load_config, spec_from_config
 from streamconv.models.spec import ModelSpec
 from streamconv.plan.build import DEFAULT_FILE_BYTES, Plan
 from streamconv.runtime import dist, outdir, report, resume, rss
 from streamconv.runtime.progress import make_progress, status
 from streamconv.sinks.torch_dist import TorchDistSink
+from streamconv.sources.hub import HubModel, HubSource
 from streamconv.sources.safetensors import SafetensorsSource
 from streamconv.units import fmt_bytes
 
@@ -72,41 +73,82 @@ class Options:
     zarr_view: bool = False  # --keep-staging: also write a zarr v3 view of the model (sinks/zarr_view.py)
     file_bytes: int = DEFAULT_FILE_BYTES  # target size of each .distcp file
     recheck: bool = False  # resuming: re-read the source of every kept chunk and compare its CRC (sinks/compare.py)
+    revision: str | None = None  # a hub id's branch, tag or commit (--revision, or owner/name@revision)
+    connections: int = 16  # a hub source's range requests in flight (--connections)
+    download_first: bool = False  # a hub id: download the whole model to the cache first (--download-first)
 
 
 @dataclass
 class _Setup:
     folder: Path
     spec: ModelSpec
-    source: SafetensorsSource
+    source: SafetensorsSource | HubSource
     plan: Plan
     identity: dict
+    hub: HubModel | None = None  # the weights are streamed from the Hub at this pinned commit
+    moved: str | None = None  # resumed on ``hub.sha`` while the revision asked for now names this commit
 
 
 def _setup(hf_model: str, out: Path, opts: Options) -> _Setup:
     """Input, plan and identity: the same on every rank of a distributed run (planning reads headers only)."""
-    folder = resolve_hf_model(hf_model)
+    pinned = _pinned(out, hf_model) if not opts.overwrite else None
+    asked = split_hub_id(hf_model, opts.revision)[1] if pinned else None
+    if asked is not None and len(asked) == 40 and asked != pinned:  # another commit, named: not this output's
+        pinned = None
+    folder, hub = open_hf_model(hf_model, opts.revision, opts.download_first, pinned)
+    moved = _moved(hub, split_hub_id(hf_model, opts.revision)[1], opts.quiet) if hub and pinned else None
     cfg = load_config(folder)
     spec = spec_from_config(cfg)
     outdir.refuse_overlap(out, [folder], "--megatron-path")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")
-    source = SafetensorsSource(folder, cfg)  # a quantized checkpoint's scales are read here
+    # a quantized checkpoint's scales are read here
+    source = HubSource(hub, folder, cfg) if hub is not None else SafetensorsSource(folder, cfg)
     try:
         # the files themselves too: a HF cache's shards are symlinks into blobs/ (--overwrite deletes out)
-        outdir.refuse_overlap(out, source.files() + [folder / CONFIG_FILE], "--megatron-path")
+        outdir.refuse_overlap(out, ([] if hub else source.files()) + [folder / CONFIG_FILE], "--megatron-path")
         dtype = parse_dtype(opts.dtype)
         plan = import_plan_for(source, spec, dtype, chunk_bytes_for(opts.max_memory), opts.allow_unused,
                                opts.file_bytes)
         check_fits(plan, source, opts.max_memory)
-        identity = resume.make_identity(folder, source.files(), plan,
+        identity = resume.make_identity(folder, [] if hub else source.files(), plan,
                                         dtype=str(dtype).removeprefix("torch.") if dtype else None,
                                         file_bytes=opts.file_bytes,
-                                        staging=opts.chunk_journal)
+                                        staging=opts.chunk_journal, hub=hub.identity() if hub else None)
     except BaseException:
         source.close()
         raise
-    return _Setup(folder, spec, source, plan, identity)
+    return _Setup(folder, spec, source, plan, identity, hub, moved)
+
+
+def _moved(hub: HubModel, revision: str | None, quiet: bool) -> str | None:
+    """A resumed run reads the commit it started from; when the revision asked for now names another, say so
+    (and return that commit, for the summary)."""
+    if revision is not None and revision == hub.sha:
+        return None
+    now = HubModel.resolve(hub.repo_id, revision).sha
+    if now == hub.sha:
+        return None
+    status(f"{hub.repo_id}: {revision or 'main'} now points to {now[:12]}; resuming on {hub.sha[:12]}, the commit "
+           "this conversion started from (--overwrite converts the new one)", quiet)
+    return now
+
+
+def _pinned(out: Path, hf_model: str) -> str | None:
+    """The commit an interrupted run into ``out`` of the same hub model was pinned to (a resume reads the same
+    commit, whatever the branch says now), or None."""
+    import json
+
+    from streamconv.formats.names import IDENTITY_FILE, STATE_DIR
+    from streamconv.inputs import is_hub_id
+
+    if not is_hub_id(hf_model):
+        return None
+    try:
+        hub = json.loads((out / STATE_DIR / IDENTITY_FILE).read_text())["input"]["hub"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return hub.get("sha") if isinstance(hub, dict) and hub.get("hub") == hf_model.partition("@")[0] else None
 
 
 def _prepare(out: Path, identity: dict, opts: Options, world: int) -> resume.Journal:
@@ -164,6 +206,11 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
         staging=opts.chunk_journal)
     if s.source.quant is not None:
         summary["quantization"] = s.source.quant.as_dict()
+    if s.hub is not None:
+        st = s.source.stats
+        summary["hub"] = {"repo": s.hub.repo_id, "revision": s.hub.revision, "sha": s.hub.sha,
+                          "bytes_fetched": st.bytes_fetched, "requests": st.requests, "retries": st.retries,
+                          "connections": opts.connections, "revision_now_at": s.moved}
     return summary
 
 
@@ -207,7 +254,8 @@ def _convert(s: _Setup, sink: TorchDistSink, opts: Options, job, mine: set, quie
     with progress, job.heartbeat(dist.job_progress(progress, world)) if job else nullcontext() as hb:
         if opts.recheck:
             _recheck(plan, s.source, sink, opts, quiet)
-        stats = runner.run(plan, s.source, sink, max_memory=opts.max_memory, workers=opts.workers,
+        stats = runner.run(plan, s.source, sink, max_memory=opts.max_memory,
+                           workers=opts.connections if s.hub is not None else opts.workers,
                            device=opts.device, progress=dist.Counting(progress, hb) if hb else progress, skip=sink.skip)
         entries = sink.finish_files()
         mine_figures = report.rank_figures(rank, stats, time.perf_counter() - t0, rss.cpu_seconds() - cpu0,
@@ -221,7 +269,8 @@ def _convert(s: _Setup, sink: TorchDistSink, opts: Options, job, mine: set, quie
 def _commit(out: Path, s: _Setup, sink: TorchDistSink, entries: dict, hf_model: str, job) -> None:
     """Rank 0: Bridge's files, ``.metadata`` (the sink), then the tracker; the other ranks close their sinks."""
     def commit() -> None:
-        resume.check_unchanged(s.folder, s.source.files(), s.identity)
+        if s.hub is None:  # (a hub commit does not change)
+            resume.check_unchanged(s.folder, s.source.files(), s.identity)
         write_bridge_files(s.folder, out, out / ITER_DIR, s.spec, s.plan, hf_model)
         sink.commit(entries)
         try:  # what Bridge / Megatron-LM look for in <out> comes after .metadata: never before

@@ -74,16 +74,29 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             if len(head) < 8:
                 raise BadInputError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte "
                                     f"header length); {REDOWNLOAD}")
-            (n,) = struct.unpack("<Q", head)
-            if n + 8 > size:
-                raise BadInputError(f"{path}: header length {n} is larger than the file ({size} bytes): truncated "
-                                    f"or not a safetensors file; {REDOWNLOAD}")
-            if n > MAX_HEADER_BYTES:
-                raise BadInputError(f"{path}: header length {n} is over the {MAX_HEADER_BYTES} bytes streamconv "
-                                    "accepts: not a safetensors checkpoint")
+            n = header_length(path, head, size)
             raw = f.read(n)
     except OSError as e:
         raise BadInputError(f"{path}: cannot read: {e.strerror or e}") from e
+    return parse_header(path, raw, n, size)
+
+
+def header_length(path, head: bytes, size: int) -> int:
+    """The header's length from a shard's first 8 bytes (``size``: the shard's), checked before anything is
+    allocated for it."""
+    (n,) = struct.unpack("<Q", head)
+    if n + 8 > size:
+        raise BadInputError(f"{path}: header length {n} is larger than the file ({size} bytes): truncated "
+                            f"or not a safetensors file; {REDOWNLOAD}")
+    if n > MAX_HEADER_BYTES:
+        raise BadInputError(f"{path}: header length {n} is over the {MAX_HEADER_BYTES} bytes streamconv "
+                            "accepts: not a safetensors checkpoint")
+    return n
+
+
+def parse_header(path, raw: bytes, n: int, size: int) -> dict[str, TensorInfo]:
+    """The tensors a header ``raw`` of declared length ``n`` describes in a shard of ``size`` bytes at ``path``
+    (a local path, or where a remote shard is: only printed and kept in ``TensorInfo.path``), validated."""
     if len(raw) != n:
         raise BadInputError(f"{path}: the file ended inside its header; {REDOWNLOAD}")
     try:

@@ -66,12 +66,16 @@ def input_identity(folder: Path, shard_paths) -> dict:
         st = path.stat()
         files.append({"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                       "ctime_ns": st.st_ctime_ns, "inode": st.st_ino, "header_sha256": _header_sha256(path)})
+    return {"files": files, **_json_hashes(folder)}
+
+
+def _json_hashes(folder: Path) -> dict:
     extra = {}
     for name in ("config.json", "model.safetensors.index.json", "hf_quant_config.json"):
         p = folder / name
         if p.is_file():
             extra[name] = _sha256(p.read_bytes())
-    return {"files": files, "json_sha256": extra}
+    return {"json_sha256": extra}
 
 
 def check_unchanged(folder: Path, shard_paths, identity: dict) -> None:
@@ -105,10 +109,12 @@ def plan_digest(plan) -> str:
 
 
 def make_identity(folder: Path, shard_paths, plan, *, dtype: str | None, file_bytes: int | None,
-                  staging: bool) -> dict:
+                  staging: bool, hub: dict | None = None) -> dict:
+    """``hub``: a Hub model's identity (``sources/hub.HubModel.identity``: repository, pinned commit, files),
+    which stands for the shards' (read over HTTP, never stat'ed)."""
     return {
         "format": FORMAT,
-        "input": input_identity(folder, shard_paths),
+        "input": input_identity(folder, shard_paths) if hub is None else {"hub": hub, **_json_hashes(folder)},
         "settings": {"dtype": dtype or "auto", "chunk_bytes": plan.chunk_bytes, "file_bytes": file_bytes,
                      "plan_sha256": plan_digest(plan)},
         "staging": staging,
@@ -126,6 +132,14 @@ def describe_difference(old: dict, new: dict) -> str | None:
     if old.get("format") != new["format"]:
         return "it was written by another streamconv version"
     oi, ni = old.get("input", {}), new["input"]
+    if oi != ni and ("hub" in oi or "hub" in ni):
+        oh, nh = oi.get("hub") or {}, ni.get("hub") or {}
+        if oh.get("hub") != nh.get("hub"):
+            return f"it was made from a different input ({oh.get('hub') or 'a local folder'})"
+        if oh.get("sha") != nh.get("sha"):
+            return (f"it was made from commit {str(oh.get('sha'))[:12]} of {nh.get('hub')}, this run reads "
+                    f"{str(nh.get('sha'))[:12]} (pass --revision {oh.get('sha')} to finish it)")
+        return "it was made from a different input (the Hub's files or config.json differ)"
     if oi != ni:
         ofiles = {f["name"]: f for f in oi.get("files", [])}
         nfiles = {f["name"]: f for f in ni["files"]}

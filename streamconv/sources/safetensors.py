@@ -16,6 +16,24 @@ from streamconv.files.fileio import OpenFiles, read_exact
 from streamconv.formats.safetensors import TensorInfo, itemsize, read_header, read_index
 
 
+def rows_extent(info: TensorInfo, row0: int, row1: int, index: tuple[int, ...] = ()) -> tuple[Path, int, int]:
+    """``(file, byte offset, length)`` of rows ``[row0, row1)`` of the tensor ``info`` describes (along dim 0,
+    after the leading ``index``): one contiguous range, as a safetensors shard stores tensors row-major."""
+    full = info.shape
+    shape = full[len(index):]
+    rows = shape[0] if shape else 1
+    if len(index) > len(full) or any(not 0 <= i < n for i, n in zip(index, full)) or not 0 <= row0 <= row1 <= rows:
+        raise BadInputError(
+            f"{info.path}: rows [{row0}, {row1}) of index {list(index)} are outside tensor {info.name!r} {list(full)}"
+        )
+    row_bytes = math.prod(shape[1:]) * itemsize(info.dtype)
+    first_row = 0
+    for i, n in zip(index, full):  # row-major: flatten the leading index into a row number
+        first_row = first_row * n + i
+    first_row = first_row * rows + row0
+    return info.path, info.start + first_row * row_bytes, (row1 - row0) * row_bytes
+
+
 class SafetensorsSource(FileSource):
     """A lazy view of a HF checkpoint folder: one or more ``*.safetensors`` shards.
 
@@ -93,20 +111,7 @@ class SafetensorsSource(FileSource):
     def extent(self, name: str, row0: int, row1: int, index: tuple[int, ...] = ()) -> tuple[Path, int, int]:
         """``(file, byte offset, length)`` of rows ``[row0, row1)`` of tensor ``name`` (along dim 0, after the
         leading ``index``): one contiguous range, as tensors are stored row-major."""
-        info = self.info(name)
-        full = info.shape
-        shape = full[len(index):]
-        rows = shape[0] if shape else 1
-        if len(index) > len(full) or any(not 0 <= i < n for i, n in zip(index, full)) or not 0 <= row0 <= row1 <= rows:
-            raise BadInputError(
-                f"{info.path}: rows [{row0}, {row1}) of index {list(index)} are outside tensor {name!r} {list(full)}"
-            )
-        row_bytes = math.prod(shape[1:]) * itemsize(info.dtype)
-        first_row = 0
-        for i, n in zip(index, full):  # row-major: flatten the leading index into a row number
-            first_row = first_row * n + i
-        first_row = first_row * rows + row0
-        return info.path, info.start + first_row * row_bytes, (row1 - row0) * row_bytes
+        return rows_extent(self.info(name), row0, row1, index)
 
     def spans(self, read) -> list[tuple[Path, int, int]]:
         """The engine's reads (``FileSource``): a read's rows are one range of a shard."""

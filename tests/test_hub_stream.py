@@ -1,0 +1,174 @@
+"""hf2mcore straight from the Hub: the real huggingface_hub client against a local server speaking the Hub's
+protocol (tests/hub_server.py, HF_ENDPOINT), with faults injected. No weight byte goes to HF_HOME; the output
+is the conversion of the same model from a local folder, byte for byte."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hub_server import Hub
+from streamconv.cli import main
+from streamconv.reference.synth import llama_config, make_checkpoint
+
+REPO = "nvidia/Tiny-Nemotron"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two commits of one model (other weights), and its local conversion."""
+    root = tmp_path_factory.mktemp("hub")
+    cfg = llama_config(hidden=64, layers=2, heads=8, kv_heads=2, ffn=160, vocab=256)
+    first = make_checkpoint(root / "first", cfg, seed=1, shards=3)
+    second = make_checkpoint(root / "second", cfg, seed=2, shards=3)
+    assert main(["hf2mcore", "--hf-model", str(first), "--megatron-path", str(root / "local"), "--quiet",
+                 "--max-memory", "64KiB"]) == 0
+    return first, second, root / "local"
+
+
+def weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def checkpoint_bytes(out: Path) -> dict[str, bytes]:
+    """The torch_dist part of an output (run_config.yaml names its source, so it differs by design)."""
+    ckpt = out / "iter_0000000"
+    return {p.name: p.read_bytes() for p in ckpt.iterdir() if p.suffix == ".distcp" or p.name == ".metadata"}
+
+
+def launch(endpoint: str, home: Path, out: Path, *extra, **env) -> subprocess.Popen:
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), "STREAMCONV_TEST_HUB_WAIT": "0.01",
+           **env}
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("HF_HUB_CACHE", None)
+    return subprocess.Popen([sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", REPO, "--megatron-path",
+                             str(out), "--max-memory", "64KiB", "--json", *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def convert(endpoint: str, home: Path, out: Path, *extra) -> tuple[int, dict | None, str]:
+    p = launch(endpoint, home, out, *extra)
+    stdout, stderr = p.communicate(timeout=300)
+    return p.returncode, (json.loads(stdout) if p.returncode == 0 else None), stderr
+
+
+def no_weights_in(home: Path, model: Path) -> bool:
+    """HF_HOME holds no weight byte: nothing there as large as the smallest shard, no .safetensors blob."""
+    smallest = min(p.stat().st_size for p in model.glob("*.safetensors"))
+    files = [p for p in home.rglob("*") if p.is_file()]
+    return all(p.stat().st_size < smallest and not p.name.endswith(".safetensors") for p in files)
+
+
+def test_a_hub_id_streams_the_weights_and_writes_only_the_output(models, tmp_path):
+    first, _, local = models
+    hub = Hub({REPO: {"main": first}})
+    with hub.serving() as endpoint:
+        rc, summary, err = convert(endpoint, tmp_path / "home", tmp_path / "out")
+    assert rc == 0, err
+    assert checkpoint_bytes(tmp_path / "out") == checkpoint_bytes(local)
+    assert no_weights_in(tmp_path / "home", first)
+    assert hub.bytes_sent() <= 1.1 * weights_bytes(first)
+    assert summary["hub"]["sha"] == hub.repos[REPO]["main"] and summary["hub"]["retries"] == 0
+    assert summary["hub"]["bytes_fetched"] == hub.bytes_sent()
+    weights = [r for r in hub.requests if r.split()[1].endswith(".safetensors")]
+    assert weights and all(r.startswith("GET") and "bytes=" in r for r in weights)  # ranges only, never a whole file
+
+
+def test_dropped_bodies_503_and_429_are_survived(models, tmp_path):
+    first, _, local = models
+    hub = Hub({REPO: {"main": first}})
+    shards = sorted(p.name for p in first.glob("*.safetensors"))
+    hub.faults.drop_after = {shards[0]: [3, 5000, 20000], shards[1]: [100]}
+    hub.faults.status = {shards[1]: [503, 503], shards[2]: [429]}
+    hub.faults.retry_after = "0"
+    with hub.serving() as endpoint:
+        rc, summary, err = convert(endpoint, tmp_path / "home", tmp_path / "out")
+    assert rc == 0, err
+    assert checkpoint_bytes(tmp_path / "out") == checkpoint_bytes(local)
+    assert summary["hub"]["retries"] >= 4  # the four broken bodies, each asked for again from where it stopped
+    assert hub.bytes_sent() <= 1.1 * weights_bytes(first)
+    assert not hub.faults.drop_after[shards[0]] and not hub.faults.status[shards[1]]  # every fault fired
+
+
+def test_a_hub_that_stays_unreachable_is_one_line_exit_4_and_nothing_looks_complete(models, tmp_path):
+    first, _, _ = models
+    hub = Hub({REPO: {"main": first}})
+    shard = sorted(p.name for p in first.glob("*.safetensors"))[-1]
+    hub.faults.status = {shard: [503] * 500}
+    with hub.serving() as endpoint:
+        rc, _, err = convert(endpoint, tmp_path / "home", tmp_path / "out")
+    lines = err.strip().splitlines()
+    assert rc == 4 and len(lines) == 1 and REPO in lines[0] and "cannot be reached" in lines[0], err
+    assert not (tmp_path / "out" / "iter_0000000" / ".metadata").exists()
+    assert not (tmp_path / "out" / "latest_checkpointed_iteration.txt").exists()
+
+
+@pytest.mark.parametrize("status,needle", [(404, "not in the repository"), (401, "log in")])
+def test_a_missing_or_forbidden_file_is_one_line_that_says_what_to_do(models, tmp_path, status, needle):
+    first, _, _ = models
+    hub = Hub({REPO: {"main": first}})
+    shard = sorted(p.name for p in first.glob("*.safetensors"))[1]
+    hub.faults.status = {shard: [status] * 50}
+    with hub.serving() as endpoint:
+        rc, _, err = convert(endpoint, tmp_path / "home", tmp_path / "out")
+    lines = err.strip().splitlines()
+    assert rc == 3 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+
+
+def test_an_unknown_repo_or_revision_is_one_line(models, tmp_path):
+    first, _, _ = models
+    hub = Hub({REPO: {"main": first}})
+    with hub.serving() as endpoint:
+        rc, _, err = convert(endpoint, tmp_path / "home", tmp_path / "out", "--revision", "no-such-branch")
+    assert rc == 3 and len(err.strip().splitlines()) == 1 and "no such revision" in err, err
+
+
+def test_a_killed_run_resumes_on_its_pinned_commit_after_the_branch_moved(models, tmp_path):
+    """Killed at half, then main moves to another commit: the re-run says so, finishes the commit it started
+    from (what it kept and what it fetches agree), and the Hub sent at most 1.6x the model in all."""
+    first, second, local = models
+    hub = Hub({REPO: {"main": first}})
+    out, home = tmp_path / "out", tmp_path / "home"
+    with hub.serving() as endpoint:
+        marker = tmp_path / "paused"
+        p = launch(endpoint, home, out, "--connections", "1", STREAMCONV_TEST_PAUSE="chunk:12",
+                   STREAMCONV_TEST_PAUSE_FILE=str(marker))
+        while not marker.exists():  # the run's own progress decides when, not a timer
+            assert p.poll() is None, p.communicate()[1]
+            time.sleep(0.005)
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=60)
+        before = hub.bytes_sent()
+        assert 0 < before < weights_bytes(first)
+        hub.set_branches(REPO, {"main": second})
+        rc, summary, err = convert(endpoint, home, out)
+    assert rc == 0, err
+    assert summary["hub"]["revision_now_at"] == hub.repos[REPO]["main"] != summary["hub"]["sha"]
+    assert summary["chunks_resumed"] >= 12
+    assert checkpoint_bytes(out) == checkpoint_bytes(local)
+    assert hub.bytes_sent() <= 1.6 * weights_bytes(first)
+
+
+def test_a_fully_cached_model_is_read_from_the_cache(models, tmp_path):
+    """--download-first fills the cache; a later run finds every weight there and reads none over HTTP."""
+    first, _, local = models
+    hub = Hub({REPO: {"main": first}})
+    home = tmp_path / "home"
+    with hub.serving() as endpoint:
+        rc, summary, err = convert(endpoint, home, tmp_path / "a", "--download-first")
+        assert rc == 0 and "hub" not in summary, err
+        sent = hub.bytes_sent()
+        assert sent >= weights_bytes(first)  # downloaded whole, once
+        rc, summary, err = convert(endpoint, home, tmp_path / "b")
+        assert rc == 0 and "hub" not in summary, err
+        assert hub.bytes_sent() == sent  # nothing fetched again
+    assert checkpoint_bytes(tmp_path / "a") == checkpoint_bytes(local) == checkpoint_bytes(tmp_path / "b")
+    shutil.rmtree(home)

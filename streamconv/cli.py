@@ -214,7 +214,9 @@ def _add_hf2mcore(sub) -> None:
 def _add_verify(sub) -> None:
     p = sub.add_parser("verify", **_helps("verify"), help="check, bit for bit, that every tensor of a torch_dist checkpoint equals "
                                       "its HF source under the mapping")
-    p.add_argument("--hf-model", required=True, help="the HF model folder (or hub repo id) it was converted from")
+    p.add_argument("--hf-model", required=True,
+                   help="the HF model folder (or hub repo id, owner/name[@revision]: read over HTTP) it was converted from")
+    p.add_argument("--revision", default=None, help="a hub id's branch, tag or commit (default main)")
     p.add_argument("--megatron-path", required=True,
                    help="the converted output: a folder with latest_checkpointed_iteration.txt, or the checkpoint "
                         "folder itself (holding .metadata)")

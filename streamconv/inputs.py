@@ -122,6 +122,19 @@ def open_hf_model(hf_model: str, revision: str | None = None, download_first: bo
     return model.fetch_small(), model
 
 
+def open_hf_source(hf_model: str, revision: str | None = None, download_first: bool = False,
+                   pinned: str | None = None):
+    """``(folder, cfg, source, hub)`` for ``--hf-model`` (``open_hf_model``): a ``SafetensorsSource`` over a
+    local folder or cache snapshot, or a ``HubSource`` streaming the weights of ``hub`` (a quantized
+    checkpoint's scales are read here)."""
+    from streamconv.sources.hub import HubSource
+    from streamconv.sources.safetensors import SafetensorsSource
+
+    folder, hub = open_hf_model(hf_model, revision, download_first, pinned)
+    cfg = load_config(folder)
+    return folder, cfg, (HubSource(hub, folder, cfg) if hub is not None else SafetensorsSource(folder, cfg)), hub
+
+
 def chunk_bytes_for(max_memory: int) -> int:
     """Chunks small enough that several (buffer, cast output, sink copy) fit the budget at once.
 

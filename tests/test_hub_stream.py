@@ -98,6 +98,25 @@ def test_dropped_bodies_503_and_429_are_survived(models, tmp_path):
     assert not hub.faults.drop_after[shards[0]] and not hub.faults.status[shards[1]]  # every fault fired
 
 
+def test_a_byte_flipped_in_transit_is_caught_and_nothing_wrong_is_kept(models, tmp_path):
+    """One byte flipped in what the Hub sends: the shard's SHA-256 differs, the run ends in one line with nothing
+    committed and the .distcp files made from that shard removed; the same command then converts it right."""
+    first, _, local = models
+    hub = Hub({REPO: {"main": first}})
+    shard = sorted(p.name for p in first.glob("*.safetensors"))[1]
+    hub.faults.flip = {shard: (first / shard).stat().st_size - 5}  # inside the shard's last tensor
+    with hub.serving() as endpoint:
+        rc, _, err = convert(endpoint, tmp_path / "home", tmp_path / "out")
+        lines = err.strip().splitlines()
+        assert rc == 3 and len(lines) == 1 and "SHA-256" in lines[0] and shard in lines[0], err
+        assert not (tmp_path / "out" / "iter_0000000" / ".metadata").exists()
+        assert not hub.faults.flip  # it fired
+        rc, summary, err = convert(endpoint, tmp_path / "home", tmp_path / "out")
+    assert rc == 0, err
+    assert summary["hub"]["shards_checked"] == 3 and summary["hub"]["bytes_refetched"] < weights_bytes(first) / 10
+    assert checkpoint_bytes(tmp_path / "out") == checkpoint_bytes(local)
+
+
 def test_a_hub_that_stays_unreachable_is_one_line_exit_4_and_nothing_looks_complete(models, tmp_path):
     first, _, _ = models
     hub = Hub({REPO: {"main": first}})
@@ -172,3 +191,19 @@ def test_a_fully_cached_model_is_read_from_the_cache(models, tmp_path):
         assert hub.bytes_sent() == sent  # nothing fetched again
     assert checkpoint_bytes(tmp_path / "a") == checkpoint_bytes(local) == checkpoint_bytes(tmp_path / "b")
     shutil.rmtree(home)
+
+
+def test_verify_reads_a_hub_id_over_http_too(models, tmp_path):
+    first, _, local = models
+    hub = Hub({REPO: {"main": first}})
+    with hub.serving() as endpoint:
+        env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "home"),
+               "STREAMCONV_TEST_HUB_WAIT": "0.01"}
+        env.pop("HF_HUB_OFFLINE", None)
+        env.pop("HF_HUB_CACHE", None)
+        r = subprocess.run([sys.executable, "-m", "streamconv", "verify", "--hf-model", REPO, "--megatron-path",
+                            str(local), "--json"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["items_checked"] > 0
+    assert no_weights_in(tmp_path / "home", first)
+    assert weights_bytes(first) * 0.9 <= hub.bytes_sent() <= 1.1 * weights_bytes(first)

@@ -24,9 +24,9 @@ from streamconv.files.atomic import fsync_write
 from streamconv.formats import run_config
 from streamconv.formats.names import CONFIG_FILE, HF_CONFIG_DIR, JOB_TOKEN_FILE, ITER_DIR, METADATA_FILE, TOKENIZER_DIR, TOKENIZER_FILES, \
     TRACKER_FILE, ZARR_VIEW
-from streamconv.inputs import check_budget, check_fits, chunk_bytes_for, import_plan_for, open_hf_model, parse_dtype, \
-    split_hub_id
-from streamconv.models.config import load_config, spec_from_config
+from streamconv.inputs import check_budget, check_fits, chunk_bytes_for, import_plan_for, open_hf_source, \
+    parse_dtype, split_hub_id
+from streamconv.models.config import spec_from_config
 from streamconv.models.spec import ModelSpec
 from streamconv.plan.build import DEFAULT_FILE_BYTES, Plan
 from streamconv.runtime import dist, outdir, report, resume, rss
@@ -87,6 +87,8 @@ class _Setup:
     identity: dict
     hub: HubModel | None = None  # the weights are streamed from the Hub at this pinned commit
     moved: str | None = None  # resumed on ``hub.sha`` while the revision asked for now names this commit
+    quiet: bool = False
+    checked: dict | None = None  # the Hub shards' SHA-256 check (``_check_hub_hashes``)
 
 
 def _setup(hf_model: str, out: Path, opts: Options) -> _Setup:
@@ -95,16 +97,13 @@ def _setup(hf_model: str, out: Path, opts: Options) -> _Setup:
     asked = split_hub_id(hf_model, opts.revision)[1] if pinned else None
     if asked is not None and len(asked) == 40 and asked != pinned:  # another commit, named: not this output's
         pinned = None
-    folder, hub = open_hf_model(hf_model, opts.revision, opts.download_first, pinned)
-    moved = _moved(hub, split_hub_id(hf_model, opts.revision)[1], opts.quiet) if hub and pinned else None
-    cfg = load_config(folder)
-    spec = spec_from_config(cfg)
-    outdir.refuse_overlap(out, [folder], "--megatron-path")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder")
-    # a quantized checkpoint's scales are read here
-    source = HubSource(hub, folder, cfg) if hub is not None else SafetensorsSource(folder, cfg)
+    folder, cfg, source, hub = open_hf_source(hf_model, opts.revision, opts.download_first, pinned)
     try:
+        moved = _moved(hub, split_hub_id(hf_model, opts.revision)[1], opts.quiet) if hub and pinned else None
+        spec = spec_from_config(cfg)
+        outdir.refuse_overlap(out, [folder], "--megatron-path")
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"{out}: exists and is not a folder")
         # the files themselves too: a HF cache's shards are symlinks into blobs/ (--overwrite deletes out)
         outdir.refuse_overlap(out, ([] if hub else source.files()) + [folder / CONFIG_FILE], "--megatron-path")
         dtype = parse_dtype(opts.dtype)
@@ -118,7 +117,7 @@ def _setup(hf_model: str, out: Path, opts: Options) -> _Setup:
     except BaseException:
         source.close()
         raise
-    return _Setup(folder, spec, source, plan, identity, hub, moved)
+    return _Setup(folder, spec, source, plan, identity, hub, moved, opts.quiet)
 
 
 def _moved(hub: HubModel, revision: str | None, quiet: bool) -> str | None:
@@ -210,7 +209,8 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
         st = s.source.stats
         summary["hub"] = {"repo": s.hub.repo_id, "revision": s.hub.revision, "sha": s.hub.sha,
                           "bytes_fetched": st.bytes_fetched, "requests": st.requests, "retries": st.retries,
-                          "connections": opts.connections, "revision_now_at": s.moved}
+                          "connections": opts.connections, "revision_now_at": s.moved,
+                          **{k: v for k, v in (s.checked or {}).items() if k != "mismatched"}}
     return summary
 
 
@@ -271,6 +271,8 @@ def _commit(out: Path, s: _Setup, sink: TorchDistSink, entries: dict, hf_model: 
     def commit() -> None:
         if s.hub is None:  # (a hub commit does not change)
             resume.check_unchanged(s.folder, s.source.files(), s.identity)
+        else:
+            s.checked = _check_hub_hashes(s, sink)
         write_bridge_files(s.folder, out, out / ITER_DIR, s.spec, s.plan, hf_model)
         sink.commit(entries)
         try:  # what Bridge / Megatron-LM look for in <out> comes after .metadata: never before
@@ -287,6 +289,32 @@ def _commit(out: Path, s: _Setup, sink: TorchDistSink, entries: dict, hf_model: 
         job.on_rank0(commit)
         if job.rank != 0:
             sink.commit({})
+
+
+def _check_hub_hashes(s: _Setup, sink: TorchDistSink) -> dict:
+    """Before the commit: every shard the Hub sent, hashed and compared with its SHA-256 (``HubSource.check_hashes``:
+    the bytes from the output where they were copied unchanged). A shard that differs: the ``.distcp`` files made
+    from it are removed (no later run keeps them) and nothing is committed."""
+    import os
+
+    from streamconv.errors import BadInputError
+    from streamconv.formats.names import distcp_name
+
+    status(f"checking {len(s.source.files())} shards against the SHA-256 the Hub records", s.quiet)
+    found = s.source.check_hashes(s.plan, lambda c: sink.item_bytes(c)[:2], workers=2)
+    if found["mismatched"]:
+        bad = set(found["mismatched"])
+        files = sorted({c.file for c in s.plan.chunks if any(s.source.info(r.name).path.name in bad for r in c.reads)})
+        for f in files:
+            try:
+                os.unlink(sink.ckpt / distcp_name(f))
+            except FileNotFoundError:
+                pass
+        raise BadInputError(f"{s.hub.repo_id}@{s.hub.sha[:12]}: {found['mismatched'][0]}: the bytes the Hub sent do "
+                            f"not match the SHA-256 it records for the file ({len(bad)} shard(s)); the {len(files)} "
+                            ".distcp files made from them were removed and nothing was committed: run the same "
+                            "command again")
+    return found
 
 
 def _recheck(plan: Plan, source, sink, opts: Options, quiet: bool) -> None:

@@ -123,21 +123,23 @@ def check_same_model(spec, ckpt_dir, folder, max_memory: int) -> None:
 
 
 def verify(hf_model: str, megatron_path: str, *, max_memory: int = runner.DEFAULT_MAX_MEMORY, workers: int = 4,
-           device: str = "cpu", quiet: bool = True) -> Report:
+           device: str = "cpu", quiet: bool = True, revision: str | None = None) -> Report:
     from streamconv.sources.torch_dist import TorchDistSource
-    from streamconv.inputs import resolve_checkpoint, resolve_hf_model, source_dtypes
-    from streamconv.sources.safetensors import SafetensorsSource
-    from streamconv.models.config import load_config, spec_from_config
+    from streamconv.inputs import open_hf_source, resolve_checkpoint, source_dtypes
+    from streamconv.models.config import spec_from_config
     from streamconv.runtime.progress import make_progress
 
     t0 = time.perf_counter()
-    folder = resolve_hf_model(hf_model)
-    cfg = load_config(folder)
-    spec = spec_from_config(cfg)
     ckpt_dir = resolve_checkpoint(megatron_path)
-    check_same_model(spec, ckpt_dir, folder, max_memory)
-    source = SafetensorsSource(folder, cfg)  # a quantized source dequantizes as the conversion did
-    ckpt = TorchDistSource(ckpt_dir, max_memory)
+    # a hub id's weights are read over HTTP (never downloaded); a quantized source dequantizes as the conversion did
+    folder, cfg, source, _ = open_hf_source(hf_model, revision)
+    try:
+        spec = spec_from_config(cfg)
+        check_same_model(spec, ckpt_dir, folder, max_memory)
+        ckpt = TorchDistSource(ckpt_dir, max_memory)
+    except BaseException:
+        source.close()
+        raise
     report = Report(str(ckpt_dir), str(folder))
     try:
         src_dtypes = source_dtypes(source)
@@ -202,7 +204,7 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = runner.DEFAUL
 def verify_command(args) -> int:
     report = verify(args.hf_model, args.megatron_path, max_memory=args.max_memory,
                     workers=args.workers or runner.default_workers(),
-                    device=args.device, quiet=args.quiet or args.json)
+                    device=args.device, quiet=args.quiet or args.json, revision=args.revision)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
         return 0 if report.ok else EXIT_MISMATCH

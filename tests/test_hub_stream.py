@@ -1,5 +1,5 @@
 """hf2mcore straight from the Hub: the real huggingface_hub client against a local server speaking the Hub's
-protocol (tests/hub_server.py, HF_ENDPOINT), with faults injected. No weight byte goes to HF_HOME; the output
+protocol (streamconv/reference/hub_server.py, HF_ENDPOINT), with faults injected. No weight byte goes to HF_HOME; the output
 is the conversion of the same model from a local folder, byte for byte."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hub_server import Hub
+from streamconv.reference.hub_server import Hub
 from streamconv.cli import main
 from streamconv.reference.synth import llama_config, make_checkpoint
 

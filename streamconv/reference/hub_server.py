@@ -1,5 +1,6 @@
-"""A local stand-in for the Hugging Face Hub: a real HTTP server on 127.0.0.1 speaking the part of the Hub's
-protocol that ``huggingface_hub`` uses to read a model, with faults a test can inject.
+"""A local stand-in for the Hugging Face Hub (tests/test_hub_stream.py, bench/hub.py): a real HTTP server on
+127.0.0.1 speaking the part of the Hub's protocol that ``huggingface_hub`` uses to read a model, with faults a
+test can inject.
 
 Served (``HF_ENDPOINT=http://127.0.0.1:<port>`` points the real client at it):
 - ``GET /api/models/<owner>/<name>[/revision/<rev>]``: the model's info: ``sha`` (the commit a branch or sha

@@ -199,7 +199,8 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
         s.source.close()
     summary = report.summarize(
         "hf2mcore", figures, seconds, processes=world if job is not None else None,
-        summed=tuple(sink.report), input=str(s.folder), output=str(out), architecture=s.spec.architecture,
+        summed=tuple(sink.report), input=f"{s.hub.repo_id}@{s.hub.sha} (over HTTP)" if s.hub else str(s.folder),
+        output=str(out), architecture=s.spec.architecture,
         layers=s.spec.num_layers, tensors=len(plan.targets), files=plan.num_files + 1,
         max_memory_bytes=opts.max_memory, chunk_bytes=plan.chunk_bytes, workers=opts.workers, device=opts.device,
         staging=opts.chunk_journal)
@@ -248,7 +249,8 @@ def _convert(s: _Setup, sink: TorchDistSink, opts: Options, job, mine: set, quie
     plan = s.plan.part(mine)
     cpu0 = rss.cpu_seconds()
     progress = make_progress(quiet, "hf2mcore", s.plan.total_bytes, len(s.plan.chunks), opts.max_memory,
-                             plan=s.plan if job is None else None)
+                             plan=s.plan if job is None else None,
+                             source_line=_network_line(s.source.stats, opts.connections) if s.hub else None)
     rss.reset_peak()  # the conversion's own peak, apart from start-up (imports, planning)
     crashpoints.pause("work")
     with progress, job.heartbeat(dist.job_progress(progress, world)) if job else nullcontext() as hb:
@@ -289,6 +291,12 @@ def _commit(out: Path, s: _Setup, sink: TorchDistSink, entries: dict, hf_model: 
         job.on_rank0(commit)
         if job.rank != 0:
             sink.commit({})
+
+
+def _network_line(stats, connections: int):
+    """The progress display's words on a Hub source: bytes fetched, connections, retries."""
+    return lambda: (f"net {fmt_bytes(stats.bytes_fetched)}, {connections} conns"
+                    + (f", {stats.retries} retries" if stats.retries else ""))
 
 
 def _check_hub_hashes(s: _Setup, sink: TorchDistSink) -> dict:

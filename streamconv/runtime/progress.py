@@ -26,7 +26,8 @@ class RichProgress:
     budget, where the run is. ``advance`` may be called from any engine thread.
     """
 
-    def __init__(self, title: str, total_bytes: int, total_chunks: int, budget: int, console=None, plan=None):
+    def __init__(self, title: str, total_bytes: int, total_chunks: int, budget: int, console=None, plan=None,
+                 source_line=None):
         from rich.console import Console
         from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
         from rich.text import Text
@@ -40,6 +41,7 @@ class RichProgress:
         self.where = ""
         self._lock = threading.Lock()
         self._count = _Counter(plan)
+        self._source_line = source_line  # () -> str: what the source says of itself (a Hub source: the network)
         width = self.console.width
         title_width = len(title)
         bar = max(8, min(40, width - title_width - 38))  # what line 1's numbers leave
@@ -74,6 +76,8 @@ class RichProgress:
             where = (where + " " if where else "") + f"({fmt_bytes(self.kept)} kept)"
         if where:
             parts.append(where)
+        if self._source_line is not None:
+            parts.append(self._source_line())
         return "  " + " · ".join(parts)
 
     def __enter__(self):
@@ -160,10 +164,13 @@ def status(message: str, quiet: bool = False) -> None:
     sys.stderr.flush()
 
 
-def make_progress(quiet: bool, title: str, total_bytes: int, total_chunks: int, budget: int, plan=None):
+def make_progress(quiet: bool, title: str, total_bytes: int, total_chunks: int, budget: int, plan=None,
+                  source_line=None):
+    """``source_line``: a function giving a few words on the source, shown at the end of line 2 (the Hub's:
+    bytes fetched, connections, retries)."""
     if quiet or not sys.stderr.isatty() and not _force():
         return NullProgress()
-    return RichProgress(title, total_bytes, total_chunks, budget, plan=plan)
+    return RichProgress(title, total_bytes, total_chunks, budget, plan=plan, source_line=source_line)
 
 
 # summary keys shown to people at the end, in this order: (key, label, how to show the value)
@@ -180,6 +187,9 @@ _SUMMARY_ROWS = (
     ("bytes", "bytes", lambda v: f"{fmt_bytes(v)} ({v:,} bytes)"),
     ("seconds", "time", lambda v: f"{v:.1f} s"),
     ("mb_per_s", "throughput", lambda v: f"{fmt_bytes(v * 1e6)}/s"),
+    ("hub", "from the Hub", lambda v: f"{v['repo']}@{v['sha'][:12]}: {fmt_bytes(v['bytes_fetched'])} fetched in "
+                                      f"{v['requests']:,} requests, {v['retries']} retries, {v['connections']} "
+                                      f"connections; {v.get('shards_checked', 0)} shards match their SHA-256"),
     ("peak_rss_bytes", "peak RSS", fmt_bytes),
     ("conversion_peak_rss_bytes", "peak RSS converting", fmt_bytes),
     ("max_memory_bytes", "--max-memory", fmt_bytes),

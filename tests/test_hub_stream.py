@@ -223,3 +223,42 @@ def test_verify_reads_a_hub_id_over_http_too(models, tmp_path):
     assert json.loads(r.stdout)["items_checked"] > 0
     assert no_weights_in(tmp_path / "home", first)
     assert weights_bytes(first) * 0.9 <= hub.bytes_sent() <= 1.1 * weights_bytes(first)
+
+
+def hub_env(endpoint: str, home: Path) -> dict:
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), "STREAMCONV_TEST_HUB_WAIT": "0.01"}
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("HF_HUB_CACHE", None)
+    return env
+
+
+def test_inspect_reads_a_hub_id_from_its_headers(models, tmp_path):
+    first, _, _ = models
+    hub = Hub({REPO: {"main": first}})
+    with hub.serving() as endpoint:
+        r = subprocess.run([sys.executable, "-m", "streamconv", "inspect", REPO, "--json"],
+                           env=hub_env(endpoint, tmp_path / "home"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["path"] == f"{REPO}@{hub.repos[REPO]['main']}" and report["architecture"] == "LlamaForCausalLM"
+    assert len(report["tensors"]) == 21 and report["convertible"] is not False
+    assert hub.bytes_sent() < 0.05 * weights_bytes(first)  # headers only
+    assert no_weights_in(tmp_path / "home", first)
+
+
+def test_under_torchrun_each_rank_reads_its_own_files_from_the_hub(models, tmp_path):
+    first, _, local = models
+    hub = Hub({REPO: {"main": first}})
+    with hub.serving() as endpoint:
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "streamconv", "hf2mcore", "--hf-model", REPO, "--megatron-path", str(tmp_path / "out"),
+                            "--max-memory", "64KiB", "--distcp-size", "64KiB", "--json"],
+                           env={**hub_env(endpoint, tmp_path / "home"), "OMP_NUM_THREADS": "1"},
+                           capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    assert summary["processes"] == 2 and all(rank["bytes"] > 0 for rank in summary["ranks"])
+    assert hub.bytes_sent() <= 1.1 * weights_bytes(first)
+    assert no_weights_in(tmp_path / "home", first)
+    # the same tensors as the local conversion (a smaller --distcp-size lays them out in more files)
+    assert main(["verify", "--hf-model", str(first), "--megatron-path", str(tmp_path / "out"), "--quiet"]) == 0

@@ -84,6 +84,10 @@ def dtype_name(dtype) -> str:
 def inspect_path(path: str | Path, max_memory: int | None = None) -> Report:
     p = Path(path).expanduser()
     if not p.exists():
+        from streamconv.inputs import is_hub_id
+
+        if is_hub_id(str(path)):
+            return hub_report(str(path))
         raise BadInputError(f"{p}: not found")
     if p.is_file():
         if p.name == METADATA_FILE:
@@ -126,13 +130,28 @@ def hf_file_report(path: Path) -> Report:
     return Report("hf", str(path), arch, model, check, sorted(tensors, key=lambda t: natural_key(t.name)))
 
 
-def hf_report(folder: Path) -> Report:
+def hub_report(hf_model: str) -> Report:
+    """A hub id, from its headers read over HTTP (two range requests per shard; nothing downloaded but the
+    small files), or from the local cache when the model is all there."""
+    from streamconv.inputs import open_hf_model
+    from streamconv.sources.hub import HubSource
+
+    folder, hub = open_hf_model(hf_model)
+    if hub is None:
+        return hf_report(folder)
+    report = hf_report(folder, HubSource(hub, folder))
+    report.path = f"{hub.repo_id}@{hub.sha}"
+    return report
+
+
+def hf_report(folder: Path, source=None) -> Report:
+    """A HF folder (``source``: its tensors read otherwise, e.g. from the Hub)."""
     from streamconv.sources.safetensors import SafetensorsSource
 
     from streamconv.sources import quantized
     from streamconv.units import fmt_bytes
 
-    source = SafetensorsSource(folder)
+    source = source if source is not None else SafetensorsSource(folder)
     quant, refused = None, None
     try:
         infos = source.tensors

@@ -145,22 +145,10 @@ def measure_place(src: Path, hf: Path, work: Path, where: str, rounds: int, extr
 
 
 def measure_resume(src: Path, work: Path, where: str, rounds: int, extra) -> dict:
-    """A fresh export against a re-run after a kill at half, both started alike."""
-    fresh, resumed = [], []
+    """A fresh export against a re-run after a kill at half (``_common.fresh_and_resumed``)."""
     out = work / "resume"
-    for _ in range(rounds):
-        c.rmtree(out)
-        c.start_alike(src, where)
-        fresh.append(c.run(mcore2hf(src, out, *extra))["summary"])
-        c.rmtree(out)
-        killed_at_half(src, out, work, extra)
-        c.start_alike(src, where)
-        resumed.append(c.run([a for a in mcore2hf(src, out, *extra) if a != "--overwrite"])["summary"])
-    c.rmtree(out)
-    f, r = (c.median([s["seconds"] for s in rs]) for rs in (fresh, resumed))
-    return {"fresh_seconds": round(f, 2), "resumed_seconds": round(r, 2), "ratio": round(r / f, 2),
-            "resumed_share_of_bytes": round(c.median([s["bytes"] / fresh[0]["bytes"] for s in resumed]), 2),
-            "chunks_kept": c.median([s["chunks_resumed"] for s in resumed])}
+    return c.fresh_and_resumed(mcore2hf(src, out, *extra), lambda o: killed_at_half(src, o, work, extra), src, out,
+                               where, rounds)
 
 
 def main(argv=None) -> int:

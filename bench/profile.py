@@ -140,27 +140,10 @@ def measure_place(src: Path, work: Path, where: str, rounds: int, extra) -> dict
 
 
 def measure_resume(src: Path, work: Path, where: str, rounds: int, extra) -> dict:
-    """A fresh run against a re-run after a kill at half. Both start alike: source warm (on disk), memory
-    settled with nothing freed just before. (Before, the fresh run wrote into the memory of the output
-    removed just before it and the re-run into memory this VM had handed back to its host: up to 3x dearer
-    per page, measured 2026-12-02; that made the re-run look slower per byte in some sets.)"""
-    fresh, resumed = [], []
+    """A fresh run against a re-run after a kill at half (``_common.fresh_and_resumed``)."""
     out = work / "resume"
-
-    for _ in range(rounds):
-        c.rmtree(out)
-        c.start_alike(src, where)
-        fresh.append(c.run(hf2mcore(src, out, *extra))["summary"])
-        c.rmtree(out)
-        killed_at_half(src, out, extra, work)
-        c.start_alike(src, where)
-        resumed.append(c.run([a for a in hf2mcore(src, out, *extra) if a != "--overwrite"])["summary"])
-    c.rmtree(out)
-    f, r = (c.median([s["seconds"] for s in rs]) for rs in (fresh, resumed))
-    return {"fresh_seconds": round(f, 2), "resumed_seconds": round(r, 2), "ratio": round(r / f, 2),
-            "resumed_share_of_bytes": round(c.median([s["bytes"] / fresh[0]["bytes"] for s in resumed]), 2),
-            "fresh_mb_per_s": round(c.median([s["mb_per_s"] for s in fresh])),
-            "resumed_mb_per_s": round(c.median([s["mb_per_s"] for s in resumed]))}
+    return c.fresh_and_resumed(hf2mcore(src, out, *extra), lambda o: killed_at_half(src, o, extra, work), src, out,
+                               where, rounds)
 
 
 def measure_small(work: Path, rounds: int, extra) -> dict:

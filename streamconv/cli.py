@@ -60,24 +60,22 @@ def joined():
         job.close()
 
 
-def _connections(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of connections: {text!r}") from None
-    if not 1 <= n <= 256:
-        raise argparse.ArgumentTypeError(f"--connections {n}: choose 1 to 256")
-    return n
+def _count(flag: str, what: str):
+    """An argparse type: a whole number of ``what`` from 1 to 256 (``flag`` names it in the error)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of {what}: {text!r}") from None
+        if not 1 <= n <= 256:
+            raise argparse.ArgumentTypeError(f"{flag} {n}: choose 1 to 256 {what}")
+        return n
+
+    return parse
 
 
-def _workers(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of threads: {text!r}") from None
-    if not 1 <= n <= 256:
-        raise argparse.ArgumentTypeError(f"--workers {n}: choose 1 to 256 threads")
-    return n
+_workers = _count("--workers", "threads")
+_connections = _count("--connections", "connections")
 
 
 def _size(text: str) -> int:

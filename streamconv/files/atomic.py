@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from streamconv.files import pagecache
+from streamconv.files.fileio import pwrite_all
 from streamconv.errors import output_error
 
 
@@ -69,3 +70,39 @@ def fsync_write(path: Path, data: bytes) -> None:
     except OSError as e:
         raise output_error(path, e) from e
     commit(fh, tmp, path)
+
+
+class PartialFile:
+    """A file a placing sink writes in any order, under ``<name>.partial``: created with its size reserved (and
+    ``head`` written at its start) or, ``fresh=False``, a killed run's reopened; ``commit`` makes it appear
+    complete under ``path`` (fsync, its pages dropped, rename, the folder fsynced)."""
+
+    def __init__(self, path: Path, size: int, fresh: bool, head: bytes = b""):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".partial")
+        try:
+            if fresh:  # a new file, never through a link planted at its name
+                self.fd = create_exclusive(self.tmp, os.O_RDWR)
+                if head:
+                    pwrite_all(self.fd, head, 0)
+            else:  # a killed run's file, checked by the caller
+                self.fd = os.open(self.tmp, os.O_RDWR | NOFOLLOW)
+            os.ftruncate(self.fd, size)  # every byte has its place: a hole until written
+        except OSError as e:
+            raise output_error(self.tmp, e) from e
+
+    def commit(self) -> None:
+        try:
+            os.fsync(self.fd)
+            pagecache.drop(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.tmp, self.path)
+            fsync_dir(self.path.parent)
+        except OSError as e:
+            raise output_error(self.path, e) from e
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

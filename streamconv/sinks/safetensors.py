@@ -18,8 +18,7 @@ from streamconv import crashpoints
 from streamconv.dtypes import DType
 from streamconv.engine.contracts import Placement, PlacingSink
 from streamconv.errors import BadInputError, output_error
-from streamconv.files import pagecache
-from streamconv.files.atomic import NOFOLLOW, commit, create_exclusive, create_temporary, fsync_dir, fsync_write
+from streamconv.files.atomic import PartialFile, commit, create_temporary, fsync_write
 from streamconv.files.checksum import crc32
 from streamconv.files.fileio import pwrite_all
 from streamconv.files.pagecache import WriteBehind
@@ -93,39 +92,6 @@ def shard_layout(plan) -> tuple[dict[int, bytes], dict[tuple, int], dict[int, in
     return headers, slots, sizes
 
 
-class _Shard:
-    """A shard being written under ``<name>.partial``: its header in place, its size reserved."""
-
-    def __init__(self, path: Path, header: bytes, size: int, fresh: bool):
-        self.path = path
-        self.tmp = path.with_name(path.name + ".partial")
-        try:
-            if fresh:  # a new file, never through a link planted at its name
-                self.fd = create_exclusive(self.tmp, os.O_RDWR)
-                pwrite_all(self.fd, header, 0)
-                os.ftruncate(self.fd, size)  # every tensor has its place: a hole until written
-            else:  # a killed run's file, checked by the caller
-                self.fd = os.open(self.tmp, os.O_RDWR | NOFOLLOW)
-        except OSError as e:
-            raise output_error(self.tmp, e) from e
-
-    def commit(self) -> None:
-        try:
-            os.fsync(self.fd)
-            pagecache.drop(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-            os.replace(self.tmp, self.path)
-            fsync_dir(self.path.parent)
-        except OSError as e:
-            raise output_error(self.path, e) from e
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 class SafetensorsSink(PlacingSink):
     """Places the chunks of an export plan in its shards (``files``: the shards this process writes).
 
@@ -157,7 +123,7 @@ class SafetensorsSink(PlacingSink):
         self.done: set[tuple] = set()  # chunks kept in a ``.partial`` shard
         self.committed = {f for f in self.mine if shard_complete(self._path(f), self.entries[f])}
         self.report["shards_skipped"] = len(self.committed)
-        self._open: dict[int, _Shard] = {}
+        self._open: dict[int, PartialFile] = {}
         self._left = {f: len(self.by_file[f]) for f in self.mine if f not in self.committed}
         self._lock = threading.Lock()
         crashpoints.started()
@@ -205,13 +171,13 @@ class SafetensorsSink(PlacingSink):
         """Whether ``chunk`` is already in place (its shard complete, or journaled in its ``.partial``)."""
         return chunk.file in self.committed or chunk.id in self.done
 
-    def _shard(self, f: int, fresh: bool = True) -> _Shard:
+    def _shard(self, f: int, fresh: bool = True) -> PartialFile:
         with self._lock:
             opened = self._open.get(f)
             if opened is None:
                 if fresh:  # the chunk records of any earlier file of this name are void
                     self.journal.append({"t": "open", "file": f, "chunk_bytes": self.plan.chunk_bytes}, sync=True)
-                opened = self._open[f] = _Shard(self._path(f), self.headers[f], self.sizes[f], fresh)
+                opened = self._open[f] = PartialFile(self._path(f), self.sizes[f], fresh, head=self.headers[f])
             return opened
 
     def place(self, chunk) -> Placement:

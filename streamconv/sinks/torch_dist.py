@@ -30,13 +30,12 @@ import threading
 from pathlib import Path
 
 from streamconv import crashpoints
-from streamconv.files import pagecache
 from streamconv.runtime import resume
 from streamconv.files.checksum import crc32
 from streamconv.engine.contracts import PlacingSink, Placement
 from streamconv.files.fileio import pwrite_all
 from streamconv.errors import output_error
-from streamconv.files.atomic import NOFOLLOW, create_exclusive, fsync_dir
+from streamconv.files.atomic import NOFOLLOW, PartialFile
 from streamconv.formats.names import distcp_name
 from streamconv.formats.torch_dist import chunks_by_file, commit_checkpoint, frame_for, standalone
 from streamconv.sinks.committer import Committer
@@ -55,39 +54,6 @@ def item_slots(plan) -> tuple[dict[tuple, tuple[int, int]], dict[int, int], dict
     return slots, sizes, entries
 
 
-class _Open:
-    """A ``.distcp`` being written under its temporary name."""
-
-    def __init__(self, folder: Path, file: int, size: int, fresh: bool):
-        self.file = file
-        self.path = folder / distcp_name(file)
-        self.tmp = folder / (distcp_name(file) + ".partial")
-        try:
-            if fresh:  # a new file, never through a link planted at its name
-                self.fd = create_exclusive(self.tmp, os.O_RDWR)
-            else:  # a killed run's file, checked by the caller
-                self.fd = os.open(self.tmp, os.O_RDWR | NOFOLLOW)
-            os.ftruncate(self.fd, size)  # every item has its place: a hole until written
-        except OSError as e:
-            raise output_error(self.tmp, e) from e
-
-    def commit(self) -> None:
-        try:
-            os.fsync(self.fd)
-            pagecache.drop(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-            os.replace(self.tmp, self.path)
-            fsync_dir(self.path.parent)
-        except OSError as e:
-            raise output_error(self.path, e) from e
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 class TorchDistSink(PlacingSink):
     def __init__(self, ckpt: Path, plan, journal, *, chunk_journal: bool = True, view=None, extra_state=None,
                  files=None, leader: bool = True):
@@ -103,7 +69,7 @@ class TorchDistSink(PlacingSink):
         self.slots, self.sizes, self.entries = item_slots(plan)
         self.report = {"files_resumed": 0, "chunks_kept": 0, "partials_removed": 0}
         self.done: set[tuple] = set()  # chunks whose items are complete in a ``.partial`` file
-        self._open: dict[int, _Open] = {}
+        self._open: dict[int, PartialFile] = {}
         self._left: dict[int, int] = {}  # chunks still to come per file
         self._lock = threading.Lock()
         crashpoints.started()
@@ -238,13 +204,13 @@ class TorchDistSink(PlacingSink):
 
     # ------------------------------------------------------------------ writing (any engine thread)
 
-    def _file(self, f: int, fresh: bool = True) -> _Open:
+    def _file(self, f: int, fresh: bool = True) -> PartialFile:
         with self._lock:
             opened = self._open.get(f)
             if opened is None:
                 if fresh and self.chunk_journal:  # the chunk records of any earlier file of this name are void
                     self.journal.append({"t": "open", "file": f}, sync=True)
-                opened = self._open[f] = _Open(self.ckpt, f, self.sizes[f], fresh)
+                opened = self._open[f] = PartialFile(self.ckpt / distcp_name(f), self.sizes[f], fresh)
             return opened
 
     def place(self, chunk) -> Placement:

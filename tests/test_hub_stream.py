@@ -206,6 +206,13 @@ def test_a_fully_cached_model_is_read_from_the_cache(models, tmp_path):
         assert rc == 0 and "hub" not in summary, err
         assert hub.bytes_sent() == sent  # nothing fetched again
     assert checkpoint_bytes(tmp_path / "a") == checkpoint_bytes(local) == checkpoint_bytes(tmp_path / "b")
+    # a cached shard that is not the blob the Hub records (its SHA-256 names the blob): streamed instead
+    blob = next((home / "hub").rglob(f"snapshots/*/{sorted(p.name for p in first.glob('*.safetensors'))[0]}")).resolve()
+    blob.rename(blob.with_name("0" * 64))
+    with hub.serving() as endpoint:
+        rc, summary, err = convert(endpoint, home, tmp_path / "c")
+    assert rc == 0 and summary["hub"]["bytes_fetched"] >= weights_bytes(first), err
+    assert checkpoint_bytes(tmp_path / "c") == checkpoint_bytes(local)
     shutil.rmtree(home)
 
 

@@ -133,12 +133,20 @@ class HubModel:
         return folder
 
     def cached_folder(self) -> Path | None:
-        """The cache's snapshot folder when every weight file of the pinned commit is in the local cache."""
+        """The cache's snapshot folder when every weight file of the pinned commit is in the local cache, each
+        the blob the Hub records (the cache names an LFS blob by its SHA-256: a cached file whose blob has
+        another name, or that is not a link to a blob of its size, is not taken; then the model is streamed)."""
         from huggingface_hub import try_to_load_from_cache
 
         found = [try_to_load_from_cache(self.repo_id, n, revision=self.sha) for n in self.weights()]
         if not found or not all(isinstance(p, str) for p in found):
             return None
+        for name, p in zip(self.weights(), found):
+            blob = Path(p).resolve()
+            want = self.files[name]
+            if (want.sha256 is not None and blob.name != want.sha256) or not blob.is_file() or \
+                    blob.stat().st_size != want.size:
+                return None
         return Path(found[0]).parent
 
     def identity(self) -> dict:

@@ -183,7 +183,7 @@ def hf_report(folder: Path, source=None) -> Report:
 def _hf_architecture(folder: Path, infos: dict | None, quant=None) -> tuple[str | None, dict, str]:
     """(architecture, model facts, conversion check) from ``config.json``; a config streamconv cannot
     convert is reported, not raised: inspect is for strange checkpoints."""
-    from streamconv.models.config import load_config, spec_from_config
+    from streamconv.models.config import load_config, require_convertible, spec_from_config
     from streamconv.plan.build import check_source
 
     if not (folder / "config.json").is_file():
@@ -198,11 +198,13 @@ def _hf_architecture(folder: Path, infos: dict | None, quant=None) -> tuple[str 
     model = _spec_facts(spec)
     if infos is None:
         return spec.architecture, model, "ok"
+    check = ""
     try:
         check_source(spec, infos, quant=quant)
         check = "ok: every tensor the mapping needs is present with the shape config.json implies"
+        require_convertible(spec)
     except StreamconvError as e:
-        check = str(e)
+        check = f"not convertible: {e}" if check.startswith("ok") else str(e)
     return spec.architecture, model, check
 
 

@@ -50,10 +50,16 @@ def layer_rows(plan, source) -> list[dict]:
     rows = [{"layer": i, "attention": layer.attention, "query_groups": layer.num_query_groups, "mlp": layer.mlp,
              "ffn_hidden_size": layer.ffn_hidden_size, "parameters": 0, "bytes": 0, "chunks": 0,
              "largest_tensor_bytes": 0, "memory_bytes": 0} for i, layer in enumerate(spec.layers)]
+    for row, layer in zip(rows, spec.layers):  # a hybrid layer's one mixer, by name
+        if layer.kind == "M":
+            row["attention"] = "mamba2"
+        elif layer.kind == "E":
+            row["mlp"] = f"moe {spec.dim('experts')}x{spec.dim('moe_ffn')}"
     for b in rules.bindings(spec):
         layer = _layer_of(b.key, b.index)
         if layer is not None:
-            rows[layer]["parameters"] += sum(t.numel for t in b.hf)
+            rows[layer]["parameters"] += sum(t.numel * t.nrows // t.shape[0] for t in b.hf if t.shape[0]
+                                             and not rules.BUFFERS.search(t.name))
     sizes: dict[tuple[str, int], int] = {}
     chunks: list[list] = [[] for _ in rows]
     for c in plan.chunks:
@@ -72,10 +78,12 @@ def layer_rows(plan, source) -> list[dict]:
 
 
 def _layer_of(key: str, index: tuple) -> int | None:
-    if index:
-        return index[0]
+    """A binding's layer: in a per-layer key's name (a leading index there is an expert), else a stacked
+    key's leading index."""
     m = re.search(r"layers\.(\d+)\.", key)
-    return int(m.group(1)) if m else None
+    if m:
+        return int(m.group(1))
+    return index[0] if index else None
 
 
 def plan_command(args) -> int:

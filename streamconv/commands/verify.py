@@ -34,7 +34,7 @@ from streamconv.units import fmt_bytes
 def _bindings_by_key(spec) -> dict[tuple[str, tuple[int, ...]], tuple]:
     out = {}
     for b in rules.bindings(spec):
-        segs = layout_segments(b.layout, [t.shape[0] for t in b.hf], b.heads_per_group, b.head_dim)
+        segs = layout_segments(b.layout, [t.nrows for t in b.hf], b.heads_per_group, b.head_dim)
         out[(b.key, tuple(b.index))] = (b, segs)
     return out
 
@@ -59,7 +59,7 @@ def region_reads(bindings, key: str, shape: tuple[int, ...], offsets, sizes) -> 
     r0, r1 = offsets[lead], offsets[lead] + sizes[lead]
     for idx in itertools.product(*(range(o, o + s) for o, s in zip(offsets[:lead], sizes[:lead]))):
         b, segs = bindings[(key, tuple(idx))]
-        reads += [Read(b.hf[s].name, a, z) for s, a, z in sources_for_fused_rows(segs, r0, r1)]
+        reads += [Read(b.hf[s].name, b.hf[s].row0 + a, b.hf[s].row0 + z) for s, a, z in sources_for_fused_rows(segs, r0, r1)]
     return tuple(reads)
 
 
@@ -126,7 +126,7 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = runner.DEFAUL
            device: str = "cpu", quiet: bool = True, revision: str | None = None) -> Report:
     from streamconv.sources.torch_dist import TorchDistSource
     from streamconv.inputs import open_hf_source, resolve_checkpoint, source_dtypes
-    from streamconv.models.config import spec_from_config
+    from streamconv.models.config import require_convertible, spec_from_config
     from streamconv.runtime.progress import make_progress
 
     t0 = time.perf_counter()
@@ -134,7 +134,7 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = runner.DEFAUL
     # a hub id's weights are read over HTTP (never downloaded); a quantized source dequantizes as the conversion did
     folder, cfg, source, _ = open_hf_source(hf_model, revision)
     try:
-        spec = spec_from_config(cfg)
+        spec = require_convertible(spec_from_config(cfg))
         check_same_model(spec, ckpt_dir, folder, max_memory)
         ckpt = TorchDistSource(ckpt_dir, max_memory)
     except BaseException:

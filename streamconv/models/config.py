@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from streamconv.errors import BadInputError, UnsupportedModelError
-from streamconv.models import decilm, llama, rules
+from streamconv.models import decilm, llama, nemotron_h, rules
 from streamconv.models.spec import MAX_DIM, MAX_LAYERS, MAX_PARAMETERS, ModelSpec
 
 
@@ -36,12 +36,16 @@ def spec_from_config(cfg: dict) -> ModelSpec:
     """Dispatch on ``architectures`` to the family parser."""
     archs = cfg.get("architectures") or []
     arch = archs[0] if isinstance(archs, list) and archs else cfg.get("model_type", "?")
-    parsers = {"LlamaForCausalLM": llama.parse_config, "DeciLMForCausalLM": decilm.parse_config}
+    parsers = {"LlamaForCausalLM": llama.parse_config, "DeciLMForCausalLM": decilm.parse_config,
+               "NemotronHForCausalLM": nemotron_h.parse_config}
     if not isinstance(arch, str) or arch not in parsers:
         raise UnsupportedModelError(
             f"unsupported architecture {str(arch)[:80]!r}: streamconv converts {', '.join(sorted(parsers))}"
         )
     layers = cfg.get("num_hidden_layers")
+    pattern = cfg.get("hybrid_override_pattern")
+    if isinstance(pattern, str) and len(pattern) > MAX_LAYERS:
+        layers = len(pattern)
     if isinstance(layers, int) and layers > MAX_LAYERS:  # before a parser builds one entry per layer
         raise UnsupportedModelError(f"config.json: num_hidden_layers={layers} is out of range (1..{MAX_LAYERS})")
     try:
@@ -52,6 +56,17 @@ def spec_from_config(cfg: dict) -> ModelSpec:
     check_limits(spec)
     return spec
 
+
+
+PLANNED_ONLY = {"nemotron_h": "Nemotron-H (NemotronHForCausalLM) is planned (streamconv plan, inspect) but not "
+                              "converted yet: its Megatron-Bridge files and megatron-core loads are not done"}
+
+
+def require_convertible(spec: ModelSpec) -> ModelSpec:
+    """``spec`` if streamconv converts its family; a family it only plans is refused in one line (exit 3)."""
+    if spec.family in PLANNED_ONLY:
+        raise UnsupportedModelError(PLANNED_ONLY[spec.family])
+    return spec
 
 
 def check_limits(spec: ModelSpec) -> None:

@@ -21,6 +21,7 @@ class LayerSpec:
     num_query_groups: int | None = None  # for attention == "attention"
     mlp: str = MLP_FULL  # mlp | no_op | linear
     ffn_hidden_size: int | None = None  # for mlp == "mlp"
+    kind: str | None = None  # a hybrid (Nemotron-H) layer's one mixer: M (Mamba2), * (attention), - (MLP), E (MoE)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class ModelSpec:
     rms_norm_eps: float
     torch_dtype: str
     hf_config: dict = field(compare=False, repr=False, hash=False)
+    dims: tuple[tuple[str, int], ...] = ()  # a family's own sizes (Nemotron-H: Mamba and MoE), by name
+
+    def dim(self, name: str) -> int:
+        return dict(self.dims)[name]
 
     @property
     def num_layers(self) -> int:
@@ -44,7 +49,7 @@ class ModelSpec:
     @property
     def heterogeneous(self) -> bool:
         """True when megatron-core uses per-layer keys (no stacked layer axis)."""
-        return self.family == "decilm"
+        return self.family in ("decilm", "nemotron_h")
 
 
 # Far beyond any real model (Ultra 253B: 162 layers, hidden 16384, vocab 128256): a config past these is

@@ -194,12 +194,13 @@ def import_plan(
         target = targets.setdefault(b.key, Target(b.key, b.global_shape, dtype))
         if target.dtype != dtype:
             raise BadInputError(f"{b.key}: layers have different dtypes ({target.dtype} vs {dtype}); pass --dtype")
-        segs = layout_segments(b.layout, [t.shape[0] for t in b.hf], b.heads_per_group, b.head_dim)
+        segs = layout_segments(b.layout, [t.nrows for t in b.hf], b.heads_per_group, b.head_dim)
         shape = b.shape
         row_bytes = math.prod(shape[1:]) * max(_itemsize(dtype), *(_itemsize(src_dtypes[t.name]) for t in b.hf))
         lead = tuple(b.index)
         for r0, r1 in row_spans(fused_rows_of(segs), row_bytes, chunk_bytes):
-            reads = tuple(Read(b.hf[s].name, a, z) for s, a, z in sources_for_fused_rows(segs, r0, r1))
+            reads = tuple(Read(b.hf[s].name, b.hf[s].row0 + a, b.hf[s].row0 + z)
+                          for s, a, z in sources_for_fused_rows(segs, r0, r1))
             nbytes = (r1 - r0) * math.prod(shape[1:]) * _itemsize(dtype)
             if file_fill and file_fill + nbytes > file_bytes:
                 file, file_fill = file + 1, 0
@@ -231,17 +232,22 @@ def export_plan(
     for b in rules.bindings(spec):
         src_dtype = dtypes.of(mcore_dtypes[b.key])
         dtype = out_dtype or src_dtype
-        segs = layout_segments(b.layout, [t.shape[0] for t in b.hf], b.heads_per_group, b.head_dim)
+        segs = layout_segments(b.layout, [t.nrows for t in b.hf], b.heads_per_group, b.head_dim)
         for j, t in enumerate(b.hf):
-            target = targets[t.name] = Target(t.name, t.shape, dtype)
-            if shard_fill and shard_fill + target.nbytes > shard_bytes:
-                shard, shard_fill = shard + 1, 0
-            shard_fill += target.nbytes
+            if t.name in targets:  # another part of a tensor split over keys (in_proj's z, x, B, C, dt)
+                if targets[t.name].dtype != dtype:
+                    raise BadInputError(f"{t.name}: its parts are stored as {targets[t.name].dtype} and {dtype}; "
+                                        "pass --dtype")
+            else:
+                target = targets[t.name] = Target(t.name, t.shape, dtype)
+                if shard_fill and shard_fill + target.nbytes > shard_bytes:
+                    shard, shard_fill = shard + 1, 0
+                shard_fill += target.nbytes
             inner = math.prod(t.shape[1:])
             row_bytes = inner * max(_itemsize(dtype), _itemsize(src_dtype))
-            for r0, r1 in row_spans(t.shape[0], row_bytes, chunk_bytes):
+            for r0, r1 in row_spans(t.nrows, row_bytes, chunk_bytes):
                 reads = tuple(Read(b.key, a, z, b.index) for a, z in fused_rows_for_source(segs, j, r0, r1))
-                offsets = (r0, *(0 for _ in t.shape[1:]))
+                offsets = (t.row0 + r0, *(0 for _ in t.shape[1:]))
                 sizes = (r1 - r0, *t.shape[1:])
                 chunks.append(Chunk(t.name, offsets, sizes, reads, shard, (r1 - r0) * inner * _itemsize(dtype)))
     return Plan("mcore2hf", spec, targets, chunks, [], chunk_bytes)
@@ -253,7 +259,7 @@ def describe(plan: Plan) -> dict:
         "direction": plan.direction,
         "architecture": plan.spec.architecture,
         "layers": plan.spec.num_layers,
-        "parameters": sum(math.prod(t.shape) for t in plan.targets.values()),
+        "parameters": rules.param_count(plan.spec),  # (as transformers counts them: buffers left out)
         "tensors": len(plan.targets),
         "objects": len(plan.objects),
         "chunks": len(plan.chunks),

@@ -102,9 +102,20 @@ def open_hf_model(hf_model: str, revision: str | None = None, download_first: bo
     repo_id, rev = split_hub_id(hf_model, revision)
     if constants.HF_HUB_OFFLINE:
         return resolve_hf_model(repo_id, revision=rev), None
+    from streamconv.errors import SourceIOError
     from streamconv.sources.hub import HubModel, hub_error
 
-    model = HubModel.resolve(repo_id, pinned or rev)
+    try:
+        model = HubModel.resolve(repo_id, pinned or rev)
+    except SourceIOError as unreachable:  # the Hub cannot be reached: a model in the local cache is read there
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(repo_id, revision=pinned or rev, allow_patterns=HUB_PATTERNS,
+                                          local_files_only=True)), None
+        except Exception:
+            raise unreachable from None
+
     if download_first:
         from huggingface_hub import snapshot_download
 

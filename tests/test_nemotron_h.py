@@ -118,7 +118,7 @@ def test_conversion_is_refused_in_one_line_until_it_lands(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_import_data_path_writes_what_megatron_cores_loader_reads(tmp_path):
+def test_the_data_path_writes_what_megatron_cores_loader_reads_and_exports_back_bit_exact(tmp_path):
     """The engine and the torch_dist sink, driven directly (the command refuses the family until its Bridge files
     land), write the tiny model; megatron-core's own dist_checkpointing.load, at its default strictness, reads
     every key and _extra_state object MambaModel asks for, and each part holds its rows of the HF tensor: in_proj's
@@ -175,3 +175,22 @@ def test_the_import_data_path_writes_what_megatron_cores_loader_reads(tmp_path):
                        hf["backbone.layers.1.norm.weight"])
     assert torch.equal(loaded["decoder.layers.4.mlp.router.expert_bias"],
                        hf["backbone.layers.4.mixer.gate.e_score_correction_bias"])
+
+    # and back: the export's engine path writes the HF tensors bit for bit (each in_proj row from its part)
+    from streamconv.sinks.safetensors import SafetensorsSink, write_index
+    from streamconv.sources.torch_dist import TorchDistSource
+
+    with TorchDistSource(out / "iter_0000000") as ckpt:
+        back_plan = export_plan(spec, {k: m.dtype for k, m in ckpt.tensors.items()}, chunk_bytes=4096,
+                                shard_bytes=100_000)
+        assert ckpt.use_extents({r.name for c in back_plan.chunks for r in c.reads})
+        back = tmp_path / "back"
+        back.mkdir()
+        sink = SafetensorsSink(back, back_plan, resume.Journal(back, {"test": 2}))
+        assert runner.run(back_plan, ckpt, sink, max_memory=1 << 20, workers=2, skip=sink.skip).path == "direct"
+        sink.close()
+    write_index(back, back_plan)
+    again = {}
+    for p in back.glob("*.safetensors"):
+        again.update(load_file(p))
+    assert sorted(again) == sorted(hf) and all(torch.equal(again[k], hf[k]) for k in hf)

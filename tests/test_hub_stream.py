@@ -269,3 +269,22 @@ def test_under_torchrun_each_rank_reads_its_own_files_from_the_hub(models, tmp_p
     assert no_weights_in(tmp_path / "home", first)
     # the same tensors as the local conversion (a smaller --distcp-size lays them out in more files)
     assert main(["verify", "--hf-model", str(first), "--megatron-path", str(tmp_path / "out"), "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("method", ["FP8", "FP8_PB_WO"])
+def test_an_fp8_checkpoint_streams_and_dequantizes_as_from_a_folder(models, tmp_path, method):
+    """Model Optimizer's FP8 layout from the Hub: hf_quant_config.json comes with the small files, the scales are
+    read over HTTP, each weight dequantized as from a local folder, byte for byte."""
+    from streamconv.reference.synth import quantize_checkpoint
+
+    first, _, _ = models
+    fp8 = quantize_checkpoint(first, tmp_path / "fp8", method, block=(32, 32))
+    assert main(["hf2mcore", "--hf-model", str(fp8), "--megatron-path", str(tmp_path / "local"), "--quiet",
+                 "--max-memory", "64KiB"]) == 0
+    hub = Hub({REPO: {"main": fp8}})
+    with hub.serving() as endpoint:
+        rc, summary, err = convert(endpoint, tmp_path / "home", tmp_path / "out")
+    assert rc == 0, err
+    assert summary["quantization"]["method"] == method and summary["hub"]["shards_checked"] >= 1
+    assert checkpoint_bytes(tmp_path / "out") == checkpoint_bytes(tmp_path / "local")
+    assert no_weights_in(tmp_path / "home", fp8)

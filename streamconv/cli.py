@@ -242,6 +242,10 @@ def _add_mcore2hf(sub) -> None:
     p.add_argument("--not-strict", action="store_true",
                    help="leave out model tensors the mapping does not know instead of refusing (Megatron-Bridge's "
                         "flag; the summary lists them)")
+    p.add_argument("--recheck", action="store_true",
+                   help="when resuming, first read back every chunk kept from the killed run (writing again any "
+                        "whose bytes differ from the CRC-32 journaled then), then read its source again and compare "
+                        "(refusing a checkpoint changed behind the file system's back)")
     p.add_argument("--max-shard-size", type=_size, default="5GB",
                    help="largest safetensors shard, as save_pretrained reads it (default 5GB = 5*10^9 bytes)")
     p.add_argument("--overwrite", action="store_true", help="delete a non-empty output folder and start over")
@@ -348,7 +352,8 @@ def cmd_mcore2hf(args) -> int:
     opts = Options(hf_config=args.hf_config, dtype=args.dtype, max_memory=args.max_memory,
                    max_shard_size=args.max_shard_size, workers=args.workers or engine_workers(),
                    device=args.device,
-                   overwrite=args.overwrite, quiet=args.quiet or args.json, strict=not args.not_strict)
+                   overwrite=args.overwrite, quiet=args.quiet or args.json, strict=not args.not_strict,
+                   recheck=args.recheck)
     _check_device(args.device)
     with joined() as job:
         summary = mcore2hf(args.megatron_path, args.hf_path, opts, job=job)

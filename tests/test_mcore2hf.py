@@ -477,6 +477,41 @@ def test_a_resume_with_another_budget_keeps_the_complete_shards_and_redoes_the_p
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "clean").iterdir())
 
 
+@pytest.mark.parametrize("damage", ["a complete shard", "the checkpoint"])
+def test_recheck_rewrites_a_kept_shard_that_changed_and_refuses_a_changed_checkpoint(tmp_path, capsys, damage):
+    """--recheck on a resumed export: a byte changed in a shard the killed run completed makes that shard written
+    again (the output then equals a run never killed); a byte changed in the .distcp under a kept chunk is
+    refused in one line, exit 3."""
+    cfg = llama_config(**LLAMA)
+    src = make_checkpoint(tmp_path / "hf", cfg, seed=9, dtype=torch.bfloat16, shards=2)
+    hf2mcore(src, tmp_path / "mcore")
+    args = ["mcore2hf", "--megatron-path", str(tmp_path / "mcore"), "--max-shard-size", "40KB", "--max-memory",
+            "16KiB", "--quiet"]
+    mcore2hf(tmp_path / "mcore", tmp_path / "clean", *args[3:-1])
+    out = tmp_path / "out"
+    killed_at_chunk(25, [*args, "--workers", "1", "--hf-path", str(out)], tmp_path / "paused")
+    shard = sorted(out.glob("model-*.safetensors"))[0]
+    if damage == "a complete shard":
+        data = bytearray(shard.read_bytes())
+        data[-2] ^= 0x10
+        shard.write_bytes(bytes(data))
+        summary = mcore2hf(tmp_path / "mcore", out, *args[3:-1], "--recheck")
+        assert summary["output_chunks_redone"] > 0 and summary["rechecked_chunks"] > 0
+        for p in (tmp_path / "clean").iterdir():
+            assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+    else:
+        with TorchDistSource(tmp_path / "mcore" / "iter_0000000") as ckpt:
+            item = ckpt.tensors["embedding.word_embeddings.weight"].chunks[0]
+            layout = ckpt._layout(ckpt.tensors["embedding.word_embeddings.weight"], item)
+        with open(tmp_path / "mcore" / "iter_0000000" / item.file, "r+b") as f:
+            f.seek(layout.data_start + 2)
+            byte = f.read(1)
+            f.seek(layout.data_start + 2)
+            f.write(bytes([byte[0] ^ 0x01]))
+        rc, err = mcore2hf_fails(tmp_path / "mcore", out, *args[3:], "--recheck", capsys=capsys)
+        assert rc == 3 and "changed since the interrupted run" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_the_source_config_is_carried_and_exported_back_unchanged(tmp_path, capsys):
     """hf2mcore keeps the source's config.json (hf_config/); mcore2hf without --hf-config gives it back byte for
     byte (token ids and all) when run_config.yaml still describes the same model, else the rebuilt one."""

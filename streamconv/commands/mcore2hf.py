@@ -58,6 +58,7 @@ class Options:
     overwrite: bool = False
     quiet: bool = False
     strict: bool = True  # False (--not-strict): model tensors outside the mapping are left out, not refused
+    recheck: bool = False  # resuming: read back what is kept, then its source, against the journal (--recheck)
 
 
 def write_config(out: Path, cfg: dict, verbatim: bytes | None, plan: Plan, dtype_given: bool) -> None:
@@ -152,7 +153,10 @@ def mcore2hf(megatron_path: str | Path, hf_path: str | Path, opts: Options, job=
     finally:
         e.source.close()
     return report.summarize(
-        "mcore2hf", figures, seconds, processes=world if job is not None else None, summed=("shards_skipped", "chunks_kept"),
+        "mcore2hf", figures, seconds, processes=world if job is not None else None,
+        summed=("shards_skipped", "chunks_kept") + (("output_rechecked_chunks", "output_rechecked_bytes",
+                                                      "output_chunks_redone", "rechecked_chunks", "rechecked_bytes")
+                                                     if opts.recheck else ()),
         input=str(e.ckpt), config_from=e.config_from, output=str(out), architecture=e.spec.architecture,
         layers=e.spec.num_layers, tensors=len(e.plan.targets), shards=e.plan.num_files,
         index=INDEX_FILE if e.plan.num_files > 1 else None,
@@ -191,6 +195,12 @@ def _convert(out: Path, e: _Export, opts: Options, job, mine: set, quiet: bool, 
     if sink.report["shards_skipped"] or sink.report["chunks_kept"]:
         status(f"resuming: {sink.report['shards_skipped']} shards and {sink.report['chunks_kept']} more chunks "
                "kept from the last run", quiet)
+    if opts.recheck:
+        try:
+            _recheck(part, e.source, sink, opts, quiet)
+        except BaseException:
+            sink.abort()
+            raise
     cpu0 = rss.cpu_seconds()
     progress = make_progress(quiet, "mcore2hf", e.plan.total_bytes, len(e.plan.chunks), opts.max_memory)
     rss.reset_peak()  # the export's own peak, apart from start-up
@@ -206,6 +216,25 @@ def _convert(out: Path, e: _Export, opts: Options, job, mine: set, quiet: bool, 
     except BaseException:
         sink.abort()
         raise
+
+
+def _recheck(part: Plan, source, sink: SafetensorsSink, opts: Options, quiet: bool) -> None:
+    """``--recheck``: the kept output read back against the journal (what differs is written again), then the
+    kept chunks' sources converted again and compared (a checkpoint changed behind the file system is refused)."""
+    from streamconv.sinks.compare import recheck_kept
+
+    status("rechecking the kept output against the journal", quiet)
+    found = sink.recheck_output(opts.workers)
+    sink.report.update(found)
+    if found["output_chunks_redone"]:
+        status(f"{found['output_chunks_redone']} kept chunks differ from what was journaled: writing them again", quiet)
+    chunks, nbytes = 0, 0
+    if source.reads == "extents":  # (a checkpoint of other items is read through the buffered path only)
+        chunks, nbytes = recheck_kept(part, source, sink.kept_crcs(), max_memory=opts.max_memory,
+                                      workers=opts.workers)
+    else:
+        status("the checkpoint's items are not plain archives: the kept chunks' sources are not rechecked", quiet)
+    sink.report["rechecked_chunks"], sink.report["rechecked_bytes"] = chunks, nbytes
 
 
 def _finish(out: Path, e: _Export) -> list[str]:

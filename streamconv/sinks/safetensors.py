@@ -18,7 +18,7 @@ from streamconv import crashpoints
 from streamconv.dtypes import DType
 from streamconv.engine.contracts import Placement, PlacingSink
 from streamconv.errors import BadInputError, output_error
-from streamconv.files.atomic import PartialFile, commit, create_temporary, fsync_write
+from streamconv.files.atomic import NOFOLLOW, PartialFile, commit, create_temporary, fsync_write
 from streamconv.files.checksum import crc32
 from streamconv.files.fileio import pwrite_all
 from streamconv.files.pagecache import WriteBehind
@@ -127,7 +127,9 @@ class SafetensorsSink(PlacingSink):
         self._left = {f: len(self.by_file[f]) for f in self.mine if f not in self.committed}
         self._lock = threading.Lock()
         crashpoints.started()
-        self._resume_partials(journal.records())
+        records = journal.records()
+        self._journaled = {(r["key"], tuple(r["offsets"])): r["crc32"] for r in records if r.get("t") == "chunk"}
+        self._resume_partials(records)
         self._committer = Committer(journal, self._done)
 
     def _path(self, f: int) -> Path:
@@ -166,6 +168,72 @@ class SafetensorsSink(PlacingSink):
                 return os.fstat(fh.fileno()).st_size == self.sizes[f] and fh.read(len(header)) == header
         except OSError:
             return False
+
+    def recheck_output(self, workers: int = 1) -> dict:
+        """``--recheck``: read back every chunk this run keeps (in a complete shard or a ``.partial`` one) and
+        compare its CRC-32 with the journal's. A chunk that differs (a byte changed on disk, a forged or missing
+        record) is written again: in a ``.partial`` shard the chunk alone (a ``redo`` record voids its old one),
+        in a complete shard the whole shard (removed first, so no later run keeps it). Returns
+        ``{"output_rechecked_chunks", "output_rechecked_bytes", "output_chunks_redone"}``."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        jobs = [(f, self._path(f), self.by_file[f]) for f in sorted(self.committed)]
+        jobs += [(f, opened.tmp, [c for c in self.by_file[f] if c.id in self.done])
+                 for f, opened in sorted(self._open.items())]
+        with ThreadPoolExecutor(max(1, min(workers, len(jobs) or 1)), thread_name_prefix="streamconv-recheck") as pool:
+            found = list(pool.map(lambda job: self._reread(job[1], job[2]), jobs))
+        redone = 0
+        for (f, path, chunks), bad in zip(jobs, found):
+            if not bad:
+                continue
+            if f in self.committed:  # the shard is written again from the start, under a fresh .partial
+                try:
+                    path.unlink()
+                except OSError as e:
+                    raise output_error(path, e) from e
+                self.committed.discard(f)
+                self.report["shards_skipped"] -= 1
+                self._left[f] = len(self.by_file[f])
+                redone += len(self.by_file[f])
+                continue
+            for c in bad:
+                self.journal.append({"t": "redo", "key": c.key, "offsets": list(c.offsets)})
+                self.done.discard(c.id)
+                self._left[f] += 1
+                self.report["chunks_kept"] -= 1
+                redone += 1
+        self.journal.sync()
+        return {"output_rechecked_chunks": sum(len(chunks) for _, _, chunks in jobs),
+                "output_rechecked_bytes": sum(c.nbytes for _, _, chunks in jobs for c in chunks),
+                "output_chunks_redone": redone}
+
+    def _reread(self, path: Path, chunks) -> list:
+        """The ``chunks`` at ``path`` whose bytes' CRC-32 is not the journaled one."""
+        bad, buf = [], memoryview(bytearray(1 << 20))
+        try:
+            fd = os.open(path, os.O_RDONLY | NOFOLLOW)
+        except OSError as e:
+            raise output_error(path, e) from e
+        try:
+            for c in chunks:
+                crc, at, end = 0, self.slots[c.id], self.slots[c.id] + c.nbytes
+                while at < end:
+                    got = os.preadv(fd, [buf[:min(len(buf), end - at)]], at)
+                    if got <= 0:
+                        break
+                    crc, at = crc32(buf[:got], crc), at + got
+                if at < end or self._journaled.get(c.id) != crc:
+                    bad.append(c)
+        except OSError as e:
+            raise output_error(path, e) from e
+        finally:
+            os.close(fd)
+        return bad
+
+    def kept_crcs(self) -> dict[tuple, int]:
+        """``{(key, offsets): CRC-32}`` of the chunks this run keeps, as journaled (``compare.recheck_kept``)."""
+        return {c.id: self._journaled[c.id] for f in sorted(self.mine) for c in self.by_file[f]
+                if self.skip(c) and c.id in self._journaled}
 
     def skip(self, chunk) -> bool:
         """Whether ``chunk`` is already in place (its shard complete, or journaled in its ``.partial``)."""

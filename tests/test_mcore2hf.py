@@ -512,6 +512,33 @@ def test_recheck_rewrites_a_kept_shard_that_changed_and_refuses_a_changed_checkp
         assert rc == 3 and "changed since the interrupted run" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_recheck_rewrites_a_shard_a_resume_completed_from_its_journal(tmp_path):
+    """Killed right after the last chunk of the first shard was journaled (before its commit): the re-run commits
+    that shard from its journal; a byte changed in it meanwhile is found by --recheck and the shard written again."""
+    from streamconv.commands.mcore2hf import Options, _setup
+
+    cfg = llama_config(**LLAMA)
+    src = make_checkpoint(tmp_path / "hf", cfg, seed=9, dtype=torch.bfloat16, shards=2)
+    hf2mcore(src, tmp_path / "mcore")
+    args = ["mcore2hf", "--megatron-path", str(tmp_path / "mcore"), "--max-shard-size", "40KB", "--max-memory",
+            "16KiB", "--quiet"]
+    mcore2hf(tmp_path / "mcore", tmp_path / "clean", *args[3:-1])
+    e = _setup(tmp_path / "mcore", tmp_path / "plan-only", Options(max_memory=16 * 1024, max_shard_size=40_000))
+    e.source.close()
+    first = sum(1 for c in e.plan.chunks if c.file == 0)
+    out = tmp_path / "out"
+    killed_at_chunk(first, [*args, "--workers", "1", "--hf-path", str(out)], tmp_path / "paused")
+    partial = next(out.glob("*.partial"))
+    assert not list(out.glob("model-*.safetensors"))  # its last chunk journaled, the shard not yet committed
+    data = bytearray(partial.read_bytes())
+    data[-2] ^= 0x10
+    partial.write_bytes(bytes(data))
+    summary = mcore2hf(tmp_path / "mcore", out, *args[3:-1], "--recheck")
+    assert summary["output_chunks_redone"] == first and summary["chunks_kept"] == 0
+    for p in (tmp_path / "clean").iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+
 def test_the_source_config_is_carried_and_exported_back_unchanged(tmp_path, capsys):
     """hf2mcore keeps the source's config.json (hf_config/); mcore2hf without --hf-config gives it back byte for
     byte (token ids and all) when run_config.yaml still describes the same model, else the rebuilt one."""

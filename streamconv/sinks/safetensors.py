@@ -192,7 +192,12 @@ class SafetensorsSink(PlacingSink):
                 except OSError as e:
                     raise output_error(path, e) from e
                 self.committed.discard(f)
-                self.report["shards_skipped"] -= 1
+                kept = {c.id for c in self.by_file[f]} & self.done  # committed by this run from its .partial
+                if kept:
+                    self.done -= kept
+                    self.report["chunks_kept"] -= len(kept)
+                else:
+                    self.report["shards_skipped"] -= 1
                 self._left[f] = len(self.by_file[f])
                 redone += len(self.by_file[f])
                 continue

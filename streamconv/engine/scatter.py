@@ -84,6 +84,20 @@ def copy_reads(source, chunk: Chunk, buf: torch.Tensor) -> None:
             dst.copy_(source.read_rows(r.name, r.row0, r.row1, r.index).reshape(dst.shape))
 
 
+def contiguous_runs(pieces: list, most: int | None = None):
+    """``pieces`` ``(file, offset, length, destination)``, sorted by file and offset and grouped into runs that
+    continue each other in a file (at most ``most`` pieces a run): each run is one read scattered into its
+    pieces' destinations."""
+    run: list = []
+    for p in sorted(pieces):
+        if run and (p[0] != run[-1][0] or p[1] != run[-1][1] + run[-1][2] or len(run) == most):
+            yield run
+            run = []
+        run.append(p)
+    if run:
+        yield run
+
+
 class FileScatter:
     """``read_into`` for a ``FileSource``: file extents -> ``preadv`` into the buffer."""
 
@@ -105,14 +119,7 @@ class FileScatter:
                 if n:
                     pieces.append((path, off, n, dst))
                 dst += n
-        pieces.sort()
-        run: list = []
-        for p in pieces:
-            if run and (p[0] != run[-1][0] or p[1] != run[-1][1] + run[-1][2] or len(run) == IOV_MAX):
-                self._read_run(run, raw)
-                run = []
-            run.append(p)
-        if run:
+        for run in contiguous_runs(pieces, IOV_MAX):
             self._read_run(run, raw)
 
     def _read_run(self, run: list, raw) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from streamconv import crashpoints
 from streamconv.dtypes import DType
 from streamconv.engine.contracts import Source
+from streamconv.engine.scatter import contiguous_runs
 from streamconv.errors import BadInputError, SourceIOError
 from streamconv.formats.names import TOKENIZER_FILES
 from streamconv.formats.safetensors import TensorInfo, header_length, parse_header
@@ -314,14 +315,7 @@ class HubSource(Source):
                 if n:
                     pieces.append((path.name, off, n, row * row_bytes))
             row += n_rows
-        pieces.sort()
-        run: list = []
-        for p in pieces:
-            if run and (p[0] != run[-1][0] or p[1] != run[-1][1] + run[-1][2]):
-                self.fetch(run[0][0], run[0][1], [memoryview(raw[d:d + n]) for _, _, n, d in run])
-                run = []
-            run.append(p)
-        if run:
+        for run in contiguous_runs(pieces):  # one range request per run
             self.fetch(run[0][0], run[0][1], [memoryview(raw[d:d + n]) for _, _, n, d in run])
 
     # ------------------------------------------------------------------ HTTP

@@ -726,9 +726,7 @@ class TorchDistSource(Source):
     # ------------------------------------------------------------------ internals
 
     def _open(self, rel: str) -> int:
-        path = (self.folder / rel).resolve()
-        if path.parent != self.folder.resolve():
-            raise BadInputError(f"{self.folder}: {METADATA_FILE} names a file outside the folder: {rel!r}")
+        path = self._path(rel)
         try:
             return os.open(path, os.O_RDONLY)
         except OSError as e:
@@ -740,7 +738,8 @@ class TorchDistSource(Source):
         return self._files.fd(rel)
 
     def _path(self, rel: str) -> Path:
-        """The file ``rel`` as the engine opens it (``spans``): resolved once, inside the folder (as ``_open``)."""
+        """The file ``rel``, resolved once and refused unless inside the folder (what ``_open`` opens and
+        ``spans`` hands the engine)."""
         path = self._paths.get(rel)
         if path is None:
             path = (self.folder / rel).resolve()

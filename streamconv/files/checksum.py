@@ -21,3 +21,17 @@ IMPLEMENTATION = "isal" if _fast is not None else "zlib"
 def crc32(data, value: int = 0) -> int:
     """CRC-32 of ``data`` (any buffer), continuing from ``value``."""
     return _fast(data, value) if _fast is not None else zlib.crc32(data, value)
+
+
+def crc32_range(fd: int, start: int, length: int, buf: memoryview) -> tuple[int, int]:
+    """CRC-32 of bytes ``[start, start + length)`` of file ``fd``, read through ``buf``: ``(crc, bytes read)``
+    (fewer than ``length`` when the file ends first)."""
+    import os
+
+    crc, at, end = 0, start, start + length
+    while at < end:
+        got = os.preadv(fd, [buf[:min(len(buf), end - at)]], at)
+        if got <= 0:
+            break
+        crc, at = crc32(buf[:got], crc), at + got
+    return crc, at - start

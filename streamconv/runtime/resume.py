@@ -414,6 +414,11 @@ def chunks_of_last_open(records, file_of: dict) -> set:
     return set().union(*live.values()) if live else set()
 
 
+def journaled_crcs(records) -> dict[tuple, int]:
+    """``{(key, offsets): CRC-32}`` of every ``chunk`` record (a chunk's last record wins)."""
+    return {(r["key"], tuple(r["offsets"])): r["crc32"] for r in records if r.get("t") == "chunk"}
+
+
 def file_record(file: int, path: Path, entries) -> dict:
     """The journal record of a committed ``.distcp`` file: its size and items ``(key, offsets, offset, length)``."""
     return {"t": "file", "file": file, "size": path.stat().st_size,

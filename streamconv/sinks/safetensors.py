@@ -19,11 +19,12 @@ from streamconv.dtypes import DType
 from streamconv.engine.contracts import Placement, PlacingSink
 from streamconv.errors import BadInputError, output_error
 from streamconv.files.atomic import NOFOLLOW, PartialFile, commit, create_temporary, fsync_write
-from streamconv.files.checksum import crc32
+from streamconv.files.checksum import crc32, crc32_range
 from streamconv.files.fileio import pwrite_all
 from streamconv.files.pagecache import WriteBehind
 from streamconv.formats.names import INDEX_FILE
 from streamconv.formats.safetensors import encode_header, itemsize, read_header
+from streamconv.formats.torch_dist import chunks_by_file
 from streamconv.runtime import resume
 from streamconv.sinks.committer import Committer
 
@@ -70,11 +71,11 @@ def write_index(folder: Path, plan) -> None:
     fsync_write(folder / INDEX_FILE, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
 
 
-def shard_layout(plan) -> tuple[dict[int, bytes], dict[tuple, int], dict[int, int]]:
-    """Where every chunk of an export plan lies, fixed before a byte is read: each shard's header bytes, each
-    chunk's byte offset in its shard (``{(key, offsets): offset}``: header, then the tensors back to back in
-    plan order, a chunk's rows at their place in its tensor) and each shard's size."""
-    entries = shard_entries(plan)
+def shard_layout(plan, entries: list[list[tuple]]) -> tuple[dict[int, bytes], dict[tuple, int], dict[int, int]]:
+    """Where every chunk of an export plan lies, fixed before a byte is read (``entries``: ``shard_entries``):
+    each shard's header bytes, each chunk's byte offset in its shard (``{(key, offsets): offset}``: header,
+    then the tensors back to back in plan order, a chunk's rows at their place in its tensor) and each shard's
+    size."""
     headers = {f: encode_header(entries[f], SHARD_METADATA) for f in range(plan.num_files)}
     starts: dict[str, int] = {}
     sizes: dict[int, int] = {}
@@ -114,10 +115,8 @@ class SafetensorsSink(PlacingSink):
         self.plan = plan
         self.journal = journal
         self.entries = shard_entries(plan)
-        self.headers, self.slots, self.sizes = shard_layout(plan)
-        self.by_file: dict[int, list] = {}
-        for c in plan.chunks:
-            self.by_file.setdefault(c.file, []).append(c)
+        self.headers, self.slots, self.sizes = shard_layout(plan, self.entries)
+        self.by_file = chunks_by_file(plan)
         self.mine = set(self.by_file) if files is None else set(files)
         self.report = {"shards_skipped": 0, "chunks_kept": 0}
         self.done: set[tuple] = set()  # chunks kept in a ``.partial`` shard
@@ -128,7 +127,7 @@ class SafetensorsSink(PlacingSink):
         self._lock = threading.Lock()
         crashpoints.started()
         records = journal.records()
-        self._journaled = {(r["key"], tuple(r["offsets"])): r["crc32"] for r in records if r.get("t") == "chunk"}
+        self._journaled = resume.journaled_crcs(records)
         self._resume_partials(records)
         self._committer = Committer(journal, self._done)
 
@@ -221,13 +220,8 @@ class SafetensorsSink(PlacingSink):
             raise output_error(path, e) from e
         try:
             for c in chunks:
-                crc, at, end = 0, self.slots[c.id], self.slots[c.id] + c.nbytes
-                while at < end:
-                    got = os.preadv(fd, [buf[:min(len(buf), end - at)]], at)
-                    if got <= 0:
-                        break
-                    crc, at = crc32(buf[:got], crc), at + got
-                if at < end or self._journaled.get(c.id) != crc:
+                crc, got = crc32_range(fd, self.slots[c.id], c.nbytes, buf)
+                if got < c.nbytes or self._journaled.get(c.id) != crc:
                     bad.append(c)
         except OSError as e:
             raise output_error(path, e) from e

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from streamconv import crashpoints
 from streamconv.runtime import resume
-from streamconv.files.checksum import crc32
+from streamconv.files.checksum import crc32, crc32_range
 from streamconv.engine.contracts import PlacingSink, Placement
 from streamconv.files.fileio import pwrite_all
 from streamconv.errors import output_error
@@ -88,7 +88,7 @@ class TorchDistSink(PlacingSink):
                 self._left[f] = len(self.by_file[f])
         if chunk_journal:
             self._resume_partials(records)
-        self._journaled = {(r["key"], tuple(r["offsets"])): r["crc32"] for r in records if r.get("t") == "chunk"}
+        self._journaled = resume.journaled_crcs(records)
         self._committer = Committer(journal, self._done) if chunk_journal else None
 
     # ------------------------------------------------------------------ resume
@@ -175,13 +175,8 @@ class TorchDistSink(PlacingSink):
                 item_at, data_at = self.slots[c.id]
                 want = self._journaled.get(c.id)
                 prefix = os.pread(fd, len(frame.prefix), item_at)
-                crc, at, end = 0, data_at, data_at + frame.nbytes
-                while at < end:
-                    got = os.preadv(fd, [buf[:min(len(buf), end - at)]], at)
-                    if got <= 0:
-                        break
-                    crc = crc32(buf[:got], crc)
-                    at += got
+                crc, got = crc32_range(fd, data_at, frame.nbytes, buf)
+                at, end = data_at + got, data_at + frame.nbytes
                 suffix = os.pread(fd, frame.length - frame.nbytes - len(frame.prefix), end) if at == end else b""
                 nbytes += at - item_at + len(suffix)
                 if want is None or crc != want or prefix != frame.prefix or suffix != frame.suffix(want):

@@ -24,8 +24,8 @@ from streamconv.files.atomic import fsync_write
 from streamconv.formats import run_config
 from streamconv.formats.names import CONFIG_FILE, HF_CONFIG_DIR, JOB_TOKEN_FILE, ITER_DIR, METADATA_FILE, TOKENIZER_DIR, TOKENIZER_FILES, \
     TRACKER_FILE, ZARR_VIEW
-from streamconv.inputs import check_budget, check_fits, chunk_bytes_for, import_plan_for, open_hf_source, \
-    parse_dtype, split_hub_id
+from streamconv.inputs import check_budget, check_fits, chunk_bytes_for, import_plan_for, is_hub_id, \
+    open_hf_source, parse_dtype, split_hub_id
 from streamconv.models.config import require_convertible, spec_from_config
 from streamconv.models.spec import ModelSpec
 from streamconv.plan.build import DEFAULT_FILE_BYTES, Plan
@@ -87,19 +87,20 @@ class _Setup:
     identity: dict
     hub: HubModel | None = None  # the weights are streamed from the Hub at this pinned commit
     moved: str | None = None  # resumed on ``hub.sha`` while the revision asked for now names this commit
-    quiet: bool = False
     checked: dict | None = None  # the Hub shards' SHA-256 check (``_check_hub_hashes``)
 
 
 def _setup(hf_model: str, out: Path, opts: Options) -> _Setup:
     """Input, plan and identity: the same on every rank of a distributed run (planning reads headers only)."""
-    pinned = _pinned(out, hf_model) if not opts.overwrite else None
-    asked = split_hub_id(hf_model, opts.revision)[1] if pinned else None
+    hub_id = is_hub_id(hf_model)
+    repo_id, asked = split_hub_id(hf_model, opts.revision) if hub_id else (None, None)
+    # an interrupted run of this hub model into ``out`` is resumed on the commit it started from
+    pinned = resume.hub_commit(out, repo_id) if hub_id and not opts.overwrite else None
     if asked is not None and len(asked) == 40 and asked != pinned:  # another commit, named: not this output's
         pinned = None
     folder, cfg, source, hub = open_hf_source(hf_model, opts.revision, opts.download_first, pinned)
     try:
-        moved = _moved(hub, split_hub_id(hf_model, opts.revision)[1], opts.quiet) if hub and pinned else None
+        moved = _moved(hub, asked, opts.quiet) if hub and pinned else None
         spec = require_convertible(spec_from_config(cfg))
         outdir.refuse_overlap(out, [folder], "--megatron-path")
         if out.exists() and not out.is_dir():
@@ -117,7 +118,7 @@ def _setup(hf_model: str, out: Path, opts: Options) -> _Setup:
     except BaseException:
         source.close()
         raise
-    return _Setup(folder, spec, source, plan, identity, hub, moved, opts.quiet)
+    return _Setup(folder, spec, source, plan, identity, hub, moved)
 
 
 def _moved(hub: HubModel, revision: str | None, quiet: bool) -> str | None:
@@ -131,23 +132,6 @@ def _moved(hub: HubModel, revision: str | None, quiet: bool) -> str | None:
     status(f"{hub.repo_id}: {revision or 'main'} now points to {now[:12]}; resuming on {hub.sha[:12]}, the commit "
            "this conversion started from (--overwrite converts the new one)", quiet)
     return now
-
-
-def _pinned(out: Path, hf_model: str) -> str | None:
-    """The commit an interrupted run into ``out`` of the same hub model was pinned to (a resume reads the same
-    commit, whatever the branch says now), or None."""
-    import json
-
-    from streamconv.formats.names import IDENTITY_FILE, STATE_DIR
-    from streamconv.inputs import is_hub_id
-
-    if not is_hub_id(hf_model):
-        return None
-    try:
-        hub = json.loads((out / STATE_DIR / IDENTITY_FILE).read_text())["input"]["hub"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return hub.get("sha") if isinstance(hub, dict) and hub.get("hub") == hf_model.partition("@")[0] else None
 
 
 def _prepare(out: Path, identity: dict, opts: Options, world: int) -> resume.Journal:
@@ -190,7 +174,7 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
             sink = _open_sink(out, s, opts, job, parts[rank], quiet)
             try:
                 figures, entries = _convert(s, sink, opts, job, parts[rank], quiet, t0)
-                _commit(out, s, sink, entries, hf_model, job)
+                _commit(out, s, sink, entries, hf_model, job, quiet)
                 seconds = time.perf_counter() - t0
             except BaseException:
                 sink.abort()
@@ -268,13 +252,13 @@ def _convert(s: _Setup, sink: TorchDistSink, opts: Options, job, mine: set, quie
     return [r["figures"] for r in ranks], {f: items for r in ranks for f, items in r["entries"].items()}
 
 
-def _commit(out: Path, s: _Setup, sink: TorchDistSink, entries: dict, hf_model: str, job) -> None:
+def _commit(out: Path, s: _Setup, sink: TorchDistSink, entries: dict, hf_model: str, job, quiet: bool) -> None:
     """Rank 0: Bridge's files, ``.metadata`` (the sink), then the tracker; the other ranks close their sinks."""
     def commit() -> None:
         if s.hub is None:  # (a hub commit does not change)
             resume.check_unchanged(s.folder, s.source.files(), s.identity)
         else:
-            s.checked = _check_hub_hashes(s, sink)
+            s.checked = _check_hub_hashes(s, sink, quiet)
         write_bridge_files(s.folder, out, out / ITER_DIR, s.spec, s.plan, hf_model)
         sink.commit(entries)
         try:  # what Bridge / Megatron-LM look for in <out> comes after .metadata: never before
@@ -299,7 +283,7 @@ def _network_line(stats, connections: int):
                     + (f", {stats.retries} retries" if stats.retries else ""))
 
 
-def _check_hub_hashes(s: _Setup, sink: TorchDistSink) -> dict:
+def _check_hub_hashes(s: _Setup, sink: TorchDistSink, quiet: bool) -> dict:
     """Before the commit: every shard the Hub sent, hashed and compared with its SHA-256 (``HubSource.check_hashes``:
     the bytes from the output where they were copied unchanged). A shard that differs: the ``.distcp`` files made
     from it are removed (no later run keeps them) and nothing is committed."""
@@ -308,7 +292,7 @@ def _check_hub_hashes(s: _Setup, sink: TorchDistSink) -> dict:
     from streamconv.errors import BadInputError
     from streamconv.formats.names import distcp_name
 
-    status(f"checking {len(s.source.files())} shards against the SHA-256 the Hub records", s.quiet)
+    status(f"checking {len(s.source.files())} shards against the SHA-256 the Hub records", quiet)
     found = s.source.check_hashes(s.plan, lambda c: sink.item_bytes(c)[:2], workers=2)
     if found["mismatched"]:
         bad = set(found["mismatched"])

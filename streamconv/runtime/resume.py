@@ -414,6 +414,16 @@ def chunks_of_last_open(records, file_of: dict) -> set:
     return set().union(*live.values()) if live else set()
 
 
+def hub_commit(out: Path, repo_id: str) -> str | None:
+    """The commit of hub model ``repo_id`` an interrupted conversion into ``out`` started from (its identity's
+    ``input.hub.sha``), or None."""
+    try:
+        hub = json.loads((Path(out) / STATE_DIR / IDENTITY_FILE).read_text())["input"]["hub"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return hub.get("sha") if isinstance(hub, dict) and hub.get("hub") == repo_id else None
+
+
 def journaled_crcs(records) -> dict[tuple, int]:
     """``{(key, offsets): CRC-32}`` of every ``chunk`` record (a chunk's last record wins)."""
     return {(r["key"], tuple(r["offsets"])): r["crc32"] for r in records if r.get("t") == "chunk"}

@@ -33,7 +33,7 @@ from streamconv.engine.scatter import contiguous_runs
 from streamconv.errors import BadInputError, SourceIOError
 from streamconv.formats.names import TOKENIZER_FILES
 from streamconv.formats.safetensors import TensorInfo, header_length, parse_header
-from streamconv.sources.safetensors import rows_extent
+from streamconv.sources.safetensors import rows_extent, rows_tensor, tensors_of
 
 INDEX_FILE = "model.safetensors.index.json"
 # what is fetched into the cache: never a weight
@@ -215,7 +215,6 @@ class HubSource(Source):
         self.stats = HubStats()
         quiet_hub_logs(self.stats)
         self._headers = {**build_hf_headers(), "Accept-Encoding": "identity"}
-        self.tensors: dict[str, TensorInfo] = {}
         index = self.folder / INDEX_FILE
         weight_map = None
         if index.is_file():
@@ -231,13 +230,7 @@ class HubSource(Source):
             shards = model.weights()
             if not shards:
                 raise BadInputError(f"{model.repo_id}: no *.safetensors files in the repository at {model.sha[:12]}")
-        for shard in shards:
-            for name, info in self._read_header(shard).items():
-                if weight_map is not None and weight_map.get(name) != shard:
-                    continue
-                if name in self.tensors:
-                    raise BadInputError(f"{model.repo_id}: tensor {name!r} is stored in two shards")
-                self.tensors[name] = info
+        self.tensors = tensors_of(model.repo_id, shards, self._read_header, weight_map, self.where)
         self.quant = None
         self.dequant: dict = {}
         if cfg is not None:
@@ -278,23 +271,11 @@ class HubSource(Source):
         return rows_extent(self.info(read.name), read.row0, read.row1, read.index)[2]
 
     def read_rows(self, name: str, row0: int, row1: int, index: tuple[int, ...] = ()):
-        import torch
-
         info = self.info(name)
         path, pos, length = rows_extent(info, row0, row1, index)
-        shape = info.shape[len(index):]
-        out_shape = (row1 - row0, *shape[1:]) if shape else ()
-        if length == 0:
-            return torch.empty(out_shape, dtype=torch.float32 if name in self.dequant else info.dtype.torch)
         buf = bytearray(length)
         self.fetch(path.name, pos, [memoryview(buf)])
-        values = torch.frombuffer(buf, dtype=info.dtype.torch).view(out_shape)
-        scale = self.dequant.get(name)
-        if scale is not None and not index:
-            from streamconv.engine.transforms import dequantize
-
-            return dequantize(values, scale.values, scale.block, row0, torch.float32)
-        return values
+        return rows_tensor(info, buf, row0, row1, index, self.dequant.get(name))
 
     def read_into(self, chunk, buf) -> None:
         """The chunk's reads into the rows of ``buf``: the byte runs that continue each other in a shard are one

@@ -34,6 +34,43 @@ def rows_extent(info: TensorInfo, row0: int, row1: int, index: tuple[int, ...] =
     return info.path, info.start + first_row * row_bytes, (row1 - row0) * row_bytes
 
 
+def tensors_of(where, shards, header_of, weight_map: dict | None, shard_path) -> dict[str, TensorInfo]:
+    """Every tensor of ``shards`` (``header_of(shard)``: its parsed header): with an index (``weight_map``) only
+    where the index puts it, and every tensor the index lists must be found; a tensor in two shards is refused.
+    ``where`` (the model) and ``shard_path(shard)`` name them in messages."""
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        for name, info in header_of(shard).items():
+            if weight_map is not None and weight_map.get(name) != shard:
+                continue  # the index is authoritative when present
+            if name in tensors:
+                raise BadInputError(f"{where}: tensor {name!r} is stored in two shards")
+            tensors[name] = info
+    if weight_map is not None:
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise BadInputError(f"{shard_path(weight_map[missing[0]])}: tensor {missing[0]!r} is listed in the index "
+                                "but not in the shard")
+    return tensors
+
+
+def rows_tensor(info: TensorInfo, buf, row0: int, row1: int, index: tuple[int, ...], scale=None):
+    """Rows ``[row0, row1)`` of tensor ``info`` (after the leading ``index``) from their bytes ``buf``, as a
+    tensor; a quantized weight's (``scale``: its ``sources.quantized.Scale``) as its float32 value."""
+    import torch
+
+    shape = info.shape[len(index):]
+    out_shape = (row1 - row0, *shape[1:]) if shape else ()
+    if len(buf) == 0:
+        return torch.empty(out_shape, dtype=torch.float32 if scale is not None else info.dtype.torch)
+    values = torch.frombuffer(buf, dtype=info.dtype.torch).view(out_shape)
+    if scale is not None and not index:  # a quantized weight: its value, in float32
+        from streamconv.engine.transforms import dequantize
+
+        return dequantize(values, scale.values, scale.block, row0, torch.float32)
+    return values
+
+
 class SafetensorsSource(FileSource):
     """A lazy view of a HF checkpoint folder: one or more ``*.safetensors`` shards.
 
@@ -62,20 +99,8 @@ class SafetensorsSource(FileSource):
             shards = sorted(p.name for p in self.folder.glob("*.safetensors"))
             if not shards:
                 raise BadInputError(f"{self.folder}: no *.safetensors files found")
-        for shard in shards:
-            for name, info in read_header(self.folder / shard).items():
-                if weight_map is not None and weight_map.get(name) != shard:
-                    continue  # the index is authoritative when present
-                if name in self.tensors:
-                    raise BadInputError(f"{self.folder}: tensor {name!r} is stored in two shards")
-                self.tensors[name] = info
-        if weight_map is not None:
-            missing = sorted(set(weight_map) - set(self.tensors))
-            if missing:
-                raise BadInputError(
-                    f"{self.folder / weight_map[missing[0]]}: tensor {missing[0]!r} is listed in the index but "
-                    "not in the shard"
-                )
+        self.tensors = tensors_of(self.folder, shards, lambda shard: read_header(self.folder / shard), weight_map,
+                                  lambda shard: self.folder / shard)
         self._files = OpenFiles()
         self.quant = None  # sources.quantized.Quantization of a quantized checkpoint
         self.dequant: dict = {}  # weight name -> sources.quantized.Scale: read_rows gives its float32 values
@@ -119,23 +144,10 @@ class SafetensorsSource(FileSource):
 
     def read_rows(self, name: str, row0: int, row1: int, index: tuple[int, ...] = ()):
         """Rows ``[row0, row1)`` of tensor ``name`` (along dim 0, after the leading ``index``), a tensor."""
-        import torch
-
         path, pos, length = self.extent(name, row0, row1, index)
-        shape = self.info(name).shape[len(index):]
         buf = bytearray(length)
         read_exact(self._files.fd(path), memoryview(buf), pos, path)
-        out_shape = (row1 - row0, *shape[1:]) if shape else ()
-        dtype = self.info(name).dtype
-        if length == 0:
-            return torch.empty(out_shape, dtype=torch.float32 if name in self.dequant else dtype.torch)
-        values = torch.frombuffer(buf, dtype=dtype.torch).view(out_shape)
-        scale = self.dequant.get(name)
-        if scale is not None and not index:  # a quantized weight: its value, in float32
-            from streamconv.engine.transforms import dequantize
-
-            return dequantize(values, scale.values, scale.block, row0, torch.float32)
-        return values
+        return rows_tensor(self.info(name), buf, row0, row1, index, self.dequant.get(name))
 
     def close(self) -> None:
         self._files.close()

@@ -116,20 +116,13 @@ def open_hf_model(hf_model: str, revision: str | None = None, download_first: bo
         except Exception:
             raise unreachable from None
 
-    if download_first:
+    if download_first or model.cached_folder() is not None:  # (cached weights: a missing small file is fetched)
         from huggingface_hub import snapshot_download
 
         try:
             return Path(snapshot_download(repo_id, revision=model.sha, allow_patterns=HUB_PATTERNS)), None
         except Exception as e:
-            raise hub_error(repo_id, "downloading", e) from None
-    if model.cached_folder() is not None:
-        from huggingface_hub import snapshot_download
-
-        try:  # the weights are cached: the small files too (fetched if one is missing)
-            return Path(snapshot_download(repo_id, revision=model.sha, allow_patterns=HUB_PATTERNS)), None
-        except Exception as e:
-            raise hub_error(repo_id, "the cache", e) from None
+            raise hub_error(repo_id, "downloading" if download_first else "the cache", e) from None
     return model.fetch_small(), model
 
 

@@ -429,15 +429,19 @@ def killed_at_chunk(n: int, args: list[str], marker: Path) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+def exported(tmp_path: Path, *extra: str) -> tuple[list[str], dict]:
+    """The kill tests' setup: a bf16 Llama imported into ``tmp_path/mcore``; the export's command line (small
+    shards, ``extra``, ``--quiet`` last) and the summary of its run never killed, into ``tmp_path/clean``."""
+    src = make_checkpoint(tmp_path / "hf", llama_config(**LLAMA), seed=9, dtype=torch.bfloat16, shards=2)
+    hf2mcore(src, tmp_path / "mcore")
+    args = ["mcore2hf", "--megatron-path", str(tmp_path / "mcore"), "--max-shard-size", "40KB", *extra, "--quiet"]
+    return args, mcore2hf(tmp_path / "mcore", tmp_path / "clean", *args[3:-1])
+
+
 def test_killed_export_resumes_to_identical_output(tmp_path, capsys):
     """Killed after its 25th chunk: the re-run keeps the complete shards and every journaled chunk of the
     ``.partial`` one (exactly the 25 chunks, none read again) and ends byte for byte as a run never killed."""
-    cfg = llama_config(**LLAMA)
-    src = make_checkpoint(tmp_path / "hf", cfg, seed=9, dtype=torch.bfloat16, shards=2)
-    hf2mcore(src, tmp_path / "mcore")
-    args = ["mcore2hf", "--megatron-path", str(tmp_path / "mcore"), "--max-shard-size", "40KB",
-            "--max-memory", "16KiB", "--quiet"]
-    clean = mcore2hf(tmp_path / "mcore", tmp_path / "clean", *args[3:-1])
+    args, clean = exported(tmp_path, "--max-memory", "16KiB")
     assert clean["engine_path"] == "direct" and clean["chunks"] > 40
 
     out = tmp_path / "out"
@@ -461,11 +465,7 @@ def test_killed_export_resumes_to_identical_output(tmp_path, capsys):
 def test_a_resume_with_another_budget_keeps_the_complete_shards_and_redoes_the_partial_one(tmp_path):
     """Another --max-memory chunks the tensors otherwise: the journaled chunks of the killed run's .partial shard
     do not name this run's chunks, so that shard is written again (complete shards are kept)."""
-    cfg = llama_config(**LLAMA)
-    src = make_checkpoint(tmp_path / "hf", cfg, seed=9, dtype=torch.bfloat16, shards=2)
-    hf2mcore(src, tmp_path / "mcore")
-    args = ["mcore2hf", "--megatron-path", str(tmp_path / "mcore"), "--max-shard-size", "40KB", "--quiet"]
-    mcore2hf(tmp_path / "mcore", tmp_path / "clean", *args[3:-1])
+    args, _ = exported(tmp_path)
     out = tmp_path / "out"
     killed_at_chunk(25, [*args, "--max-memory", "16KiB", "--workers", "1", "--hf-path", str(out)], tmp_path / "paused")
     finished = sorted(p.name for p in out.glob("model-*.safetensors"))
@@ -482,12 +482,7 @@ def test_recheck_rewrites_a_kept_shard_that_changed_and_refuses_a_changed_checkp
     """--recheck on a resumed export: a byte changed in a shard the killed run completed makes that shard written
     again (the output then equals a run never killed); a byte changed in the .distcp under a kept chunk is
     refused in one line, exit 3."""
-    cfg = llama_config(**LLAMA)
-    src = make_checkpoint(tmp_path / "hf", cfg, seed=9, dtype=torch.bfloat16, shards=2)
-    hf2mcore(src, tmp_path / "mcore")
-    args = ["mcore2hf", "--megatron-path", str(tmp_path / "mcore"), "--max-shard-size", "40KB", "--max-memory",
-            "16KiB", "--quiet"]
-    mcore2hf(tmp_path / "mcore", tmp_path / "clean", *args[3:-1])
+    args, _ = exported(tmp_path, "--max-memory", "16KiB")
     out = tmp_path / "out"
     killed_at_chunk(25, [*args, "--workers", "1", "--hf-path", str(out)], tmp_path / "paused")
     shard = sorted(out.glob("model-*.safetensors"))[0]
@@ -517,12 +512,7 @@ def test_recheck_rewrites_a_shard_a_resume_completed_from_its_journal(tmp_path):
     that shard from its journal; a byte changed in it meanwhile is found by --recheck and the shard written again."""
     from streamconv.commands.mcore2hf import Options, _setup
 
-    cfg = llama_config(**LLAMA)
-    src = make_checkpoint(tmp_path / "hf", cfg, seed=9, dtype=torch.bfloat16, shards=2)
-    hf2mcore(src, tmp_path / "mcore")
-    args = ["mcore2hf", "--megatron-path", str(tmp_path / "mcore"), "--max-shard-size", "40KB", "--max-memory",
-            "16KiB", "--quiet"]
-    mcore2hf(tmp_path / "mcore", tmp_path / "clean", *args[3:-1])
+    args, _ = exported(tmp_path, "--max-memory", "16KiB")
     e = _setup(tmp_path / "mcore", tmp_path / "plan-only", Options(max_memory=16 * 1024, max_shard_size=40_000))
     e.source.close()
     first = sum(1 for c in e.plan.chunks if c.file == 0)

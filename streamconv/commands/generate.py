@@ -180,7 +180,7 @@ def _check(args):
     one line when the ranks do not match ``--tp`` or the model does not fit the memory."""
     from streamconv.inputs import check_checkpoint, model_config, parse_dtype, resolve_checkpoint, vocab_padding
     from streamconv.models import rules
-    from streamconv.models.config import require_convertible, spec_from_config
+    from streamconv.models.config import spec_from_config
     from streamconv.runtime import dist
     from streamconv.sources.torch_dist import TorchDistSource
 
@@ -191,7 +191,7 @@ def _check(args):
         if args.hf_model is None:
             raise
         cfg = model_config(ckpt, args.hf_model)[0]
-    spec = require_convertible(spec_from_config(cfg))  # refuses what streamconv does not know, in one line
+    spec = spec_from_config(cfg)  # refuses what streamconv does not know, in one line
     dtype = (parse_dtype(args.dtype) or parse_dtype("fp32" if args.device == "cpu"
                                                     else str(cfg.get("torch_dtype", "bf16")))).torch
     tp = args.tp

@@ -26,7 +26,7 @@ from streamconv.formats.names import CONFIG_FILE, HF_CONFIG_DIR, JOB_TOKEN_FILE,
     TRACKER_FILE, ZARR_VIEW
 from streamconv.inputs import check_budget, check_fits, chunk_bytes_for, import_plan_for, is_hub_id, \
     open_hf_source, parse_dtype, split_hub_id
-from streamconv.models.config import require_convertible, spec_from_config
+from streamconv.models.config import spec_from_config
 from streamconv.models.spec import ModelSpec
 from streamconv.plan.build import DEFAULT_FILE_BYTES, Plan
 from streamconv.runtime import dist, outdir, report, resume, rss
@@ -101,7 +101,7 @@ def _setup(hf_model: str, out: Path, opts: Options) -> _Setup:
     folder, cfg, source, hub = open_hf_source(hf_model, opts.revision, opts.download_first, pinned)
     try:
         moved = _moved(hub, asked, opts.quiet) if hub and pinned else None
-        spec = require_convertible(spec_from_config(cfg))
+        spec = spec_from_config(cfg)
         outdir.refuse_overlap(out, [folder], "--megatron-path")
         if out.exists() and not out.is_dir():
             raise OutputError(f"{out}: exists and is not a folder")

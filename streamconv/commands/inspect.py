@@ -183,7 +183,7 @@ def hf_report(folder: Path, source=None) -> Report:
 def _hf_architecture(folder: Path, infos: dict | None, quant=None) -> tuple[str | None, dict, str]:
     """(architecture, model facts, conversion check) from ``config.json``; a config streamconv cannot
     convert is reported, not raised: inspect is for strange checkpoints."""
-    from streamconv.models.config import load_config, require_convertible, spec_from_config
+    from streamconv.models.config import load_config, spec_from_config
     from streamconv.plan.build import check_source
 
     if not (folder / "config.json").is_file():
@@ -202,16 +202,18 @@ def _hf_architecture(folder: Path, infos: dict | None, quant=None) -> tuple[str 
     try:
         check_source(spec, infos, quant=quant)
         check = "ok: every tensor the mapping needs is present with the shape config.json implies"
-        require_convertible(spec)
     except StreamconvError as e:
         check = f"not convertible: {e}" if check.startswith("ok") else str(e)
     return spec.architecture, model, check
 
 
+HYBRID_KINDS = {"M": "mamba2", "*": "attention", "-": "mlp", "E": "moe"}  # Nemotron-H's layer letters
+
+
 def _spec_facts(spec) -> dict:
     kinds: dict[str, int] = {}
     for layer in spec.layers:
-        key = f"{layer.attention}+{layer.mlp}"
+        key = HYBRID_KINDS.get(layer.kind) or f"{layer.attention}+{layer.mlp}"
         kinds[key] = kinds.get(key, 0) + 1
     return {
         "family": spec.family,

@@ -37,7 +37,7 @@ from streamconv.formats.names import (EXPORT_JOB_TOKEN_FILE, EXPORT_MARKER, INDE
                                       TOKENIZER_FILES)
 from streamconv.inputs import check_budget, check_checkpoint, check_fits, chunk_bytes_for, model_config, \
     parse_dtype, resolve_checkpoint, vocab_padding
-from streamconv.models.config import require_convertible, spec_from_config
+from streamconv.models.config import spec_from_config
 from streamconv.models.spec import ModelSpec
 from streamconv.plan.build import DEFAULT_SHARD_BYTES, Plan, export_plan
 from streamconv.runtime import dist, outdir, report, resume, rss
@@ -105,7 +105,7 @@ def _setup(megatron_path, out: Path, opts: Options) -> _Export:
     """Checkpoint, config, source and plan: the same on every rank of a distributed run."""
     ckpt = resolve_checkpoint(megatron_path)
     cfg, cfg_folder, verbatim, config_from = model_config(ckpt, opts.hf_config, opts.max_memory)
-    spec = require_convertible(spec_from_config(cfg))
+    spec = spec_from_config(cfg)
     out_dtype = parse_dtype(opts.dtype)
     if opts.max_shard_size <= 0:
         raise UsageError("--max-shard-size must be positive")

@@ -57,6 +57,7 @@ GPT_PROVIDER = "megatron.bridge.models.gpt_provider.GPTModelProvider"
 HETEROGENEOUS_PROVIDER = (
     "megatron.bridge.models.llama_nemotron.llama_nemotron_provider.LlamaNemotronHeterogeneousProvider"
 )
+HYBRID_PROVIDER = "megatron.bridge.models.hybrid.hybrid_provider.HybridModelProvider"
 CONFIG_CONTAINER = "megatron.bridge.training.config.ConfigContainer"
 _CFG = "megatron.bridge.training.config."
 
@@ -305,8 +306,103 @@ def provider_fields_decilm(hf_config: dict, dtype: str | None = None) -> dict:
     return fields
 
 
+def is_nemotron_h(hf_config: dict) -> bool:
+    return "NemotronHForCausalLM" in (hf_config.get("architectures") or []) or hf_config.get("model_type") == "nemotron_h"
+
+
+def _hybrid_pattern(hf_config: dict) -> str:
+    """``hybrid_override_pattern``, or the one transformers 5's ``layers_block_type`` spells out."""
+    pattern = hf_config.get("hybrid_override_pattern")
+    if isinstance(pattern, str) and pattern:
+        return pattern
+    names = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-", "moe": "E"}
+    types = hf_config.get("layers_block_type")
+    if not isinstance(types, list) or not types or any(t not in names for t in types):
+        raise ValueError("a Nemotron-H config needs hybrid_override_pattern or layers_block_type")
+    return "".join(names[t] for t in types)
+
+
+def _first_of(hf_config: dict, *keys: str, default: Any = None) -> Any:
+    return next((hf_config[k] for k in keys if hf_config.get(k) is not None), default)
+
+
+def provider_fields_nemotron_h(hf_config: dict, dtype: str | None = None, mtp_layers: int = 0) -> dict:
+    """The ``model:`` section for a ``NemotronHForCausalLM`` config (``NemotronHBridge.provider_bridge``, Bridge
+    v0.6.0: ``HybridModelProvider`` building megatron-core's ``HybridModel``; ``MambaModel`` in 0.16).
+
+    ``hybrid_layer_pattern`` is the config's layer string (``M`` Mamba2, ``*`` attention, ``-`` MLP, ``E`` MoE),
+    followed by one ``/<mtp pattern>`` per MTP depth the checkpoint holds (``mtp_layers``: 0 when its MTP
+    weights were not converted, whatever the config says). Values are post-``finalize()``."""
+    _require(hf_config, "hidden_size", "num_attention_heads", "vocab_size")
+    pattern = _hybrid_pattern(hf_config)
+    heads, hidden = hf_config["num_attention_heads"], hf_config["hidden_size"]
+    mtp_pattern = hf_config.get("mtp_hybrid_override_pattern") if mtp_layers else None
+    fields = {
+        "_target_": HYBRID_PROVIDER,
+        "num_layers": len(pattern),
+        "hidden_size": hidden,
+        "ffn_hidden_size": hf_config.get("intermediate_size") or 4 * hidden,
+        **_attention_and_vocab(hf_config, hf_config.get("num_key_value_heads") or heads),
+        "kv_channels": _first_of(hf_config, "head_dim", "attention_head_dim", default=hidden // heads),
+        "layernorm_epsilon": _first_of(hf_config, "layer_norm_epsilon", "rms_norm_eps", default=1e-5),
+        "hybrid_layer_pattern": pattern + "".join("/" + mtp_pattern for _ in range(mtp_layers if mtp_pattern else 0)),
+        "hybrid_override_pattern": None,
+        "mamba_num_heads": hf_config.get("mamba_num_heads"),
+        "mamba_head_dim": hf_config.get("mamba_head_dim"),
+        "mamba_num_groups": _first_of(hf_config, "n_groups", "mamba_n_groups", default=8),
+        "mamba_state_dim": hf_config.get("ssm_state_size"),
+        "mamba_chunk_size": hf_config.get("chunk_size") or 128,
+        "fp32_residual_connection": bool(hf_config.get("residual_in_fp32", False)),
+        "attention_dropout": hf_config.get("attention_dropout") or 0.0,
+        "hidden_dropout": hf_config.get("hidden_dropout") or 0.0,
+        "share_embeddings_and_output_weights": bool(hf_config.get("tie_word_embeddings", False)),
+        "add_qkv_bias": bool(hf_config.get("attention_bias", False)),
+        "add_bias_linear": bool(_first_of(hf_config, "use_bias", "mlp_bias", default=False)),
+        "position_embedding_type": "none",
+        "normalization": "RMSNorm",
+        "gated_linear_unit": False,
+        "activation_func": callable_ref(_ACTIVATIONS["relu2"]),
+        "masked_softmax_fusion": True,
+        "apply_query_key_layer_scaling": False,
+        "persist_layer_norm": True,
+        "attention_softmax_in_fp32": False,
+        "first_last_layers_bf16": True,
+        "is_hybrid_model": True,
+        "mtp_num_layers": mtp_layers,
+        "mtp_hybrid_override_pattern": mtp_pattern,
+        "mtp_use_repeated_layer": bool(mtp_layers and hf_config.get("mtp_use_repeated_layer", True)),
+        "keep_mtp_spec_in_bf16": bool(mtp_layers and hf_config.get("keep_mtp_spec_in_bf16", True)),
+        **_common(_dtype(hf_config, dtype)),
+    }
+    if mtp_layers:
+        fields["mtp_loss_scaling_factor"] = hf_config.get("mtp_loss_scaling_factor", 0.3)
+    if "E" in pattern:
+        fields.update({
+            "num_moe_experts": hf_config.get("n_routed_experts"),
+            "moe_router_topk": hf_config.get("num_experts_per_tok"),
+            "moe_ffn_hidden_size": hf_config.get("moe_intermediate_size"),
+            "moe_shared_expert_intermediate_size": hf_config.get("moe_shared_expert_intermediate_size"),
+            "moe_latent_size": hf_config.get("moe_latent_size"),
+            "moe_router_num_groups": hf_config.get("n_group"),
+            "moe_router_group_topk": hf_config.get("topk_group"),
+            "moe_router_topk_scaling_factor": hf_config.get("routed_scaling_factor"),
+            "moe_aux_loss_coeff": 0.0001,
+            "moe_router_score_function": "sigmoid",
+            "moe_router_enable_expert_bias": True,
+            "moe_router_load_balancing_type": "seq_aux_loss",
+            "moe_router_dtype": "fp32",
+            "moe_grouped_gemm": True,
+            "moe_token_dispatcher_type": "alltoall",
+            "moe_permute_fusion": True,
+            "moe_shared_expert_overlap": bool(hf_config.get("moe_shared_expert_overlap", True)),
+        })
+    return fields
+
+
 def provider_fields(hf_config: dict, dtype: str | None = None) -> dict:
-    """Dispatch as Bridge does: DeciLM with ``block_configs`` -> heterogeneous, else Llama."""
+    """Dispatch as Bridge does: Nemotron-H -> hybrid; DeciLM with ``block_configs`` -> heterogeneous; else Llama."""
+    if is_nemotron_h(hf_config):
+        return provider_fields_nemotron_h(hf_config, dtype)
     if is_decilm(hf_config):
         return provider_fields_decilm(hf_config, dtype)
     return provider_fields_llama(hf_config, dtype)
@@ -336,7 +432,9 @@ def run_config_dict(provider: dict, *, save_dir: str | None = None, hf_source: s
             "_target_": "megatron.bridge.training.tokenizers.config.TokenizerConfig",
             "tokenizer_type": "HuggingFaceTokenizer",
             "tokenizer_model": str(hf_source),
-            "hf_tokenizer_kwargs": {"trust_remote_code": True} if trust_remote_code else {},
+            # NemotronHBridge.get_hf_tokenizer_kwargs: its models ship only a fast tokenizer
+            "hf_tokenizer_kwargs": {**({"use_fast": True} if provider["_target_"] == HYBRID_PROVIDER else {}),
+                                    **({"trust_remote_code": True} if trust_remote_code else {})},
         }
     return {
         "_target_": CONFIG_CONTAINER,
@@ -391,8 +489,12 @@ def for_spec(spec: Any, plan: Any = None, *, save_dir: str | None = None, hf_sou
     if targets:
         dtype = str(next(iter(targets.values())).dtype)
     hf_config = spec.hf_config
-    fields = provider_fields_decilm(hf_config, dtype) if getattr(spec, "heterogeneous", False) \
-        else provider_fields_llama(hf_config, dtype)
+    if getattr(spec, "family", None) == "nemotron_h":
+        fields = provider_fields_nemotron_h(hf_config, dtype)
+    elif getattr(spec, "heterogeneous", False):
+        fields = provider_fields_decilm(hf_config, dtype)
+    else:
+        fields = provider_fields_llama(hf_config, dtype)
     return render_run_config(fields, save_dir=save_dir, hf_source=hf_source)
 
 

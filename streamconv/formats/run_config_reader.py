@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from streamconv.errors import BadInputError, UnsupportedModelError
-from streamconv.formats.run_config import RUN_CONFIG_FILE, TOKENIZER_DIR, is_decilm
+from streamconv.formats.run_config import HYBRID_PROVIDER, RUN_CONFIG_FILE, TOKENIZER_DIR, is_decilm
 
 __all__ = ["RUN_CONFIG_FILE", "TOKENIZER_DIR", "hf_config_from_run_config", "hf_config_from_model_section"]
 
@@ -73,10 +73,14 @@ def _side_file(name, where) -> str:
 # The model section's fields read here, by kind: each is checked before it is used (a crafted value is a
 # string, a stand-in object, a 100,000-digit number or an alias expanding to gigabytes).
 SIZE_FIELDS = ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-               "kv_channels", "vocab_size", "seq_length")
+               "kv_channels", "vocab_size", "seq_length", "mamba_num_heads", "mamba_head_dim", "mamba_num_groups",
+               "mamba_state_dim", "mamba_chunk_size", "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
+               "moe_shared_expert_intermediate_size", "moe_latent_size", "moe_router_num_groups",
+               "moe_router_group_topk")
 REAL_FIELDS = ("layernorm_epsilon", "rotary_base", "rope_scaling_factor", "attention_dropout", "init_method_std",
-               "seq_len_interpolation_factor")
-TEXT_FIELDS = ("normalization", "position_embedding_type", "heterogeneous_layers_config_path")
+               "seq_len_interpolation_factor", "moe_router_topk_scaling_factor")
+TEXT_FIELDS = ("normalization", "position_embedding_type", "heterogeneous_layers_config_path", "hybrid_layer_pattern",
+               "hybrid_override_pattern", "mtp_hybrid_override_pattern")
 MAX_SIZE = 1 << 40
 MAX_ENCODED_JSON = 16 * 1024**2
 
@@ -125,7 +129,73 @@ def hf_config_from_model_section(model: dict, where: Path | str = RUN_CONFIG_FIL
             raise UnsupportedModelError(f"{where}: the heterogeneous layers config has no block_configs list; "
                                         "pass --hf-config")
         return _decilm_config(dict(cfg), model, where)
+    if _target(model.get("_target_")) == HYBRID_PROVIDER or model.get("hybrid_layer_pattern") or \
+            model.get("hybrid_override_pattern"):
+        return _nemotron_h_config(model, where)
     return _llama_config(model, where)
+
+
+def _nemotron_h_config(m: dict, where) -> dict:
+    """A ``NemotronHForCausalLM`` config from ``HybridModelProvider`` fields (the inverse of
+    ``provider_fields_nemotron_h``; Bridge's ``megatron_to_hf_config`` splits the pattern the same way: pipeline
+    marks ``|`` dropped, each ``/`` block one MTP depth). The convolution width, which the provider does not hold,
+    is megatron-core's (4)."""
+    pattern = m.get("hybrid_layer_pattern") or m.get("hybrid_override_pattern")
+    if not isinstance(pattern, str) or not pattern:
+        raise BadInputError(f"{where}: model.hybrid_layer_pattern is missing; pass --hf-config")
+    main, *mtp = pattern.split("/")
+    main = main.replace("|", "")
+    mtp = [p for p in mtp if p]
+    act = str(_target(m.get("activation_func", "megatron.core.activations.squared_relu")))
+    if not act.endswith("squared_relu") or m.get("gated_linear_unit") or m.get("normalization", "RMSNorm") != "RMSNorm":
+        raise UnsupportedModelError(f"{where}: a hybrid model with activation {act!r} / gated_linear_unit / "
+                                    f"{m.get('normalization')!r} is not Nemotron-H; pass --hf-config")
+    heads = m.get("num_attention_heads")
+    cfg = {
+        "architectures": ["NemotronHForCausalLM"],
+        "model_type": "nemotron_h",
+        "hybrid_override_pattern": main,
+        "num_hidden_layers": len(main),
+        "hidden_size": m.get("hidden_size"),
+        "intermediate_size": m.get("ffn_hidden_size"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": m.get("num_query_groups") or heads,
+        "head_dim": m.get("kv_channels"),
+        "vocab_size": m.get("vocab_size"),
+        "max_position_embeddings": m.get("seq_length") or 4096,
+        "layer_norm_epsilon": float(m.get("layernorm_epsilon", 1e-5)),
+        "initializer_range": float(m.get("init_method_std", 0.02)),
+        "tie_word_embeddings": bool(m.get("share_embeddings_and_output_weights", False)),
+        "torch_dtype": _params_dtype(m),
+        "attention_bias": bool(m.get("add_qkv_bias", False)),
+        "mlp_bias": False, "use_bias": False, "mamba_proj_bias": False, "use_conv_bias": True,
+        "mlp_hidden_act": "relu2", "mamba_hidden_act": "silu",
+        "residual_in_fp32": bool(m.get("fp32_residual_connection", False)),
+        "mamba_num_heads": m.get("mamba_num_heads"),
+        "mamba_head_dim": m.get("mamba_head_dim"),
+        "n_groups": m.get("mamba_num_groups"),
+        "ssm_state_size": m.get("mamba_state_dim"),
+        "conv_kernel": 4,
+        "chunk_size": m.get("mamba_chunk_size") or 128,
+        "num_nextn_predict_layers": depth if isinstance(depth := m.get("mtp_num_layers"), int) and
+        not isinstance(depth, bool) and 0 <= depth <= len(mtp) + 64 else len(mtp),
+    }
+    if mtp:
+        cfg["mtp_hybrid_override_pattern"] = mtp[0]
+    if "E" in main:
+        cfg.update({
+            "n_routed_experts": m.get("num_moe_experts"),
+            "num_experts_per_tok": m.get("moe_router_topk"),
+            "moe_intermediate_size": m.get("moe_ffn_hidden_size"),
+            "moe_shared_expert_intermediate_size": m.get("moe_shared_expert_intermediate_size"),
+            "moe_latent_size": m.get("moe_latent_size"),
+            "n_shared_experts": 1,
+            "n_group": m.get("moe_router_num_groups") or 1,
+            "topk_group": m.get("moe_router_group_topk") or 1,
+            "routed_scaling_factor": float(m.get("moe_router_topk_scaling_factor") or 1.0),
+            "norm_topk_prob": True,
+        })
+    return {k: v for k, v in cfg.items() if v is not None}
 
 
 def _decilm_config(cfg: dict, m: dict, where) -> dict:

@@ -57,18 +57,6 @@ def spec_from_config(cfg: dict) -> ModelSpec:
     return spec
 
 
-
-PLANNED_ONLY = {"nemotron_h": "Nemotron-H (NemotronHForCausalLM) is planned (streamconv plan, inspect) but not "
-                              "converted yet: its Megatron-Bridge files and megatron-core loads are not done"}
-
-
-def require_convertible(spec: ModelSpec) -> ModelSpec:
-    """``spec`` if streamconv converts its family; a family it only plans is refused in one line (exit 3)."""
-    if spec.family in PLANNED_ONLY:
-        raise UnsupportedModelError(PLANNED_ONLY[spec.family])
-    return spec
-
-
 def check_limits(spec: ModelSpec) -> None:
     dims = {"hidden_size": spec.hidden_size, "num_attention_heads": spec.num_attention_heads,
             "head_dim": spec.head_dim, "vocab_size": spec.vocab_size}

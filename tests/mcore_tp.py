@@ -69,3 +69,43 @@ def resave_tensor_parallel(jobs: list, tp: int = 2, pp: int = 1, dtype: str = "f
     finally:
         if os.path.exists(init_file):
             os.unlink(init_file)
+
+
+def _hybrid_worker(rank: int, tp: int, init_file: str, cfg: dict, src: str, dst: str, tokens, out: str) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=tp)
+    from streamconv.reference import mcore
+    from streamconv.reference import mcore_hybrid as mh
+
+    model = mh.build_mamba(cfg, tp=tp, parallel_output=False)
+    mh.load(model, src, check_extra=False)  # keys are checked at TP=1; here the split pieces must land
+    logits = mh.logits_of(model, tokens)
+    with mh.cpu_stand_ins():
+        mcore.save_reference_checkpoint(model, dst)
+    if rank == 0:
+        torch.save(logits, out)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def hybrid_tensor_parallel(cfg: dict, src, dst, tokens, tp: int = 2):
+    """Nemotron-H at tensor parallel ``tp`` (gloo processes): megatron-core's MambaModel loads ``src``, returns
+    the full-vocabulary logits of ``tokens`` (rank 0's), and saves itself to ``dst`` with megatron-core's writer."""
+    import torch
+    import torch.multiprocessing as mp
+
+    fd, init_file = tempfile.mkstemp(prefix="mcore_tp_pg_")
+    os.close(fd)
+    os.unlink(init_file)
+    out = str(dst) + ".logits.pt"
+    try:
+        mp.spawn(_hybrid_worker, args=(tp, init_file, cfg, str(src), str(dst), tokens, out), nprocs=tp, join=True)
+        return torch.load(out)
+    finally:
+        for path in (init_file, out):
+            if os.path.exists(path):
+                os.unlink(path)

@@ -1,8 +1,8 @@
-"""Nemotron-H (issue 27), first part: the spec and the mapping table. What the plan makes of the tiny config
-equals what megatron-core 0.16.1's MambaModel writes (its torch_dist keys, shapes and _extra_state objects,
-dumped in tests/data/nemotron_h/ from shared/reference/nemotron_h) and the HF names and shapes transformers
-5.25 saves; the real Nano-30B config counts its published parameters. Conversion is refused in one line until
-the Bridge files and megatron-core loads land."""
+"""Nemotron-H (issue 27): the spec and the mapping table. What the plan makes of the tiny config equals what
+megatron-core 0.16.1's MambaModel writes (its torch_dist keys, shapes and _extra_state objects, dumped in
+tests/data/nemotron_h/ from shared/reference/nemotron_h) and the HF names and shapes transformers 5.25 saves;
+the real Nano-30B config counts its published parameters. Conversions, loads and logits:
+test_nemotron_h_mcore.py."""
 
 from __future__ import annotations
 
@@ -105,92 +105,3 @@ def test_a_config_streamconv_cannot_map_is_one_line(tmp_path, field, value):
                        capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 3 and len(lines) == 1 and "config.json" in lines[0], r.stderr
-
-
-def test_conversion_is_refused_in_one_line_until_it_lands(tmp_path):
-    from streamconv.reference.synth import make_checkpoint
-
-    src = make_checkpoint(tmp_path / "hf", tiny(), seed=1, shards=2)
-    r = subprocess.run([sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(src), "--megatron-path",
-                        str(tmp_path / "out")], capture_output=True, text=True)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 3 and len(lines) == 1 and "Nemotron-H" in lines[0] and "not converted yet" in lines[0]
-    assert not (tmp_path / "out").exists()
-
-
-def test_the_data_path_writes_what_megatron_cores_loader_reads_and_exports_back_bit_exact(tmp_path):
-    """The engine and the torch_dist sink, driven directly (the command refuses the family until its Bridge files
-    land), write the tiny model; megatron-core's own dist_checkpointing.load, at its default strictness, reads
-    every key and _extra_state object MambaModel asks for, and each part holds its rows of the HF tensor: in_proj's
-    z/x/B/C/dt, conv1d's x/B/C, each expert's up/down projection."""
-    import torch
-    from safetensors.torch import load_file
-
-    mh = pytest.importorskip("mcore_harness")
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-
-    from streamconv.engine import runner
-    from streamconv.inputs import import_plan_for
-    from streamconv.reference.synth import make_checkpoint
-    from streamconv.runtime import resume
-    from streamconv.sinks.torch_dist import TorchDistSink
-    from streamconv.sources.safetensors import SafetensorsSource
-
-    src = make_checkpoint(tmp_path / "hf", tiny(), seed=3, shards=2)
-    spec = spec_from_config(tiny())
-    source = SafetensorsSource(src)
-    plan = import_plan_for(source, spec, None, chunk_bytes=4096, file_bytes=64 * 1024)
-    out = tmp_path / "out"
-    (out / "iter_0000000").mkdir(parents=True)
-    sink = TorchDistSink(out / "iter_0000000", plan, resume.Journal(out, {"test": 1}))
-    assert runner.run(plan, source, sink, max_memory=1 << 20, workers=2).path == "direct"
-    sink.close()
-    source.close()
-
-    tensors, objects = mcore_dump()
-    mh.init_distributed()
-    state = {k: ShardedTensor.from_rank_offsets(k, torch.empty(shape)) for k, shape in tensors.items()}
-    for key in objects:
-        name, shard = key.split("/")
-        e, n = (int(x) for x in shard.removeprefix("shard_").split("_"))
-        state[key] = ShardedObject(name, None, (n,), (e,), replica_id=0)
-    with mh.cpu_patches():
-        loaded = dist_checkpointing.load(state, str(out / "iter_0000000"))
-    hf = {}
-    for p in src.glob("*.safetensors"):
-        hf.update(load_file(p))
-    d, gn = 8 * 16, 2 * 16
-    in_proj = hf["backbone.layers.3.mixer.in_proj.weight"]
-    for part, rows in zip("z x B C dt".split(), [(0, d), (d, 2 * d), (2 * d, 2 * d + gn), (2 * d + gn, 2 * d + 2 * gn),
-                                                  (2 * d + 2 * gn, in_proj.shape[0])]):
-        assert torch.equal(loaded[f"decoder.layers.3.mixer.in_proj.weight.{part}"], in_proj[rows[0]:rows[1]]), part
-    conv = hf["backbone.layers.0.mixer.conv1d.weight"]
-    assert torch.equal(loaded["decoder.layers.0.mixer.conv1d.weight.C"], conv[d + gn:])
-    for e in range(4):
-        assert torch.equal(loaded["decoder.layers.4.mlp.experts.experts.linear_fc2.weight"][e],
-                           hf[f"backbone.layers.4.mixer.experts.{e}.down_proj.weight"])
-    assert torch.equal(loaded["decoder.layers.4.pre_mlp_layernorm.weight"], hf["backbone.layers.4.norm.weight"])
-    assert torch.equal(loaded["decoder.layers.1.self_attention.linear_qkv.layer_norm_weight"],
-                       hf["backbone.layers.1.norm.weight"])
-    assert torch.equal(loaded["decoder.layers.4.mlp.router.expert_bias"],
-                       hf["backbone.layers.4.mixer.gate.e_score_correction_bias"])
-
-    # and back: the export's engine path writes the HF tensors bit for bit (each in_proj row from its part)
-    from streamconv.sinks.safetensors import SafetensorsSink, write_index
-    from streamconv.sources.torch_dist import TorchDistSource
-
-    with TorchDistSource(out / "iter_0000000") as ckpt:
-        back_plan = export_plan(spec, {k: m.dtype for k, m in ckpt.tensors.items()}, chunk_bytes=4096,
-                                shard_bytes=100_000)
-        assert ckpt.use_extents({r.name for c in back_plan.chunks for r in c.reads})
-        back = tmp_path / "back"
-        back.mkdir()
-        sink = SafetensorsSink(back, back_plan, resume.Journal(back, {"test": 2}))
-        assert runner.run(back_plan, ckpt, sink, max_memory=1 << 20, workers=2, skip=sink.skip).path == "direct"
-        sink.close()
-    write_index(back, back_plan)
-    again = {}
-    for p in back.glob("*.safetensors"):
-        again.update(load_file(p))
-    assert sorted(again) == sorted(hf) and all(torch.equal(again[k], hf[k]) for k in hf)

@@ -202,3 +202,63 @@ def test_module_is_pure():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+NANO_30B = Path(__file__).parent / "data" / "nemotron_h" / "Nemotron-3-Nano-30B-A3B.config.json"
+# HybridModelProvider's own fields (Megatron-Bridge v0.6.0, models/hybrid/hybrid_provider.py) and Bridge's
+# TransformerConfig additions; every other key of the model section is a megatron-core TransformerConfig field.
+HYBRID_PROVIDER_FIELDS = {
+    "fp16_lm_cross_entropy", "parallel_output", "share_embeddings_and_output_weights", "num_layers",
+    "mamba_num_groups", "mamba_chunk_size", "num_attention_heads", "hybrid_attention_ratio", "hybrid_mlp_ratio",
+    "hybrid_override_pattern", "hybrid_layer_pattern", "seq_length", "position_embedding_type", "rotary_percent",
+    "rotary_base", "seq_len_interpolation_factor", "apply_rope_fusion", "make_vocab_size_divisible_by",
+    "gated_linear_unit", "normalization", "add_bias_linear", "hidden_dropout", "attention_dropout",
+    "layernorm_epsilon", "vocab_size", "should_pad_vocab", "hf_model_id", "hf_model_revision", "mtp_num_layers",
+    "mtp_hybrid_override_pattern", "keep_mtp_spec_in_bf16", "restore_modelopt_state",
+    "mtp_use_repeated_layer",  # megatron-core >= 0.17 TransformerConfig, read by HybridModelProvider.finalize
+}
+
+
+def test_nemotron_h_fields_and_their_inverse():
+    """The real Nano-30B config: Bridge's NemotronHBridge.provider_bridge values; every key is a field a
+    HybridModelProvider has; and the config read back from them describes the same model."""
+    import dataclasses
+
+    from megatron.core.transformer import TransformerConfig
+
+    from streamconv.formats.run_config_reader import hf_config_from_model_section
+    from streamconv.models.config import spec_from_config
+
+    hf = json.loads(NANO_30B.read_text())
+    m = rc.provider_fields(hf)
+    assert m["_target_"] == rc.HYBRID_PROVIDER
+    assert m["hybrid_layer_pattern"] == hf["hybrid_override_pattern"] and m["num_layers"] == 52
+    assert (m["mamba_num_heads"], m["mamba_head_dim"], m["mamba_num_groups"], m["mamba_state_dim"]) == (64, 64, 8, 128)
+    assert (m["num_moe_experts"], m["moe_router_topk"], m["moe_ffn_hidden_size"],
+            m["moe_shared_expert_intermediate_size"]) == (128, 6, 1856, 3712)
+    assert m["moe_router_score_function"] == "sigmoid" and m["moe_router_enable_expert_bias"] is True
+    assert m["moe_router_dtype"] == "fp32" and m["moe_router_topk_scaling_factor"] == 2.5
+    assert m["activation_func"]["_target_"] == "megatron.core.activations.squared_relu"
+    assert m["position_embedding_type"] == "none" and m["gated_linear_unit"] is False
+    assert m["kv_channels"] == hf["head_dim"] and m["num_query_groups"] == hf["num_key_value_heads"]
+    assert m["mtp_num_layers"] == 0  # the checkpoint holds no MTP weights (MambaModel has none to load)
+    mcore_fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    assert set(m) - {"_target_"} <= mcore_fields | HYBRID_PROVIDER_FIELDS
+
+    doc = parse(rc.render_run_config(m, hf_source="nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"))
+    assert doc["tokenizer"]["hf_tokenizer_kwargs"] == {"use_fast": True}  # NemotronHBridge.get_hf_tokenizer_kwargs
+    back = hf_config_from_model_section(doc["model"])
+    assert back["hybrid_override_pattern"] == hf["hybrid_override_pattern"]
+    assert spec_from_config(back) == spec_from_config(hf)
+
+
+def test_a_hybrid_pattern_with_pipeline_and_mtp_marks_reads_as_the_main_pattern():
+    from streamconv.formats.run_config_reader import hf_config_from_model_section
+
+    hf = json.loads(NANO_30B.read_text())
+    m = rc.provider_fields(dict(hf, mtp_hybrid_override_pattern="*E"))
+    m["hybrid_layer_pattern"] = "MEM*|EME/*E/*E"
+    m["mtp_num_layers"] = 2
+    back = hf_config_from_model_section(m)
+    assert back["hybrid_override_pattern"] == "MEM*EME" and back["num_hidden_layers"] == 7
+    assert back["num_nextn_predict_layers"] == 2 and back["mtp_hybrid_override_pattern"] == "*E"

@@ -486,8 +486,11 @@ def for_spec(spec: Any, plan: Any = None, *, save_dir: str | None = None, hf_sou
     plan's output dtype when a plan is given, else the spec's ``torch_dtype``."""
     dtype = getattr(spec, "torch_dtype", None)
     targets = getattr(plan, "targets", None)
-    if targets:
-        dtype = str(next(iter(targets.values())).dtype)
+    if targets:  # the dtype of most bytes (a bf16 Nemotron-H keeps its router in float32)
+        by_dtype: dict[str, int] = {}
+        for t in targets.values():
+            by_dtype[str(t.dtype)] = by_dtype.get(str(t.dtype), 0) + int(getattr(t, "nbytes", 1))
+        dtype = max(by_dtype, key=by_dtype.get)
     hf_config = spec.hf_config
     if getattr(spec, "family", None) == "nemotron_h":
         fields = provider_fields_nemotron_h(hf_config, dtype)

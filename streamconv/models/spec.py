@@ -26,7 +26,7 @@ class LayerSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    family: str  # "llama" | "decilm": selects the mapping rules
+    family: str  # "llama" | "decilm" | "nemotron_h": selects the mapping rules
     architecture: str
     hidden_size: int
     num_attention_heads: int

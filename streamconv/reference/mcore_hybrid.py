@@ -66,6 +66,7 @@ def _stub_triton_ops() -> None:
 
 _stub_triton_ops()
 
+from megatron.core import parallel_state  # noqa: E402
 from megatron.core.activations import squared_relu  # noqa: E402
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec  # noqa: E402
 from megatron.core.models.mamba.mamba_model import MambaModel  # noqa: E402
@@ -160,7 +161,8 @@ class GatedRMSNorm(torch.nn.Module):
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0},
-                                                   sharded_offsets, dp_cp_group=metadata["dp_cp_group"])
+                                                   sharded_offsets, tp_group=parallel_state.get_tensor_model_parallel_group(),
+                                                   dp_cp_group=metadata["dp_cp_group"])
 
 
 class DuplicatedLinear(MegatronModule):
@@ -187,7 +189,8 @@ class DuplicatedLinear(MegatronModule):
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, None,
-                                                   sharded_offsets, dp_cp_group=metadata["dp_cp_group"])
+                                                   sharded_offsets, tp_group=parallel_state.get_tensor_model_parallel_group(),
+                                                   dp_cp_group=metadata["dp_cp_group"])
 
 
 @contextlib.contextmanager

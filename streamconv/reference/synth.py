@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import zlib
 from pathlib import Path
 
@@ -74,6 +75,15 @@ def tensor_values(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: i
         yield (torch.randn((n, *shape[1:]), generator=gen) * scale).to(dtype)
 
 
+KEEP_FP32 = re.compile(r"\.mixer\.gate\.(weight|e_score_correction_bias)$")
+
+
+def dtype_of(name: str, dtype: torch.dtype) -> torch.dtype:
+    """A tensor's dtype in a checkpoint of ``dtype``: transformers keeps a Nemotron-H router (its weight and
+    score correction) in float32 whatever the model's dtype (``_keep_in_fp32_modules_strict``), and saves it so."""
+    return torch.float32 if KEEP_FP32.search(name) else dtype
+
+
 def make_checkpoint(out: Path | str, config: dict, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                     shards: int = 3, shuffle: bool = True) -> Path:
     """Write ``config.json``, ``model-0000i-of-0000n.safetensors`` shards and the index into ``out``.
@@ -86,7 +96,7 @@ def make_checkpoint(out: Path | str, config: dict, *, seed: int = 0, dtype: torc
     tensors = [(t.name, t.shape) for t in rules.hf_tensors(spec)]
     if shuffle:
         random.Random(seed).shuffle(tensors)
-    sizes = [math.prod(s) * itemsize(dtype) for _, s in tensors]
+    sizes = [math.prod(s) * itemsize(dtype_of(n, dtype)) for n, s in tensors]
     total, shards = sum(sizes), max(1, min(shards, len(tensors)))
     groups: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in range(shards)]
     acc = 0
@@ -97,9 +107,9 @@ def make_checkpoint(out: Path | str, config: dict, *, seed: int = 0, dtype: torc
     weight_map = {}
     for i, group in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1 else "model.safetensors"
-        writer = ShardWriter(out / fname, [(n, dtype, s) for n, s in group], metadata={"format": "pt"})
+        writer = ShardWriter(out / fname, [(n, dtype_of(n, dtype), s) for n, s in group], metadata={"format": "pt"})
         for name, shape in group:
-            for block in tensor_values(name, shape, dtype, seed):
+            for block in tensor_values(name, shape, dtype_of(name, dtype), seed):
                 writer.write(name, block)
             weight_map[name] = fname
         writer.close()

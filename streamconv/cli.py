@@ -187,7 +187,11 @@ def _add_hf2mcore(sub) -> None:
                    help="output dtype: bf16, fp16 or fp32 (also spelled bfloat16, float16, float32), or auto (default: keep each tensor's "
                         "source dtype)")
     p.add_argument("--overwrite", action="store_true", help="delete a non-empty output folder and start over")
-    p.add_argument("--allow-unused", action="store_true", help="ignore tensors the mapping does not use")
+    p.add_argument("--allow-unused", action="store_true",
+                   help="leave out tensors the mapping does not use (--json lists them under left_out)")
+    p.add_argument("--drop-mtp", action="store_true",
+                   help="Nemotron-H: leave out the multi-token-prediction layers (mtp.*), which megatron-core's "
+                        "MambaModel cannot hold (--json lists them under left_out)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for Megatron-Bridge compatibility; streamconv never runs remote code")
     p.add_argument("--no-staging", action="store_true",
@@ -331,7 +335,7 @@ def cmd_hf2mcore(args) -> int:
 
     opts = Options(dtype=args.dtype, max_memory=args.max_memory, workers=args.workers or engine_workers(),
                    device=args.device,
-                   overwrite=args.overwrite, allow_unused=args.allow_unused, quiet=args.quiet or args.json,
+                   overwrite=args.overwrite, allow_unused=args.allow_unused, drop_mtp=args.drop_mtp, quiet=args.quiet or args.json,
                    chunk_journal=not args.no_staging, zarr_view=args.keep_staging, file_bytes=args.distcp_size,
                    recheck=args.recheck, revision=args.revision, connections=args.connections,
                    download_first=args.download_first)

@@ -189,9 +189,9 @@ def source_dtypes(source) -> dict:
 
 
 def import_plan_for(source, spec, dtype: dtypes.DType | None, chunk_bytes: int, allow_unused: bool = False,
-                    file_bytes: int = DEFAULT_FILE_BYTES) -> Plan:
+                    file_bytes: int = DEFAULT_FILE_BYTES, drop_mtp: bool = False) -> Plan:
     """The import plan of ``source`` (a ``SafetensorsSource``), after checking its tensors against ``spec``."""
-    check_source(spec, source.tensors, allow_unused=allow_unused, quant=source.quant)
+    check_source(spec, source.tensors, allow_unused=allow_unused, quant=source.quant, drop_mtp=drop_mtp)
     return import_plan(spec, source_dtypes(source), dtype, chunk_bytes=chunk_bytes, file_bytes=file_bytes)
 
 

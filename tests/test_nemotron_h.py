@@ -105,3 +105,27 @@ def test_a_config_streamconv_cannot_map_is_one_line(tmp_path, field, value):
                        capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 3 and len(lines) == 1 and "config.json" in lines[0], r.stderr
+
+
+def test_mtp_layers_are_left_out_only_when_asked_and_then_listed(tmp_path):
+    """A checkpoint with multi-token-prediction layers (mtp.*: transformers ignores them, megatron-core's
+    MambaModel has none): refused in one line naming --drop-mtp; with it, converted, and every MTP tensor is
+    listed in the --json summary under left_out."""
+    import torch
+    from safetensors.torch import save_file
+
+    from streamconv.reference.synth import make_checkpoint
+
+    src = make_checkpoint(tmp_path / "hf", tiny(), seed=1, shards=2)
+    mtp = {"mtp.layers.0.eh_proj.weight": torch.zeros(64, 128), "mtp.layers.0.norm.weight": torch.ones(64)}
+    save_file(mtp, src / "mtp.safetensors", metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"].update({name: "mtp.safetensors" for name in mtp})
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    cmd = [sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(src), "--megatron-path", str(tmp_path / "o")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 3 and len(lines) == 1 and "--drop-mtp" in lines[0] and "mtp." in lines[0], r.stderr
+    r = subprocess.run(cmd + ["--drop-mtp", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["left_out"] == sorted(mtp)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from streamconv import crashpoints, dtypes
@@ -28,7 +28,7 @@ from streamconv.inputs import check_budget, check_fits, chunk_bytes_for, import_
     open_hf_source, parse_dtype, split_hub_id
 from streamconv.models.config import spec_from_config
 from streamconv.models.spec import ModelSpec
-from streamconv.plan.build import DEFAULT_FILE_BYTES, Plan
+from streamconv.plan.build import DEFAULT_FILE_BYTES, Plan, unused_tensors
 from streamconv.runtime import dist, outdir, report, resume, rss
 from streamconv.runtime.progress import make_progress, status
 from streamconv.sinks.torch_dist import TorchDistSink
@@ -68,6 +68,7 @@ class Options:
     device: str = "cpu"
     overwrite: bool = False
     allow_unused: bool = False
+    drop_mtp: bool = False  # --drop-mtp: a Nemotron-H's mtp.* tensors are left out (listed in the summary)
     quiet: bool = False
     chunk_journal: bool = True  # journal each chunk (--no-staging: whole files only; a re-run redoes a file)
     zarr_view: bool = False  # --keep-staging: also write a zarr v3 view of the model (sinks/zarr_view.py)
@@ -88,6 +89,7 @@ class _Setup:
     hub: HubModel | None = None  # the weights are streamed from the Hub at this pinned commit
     moved: str | None = None  # resumed on ``hub.sha`` while the revision asked for now names this commit
     checked: dict | None = None  # the Hub shards' SHA-256 check (``_check_hub_hashes``)
+    unused: list[str] = field(default_factory=list)  # source tensors left out (--allow-unused, --drop-mtp)
 
 
 def _setup(hf_model: str, out: Path, opts: Options) -> _Setup:
@@ -109,7 +111,8 @@ def _setup(hf_model: str, out: Path, opts: Options) -> _Setup:
         outdir.refuse_overlap(out, ([] if hub else source.files()) + [folder / CONFIG_FILE], "--megatron-path")
         dtype = parse_dtype(opts.dtype)
         plan = import_plan_for(source, spec, dtype, chunk_bytes_for(opts.max_memory), opts.allow_unused,
-                               opts.file_bytes)
+                               opts.file_bytes, opts.drop_mtp)
+        unused = unused_tensors(spec, source.tensors, source.quant)
         check_fits(plan, source, opts.max_memory)
         identity = resume.make_identity(folder, [] if hub else source.files(), plan,
                                         dtype=str(dtype).removeprefix("torch.") if dtype else None,
@@ -118,7 +121,7 @@ def _setup(hf_model: str, out: Path, opts: Options) -> _Setup:
     except BaseException:
         source.close()
         raise
-    return _Setup(folder, spec, source, plan, identity, hub, moved)
+    return _Setup(folder, spec, source, plan, identity, hub, moved, unused=unused)
 
 
 def _moved(hub: HubModel, revision: str | None, quiet: bool) -> str | None:
@@ -188,6 +191,8 @@ def hf2mcore(hf_model: str, megatron_path: str | Path, opts: Options, job=None) 
         layers=s.spec.num_layers, tensors=len(plan.targets), files=plan.num_files + 1,
         max_memory_bytes=opts.max_memory, chunk_bytes=plan.chunk_bytes, workers=opts.workers, device=opts.device,
         staging=opts.chunk_journal)
+    if s.unused:
+        summary["left_out"] = s.unused  # never silently: every source tensor not converted, by name
     if s.source.quant is not None:
         summary["quantization"] = s.source.quant.as_dict()
     if s.hub is not None:

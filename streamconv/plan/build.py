@@ -26,6 +26,7 @@ DEFAULT_SHARD_BYTES = 5 * 10**9  # HF save_pretrained's max_shard_size="5GB"
 
 # Tensors some HF checkpoints carry that are not weights (recomputed buffers): ignored on import.
 IGNORED_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+MTP_HF = re.compile(r"^mtp\.")  # Nemotron-H's multi-token-prediction layers (megatron-core 0.16 has none)
 
 
 @dataclass(frozen=True)
@@ -137,9 +138,17 @@ def check_quantization(spec: ModelSpec, infos: dict, quant=None) -> None:
                             "apply to quantization scales); use the unquantized model")
 
 
-def check_source(spec: ModelSpec, infos: dict, allow_unused: bool = False, quant=None) -> None:
+def unused_tensors(spec: ModelSpec, infos: dict, quant=None) -> list[str]:
+    """The source's tensors the mapping leaves out (what ``--allow-unused`` / ``--drop-mtp`` let through)."""
+    expected = {t.name for t in rules.hf_tensors(spec)}
+    return sorted(n for n in infos if n not in expected and not IGNORED_HF.search(n)
+                  and (quant is None or n not in quant.companions))
+
+
+def check_source(spec: ModelSpec, infos: dict, allow_unused: bool = False, quant=None, drop_mtp: bool = False) -> None:
     """Every HF tensor the mapping needs is present with the right shape; nothing unexpected is there
-    (``quant``: the scales of a quantized checkpoint, consumed by the dequantization)."""
+    (``quant``: the scales of a quantized checkpoint, consumed by the dequantization; ``allow_unused``: any
+    tensor may be left out; ``drop_mtp``: a Nemotron-H's multi-token-prediction layers, ``mtp.*``, may)."""
     check_quantization(spec, infos, quant)
     if quant is not None:
         infos = {n: i for n, i in infos.items() if n not in quant.companions}
@@ -162,6 +171,14 @@ def check_source(spec: ModelSpec, infos: dict, allow_unused: bool = False, quant
                 f"{infos[name].path}: tensor {name!r} is {dtype.name}; Megatron checkpoints hold bfloat16, float16 or "
                 "float32 weights: convert the model to one of them first")
     extra = sorted(n for n in infos if n not in expected and not IGNORED_HF.search(n))
+    mtp = [n for n in extra if MTP_HF.search(n)]
+    if mtp and not allow_unused and not drop_mtp:
+        raise BadInputError(
+            f"the checkpoint holds {len(mtp)} multi-token-prediction tensor(s) (mtp.*, first {mtp[0]!r}) and "
+            "megatron-core's MambaModel has no MTP layers to load them into; pass --drop-mtp to convert the model "
+            "without them (--json lists them)")
+    if drop_mtp:
+        extra = [n for n in extra if not MTP_HF.search(n)]
     if extra and not allow_unused:
         hint = " (tie_word_embeddings is true but lm_head.weight is present)" if extra == ["lm_head.weight"] else ""
         raise BadInputError(

@@ -1,5 +1,5 @@
 """``streamconv generate``: the converted checkpoint in real megatron-core, greedy tokens equal to
-transformers' (Llama) or the reference forward's (DeciLM) for 20 new tokens; tokenizer from the checkpoint's
+transformers' (Llama, Nemotron-H) or the reference forward's (DeciLM) for 20 new tokens; tokenizer from the checkpoint's
 ``tokenizer/`` or from ``--hf-model``; ``--tp 2`` under torchrun gives the same tokens; a model that does not
 fit the stated memory is refused in one line."""
 
@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +89,17 @@ def test_decilm_greedy_tokens_equal_the_reference_forward(tmp_path, capsys):
     rc, result = generate(capsys, "--megatron-path", str(out), "--prompt", PROMPT, "--max-new-tokens", "20",
                           "--compare-hf", str(src), "--json")
     assert rc == 0 and result["compare_hf"]["identical"] and len(result["tokens"]) == 20
+    assert result["compare_hf"]["first_step_max_abs_logit_diff"] <= 1e-4
+
+
+def test_nemotron_h_greedy_tokens_equal_transformers(tmp_path, capsys):
+    """A hybrid model (Mamba2, attention, MLP, latent MoE) in megatron-core's MambaModel on the CPU, with the
+    pure-torch selective scan: the tokens transformers' NemotronHForCausalLM picks."""
+    cfg = json.loads((Path(__file__).parent / "data" / "nemotron_h" / "tiny_hf_config.json").read_text())
+    src, out = converted(tmp_path, cfg)
+    rc, result = generate(capsys, "--megatron-path", str(out), "--prompt", PROMPT, "--max-new-tokens", "12",
+                          "--compare-hf", str(src), "--json")
+    assert rc == 0 and result["compare_hf"]["identical"] and len(result["tokens"]) == 12
     assert result["compare_hf"]["first_step_max_abs_logit_diff"] <= 1e-4
 
 

@@ -1,6 +1,7 @@
 """``streamconv generate``: run the converted checkpoint (the third step of the upstream page).
 
-Builds the real megatron-core ``GPTModel`` the checkpoint describes (Llama, or heterogeneous DeciLM; from its
+Builds the real megatron-core model the checkpoint describes (``GPTModel`` for Llama and heterogeneous DeciLM,
+``MambaModel`` for Nemotron-H, see ``reference/mcore_hybrid.py``; from its
 ``run_config.yaml``, the training args in its common state, or ``--hf-model``'s config), loads it with
 ``dist_checkpointing.load`` at default strictness, tokenizes with the Hugging Face tokenizer (the
 checkpoint's own ``tokenizer/`` folder, else ``--hf-model``; ``--chat`` applies its chat template), and
@@ -92,7 +93,19 @@ def greedy(step, prompt_ids: list[int], new_tokens: int, eos: int | None, on_tok
 
 
 def hf_step(folder: Path, cfg: dict):
-    """The HF side of ``--compare-hf``: transformers' Llama, or the reference forward for DeciLM."""
+    """The HF side of ``--compare-hf``: transformers' Llama or NemotronH, or the reference forward for DeciLM."""
+    from streamconv.formats.run_config import is_nemotron_h
+
+    if is_nemotron_h(cfg):
+        from transformers import NemotronHForCausalLM
+
+        nemotron_h = NemotronHForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+        def nemotron_h_step(ids):
+            with torch.no_grad():
+                return nemotron_h(ids).logits
+
+        return nemotron_h_step
     if cfg.get("block_configs"):
         from streamconv.reference.forward import reference_logits
         from safetensors.torch import load_file
@@ -130,13 +143,13 @@ def _require(module: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
-        raise UsageError(f"streamconv generate needs {module} (and megatron-core, transformers): "
+        raise UsageError(f"streamconv generate needs {module} (and megatron-core, transformers, einops): "
                          "pip install 'streamconv[generate]'")
 
 
 def generate(args) -> dict:
     """Build the model the checkpoint describes, load it (default strictness), decode greedily; the result."""
-    for module in ("megatron.core", "transformers"):
+    for module in ("megatron.core", "transformers", "einops"):  # einops: megatron-core's Mamba mixer
         _require(module)
     _quiet_libraries()
     from transformers import AutoTokenizer
@@ -221,18 +234,27 @@ def _check(args):
 
 def _load(ckpt, cfg: dict, dtype, device: str, tp: int):
     """megatron-core's model for ``cfg``, loaded from ``ckpt``; returns its ``step(ids) -> logits``."""
+    from streamconv.formats.run_config import is_nemotron_h
     from streamconv.reference import mcore as mh
 
     if device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    build = mh.build_hetero_gpt if cfg.get("block_configs") else mh.build_gpt
-    model = build(cfg, tp=tp, dtype=dtype, parallel_output=False)
-    mh.load_checkpoint(model, ckpt, check_extra=False)  # default strictness
+    if is_nemotron_h(cfg):  # MambaModel: mamba_ssm's kernels where installed, pure-torch stand-ins elsewhere
+        from streamconv.reference import mcore_hybrid
+
+        model = mcore_hybrid.build_mamba(cfg, tp=tp, dtype=dtype, parallel_output=False)
+        mcore_hybrid.load(model, ckpt, check_extra=False)
+        forward = mcore_hybrid.logits_of
+    else:
+        build = mh.build_hetero_gpt if cfg.get("block_configs") else mh.build_gpt
+        model = build(cfg, tp=tp, dtype=dtype, parallel_output=False)
+        mh.load_checkpoint(model, ckpt, check_extra=False)  # default strictness
+        forward = mh.logits
     if device.startswith("cuda"):
         model = model.to(device)
 
     def step(ids):
-        return mh.logits(model, ids.to(device) if device != "cpu" else ids).cpu()
+        return forward(model, ids.to(device) if device != "cpu" else ids).cpu()
 
     return step
 

@@ -103,3 +103,26 @@ def test_tensor_parallel_2_loads_the_same_logits_and_its_save_exports_bit_exact(
     assert any(f.startswith("__1_") for f in files), files  # rank 1 wrote its own shards
     mcore2hf(saved, tmp_path / "back", "--hf-config", src)
     assert_bit_exact(load_folder(tmp_path / "back"), load_folder(src))
+
+
+@pytest.mark.parametrize("method,block", [("FP8", None), ("FP8_PB_WO", (24, 16))])
+def test_an_fp8_checkpoint_is_dequantized_as_nvidias_fp8_variants_need(tmp_path, capsys, method, block):
+    """NVIDIA's FP8 Nemotron-H checkpoints are Model Optimizer FP8: the Mamba and MoE projections in float8 with
+    their scales, attention, the router, conv1d, embeddings and the output layer kept as they were. The output
+    is the conversion of the dequantized model, file for file (24-row blocks start mid-block in in_proj's
+    z/x/B/C/dt parts), and megatron-core gives the dequantized model's transformers logits."""
+    from test_fp8 import checkpoint_files, convert
+
+    from streamconv.reference.synth import dequantized_copy, quantize_checkpoint
+
+    cfg = tiny(dtype="bfloat16")
+    src = make_checkpoint(tmp_path / "hf", cfg, seed=6, dtype=torch.bfloat16, shards=2)
+    fp8 = quantize_checkpoint(src, tmp_path / "fp8", method, exclude=(
+        "lm_head", "gate", "q_proj", "k_proj", "v_proj", "o_proj"), **({"block": block} if block else {}))
+    ref = dequantized_copy(fp8, tmp_path / "ref")
+    summary = convert(fp8, tmp_path / "out", capsys, "--max-memory", "64KiB")
+    assert summary["quantization"]["quantized_weights"] == 2 * 2 + 2 + (2 * 4 + 2 + 2)  # M x2, -, E (+ latent)
+    convert(ref, tmp_path / "want", capsys, "--max-memory", "64KiB")
+    assert checkpoint_files(tmp_path / "out", fp8) == checkpoint_files(tmp_path / "want", ref)
+    ours = megatron_logits(cfg, tmp_path / "out" / "iter_0000000")
+    assert (ours - transformers_logits(ref)).abs().max() <= 1e-4

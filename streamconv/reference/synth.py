@@ -180,7 +180,7 @@ def _fp8_quantize(w: torch.Tensor, method: str, block) -> tuple[torch.Tensor, to
 def quantize_checkpoint(src: Path | str, out: Path | str, method: str = "FP8", *, block=(128, 128),
                         exclude=("lm_head",), kv_scales: bool = True, shards: int = 2) -> Path:
     """An FP8 copy of the HF checkpoint ``src`` in ``out``, laid out as Model Optimizer exports one: every 2-D
-    ``.weight`` of the decoder layers in float8_e4m3fn with its ``weight_scale`` (``FP8``: a scalar;
+    ``.weight`` of the decoder layers (``model.layers.*``, Nemotron-H's ``backbone.layers.*``) in float8_e4m3fn with its ``weight_scale`` (``FP8``: a scalar;
     ``FP8_PER_CHANNEL_PER_TOKEN``: one per row; ``FP8_PB_WO``: one per ``block``), an ``input_scale`` per
     quantized linear, ``k_scale``/``v_scale`` (FP8 kv cache), ``hf_quant_config.json`` and config.json's
     ``quantization_config``. ``method="fp8"``: the fine-grained format transformers reads instead
@@ -196,7 +196,7 @@ def quantize_checkpoint(src: Path | str, out: Path | str, method: str = "FP8", *
     tensors: dict[str, torch.Tensor] = {}
     for name, w in sorted(weights.items()):
         module = name.removesuffix(".weight")
-        if (not name.startswith("model.layers.") or w.dim() != 2 or not name.endswith(".weight")
+        if (".layers." not in name or w.dim() != 2 or not name.endswith(".weight")
                 or any(module.endswith(e) for e in exclude)):
             tensors[name] = w
             continue
@@ -243,7 +243,7 @@ def dequantized_copy(src: Path | str, out: Path | str) -> Path:
     cfg = json.loads((src / "config.json").read_text())
     qc = cfg.pop("quantization_config", {})
     block = tuple(qc.get("weight_block_size") or qc.get("block_size") or (128, 128))
-    dtype = getattr(torch, cfg.get("torch_dtype", "bfloat16"))
+    dtype = getattr(torch, str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").removeprefix("torch."))
     weights = {}
     for f in sorted(src.glob("*.safetensors")):
         weights.update(load_file(f))

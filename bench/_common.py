@@ -40,16 +40,47 @@ def family_config(size_gb: float) -> dict:
     return llama_config(hidden=hidden, layers=layers, heads=16, kv_heads=4, ffn=ffn, vocab=vocab)
 
 
-def checkpoint(workdir: Path, size_gb: float, dtype: str = "bf16") -> Path:
-    """The synthetic checkpoint of ``size_gb`` GB in ``workdir`` (generated once: tools/make_checkpoint.py)."""
+NEMOTRON_H_BLOCK = "MEM*EM-E"  # one of each layer kind, the Mamba and MoE layers most frequent, as in Nemotron 3
+
+
+def nemotron_h_config(size_gb: float) -> dict:
+    """A bf16 Nemotron-H (Mamba2, attention, MLP, latent MoE) of about ``size_gb`` GB, shaped like Nemotron 3 at a
+    smaller width: hidden 1024, Mamba 32x64 heads in 8 groups with state 128, attention 8/2 heads of 128, MLP
+    4096, 64 experts of 512 (shared 1024, latent 512), vocab 32000; ``NEMOTRON_H_BLOCK`` repeated."""
+    import json
+
+    from streamconv.models import rules
+    from streamconv.models.config import spec_from_config
+
+    cfg = json.loads((ROOT / "bench" / "configs" / "nemotron-3-super-120b-shaped.config.json").read_text())
+    cfg.update(hidden_size=1024, mamba_num_heads=32, mamba_head_dim=64, n_groups=8, ssm_state_size=128,
+               num_attention_heads=8, num_key_value_heads=2, head_dim=128, intermediate_size=4096,
+               n_routed_experts=64, num_experts_per_tok=6, moe_intermediate_size=512,
+               moe_shared_expert_intermediate_size=1024, moe_latent_size=512, vocab_size=32000)
+
+    def params(blocks: int) -> int:
+        pattern = NEMOTRON_H_BLOCK * blocks
+        return rules.param_count(spec_from_config({**cfg, "hybrid_override_pattern": pattern,
+                                                   "num_hidden_layers": len(pattern)}))
+
+    per_block = params(2) - params(1)
+    blocks = max(1, round((size_gb * 1e9 / 2 - (params(1) - per_block)) / per_block))
+    pattern = NEMOTRON_H_BLOCK * blocks
+    return {**cfg, "hybrid_override_pattern": pattern, "num_hidden_layers": len(pattern)}
+
+
+def checkpoint(workdir: Path, size_gb: float, dtype: str = "bf16", family: str = "llama") -> Path:
+    """The synthetic checkpoint of ``size_gb`` GB in ``workdir`` (generated once): the Llama of
+    ``family_config``, or (``family="nemotron_h"``) the hybrid of ``nemotron_h_config``."""
     import torch
 
     from streamconv.reference.synth import make_checkpoint
 
-    folder = workdir / f"hf-{size_gb:g}gb-{dtype}"
+    folder = workdir / f"hf-{size_gb:g}gb-{dtype}" if family == "llama" else workdir / f"hf-{family}-{size_gb:g}gb-{dtype}"
     if (folder / "config.json").is_file():
         return folder
-    cfg = family_config(size_gb if dtype == "bf16" else size_gb / 2)
+    scaled = size_gb if dtype == "bf16" else size_gb / 2
+    cfg = family_config(scaled) if family == "llama" else nemotron_h_config(scaled)
     need = size_gb * 1e9 * 1.05
     require_space(workdir, need, f"the {size_gb:g} GB checkpoint")
     t0 = time.perf_counter()

@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Nemotron-H both ways against `cp -r`: a hybrid model (Mamba2, attention, MLP, latent MoE) of ~3 GB.
+
+    python bench/nemotron_h.py [--sizes 3] [--where tmpfs,disk] [--rounds 3] [--workdir DIR] [--json]
+
+The bf16 model is ``_common.nemotron_h_config`` (hidden 1024, ``MEM*EM-E`` repeated, 64 experts with latent
+projections: per-layer megatron keys, in_proj split into its z/x/B/C/dt parts, conv1d into x/B/C, each expert
+tensor stacked from 64 HF tensors). Per place (``tmpfs``: source and outputs in /dev/shm; ``disk``: the work
+folder, the source read into the page cache before every run, every run ending with ``sync``), for
+``--rounds`` rounds, alternating, each run started alike (``_common.start_alike``):
+- ``cp -r`` of the HF folder;
+- ``hf2mcore`` at its defaults;
+- ``cp -r`` of the torch_dist folder it wrote, then ``mcore2hf`` of it (the export's own baseline).
+Medians of wall time (whole process), the command's own ``seconds``, CPU seconds per GB (user + sys) and the
+highest peak RSS. The first round's export is checked against the HF source, tensor by tensor, bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c  # noqa: E402
+from export import mcore2hf, same_as_source  # noqa: E402
+
+
+def hf2mcore(src: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(src), "--megatron-path", str(out),
+            "--overwrite", "--json"]
+
+
+def measure_place(hf: Path, work: Path, where: str, rounds: int) -> dict:
+    gb = c.folder_bytes(hf) / 1e9
+    sync = where.startswith("disk")
+    rows: dict[str, list] = {"cp -r hf": [], "hf2mcore": [], "cp -r mcore": [], "mcore2hf": []}
+    checked = None
+
+    def timed(name: str, cmd: list[str], src: Path) -> None:
+        c.start_alike(src, where)
+        rows[name].append(c.run(["sh", "-c", shlex.join(cmd) + " && sync"] if sync else cmd))
+
+    mcore, copy, back = work / "nh-mcore", work / "nh-cp", work / "nh-back"
+    for i in range(rounds):
+        timed("cp -r hf", ["cp", "-r", str(hf), str(copy)], hf)
+        c.rmtree(copy)
+        timed("hf2mcore", hf2mcore(hf, mcore), hf)
+        timed("cp -r mcore", ["cp", "-r", str(mcore), str(copy)], mcore)
+        c.rmtree(copy)
+        timed("mcore2hf", mcore2hf(mcore, back), mcore)
+        if i == 0:
+            checked = same_as_source(back, hf)
+            assert checked is None, checked
+        c.rmtree(back)
+        c.rmtree(mcore)
+
+    def figures(name: str, base: str) -> dict:
+        rs, cp = rows[name], rows[base]
+        cp_wall, cp_cpu = c.median([r["wall"] for r in cp]), c.median([r["cpu"] for r in cp])
+        seconds = c.median([r["summary"]["seconds"] for r in rs])
+        return {"wall": round(c.median([r["wall"] for r in rs]), 2), "seconds": round(seconds, 2),
+                "cp_wall": round(cp_wall, 2), "seconds_vs_cp": round(seconds / cp_wall, 2),
+                "wall_vs_cp": round(c.median([r["wall"] for r in rs]) / cp_wall, 2),
+                "cpu_per_gb": round(c.median([r["cpu"] for r in rs]) / gb, 2), "cp_cpu_per_gb": round(cp_cpu / gb, 2),
+                "cpu_vs_cp": round(c.median([r["cpu"] for r in rs]) / cp_cpu, 2),
+                "engine_path": rs[0]["summary"].get("engine_path"),
+                "peak_rss_mib": round(max(r["summary"]["peak_rss_bytes"] for r in rs) / c.MiB)}
+
+    return {"gb": round(gb, 3), "where": where, "rounds": rounds, "bit_exact_round_trip": checked is None,
+            "hf2mcore": figures("hf2mcore", "cp -r hf"), "mcore2hf": figures("mcore2hf", "cp -r mcore")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="3", help="model sizes in GB (default 3)")
+    ap.add_argument("--where", default="tmpfs,disk", help="tmpfs, disk, disk-cold; comma-separated")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workdir", help="where the disk runs work (default: a temporary folder under /var/tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    disk = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="streamconv-nh-", dir="/var/tmp"))
+    shm = Path(tempfile.mkdtemp(prefix="streamconv-nh-", dir="/dev/shm")) if Path("/dev/shm").is_dir() else None
+    report = {"machine": c.machine(), "places": []}
+    try:
+        for size in [float(s) for s in args.sizes.split(",") if s]:
+            hf = c.checkpoint(disk, size, family="nemotron_h")
+            for where, src, work in c.places(hf, args.where, disk, shm):
+                place = measure_place(src, work, where, args.rounds)
+                report["places"].append(place)
+                print(json.dumps(place), flush=True)
+    finally:
+        if shm is not None:
+            c.rmtree(shm)
+    return c.finish(args, report, disk)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -77,8 +77,12 @@ def test_routed_experts_are_one_key_stacked_over_the_experts():
     spec = spec_from_config(tiny())
     plan = import_plan(spec, {t.name: "float32" for t in rules.hf_tensors(spec)}, chunk_bytes=10**9)
     fc1 = [c for c in plan.chunks if c.key == "decoder.layers.4.mlp.experts.experts.linear_fc1.weight"]
-    assert [(c.offsets, c.sizes) for c in fc1] == [((e, 0, 0), (1, 48, 32)) for e in range(4)]
-    assert [c.reads[0].name for c in fc1] == [f"backbone.layers.4.mixer.experts.{e}.up_proj.weight" for e in range(4)]
+    # whole experts that follow each other are one chunk, read from each expert's tensor in turn
+    assert [(c.offsets, c.sizes) for c in fc1] == [((0, 0, 0), (4, 48, 32))]
+    assert [r.name for r in fc1[0].reads] == [f"backbone.layers.4.mixer.experts.{e}.up_proj.weight" for e in range(4)]
+    small = import_plan(spec, {t.name: "float32" for t in rules.hf_tensors(spec)}, chunk_bytes=2 * 48 * 32 * 4)
+    fc1 = [c for c in small.chunks if c.key == "decoder.layers.4.mlp.experts.experts.linear_fc1.weight"]
+    assert [(c.offsets, c.sizes) for c in fc1] == [((0, 0, 0), (2, 48, 32)), ((2, 0, 0), (2, 48, 32))]
     _, objects = mcore_dump()
     assert {f"decoder.layers.4.mlp.experts.experts.linear_fc2._extra_state/shard_{e}_4" for e in range(4)} <= objects
 

@@ -225,7 +225,31 @@ def import_plan(
             offsets = (*lead, r0, *(0 for _ in shape[1:]))
             sizes = (*(1 for _ in lead), r1 - r0, *shape[1:])
             chunks.append(Chunk(b.key, offsets, sizes, reads, file, nbytes))
-    return Plan("hf2mcore", spec, targets, chunks, rules.extra_state_keys(spec), chunk_bytes)
+    return Plan("hf2mcore", spec, targets, merge_stacked(chunks, targets, chunk_bytes), rules.extra_state_keys(spec),
+                chunk_bytes)
+
+
+STACKED_EXPERTS = ".mlp.experts.experts."  # a per-layer key stacked over experts (a layer-stacked one is not merged)
+
+
+def merge_stacked(chunks: list[Chunk], targets: dict[str, Target], chunk_bytes: int) -> list[Chunk]:
+    """Whole slices of a stacked key that follow each other (a Nemotron-H layer's experts ``[E, Fm, L]``, one HF
+    tensor each) joined into chunks of up to ``chunk_bytes``: ``[k, Fm, L]`` from k whole HF tensors, read one
+    after the other. Thousands of sub-megabyte chunks would cost more in per-chunk work than in bytes."""
+    out: list[Chunk] = []
+    for c in chunks:
+        shape = targets[c.key].shape
+        whole = (STACKED_EXPERTS in c.key and len(c.sizes) == len(shape) == 3 and c.sizes[0] == 1
+                 and tuple(c.sizes[1:]) == shape[1:])
+        prev = out[-1] if out else None
+        if (whole and prev is not None and prev.key == c.key and prev.file == c.file
+                and prev.offsets[0] + prev.sizes[0] == c.offsets[0] and tuple(prev.sizes[1:]) == shape[1:]
+                and prev.nbytes + c.nbytes <= chunk_bytes):
+            out[-1] = Chunk(c.key, prev.offsets, (prev.sizes[0] + 1, *prev.sizes[1:]), prev.reads + c.reads,
+                            c.file, prev.nbytes + c.nbytes)
+        else:
+            out.append(c)
+    return out
 
 
 def export_plan(

@@ -310,31 +310,23 @@ def is_nemotron_h(hf_config: dict) -> bool:
     return "NemotronHForCausalLM" in (hf_config.get("architectures") or []) or hf_config.get("model_type") == "nemotron_h"
 
 
-def _hybrid_pattern(hf_config: dict) -> str:
-    """``hybrid_override_pattern``, or the one transformers 5's ``layers_block_type`` spells out."""
-    pattern = hf_config.get("hybrid_override_pattern")
-    if isinstance(pattern, str) and pattern:
-        return pattern
-    names = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-", "moe": "E"}
-    types = hf_config.get("layers_block_type")
-    if not isinstance(types, list) or not types or any(t not in names for t in types):
-        raise ValueError("a Nemotron-H config needs hybrid_override_pattern or layers_block_type")
-    return "".join(names[t] for t in types)
-
-
 def _first_of(hf_config: dict, *keys: str, default: Any = None) -> Any:
     return next((hf_config[k] for k in keys if hf_config.get(k) is not None), default)
 
 
-def provider_fields_nemotron_h(hf_config: dict, dtype: str | None = None, mtp_layers: int = 0) -> dict:
+def provider_fields_nemotron_h(hf_config: dict, dtype: str | None = None, mtp_layers: int = 0,
+                               pattern: str | None = None) -> dict:
     """The ``model:`` section for a ``NemotronHForCausalLM`` config (``NemotronHBridge.provider_bridge``, Bridge
     v0.6.0: ``HybridModelProvider`` building megatron-core's ``HybridModel``; ``MambaModel`` in 0.16).
 
     ``hybrid_layer_pattern`` is the config's layer string (``M`` Mamba2, ``*`` attention, ``-`` MLP, ``E`` MoE),
     followed by one ``/<mtp pattern>`` per MTP depth the checkpoint holds (``mtp_layers``: 0 when its MTP
-    weights were not converted, whatever the config says). Values are post-``finalize()``."""
+    weights were not converted, whatever the config says). ``pattern``: the layer string when the config spells it
+    as transformers 5's ``layers_block_type`` (``for_spec`` passes the spec's). Values are post-``finalize()``."""
     _require(hf_config, "hidden_size", "num_attention_heads", "vocab_size")
-    pattern = _hybrid_pattern(hf_config)
+    pattern = pattern or hf_config.get("hybrid_override_pattern")
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError("a Nemotron-H config needs hybrid_override_pattern (or pass the layer pattern)")
     heads, hidden = hf_config["num_attention_heads"], hf_config["hidden_size"]
     mtp_pattern = hf_config.get("mtp_hybrid_override_pattern") if mtp_layers else None
     fields = {
@@ -493,7 +485,7 @@ def for_spec(spec: Any, plan: Any = None, *, save_dir: str | None = None, hf_sou
         dtype = max(by_dtype, key=by_dtype.get)
     hf_config = spec.hf_config
     if getattr(spec, "family", None) == "nemotron_h":
-        fields = provider_fields_nemotron_h(hf_config, dtype)
+        fields = provider_fields_nemotron_h(hf_config, dtype, pattern="".join(layer.kind for layer in spec.layers))
     elif getattr(spec, "heterogeneous", False):
         fields = provider_fields_decilm(hf_config, dtype)
     else:

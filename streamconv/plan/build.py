@@ -170,7 +170,7 @@ def check_source(spec: ModelSpec, infos: dict, allow_unused: bool = False, quant
             raise BadInputError(
                 f"{infos[name].path}: tensor {name!r} is {dtype.name}; Megatron checkpoints hold bfloat16, float16 or "
                 "float32 weights: convert the model to one of them first")
-    extra = sorted(n for n in infos if n not in expected and not IGNORED_HF.search(n))
+    extra = unused_tensors(spec, infos)
     mtp = [n for n in extra if MTP_HF.search(n)]
     if mtp and not allow_unused and not drop_mtp:
         raise BadInputError(

@@ -35,6 +35,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from streamconv.models import nemotron_h
 from streamconv.reference import mcore
 
 __all__ = ["build_mamba", "cpu_stand_ins", "selective_scan", "GatedRMSNorm"]
@@ -264,10 +265,7 @@ def local_stack_spec(num_experts: int | None) -> ModuleSpec:
 def pattern_of(cfg: dict) -> str:
     """The ``M * - E`` layer string of a Nemotron-H config (``hybrid_override_pattern`` or transformers 5's
     ``layers_block_type``)."""
-    if isinstance(cfg.get("hybrid_override_pattern"), str):
-        return cfg["hybrid_override_pattern"]
-    names = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-", "moe": "E"}
-    return "".join(names[t] for t in cfg["layers_block_type"])
+    return "".join(nemotron_h.layer_kinds(cfg))
 
 
 def _get(cfg: dict, *names, default=None):

@@ -70,9 +70,7 @@ _stub_triton_ops()
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.activations import squared_relu  # noqa: E402
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec  # noqa: E402
-from megatron.core.models.mamba.mamba_model import MambaModel  # noqa: E402
-from megatron.core.ssm import mamba_block, mamba_context_parallel, mamba_mixer  # noqa: E402
-from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules  # noqa: E402
+from megatron.core.ssm import mamba_context_parallel, mamba_mixer  # noqa: E402
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules  # noqa: E402
 from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules  # noqa: E402
 from megatron.core.ssm.mlp_layer import MLPLayer  # noqa: E402
@@ -93,6 +91,17 @@ from megatron.core.transformer.transformer_layer import (  # noqa: E402
 )
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint  # noqa: E402
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add  # noqa: E402
+
+try:  # megatron-core 0.17+: HybridModel (MambaModel is its deprecated alias), multi-token prediction
+    from megatron.core.models.hybrid import hybrid_block as stack_module
+    from megatron.core.models.hybrid.hybrid_block import HybridStack as Stack, HybridStackSubmodules as StackSubmodules
+    from megatron.core.models.hybrid.hybrid_model import HybridModel as Model
+    HYBRID_MODEL = True
+except ImportError:  # 0.16: MambaModel, no multi-token prediction
+    from megatron.core.ssm import mamba_block as stack_module
+    from megatron.core.ssm.mamba_block import MambaStack as Stack, MambaStackSubmodules as StackSubmodules
+    from megatron.core.models.mamba.mamba_model import MambaModel as Model
+    HYBRID_MODEL = False
 
 
 # --------------------------------------------------------------------------- the pure-torch pieces
@@ -216,8 +225,8 @@ def cpu_stand_ins():
         put(moe_layer, "TELinear", DuplicatedLinear)
     if not hasattr(moe_utils, "te_general_gemm"):
         put(moe_utils, "te_general_gemm", None)
-    if mamba_block.TENorm.__module__.endswith("transformer_engine") and _missing("transformer_engine"):
-        put(mamba_block, "TENorm", WrappedTorchNorm)
+    if stack_module.TENorm.__module__.endswith("transformer_engine") and _missing("transformer_engine"):
+        put(stack_module, "TENorm", WrappedTorchNorm)
     try:
         with mcore.cpu_patches():
             yield
@@ -259,7 +268,7 @@ def local_stack_spec(num_experts: int | None) -> ModuleSpec:
             pre_mlp_layernorm=norm, mlp=get_moe_module_spec(use_te=False, num_experts=num_experts,
                                                             moe_grouped_gemm=False),
             mlp_bda=get_bias_dropout_add))
-    return ModuleSpec(module=MambaStack, submodules=MambaStackSubmodules(**layers))
+    return ModuleSpec(module=Stack, submodules=StackSubmodules(**layers))
 
 
 def pattern_of(cfg: dict) -> str:
@@ -319,11 +328,13 @@ def build_mamba(cfg: dict, tp: int = 1, dtype: torch.dtype = torch.float32, para
     mcore.init_distributed(tp)
     config = transformer_config(cfg, tp, dtype)
     with cpu_stand_ins():
-        model = MambaModel(config=config, mamba_stack_spec=local_stack_spec(cfg.get("n_routed_experts")),
-                           vocab_size=cfg["vocab_size"], max_sequence_length=cfg.get("max_position_embeddings", 4096),
-                           hybrid_override_pattern=pattern_of(cfg), parallel_output=parallel_output,
-                           share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)),
-                           position_embedding_type="none")
+        spec = local_stack_spec(cfg.get("n_routed_experts"))
+        stack = {"hybrid_stack_spec": spec, "hybrid_layer_pattern": pattern_of(cfg)} if HYBRID_MODEL else \
+            {"mamba_stack_spec": spec, "hybrid_override_pattern": pattern_of(cfg)}
+        model = Model(config=config, vocab_size=cfg["vocab_size"],
+                      max_sequence_length=cfg.get("max_position_embeddings", 4096), parallel_output=parallel_output,
+                      share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)),
+                      position_embedding_type="none", **stack)
     return model.eval()
 
 

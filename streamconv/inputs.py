@@ -282,7 +282,8 @@ def carried_config(ckpt: Path, derived: dict) -> tuple[dict, None, bytes] | None
 
     same_rope = float(carried.get("rope_theta", 10000.0)) == float(derived.get("rope_theta", 10000.0)) and \
         bool(carried.get("rope_scaling")) == bool(derived.get("rope_scaling"))
-    if dataclasses.replace(a, torch_dtype=b.torch_dtype) != b or not same_rope:
+    # (run_config.yaml names the MTP layers converted, which --drop-mtp leaves out; the source's config declares them)
+    if dataclasses.replace(a.without_mtp(), torch_dtype=b.torch_dtype) != b.without_mtp() or not same_rope:
         return None
     return carried, None, raw
 

@@ -81,7 +81,7 @@ def _hybrid_worker(rank: int, tp: int, init_file: str, cfg: dict, src: str, dst:
     from streamconv.reference import mcore
     from streamconv.reference import mcore_hybrid as mh
 
-    model = mh.build_mamba(cfg, tp=tp, parallel_output=False)
+    model = mh.build_mamba(cfg, tp=tp, parallel_output=False, mtp=mh.has_mtp(cfg))
     mh.load(model, src, check_extra=False)  # keys are checked at TP=1; here the split pieces must land
     logits = mh.logits_of(model, tokens)
     with mh.cpu_stand_ins():

@@ -1,8 +1,9 @@
 """Nemotron-H (issue 27): the spec and the mapping table. What the plan makes of the tiny config equals what
-megatron-core 0.16.1's MambaModel writes (its torch_dist keys, shapes and _extra_state objects, dumped in
-tests/data/nemotron_h/ from shared/reference/nemotron_h) and the HF names and shapes transformers 5.25 saves;
-the real Nano-30B config counts its published parameters. Conversions, loads and logits:
-test_nemotron_h_mcore.py."""
+megatron-core writes (its torch_dist keys, shapes and _extra_state objects, dumped in tests/data/nemotron_h/ by
+tools/nemotron_h_mcore_keys.py: 0.16.1's MambaModel, from shared/reference/nemotron_h, and 0.19.2's HybridModel
+with its multi-token-prediction layers, shared and not) and the HF names and shapes transformers 5.25 saves (MTP:
+Megatron-Bridge's flattened names); the real Nano-30B config counts its published parameters. Conversions, loads
+and logits: test_nemotron_h_mcore.py."""
 
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ def tiny() -> dict:
     return json.loads((DATA / "tiny_hf_config.json").read_text())
 
 
-def mcore_dump() -> tuple[dict[str, tuple], set[str]]:
+def mcore_dump(name: str = "mcore_torch_dist_metadata_keys.txt") -> tuple[dict[str, tuple], set[str]]:
     """megatron-core's .metadata of the tiny model: {tensor key: shape}, {object keys}."""
     tensors, objects = {}, set()
-    for line in (DATA / "mcore_torch_dist_metadata_keys.txt").read_text().splitlines():
+    for line in (DATA / name).read_text().splitlines():
         key, rest = line.split(" ", 1)
         if rest == "bytes":
             objects.add(key)
@@ -38,26 +39,47 @@ def mcore_dump() -> tuple[dict[str, tuple], set[str]]:
     return tensors, objects
 
 
-def test_the_plan_has_the_keys_shapes_and_objects_megatron_core_writes():
-    spec = spec_from_config(tiny())
+@pytest.mark.parametrize("mtp,dump", [
+    (None, "mcore_torch_dist_metadata_keys.txt"),  # MambaModel 0.16.1 (no MTP); 0.19.2 writes the same keys
+    ({}, "mcore019_mtp_torch_dist_metadata_keys.txt"),  # one MTP depth ("*E"), shared (Bridge's default)
+    ({"num_nextn_predict_layers": 2, "mtp_use_repeated_layer": False}, "mcore019_mtp2_unshared_torch_dist_metadata_keys.txt"),
+])
+def test_the_plan_has_the_keys_shapes_and_objects_megatron_core_writes(mtp, dump):
+    spec = spec_from_config({**tiny(), **(mtp or {})})
+    spec = spec if mtp is not None else spec.without_mtp()
     plan = import_plan(spec, {t.name: "float32" for t in rules.hf_tensors(spec)})
-    tensors, objects = mcore_dump()
+    tensors, objects = mcore_dump(dump)
     assert {k: tuple(t.shape) for k, t in plan.targets.items()} == tensors
     assert set(plan.objects) == objects
-    assert rules.param_count(spec) == 145_200  # transformers' count (the router's score correction is a buffer)
+    # transformers' count (the router's score correction is a buffer), plus megatron-core's MTP parameters
+    assert rules.param_count(spec) == 145_200 + 47_680 * len(spec.mtp) // 2
 
 
-def test_the_hf_side_is_what_transformers_saves():
+def test_the_hf_side_is_what_transformers_saves_and_bridges_mtp_names():
     spec = spec_from_config(tiny())
     saved = {line.split()[0]: json.loads(line[line.index("["):line.index("]") + 1])
              for line in (DATA / "hf_safetensors_keys.txt").read_text().splitlines()}
-    assert {t.name: list(t.shape) for t in rules.hf_tensors(spec)} == saved
+    assert {t.name: list(t.shape) for t in rules.hf_tensors(spec.without_mtp())} == saved
+    # MTP (transformers has none): Bridge's HF names, depth o's layer i is mtp.layers.{o*2+i}, its norms and
+    # projection on its first layer, its final norm on its last; each layer named as a main layer of its kind
+    two = spec_from_config({**tiny(), "num_nextn_predict_layers": 2, "mtp_use_repeated_layer": False})
+    mtp = {t.name: t.shape for t in rules.hf_tensors(two) if t.name.startswith("mtp.")}
+    for o in range(2):
+        first, last = f"mtp.layers.{2 * o}.", f"mtp.layers.{2 * o + 1}."
+        assert mtp[first + "eh_proj.weight"] == (64, 128) and mtp[first + "enorm.weight"] == (64,)
+        assert mtp[first + "hnorm.weight"] == (64,) and mtp[last + "final_layernorm.weight"] == (64,)
+        assert {n.removeprefix(first) for n in mtp if n.startswith(first)} - {"eh_proj.weight", "enorm.weight",
+                                                                           "hnorm.weight"} == \
+            {n.removeprefix("backbone.layers.1.") for n in saved if n.startswith("backbone.layers.1.")}  # attention
+        assert {n.removeprefix(last) for n in mtp if n.startswith(last)} - {"final_layernorm.weight"} == \
+            {n.removeprefix("backbone.layers.4.") for n in saved if n.startswith("backbone.layers.4.")}  # MoE
+    assert len(mtp) == 2 * (3 + 5 + 15 + 1) and not any(n.startswith("mtp.layers.4.") for n in mtp)
 
 
 def test_in_proj_and_conv1d_split_into_their_parts_and_back():
     """in_proj's rows are z | x | B | C | dt and conv1d's x | B | C: each part is a key of its own, read from its
     rows, and the export writes every row of the HF tensor back from them (d_inner = heads x head_dim)."""
-    spec = spec_from_config(tiny())
+    spec = spec_from_config(tiny()).without_mtp()
     d, gn, h = 8 * 16, 2 * 16, 8  # mamba_num_heads x mamba_head_dim (not expand x hidden), n_groups x state
     plan = import_plan(spec, {t.name: "float32" for t in rules.hf_tensors(spec)}, chunk_bytes=10**9)
     reads = {c.key: c.reads for c in plan.chunks if c.key.startswith("decoder.layers.0.mixer.")}
@@ -111,25 +133,59 @@ def test_a_config_streamconv_cannot_map_is_one_line(tmp_path, field, value):
     assert r.returncode == 3 and len(lines) == 1 and "config.json" in lines[0], r.stderr
 
 
-def test_mtp_layers_are_left_out_only_when_asked_and_then_listed(tmp_path):
-    """A checkpoint with multi-token-prediction layers (mtp.*: transformers ignores them, megatron-core's
-    MambaModel has none): refused in one line naming --drop-mtp; with it, converted, and every MTP tensor is
-    listed in the --json summary under left_out."""
-    import torch
-    from safetensors.torch import save_file
+def _hf2mcore(src: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(src), "--megatron-path",
+                           str(out), *flags], capture_output=True, text=True)
+
+
+def test_mtp_layers_convert_and_are_left_out_only_when_asked_and_then_listed(tmp_path):
+    """A checkpoint with the multi-token-prediction layers its config declares converts them (for megatron-core
+    0.17+'s HybridModel; run_config.yaml says mtp_num_layers 1); --drop-mtp leaves them out, lists every one under
+    left_out in --json and says mtp_num_layers 0; mcore2hf of either gives back what was converted, bit for bit."""
+    import yaml
+    from safetensors.torch import load_file
 
     from streamconv.reference.synth import make_checkpoint
 
     src = make_checkpoint(tmp_path / "hf", tiny(), seed=1, shards=2)
-    mtp = {"mtp.layers.0.eh_proj.weight": torch.zeros(64, 128), "mtp.layers.0.norm.weight": torch.ones(64)}
-    save_file(mtp, src / "mtp.safetensors", metadata={"format": "pt"})
-    index = json.loads((src / "model.safetensors.index.json").read_text())
-    index["weight_map"].update({name: "mtp.safetensors" for name in mtp})
-    (src / "model.safetensors.index.json").write_text(json.dumps(index))
-    cmd = [sys.executable, "-m", "streamconv", "hf2mcore", "--hf-model", str(src), "--megatron-path", str(tmp_path / "o")]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    mtp = sorted(n for f in src.glob("*.safetensors") for n in load_file(f) if n.startswith("mtp."))
+    assert len(mtp) == 24  # eh_proj, enorm, hnorm; an attention layer (4 + norm); a MoE layer (14 + norm); final norm
+    for flags, held in (((), True), (("--drop-mtp",), False)):
+        out = tmp_path / f"o{int(held)}"
+        r = _hf2mcore(src, out, "--json", *flags)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout).get("left_out", []) == ([] if held else mtp)
+        model = yaml.safe_load((out / "iter_0000000" / "run_config.yaml").read_text())["model"]
+        assert (model["mtp_num_layers"], model["hybrid_layer_pattern"]) == ((1, "M*-ME/*E") if held else (0, "M*-ME"))
+        assert main(["mcore2hf", "--megatron-path", str(out), "--hf-path", str(tmp_path / f"b{int(held)}"), "--quiet"]) == 0
+        back = {n: t for f in (tmp_path / f"b{int(held)}").glob("*.safetensors") for n, t in load_file(f).items()}
+        source = {n: t for f in src.glob("*.safetensors") for n, t in load_file(f).items() if held or n not in mtp}
+        assert back.keys() == source.keys() and all(back[n].equal(source[n]) for n in source)
+        assert (tmp_path / f"b{int(held)}" / "config.json").read_bytes() == (src / "config.json").read_bytes()
+        r = subprocess.run([sys.executable, "-m", "streamconv", "verify", "--hf-model", str(src), "--megatron-path",
+                            str(out), "--json"], capture_output=True, text=True)
+        report = json.loads(r.stdout)
+        assert r.returncode == 0 and report["ok"] and report["not_compared"] == ([] if held else mtp), r.stderr
+
+
+def test_mtp_tensors_the_config_does_not_declare_or_a_missing_one_are_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from streamconv.reference.synth import make_checkpoint
+
+    src = make_checkpoint(tmp_path / "hf", {**tiny(), "num_nextn_predict_layers": 0}, seed=1, shards=1)
+    extra = {"mtp.layers.0.eh_proj.weight": load_file(src / "model.safetensors")["backbone.layers.1.mixer.q_proj.weight"]}
+    save_file({**load_file(src / "model.safetensors"), **extra}, src / "model.safetensors", metadata={"format": "pt"})
+    r = _hf2mcore(src, tmp_path / "o")
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 3 and len(lines) == 1 and "--drop-mtp" in lines[0] and "mtp." in lines[0], r.stderr
-    r = subprocess.run(cmd + ["--drop-mtp", "--json"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["left_out"] == sorted(mtp)
+    assert r.returncode == 3 and len(lines) == 1 and "--drop-mtp" in lines[0] and "num_nextn_predict_layers" in lines[0]
+    r = _hf2mcore(src, tmp_path / "o", "--drop-mtp", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["left_out"] == sorted(extra), r.stderr
+
+    full = make_checkpoint(tmp_path / "full", tiny(), seed=1, shards=1)
+    weights = load_file(full / "model.safetensors")
+    del weights["mtp.layers.1.mixer.experts.3.down_proj.weight"]
+    save_file(weights, full / "model.safetensors", metadata={"format": "pt"})
+    r = _hf2mcore(full, tmp_path / "p")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 3 and len(lines) == 1 and "mtp.layers.1.mixer.experts.3.down_proj.weight" in lines[0], r.stderr

@@ -28,7 +28,7 @@ from streamconv.inputs import check_budget, check_fits, chunk_bytes_for, import_
     open_hf_source, parse_dtype, split_hub_id
 from streamconv.models.config import spec_from_config
 from streamconv.models.spec import ModelSpec
-from streamconv.plan.build import DEFAULT_FILE_BYTES, Plan, unused_tensors
+from streamconv.plan.build import DEFAULT_FILE_BYTES, Plan, unused_tensors, with_held_mtp
 from streamconv.runtime import dist, outdir, report, resume, rss
 from streamconv.runtime.progress import make_progress, status
 from streamconv.sinks.torch_dist import TorchDistSink
@@ -110,6 +110,7 @@ def _setup(hf_model: str, out: Path, opts: Options) -> _Setup:
         # the files themselves too: a HF cache's shards are symlinks into blobs/ (--overwrite deletes out)
         outdir.refuse_overlap(out, ([] if hub else source.files()) + [folder / CONFIG_FILE], "--megatron-path")
         dtype = parse_dtype(opts.dtype)
+        spec = with_held_mtp(spec, source.tensors, opts.drop_mtp)
         plan = import_plan_for(source, spec, dtype, chunk_bytes_for(opts.max_memory), opts.allow_unused,
                                opts.file_bytes, opts.drop_mtp)
         unused = unused_tensors(spec, source.tensors, source.quant)

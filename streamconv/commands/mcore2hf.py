@@ -39,7 +39,7 @@ from streamconv.inputs import check_budget, check_checkpoint, check_fits, chunk_
     parse_dtype, resolve_checkpoint, vocab_padding
 from streamconv.models.config import spec_from_config
 from streamconv.models.spec import ModelSpec
-from streamconv.plan.build import DEFAULT_SHARD_BYTES, Plan, export_plan
+from streamconv.plan.build import DEFAULT_SHARD_BYTES, Plan, export_plan, with_held_mtp
 from streamconv.runtime import dist, outdir, report, resume, rss
 from streamconv.runtime.progress import make_progress, status
 from streamconv.sinks.safetensors import SafetensorsSink, shard_entries, write_index
@@ -115,6 +115,7 @@ def _setup(megatron_path, out: Path, opts: Options) -> _Export:
     source = TorchDistSource(ckpt, opts.max_memory)
     try:
         outdir.refuse_overlap(out, source.files(), "--hf-path")  # symlinked files: their targets too
+        spec = with_held_mtp(spec, source.tensors)  # imported with --drop-mtp: the config still declares them
         left_out = check_checkpoint(spec, source, strict=opts.strict, pad_multiple=vocab_padding(ckpt, source))
         mcore_dtypes = {k: m.dtype for k, m in source.tensors.items()}
         plan = export_plan(spec, mcore_dtypes, out_dtype, chunk_bytes_for(opts.max_memory), opts.max_shard_size)

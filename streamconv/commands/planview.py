@@ -79,7 +79,9 @@ def layer_rows(plan, source) -> list[dict]:
 
 def _layer_of(key: str, index: tuple) -> int | None:
     """A binding's layer: in a per-layer key's name (a leading index there is an expert), else a stacked
-    key's leading index."""
+    key's leading index (None: not a main layer's, an MTP layer's included)."""
+    if key.startswith("mtp."):
+        return None
     m = re.search(r"layers\.(\d+)\.", key)
     if m:
         return int(m.group(1))

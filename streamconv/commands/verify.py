@@ -26,7 +26,7 @@ from streamconv.engine import runner
 from streamconv.errors import EXIT_MISMATCH, BadInputError, printable
 from streamconv.formats.names import MODEL_PREFIXES, is_extra_state
 from streamconv.models import rules
-from streamconv.plan.build import Chunk, Plan, Read, Target, import_plan
+from streamconv.plan.build import Chunk, Plan, Read, Target, import_plan, with_held_mtp
 from streamconv.plan.layout import layout_segments, sources_for_fused_rows
 from streamconv.sinks.compare import ItemCompare, Report
 from streamconv.units import fmt_bytes
@@ -116,7 +116,8 @@ def check_same_model(spec, ckpt_dir, folder, max_memory: int) -> None:
         described = spec_from_config(model_config(ckpt_dir, None, max_memory)[0])
     except StreamconvError:  # nothing (readable) describes it, e.g. a plain torch_dist save: tensor by tensor
         return
-    if dataclasses.replace(described, torch_dtype=spec.torch_dtype) != spec:
+    # the MTP layers a conversion holds depend on its weights and --drop-mtp (checked tensor by tensor), not the model
+    if dataclasses.replace(described.without_mtp(), torch_dtype=spec.torch_dtype) != spec.without_mtp():
         raise NotItsSource(f"{ckpt_dir}: the checkpoint is a {_describe_spec(described)} model, {folder} a "
                            f"{_describe_spec(spec)} one: this is not its source; pass the --hf-model it was "
                            "converted from")
@@ -141,6 +142,11 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = runner.DEFAUL
         source.close()
         raise
     report = Report(str(ckpt_dir), str(folder))
+    # MTP layers in the source the checkpoint holds none of (hf2mcore --drop-mtp): said, not compared
+    held = with_held_mtp(with_held_mtp(spec, source.tensors), ckpt.tensors)
+    report.not_compared = sorted({t.name for t in rules.hf_tensors(with_held_mtp(spec, source.tensors))}
+                                 - {t.name for t in rules.hf_tensors(held)})
+    spec = held
     try:
         src_dtypes = source_dtypes(source)
         for t in rules.hf_tensors(spec):
@@ -218,6 +224,9 @@ def verify_command(args) -> int:
     if report.ok:
         if not args.quiet:
             print(f"verify: OK: {summary}: every tensor is bit-identical to its source")
+            if report.not_compared:
+                print(f"verify: the checkpoint holds none of the source's {len(report.not_compared)} "
+                      "multi-token-prediction tensors (converted with --drop-mtp): not compared")
         return 0
     print(f"verify: FAILED: {len(report.mismatches)} problem(s); {summary}", file=sys.stderr)
     return EXIT_MISMATCH

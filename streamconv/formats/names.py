@@ -29,8 +29,9 @@ TRAIN_STATE_FILE = "train_state.pt"
 TOKENIZER_DIR = "tokenizer"  # the HF tokenizer's files, as Bridge keeps them
 HF_CONFIG_DIR = "hf_config"  # the source's config.json, kept beside the checkpoint (mcore2hf gives it back)
 
-# Top-level key prefixes of a model's weights (others, e.g. optimizer state, are not read).
-MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+# Top-level key prefixes of a model's weights (others, e.g. optimizer state, are not read); ``mtp.``: the
+# multi-token-prediction layers (megatron-core 0.17+).
+MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
 
 # A Hugging Face model folder
 CONFIG_FILE = "config.json"

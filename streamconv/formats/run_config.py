@@ -315,20 +315,21 @@ def _first_of(hf_config: dict, *keys: str, default: Any = None) -> Any:
 
 
 def provider_fields_nemotron_h(hf_config: dict, dtype: str | None = None, mtp_layers: int = 0,
-                               pattern: str | None = None) -> dict:
+                               pattern: str | None = None, mtp_pattern: str | None = None) -> dict:
     """The ``model:`` section for a ``NemotronHForCausalLM`` config (``NemotronHBridge.provider_bridge``, Bridge
     v0.6.0: ``HybridModelProvider`` building megatron-core's ``HybridModel``; ``MambaModel`` in 0.16).
 
     ``hybrid_layer_pattern`` is the config's layer string (``M`` Mamba2, ``*`` attention, ``-`` MLP, ``E`` MoE),
     followed by one ``/<mtp pattern>`` per MTP depth the checkpoint holds (``mtp_layers``: 0 when its MTP
-    weights were not converted, whatever the config says). ``pattern``: the layer string when the config spells it
-    as transformers 5's ``layers_block_type`` (``for_spec`` passes the spec's). Values are post-``finalize()``."""
+    weights were not converted, whatever the config says). ``pattern`` / ``mtp_pattern``: the layer strings when the
+    config spells them as transformers 5's ``layers_block_type`` / ``mtp_layers_block_type`` (``for_spec`` passes
+    the spec's). Values are post-``finalize()``."""
     _require(hf_config, "hidden_size", "num_attention_heads", "vocab_size")
     pattern = pattern or hf_config.get("hybrid_override_pattern")
     if not isinstance(pattern, str) or not pattern:
         raise ValueError("a Nemotron-H config needs hybrid_override_pattern (or pass the layer pattern)")
     heads, hidden = hf_config["num_attention_heads"], hf_config["hidden_size"]
-    mtp_pattern = hf_config.get("mtp_hybrid_override_pattern") if mtp_layers else None
+    mtp_pattern = (mtp_pattern or hf_config.get("mtp_hybrid_override_pattern")) if mtp_layers else None
     fields = {
         "_target_": HYBRID_PROVIDER,
         "num_layers": len(pattern),
@@ -485,7 +486,10 @@ def for_spec(spec: Any, plan: Any = None, *, save_dir: str | None = None, hf_sou
         dtype = max(by_dtype, key=by_dtype.get)
     hf_config = spec.hf_config
     if getattr(spec, "family", None) == "nemotron_h":
-        fields = provider_fields_nemotron_h(hf_config, dtype, pattern="".join(layer.kind for layer in spec.layers))
+        mtp = spec.mtp[:spec.dim("mtp_block")] if spec.mtp else ()
+        fields = provider_fields_nemotron_h(hf_config, dtype, hf_config.get("num_nextn_predict_layers") or 0 if mtp else 0,
+                                            pattern="".join(layer.kind for layer in spec.layers),
+                                            mtp_pattern="".join(layer.kind for layer in mtp) or None)
     elif getattr(spec, "heterogeneous", False):
         fields = provider_fields_decilm(hf_config, dtype)
     else:

@@ -182,7 +182,8 @@ def _nemotron_h_config(m: dict, where) -> dict:
     }
     if mtp:
         cfg["mtp_hybrid_override_pattern"] = mtp[0]
-    if "E" in main:
+        cfg["mtp_use_repeated_layer"] = bool(m.get("mtp_use_repeated_layer", True))
+    if "E" in main + "".join(mtp):
         cfg.update({
             "n_routed_experts": m.get("num_moe_experts"),
             "num_experts_per_tok": m.get("moe_router_topk"),

@@ -9,6 +9,8 @@ transformers 5 writes). megatron-core stores it with per-layer keys. The facts a
 
 from __future__ import annotations
 
+import dataclasses
+
 from streamconv.errors import UnsupportedModelError
 from streamconv.models.spec import ATTN_FULL, ATTN_NOOP, MLP_FULL, MLP_NOOP, LayerSpec, ModelSpec, make_spec, require
 
@@ -35,6 +37,34 @@ def layer_kinds(cfg: dict) -> list[str]:
     return [BLOCK_TYPES[t] for t in types]
 
 
+def mtp_kinds(cfg: dict) -> list[str]:
+    """The layers of one multi-token-prediction depth (``mtp_hybrid_override_pattern``, or transformers 5's
+    ``mtp_layers_block_type``); empty when the config has no MTP (``num_nextn_predict_layers`` 0)."""
+    if not mtp_depths(cfg):
+        return []
+    pattern = cfg.get("mtp_hybrid_override_pattern")
+    if pattern is None and cfg.get("mtp_layers_block_type") is not None:
+        return layer_kinds({"layers_block_type": cfg["mtp_layers_block_type"]})
+    if pattern is None:
+        raise UnsupportedModelError("config.json: num_nextn_predict_layers is set but neither "
+                                    "mtp_hybrid_override_pattern nor mtp_layers_block_type says what an MTP depth holds")
+    return layer_kinds({"hybrid_override_pattern": pattern})
+
+
+def mtp_depths(cfg: dict) -> int:
+    """``num_nextn_predict_layers``: how many tokens ahead the MTP head predicts (megatron's ``mtp_num_layers``)."""
+    n = cfg.get("num_nextn_predict_layers") or 0
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 64:
+        raise UnsupportedModelError(f"config.json: num_nextn_predict_layers={str(n)[:40]} must be an integer 0-64")
+    return n
+
+
+def mtp_repeated(cfg: dict) -> bool:
+    """One MTP depth's layers shared by every depth (``mtp_use_repeated_layer``; Megatron-Bridge's default for
+    Nemotron-H is true): megatron-core then holds one set, ``mtp.layers.0``."""
+    return bool(cfg.get("mtp_use_repeated_layer", True))
+
+
 def _first(cfg: dict, *names: str):
     """The first of ``names`` the config sets (newer and older spellings of one field)."""
     for name in names:
@@ -50,18 +80,19 @@ def parse_config(cfg: dict) -> ModelSpec:
                                         f"{key} in {allowed})")
     cfg_norm = _first(_first(_first(_first(cfg, "n_groups", "mamba_n_groups"), "conv_kernel", "mamba_d_conv"),
                              "head_dim", "attention_head_dim"), "rms_norm_eps", "layer_norm_epsilon", "norm_eps")
-    kinds = layer_kinds(cfg)
+    kinds, mtp_block = layer_kinds(cfg), mtp_kinds(cfg)
+    every = set(kinds) | set(mtp_block)  # the sizes of every kind the main or the MTP layers use
     heads = require(cfg_norm, "num_attention_heads")
     kv = cfg_norm.get("num_key_value_heads") or heads
     if not isinstance(kv, int) or kv <= 0 or heads % kv:
         raise UnsupportedModelError(f"config.json: num_key_value_heads={kv!r} must divide num_attention_heads={heads}")
     dims = {"mamba_heads": require(cfg_norm, "mamba_num_heads"), "mamba_head_dim": require(cfg_norm, "mamba_head_dim"),
             "mamba_groups": require(cfg_norm, "n_groups"), "state": require(cfg_norm, "ssm_state_size"),
-            "conv_kernel": require(cfg_norm, "conv_kernel")} if MAMBA in kinds else {}
+            "conv_kernel": require(cfg_norm, "conv_kernel")} if MAMBA in every else {}
     if dims and dims["mamba_heads"] % dims["mamba_groups"]:
         raise UnsupportedModelError(f"config.json: n_groups={dims['mamba_groups']} must divide "
                                     f"mamba_num_heads={dims['mamba_heads']}")
-    if MOE in kinds:
+    if MOE in every:
         dims.update(experts=require(cfg_norm, "n_routed_experts"), moe_ffn=require(cfg_norm, "moe_intermediate_size"),
                     shared_ffn=require(cfg_norm, "moe_shared_expert_intermediate_size"))
         latent = cfg_norm.get("moe_latent_size")
@@ -70,11 +101,16 @@ def parse_config(cfg: dict) -> ModelSpec:
         if cfg_norm.get("n_shared_experts", 1) != 1:
             raise UnsupportedModelError(f"config.json: n_shared_experts={cfg_norm.get('n_shared_experts')!r}: "
                                         "Nemotron-H has one shared expert")
-    ffn = require(cfg_norm, "intermediate_size") if MLP in kinds else None
-    layers = [LayerSpec(attention=ATTN_FULL if k == ATTENTION else ATTN_NOOP, num_query_groups=kv if k == ATTENTION else None,
-                        mlp=MLP_FULL if k == MLP else MLP_NOOP, ffn_hidden_size=ffn if k == MLP else None, kind=k)
-              for k in kinds]
-    spec = make_spec(cfg_norm, "nemotron_h", "NemotronHForCausalLM", layers, "bfloat16")
-    import dataclasses
+    ffn = require(cfg_norm, "intermediate_size") if MLP in every else None
 
+    def layer(k: str) -> LayerSpec:
+        return LayerSpec(attention=ATTN_FULL if k == ATTENTION else ATTN_NOOP,
+                         num_query_groups=kv if k == ATTENTION else None, mlp=MLP_FULL if k == MLP else MLP_NOOP,
+                         ffn_hidden_size=ffn if k == MLP else None, kind=k)
+
+    spec = make_spec(cfg_norm, "nemotron_h", "NemotronHForCausalLM", [layer(k) for k in kinds], "bfloat16")
+    if mtp_block:
+        dims["mtp_block"] = len(mtp_block)
+    held = 1 if mtp_repeated(cfg) else mtp_depths(cfg)  # the depths megatron-core holds weights for
+    spec = dataclasses.replace(spec, mtp=tuple(layer(k) for _ in range(held) for k in mtp_block))
     return dataclasses.replace(spec, hf_config=cfg, dims=tuple(sorted(dims.items())))

@@ -88,6 +88,20 @@ NEMOTRON_H_RULES: tuple[Rule, ...] = (
     Rule("decoder.final_norm.weight", ("backbone.norm_f.weight",)),
     Rule("output_layer.weight", ("lm_head.weight",), when="untied"),
 )
+# Nemotron-H's multi-token prediction (megatron-core 0.17+'s HybridModel; Megatron-Bridge's flattened names): MTP
+# depth ``o`` holds L layers (the MTP pattern's), HF ``mtp.layers.{o*L+i}``, megatron-core
+# ``mtp.layers.{o}.mtp_model_layer.layers.{i}``, each mapped by the rows above as a main layer of its kind
+# (``MTP_LAYER``: the prefixes swapped). The depth's own norms and projection are named on its first HF layer,
+# its final norm on its last; ``*`` is the depth.
+NEMOTRON_H_MTP_RULES: tuple[Rule, ...] = (
+    Rule("mtp.layers.*.enorm.weight", ("mtp.layers.{first}.enorm.weight",)),
+    Rule("mtp.layers.*.hnorm.weight", ("mtp.layers.{first}.hnorm.weight",)),
+    Rule("mtp.layers.*.eh_proj.weight", ("mtp.layers.{first}.eh_proj.weight",)),
+    Rule("mtp.layers.*.final_layernorm.weight", ("mtp.layers.{last}.final_layernorm.weight",)),
+)
+MTP_LAYER = {"decoder.layers.*.": "mtp.layers.{o}.mtp_model_layer.layers.{i}.", B: "mtp.layers.{k}."}
+MTP_EXTRA_STATE = ("mtp.layers.*.eh_proj",)
+
 # (module, kind): the linear layers whose ``_extra_state`` megatron-core's MambaModel saves (the routed
 # experts' one per expert, ``shard_{e}_{E}``; the output layer's too)
 NEMOTRON_H_EXTRA_STATE: tuple[tuple[str, str], ...] = (
@@ -173,12 +187,14 @@ _NH_SHAPES = {
     "mixer.shared_experts.up_proj.weight": ("shared_ffn", "hidden"),
     "mixer.shared_experts.down_proj.weight": ("hidden", "shared_ffn"),
     "mixer.fc1_latent_proj.weight": ("latent", "hidden"), "mixer.fc2_latent_proj.weight": ("hidden", "latent"),
+    "enorm.weight": ("hidden",), "hnorm.weight": ("hidden",), "final_layernorm.weight": ("hidden",),
+    "eh_proj.weight": ("hidden", "hidden2"),
 }
 
 
 def _nh_dims(spec: ModelSpec, layer: LayerSpec | None) -> dict[str, int]:
     d = dict(spec.dims)
-    out = {**_dims(spec, layer), "one": 1}
+    out = {**_dims(spec, layer), "one": 1, "hidden2": 2 * spec.hidden_size}
     if "mamba_heads" in d:
         inner, gn = d["mamba_heads"] * d["mamba_head_dim"], d["mamba_groups"] * d["state"]
         out.update(inner=inner, groups_state=gn, heads=d["mamba_heads"], kernel=d["conv_kernel"],
@@ -205,7 +221,7 @@ def hf_rows(part: str, name: str, spec: ModelSpec) -> tuple[int, int]:
 
 def hf_shape(name: str, spec: ModelSpec, layer: LayerSpec | None) -> tuple[int, ...]:
     if spec.family == "nemotron_h":
-        key = re.sub(r"^backbone\.layers\.\d+\.", "", name)
+        key = re.sub(r"^(backbone|mtp)\.layers\.\d+\.", "", name)
         key = re.sub(r"\.experts\.\d+\.", ".experts.{e}.", key)
         d = _nh_dims(spec, layer)
         return tuple(d[x] for x in _NH_SHAPES[key])
@@ -272,34 +288,58 @@ def _layer_key(template: str, i: int, spec: ModelSpec) -> tuple[str, tuple[int, 
 
 def bindings(spec: ModelSpec) -> list[Binding]:
     """Every megatron tensor piece of ``spec`` in file order: rules above the layer rules, the layers
-    one by one, then the rules below them (embedding first, final norm and output layer last)."""
+    one by one, then the rules below them (embedding first, final norm and output layer last), then a
+    Nemotron-H's MTP depths (each: its norms and projection, its layers, its final norm)."""
     table = NEMOTRON_H_RULES if spec.family == "nemotron_h" else RULES
     first = min(i for i, r in enumerate(table) if "*" in r.mcore)
     lead = [r for r in table[:first]]
     trail = [r for r in table[first:] if "*" not in r.mcore]
     per_layer = [r for r in table if "*" in r.mcore]
 
-    def whole(rule: Rule) -> list[Binding]:
+    def whole(rule: Rule, mcore: str | None = None, hf_names=None) -> list[Binding]:
         if not applies(rule.when, spec, None):
             return []
-        hf = tuple(HFTensor(n, hf_shape(n, spec, None)) for n in rule.hf)
-        return [Binding(rule.mcore, (), 0, hf, rule.layout, 1, 1)]
+        hf = tuple(HFTensor(n, hf_shape(n, spec, None)) for n in hf_names or rule.hf)
+        return [Binding(mcore or rule.mcore, (), 0, hf, rule.layout, 1, 1)]
 
-    out: list[Binding] = [b for r in lead for b in whole(r)]
-    for i, layer in enumerate(spec.layers):
+    def layer_bindings(i: int, layer: LayerSpec, mcore_prefix: str | None = None, hf_prefix: str | None = None):
         for rule in per_layer:
             if applies(rule.when, spec, layer):
-                key, index = _layer_key(rule.mcore, i, spec)
+                if mcore_prefix is None:
+                    key, index = _layer_key(rule.mcore, i, spec)
+                    names = [n.replace("*", str(i)) for n in rule.hf]
+                else:  # an MTP layer: the main rows, under its prefixes
+                    key, index = rule.mcore.replace("decoder.layers.*.", mcore_prefix), ()
+                    names = [n.replace(B, hf_prefix) for n in rule.hf]
                 groups = layer.num_query_groups or 1
                 experts = spec.dim("experts") if rule.experts else 0
                 for e in range(experts) if rule.experts else [None]:  # routed experts: one key, stacked on e
-                    names = [n.replace("*", str(i)).replace("{e}", str(e)) for n in rule.hf]
-                    hf = tuple(HFTensor(n, hf_shape(n, spec, layer),
+                    hf = tuple(HFTensor(n.replace("{e}", str(e)), hf_shape(n.replace("{e}", str(e)), spec, layer),
                                         hf_rows(rule.part, n, spec) if rule.part else None) for n in names)
-                    out.append(Binding(key, index if e is None else (e,),
-                                       experts or (0 if spec.heterogeneous else spec.num_layers), hf, rule.layout,
-                                       spec.num_attention_heads // groups, spec.head_dim))
-    return out + [b for r in trail for b in whole(r)]
+                    yield Binding(key, index if e is None else (e,),
+                                  experts or (0 if spec.heterogeneous else spec.num_layers), hf, rule.layout,
+                                  spec.num_attention_heads // groups, spec.head_dim)
+
+    out: list[Binding] = [b for r in lead for b in whole(r)]
+    for i, layer in enumerate(spec.layers):
+        out += layer_bindings(i, layer)
+    out += [b for r in trail for b in whole(r)]
+    block = spec.dim("mtp_block") if spec.mtp else 0
+    for o in range(len(spec.mtp) // block if block else 0):
+        head = {r.mcore.rsplit(".", 2)[-2]: r for r in NEMOTRON_H_MTP_RULES}
+
+        def depth_rule(name: str) -> list[Binding]:
+            r = head[name]
+            hf = [n.format(first=o * block, last=o * block + block - 1) for n in r.hf]
+            return whole(r, r.mcore.replace("*", str(o)), hf)
+
+        out += depth_rule("enorm") + depth_rule("hnorm") + depth_rule("eh_proj")
+        for i in range(block):
+            k = o * block + i
+            out += layer_bindings(k, spec.mtp[k], MTP_LAYER["decoder.layers.*."].format(o=o, i=i),
+                                  MTP_LAYER[B].format(k=k))
+        out += depth_rule("final_layernorm")
+    return out
 
 
 def extra_state_keys(spec: ModelSpec) -> list[str]:
@@ -315,6 +355,17 @@ def extra_state_keys(spec: ModelSpec) -> list[str]:
                     m = module.replace("*", str(i))
                     n = spec.dim("experts") if when == "experts" else 1
                     out += [f"{m}._extra_state/shard_{e}_{n}" for e in range(n)]
+        block = spec.dim("mtp_block") if spec.mtp else 0
+        for o in range(len(spec.mtp) // block if block else 0):
+            out += [f"{m.replace('*', str(o))}._extra_state/shard_0_1" for m in MTP_EXTRA_STATE]
+            for i in range(block):
+                layer = spec.mtp[o * block + i]
+                prefix = MTP_LAYER["decoder.layers.*."].format(o=o, i=i)
+                for module, when in NEMOTRON_H_EXTRA_STATE:
+                    if "*" in module and applies(when, spec, layer):
+                        n = spec.dim("experts") if when == "experts" else 1
+                        m = module.replace("decoder.layers.*.", prefix)
+                        out += [f"{m}._extra_state/shard_{e}_{n}" for e in range(n)]
         return out
     for module, when in EXTRA_STATE:
         if spec.heterogeneous:

@@ -5,6 +5,7 @@ uses). ``models/config.py`` reads ``config.json`` and dispatches to the family p
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from streamconv.errors import UnsupportedModelError
@@ -38,6 +39,9 @@ class ModelSpec:
     torch_dtype: str
     hf_config: dict = field(compare=False, repr=False, hash=False)
     dims: tuple[tuple[str, int], ...] = ()  # a family's own sizes (Nemotron-H: Mamba and MoE), by name
+    # Nemotron-H's multi-token-prediction layers, as HF numbers them (``mtp.layers.{k}``): ``dim("mtp_block")``
+    # layers per MTP depth megatron-core holds; empty when the conversion leaves them out (``without_mtp``)
+    mtp: tuple[LayerSpec, ...] = ()
 
     def dim(self, name: str) -> int:
         return dict(self.dims)[name]
@@ -45,6 +49,10 @@ class ModelSpec:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def without_mtp(self) -> "ModelSpec":
+        """This model without its multi-token-prediction layers (a checkpoint that holds none, ``--drop-mtp``)."""
+        return dataclasses.replace(self, mtp=(), dims=tuple(d for d in self.dims if d[0] != "mtp_block"))
 
     @property
     def heterogeneous(self) -> bool:

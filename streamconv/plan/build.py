@@ -26,7 +26,7 @@ DEFAULT_SHARD_BYTES = 5 * 10**9  # HF save_pretrained's max_shard_size="5GB"
 
 # Tensors some HF checkpoints carry that are not weights (recomputed buffers): ignored on import.
 IGNORED_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-MTP_HF = re.compile(r"^mtp\.")  # Nemotron-H's multi-token-prediction layers (megatron-core 0.16 has none)
+MTP_HF = re.compile(r"^mtp\.")  # Nemotron-H's multi-token-prediction layers (HF and megatron-core names alike)
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,9 @@ class Chunk:
 
     @property
     def layer(self) -> int | None:
+        """The main layer the chunk belongs to (None: embedding, final norm, output layer, MTP layers)."""
+        if MTP_HF.search(self.key):
+            return None
         m = re.search(r"layers\.(\d+)\.", self.key)
         if m:
             return int(m.group(1))
@@ -145,6 +148,15 @@ def unused_tensors(spec: ModelSpec, infos: dict, quant=None) -> list[str]:
                   and (quant is None or n not in quant.companions))
 
 
+def with_held_mtp(spec: ModelSpec, names, drop: bool = False) -> ModelSpec:
+    """``spec`` with its multi-token-prediction layers only when the checkpoint holds them (``names``: its HF
+    tensor names or megatron-core keys) and they are not dropped (``--drop-mtp``): a config may declare MTP
+    while its weights have none (transformers saves none)."""
+    if spec.mtp and (drop or not any(MTP_HF.search(n) for n in names)):
+        return spec.without_mtp()
+    return spec
+
+
 def check_source(spec: ModelSpec, infos: dict, allow_unused: bool = False, quant=None, drop_mtp: bool = False) -> None:
     """Every HF tensor the mapping needs is present with the right shape; nothing unexpected is there
     (``quant``: the scales of a quantized checkpoint, consumed by the dequantization; ``allow_unused``: any
@@ -174,9 +186,9 @@ def check_source(spec: ModelSpec, infos: dict, allow_unused: bool = False, quant
     mtp = [n for n in extra if MTP_HF.search(n)]
     if mtp and not allow_unused and not drop_mtp:
         raise BadInputError(
-            f"the checkpoint holds {len(mtp)} multi-token-prediction tensor(s) (mtp.*, first {mtp[0]!r}) and "
-            "megatron-core's MambaModel has no MTP layers to load them into; pass --drop-mtp to convert the model "
-            "without them (--json lists them)")
+            f"the checkpoint holds {len(mtp)} multi-token-prediction tensor(s) (mtp.*, first {mtp[0]!r}) that "
+            "config.json does not describe (num_nextn_predict_layers, mtp_hybrid_override_pattern); pass "
+            "--drop-mtp to convert the model without them (--json lists them)")
     if drop_mtp:
         extra = [n for n in extra if not MTP_HF.search(n)]
     if extra and not allow_unused:

@@ -300,7 +300,7 @@ def checkpoint_tensors(ckpt_dir) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_checkpoint(model: GPTModel, ckpt_dir, check_extra: bool = True) -> dict:
+def load_checkpoint(model: GPTModel, ckpt_dir, check_extra: bool = True, ignore: tuple[str, ...] = ()) -> dict:
     """Load a torch_dist folder into ``model``; raise on any key mismatch. Returns the common state.
 
     Like Megatron-LM / Megatron-Bridge, the model's sharded state dict is nested under
@@ -311,14 +311,15 @@ def load_checkpoint(model: GPTModel, ckpt_dir, check_extra: bool = True) -> dict
     ``load_state_dict(strict=True)`` then refuses any module key left unfilled. mcore's default
     silently ignores keys present in the checkpoint but unknown to the model, so with
     ``check_extra`` those are compared against ``.metadata`` and raise too (except the
-    mcore >= 0.19 common-state object ``common_state/shard_0_1``, which 0.16 ignores).
+    mcore >= 0.19 common-state object ``common_state/shard_0_1``, which 0.16 ignores, and keys starting with one
+    of ``ignore``).
     """
     ckpt_dir = Path(ckpt_dir)  # a Path: mcore 0.16's "common.pt missing" error path needs one
     if check_extra:
         extra = {
             k
             for k in checkpoint_keys(ckpt_dir) - model_checkpoint_keys(model)
-            if not k.startswith("common_state/")
+            if not k.startswith(("common_state/", *ignore))
         }
         if extra:
             raise RuntimeError(f"checkpoint has keys the model does not expect: {sorted(extra)}")

@@ -238,8 +238,22 @@ def cpu_stand_ins():
 # --------------------------------------------------------------------------- spec, config, model
 
 
-def local_stack_spec(num_experts: int | None) -> ModuleSpec:
-    """``mamba_stack_spec`` with local layers; the key maps give the TE spec's checkpoint keys."""
+def local_mtp_block_spec() -> ModuleSpec:
+    """``hybrid_layer_specs._hybrid_mtp_block_spec`` with local layers (megatron-core 0.17+): the norms and the
+    projection of each MTP depth; its inner layers are built from the stack's own layer specs."""
+    from megatron.core.transformer.multi_token_prediction import (
+        MultiTokenPredictionBlock, MultiTokenPredictionBlockSubmodules, MultiTokenPredictionLayer,
+        MultiTokenPredictionLayerSubmodules)
+
+    norm = WrappedTorchNorm
+    return ModuleSpec(module=MultiTokenPredictionBlock, submodules=MultiTokenPredictionBlockSubmodules(layer_specs=[
+        ModuleSpec(module=MultiTokenPredictionLayer, submodules=MultiTokenPredictionLayerSubmodules(
+            enorm=norm, hnorm=norm, eh_proj=ColumnParallelLinear, mtp_model_layer=None, layer_norm=norm))]))
+
+
+def local_stack_spec(num_experts: int | None, mtp: bool = False) -> ModuleSpec:
+    """``mamba_stack_spec`` with local layers; the key maps give the TE spec's checkpoint keys. ``mtp``: with the
+    multi-token-prediction block (megatron-core 0.17+)."""
     norm = WrappedTorchNorm
     layers = dict(
         mamba_layer=ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
@@ -268,6 +282,8 @@ def local_stack_spec(num_experts: int | None) -> ModuleSpec:
             pre_mlp_layernorm=norm, mlp=get_moe_module_spec(use_te=False, num_experts=num_experts,
                                                             moe_grouped_gemm=False),
             mlp_bda=get_bias_dropout_add))
+    if mtp:
+        layers["mtp_block_spec"] = local_mtp_block_spec()
     return ModuleSpec(module=Stack, submodules=StackSubmodules(**layers))
 
 
@@ -277,11 +293,20 @@ def pattern_of(cfg: dict) -> str:
     return "".join(nemotron_h.layer_kinds(cfg))
 
 
+def unified_pattern(cfg: dict, mtp: bool) -> str:
+    """megatron-core 0.17+'s ``hybrid_layer_pattern``: the layers, then one ``/<mtp pattern>`` per MTP depth
+    (as Megatron-Bridge's ``HybridModelProvider.finalize`` writes it)."""
+    pattern = pattern_of(cfg)
+    if mtp:
+        pattern += ("/" + "".join(nemotron_h.mtp_kinds(cfg))) * nemotron_h.mtp_depths(cfg)
+    return pattern
+
+
 def _get(cfg: dict, *names, default=None):
     return next((cfg[n] for n in names if cfg.get(n) is not None), default)
 
 
-def transformer_config(cfg: dict, tp: int = 1, dtype: torch.dtype = torch.float32) -> TransformerConfig:
+def transformer_config(cfg: dict, tp: int = 1, dtype: torch.dtype = torch.float32, mtp: bool = False) -> TransformerConfig:
     """megatron-core's config for a ``NemotronHForCausalLM`` config.json dict (the fields Megatron-Bridge's
     Nemotron-H bridge maps; inference settings: no dropout, static routing without auxiliary loss)."""
     pattern = pattern_of(cfg)
@@ -317,20 +342,32 @@ def transformer_config(cfg: dict, tp: int = 1, dtype: torch.dtype = torch.float3
                   moe_router_group_topk=cfg.get("topk_group") if groups > 1 else None,
                   moe_token_dispatcher_type="allgather", moe_grouped_gemm=False,
                   moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
+    if mtp:
+        kw.update(mtp_num_layers=nemotron_h.mtp_depths(cfg), mtp_use_repeated_layer=nemotron_h.mtp_repeated(cfg))
     return TransformerConfig(**kw)
 
 
-def build_mamba(cfg: dict, tp: int = 1, dtype: torch.dtype = torch.float32, parallel_output: bool = True):
+def has_mtp(cfg: dict) -> bool:
+    """The config declares multi-token-prediction layers and this megatron-core can build them (0.17+)."""
+    return HYBRID_MODEL and bool(nemotron_h.mtp_kinds(cfg))
+
+
+def build_mamba(cfg: dict, tp: int = 1, dtype: torch.dtype = torch.float32, parallel_output: bool = True,
+                mtp: bool = False):
     """megatron-core ``MambaModel`` (local spec, CPU unless the kernels are there) for a ``NemotronHForCausalLM``
     config dict; ``tp``: tensor parallel over the initialized process group; ``parallel_output=False``:
-    full-vocabulary logits on every rank. Forward it with ``mcore.logits`` (inside ``cpu_stand_ins()``,
-    which ``logits_of`` does)."""
+    full-vocabulary logits on every rank; ``mtp``: with the config's multi-token-prediction layers (megatron-core
+    0.17+'s ``HybridModel``). Forward it with ``mcore.logits`` (inside ``cpu_stand_ins()``, which ``logits_of``
+    does)."""
+    if mtp and not HYBRID_MODEL:
+        raise RuntimeError("multi-token prediction needs megatron-core 0.17+ (HybridModel); this is "
+                           "megatron-core's MambaModel, which has none")
     mcore.init_distributed(tp)
-    config = transformer_config(cfg, tp, dtype)
+    config = transformer_config(cfg, tp, dtype, mtp)
     with cpu_stand_ins():
-        spec = local_stack_spec(cfg.get("n_routed_experts"))
-        stack = {"hybrid_stack_spec": spec, "hybrid_layer_pattern": pattern_of(cfg)} if HYBRID_MODEL else \
-            {"mamba_stack_spec": spec, "hybrid_override_pattern": pattern_of(cfg)}
+        spec = local_stack_spec(cfg.get("n_routed_experts"), mtp)
+        stack = {"hybrid_stack_spec": spec, "hybrid_layer_pattern": unified_pattern(cfg, mtp)} if HYBRID_MODEL \
+            else {"mamba_stack_spec": spec, "hybrid_override_pattern": pattern_of(cfg)}
         model = Model(config=config, vocab_size=cfg["vocab_size"],
                       max_sequence_length=cfg.get("max_position_embeddings", 4096), parallel_output=parallel_output,
                       share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)),
@@ -345,6 +382,9 @@ def logits_of(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def load(model, ckpt_dir, check_extra: bool = True) -> dict:
-    """``mcore.load_checkpoint`` with the stand-ins in place (their state dicts name the keys)."""
+    """``mcore.load_checkpoint`` with the stand-ins in place (their state dicts name the keys). A model built
+    without MTP layers (``MambaModel`` 0.16, or ``mtp=False``) leaves the checkpoint's ``mtp.*`` keys unread, as
+    megatron-core's default strictness does; one built with them reads every key."""
     with cpu_stand_ins():
-        return mcore.load_checkpoint(model, ckpt_dir, check_extra)
+        return mcore.load_checkpoint(model, ckpt_dir, check_extra,
+                                     ignore=() if getattr(model, "mtp_process", False) else ("mtp.",))

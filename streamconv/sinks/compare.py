@@ -31,6 +31,7 @@ class Report:
     items_checked: int = 0
     mismatches: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    not_compared: list[str] = field(default_factory=list)  # source tensors the checkpoint leaves out (--drop-mtp)
 
     @property
     def ok(self) -> bool:
@@ -39,7 +40,8 @@ class Report:
     def as_dict(self) -> dict:
         return {"command": "verify", "checkpoint": self.checkpoint, "source": self.source, "ok": self.ok,
                 "tensors": self.tensors, "items": self.items, "items_checked": self.items_checked,
-                "bytes": self.bytes, "seconds": round(self.seconds, 3), "mismatches": self.mismatches}
+                "bytes": self.bytes, "seconds": round(self.seconds, 3), "mismatches": self.mismatches,
+                "not_compared": self.not_compared}
 
 
 def first_difference(actual: torch.Tensor, expected: torch.Tensor) -> tuple[int, tuple[int, ...]] | None:

@@ -190,8 +190,8 @@ def _add_hf2mcore(sub) -> None:
     p.add_argument("--allow-unused", action="store_true",
                    help="leave out tensors the mapping does not use (--json lists them under left_out)")
     p.add_argument("--drop-mtp", action="store_true",
-                   help="Nemotron-H: leave out the multi-token-prediction layers (mtp.*), which megatron-core's "
-                        "MambaModel cannot hold (--json lists them under left_out)")
+                   help="Nemotron-H: leave out the multi-token-prediction layers (mtp.*; default: converted for "
+                        "megatron-core 0.17+'s HybridModel; --json lists them under left_out)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for Megatron-Bridge compatibility; streamconv never runs remote code")
     p.add_argument("--no-staging", action="store_true",

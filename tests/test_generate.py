@@ -24,10 +24,10 @@ pytest.importorskip("transformers")
 PROMPT = "Hello world, streaming"
 
 
-def converted(tmp_path, cfg):
+def converted(tmp_path, cfg, *flags):
     src = make_checkpoint(tmp_path / "hf", cfg, seed=5, shards=2, dtype=torch.float32)
     make_tokenizer(src, cfg["vocab_size"])
-    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(tmp_path / "mcore"), "--quiet"]) == 0
+    assert main(["hf2mcore", "--hf-model", str(src), "--megatron-path", str(tmp_path / "mcore"), "--quiet", *flags]) == 0
     return src, tmp_path / "mcore"
 
 
@@ -92,11 +92,13 @@ def test_decilm_greedy_tokens_equal_the_reference_forward(tmp_path, capsys):
     assert result["compare_hf"]["first_step_max_abs_logit_diff"] <= 1e-4
 
 
-def test_nemotron_h_greedy_tokens_equal_transformers(tmp_path, capsys):
+@pytest.mark.parametrize("flags", [(), ("--drop-mtp",)])
+def test_nemotron_h_greedy_tokens_equal_transformers(tmp_path, capsys, flags):
     """A hybrid model (Mamba2, attention, MLP, latent MoE) in megatron-core's MambaModel on the CPU, with the
-    pure-torch selective scan: the tokens transformers' NemotronHForCausalLM picks."""
+    pure-torch selective scan: the tokens transformers' NemotronHForCausalLM picks; converted with its MTP layers
+    (which next-token generation does not use) or without them."""
     cfg = json.loads((Path(__file__).parent / "data" / "nemotron_h" / "tiny_hf_config.json").read_text())
-    src, out = converted(tmp_path, cfg)
+    src, out = converted(tmp_path, cfg, *flags)
     rc, result = generate(capsys, "--megatron-path", str(out), "--prompt", PROMPT, "--max-new-tokens", "12",
                           "--compare-hf", str(src), "--json")
     assert rc == 0 and result["compare_hf"]["identical"] and len(result["tokens"]) == 12

@@ -150,6 +150,10 @@ def test_mtp_layers_convert_and_are_left_out_only_when_asked_and_then_listed(tmp
     src = make_checkpoint(tmp_path / "hf", tiny(), seed=1, shards=2)
     mtp = sorted(n for f in src.glob("*.safetensors") for n in load_file(f) if n.startswith("mtp."))
     assert len(mtp) == 24  # eh_proj, enorm, hnorm; an attention layer (4 + norm); a MoE layer (14 + norm); final norm
+    r = subprocess.run([sys.executable, "-m", "streamconv", "plan", "--hf-model", str(src), "--json"],
+                       capture_output=True, text=True)
+    facts = json.loads(r.stdout)["mtp"]
+    assert (facts["layers"], facts["depths"], facts["held"]) == ("*E", 1, 1) and facts["bytes"] == 47_680 * 4 + 4 * 4
     for flags, held in (((), True), (("--drop-mtp",), False)):
         out = tmp_path / f"o{int(held)}"
         r = _hf2mcore(src, out, "--json", *flags)

@@ -193,6 +193,7 @@ def _check(args):
     one line when the ranks do not match ``--tp`` or the model does not fit the memory."""
     from streamconv.inputs import check_checkpoint, model_config, parse_dtype, resolve_checkpoint, vocab_padding
     from streamconv.models import rules
+    from streamconv.plan.build import with_held_mtp
     from streamconv.models.config import spec_from_config
     from streamconv.runtime import dist
     from streamconv.sources.torch_dist import TorchDistSource
@@ -216,9 +217,12 @@ def _check(args):
     with TorchDistSource(ckpt, args.max_memory) as source:
         # the model built from the config must be the one stored (megatron-core loads the embedding even when
         # its shape differs), and its size is the model's, not the stored tensors'
-        check_checkpoint(spec, source, strict=False, pad_multiple=vocab_padding(ckpt, source))
+        check_checkpoint(with_held_mtp(spec, source.tensors), source, strict=False,
+                         pad_multiple=vocab_padding(ckpt, source))
         source.check_objects(MODEL_PREFIXES)  # megatron-core unpickles them with weights_only=False: plain data only
-    params = sum(math.prod(shape) for shape in {b.key: b.global_shape for b in rules.bindings(spec)}.values())
+    # the model generate builds: without MTP layers (they train a draft head; next-token logits do not use them)
+    params = sum(math.prod(shape) for shape in {b.key: b.global_shape
+                                                for b in rules.bindings(spec.without_mtp())}.values())
     need = params * dtype.itemsize // tp
     have = args.max_memory or available_memory(args.device)
     what = (f"the model: {params:,} parameters x {dtype.itemsize} bytes ({str(dtype).removeprefix('torch.')})"

@@ -184,7 +184,7 @@ def _hf_architecture(folder: Path, infos: dict | None, quant=None) -> tuple[str 
     """(architecture, model facts, conversion check) from ``config.json``; a config streamconv cannot
     convert is reported, not raised: inspect is for strange checkpoints."""
     from streamconv.models.config import load_config, spec_from_config
-    from streamconv.plan.build import check_source
+    from streamconv.plan.build import check_source, with_held_mtp
 
     if not (folder / "config.json").is_file():
         return None, {}, "no config.json: the architecture is unknown"
@@ -195,6 +195,8 @@ def _hf_architecture(folder: Path, infos: dict | None, quant=None) -> tuple[str 
         spec = spec_from_config(cfg)
     except StreamconvError as e:
         return named or str(cfg.get("model_type", "unknown")), {}, f"not convertible: {e}"
+    if infos is not None:  # a config may declare MTP layers its weights do not hold (transformers saves none)
+        spec = with_held_mtp(spec, infos)
     model = _spec_facts(spec)
     if infos is None:
         return spec.architecture, model, "ok"
@@ -224,6 +226,7 @@ def _spec_facts(spec) -> dict:
         "vocab_size": spec.vocab_size,
         "tied_embeddings": spec.tied_embeddings,
         "layer_kinds": kinds,
+        **({"mtp_layers": "".join(layer.kind for layer in spec.mtp)} if spec.mtp else {}),
     }
 
 
@@ -314,6 +317,9 @@ def _check_keys(spec, keys: dict[str, tuple], described_by: str = "run_config.ya
     """Does the checkpoint hold exactly the weights the mapping expects for ``spec``, in their shapes?"""
     from streamconv.models import rules
 
+    from streamconv.plan.build import with_held_mtp
+
+    spec = with_held_mtp(spec, keys)  # a Bridge-style config declares MTP the checkpoint was converted without
     expected = {b.key: tuple(b.global_shape) for b in rules.bindings(spec)}
     missing = sorted(set(expected) - set(keys), key=natural_key)
     if missing:

@@ -157,6 +157,11 @@ def plan_command(args) -> int:
     if widest is not None:
         grid.add_row("largest layer tensor", f"layer {widest['layer']}: {fmt_bytes(widest['largest_tensor_bytes'])}"
                                              f" whole, converted with {fmt_bytes(widest['memory_bytes'])} in flight")
+    if "mtp" in summary:
+        mtp = summary["mtp"]
+        grid.add_row("multi-token prediction", f"{mtp['depths']} depth(s) of {mtp['layers']}, "
+                     f"{mtp['held']} held{' (shared)' if mtp['held'] < mtp['depths'] else ''}: "
+                     f"{fmt_bytes(mtp['bytes'])}")
     grid.add_row("memory budget", f"{fmt_bytes(args.max_memory)} (at least "
                                   f"{fmt_bytes(summary['min_memory_bytes'])} needed)")
     console.print(grid)

@@ -322,4 +322,15 @@ def describe(plan: Plan) -> dict:
         "largest_tensor": max(plan.targets.values(), key=lambda t: t.nbytes).key if plan.targets else None,
         "largest_tensor_bytes": max((t.nbytes for t in plan.targets.values()), default=0),
         "largest_chunk_bytes": plan.max_chunk_bytes(),
+        **({"mtp": mtp_facts(plan)} if plan.spec.mtp else {}),
     }
+
+
+def mtp_facts(plan: Plan) -> dict:
+    """A Nemotron-H plan's multi-token-prediction part: one depth's layers, the depths predicted and held (one,
+    shared, with ``mtp_use_repeated_layer``), and the bytes written for them."""
+    spec = plan.spec
+    block = spec.dim("mtp_block")
+    return {"layers": "".join(layer.kind for layer in spec.mtp[:block]),
+            "depths": spec.hf_config.get("num_nextn_predict_layers"), "held": len(spec.mtp) // block,
+            "bytes": sum(c.nbytes for c in plan.chunks if MTP_HF.search(c.key))}

@@ -259,3 +259,31 @@ def test_other_input_or_settings_are_refused(src, ref, tmp_path, capsys):
                  *SETTINGS]) == 0
     assert main(["verify", "--hf-model", str(other), "--megatron-path", str(out), "--quiet"]) == 0
     assert main(["verify", "--hf-model", str(src), "--megatron-path", str(out), "--quiet"]) == errors.EXIT_MISMATCH
+
+
+@pytest.fixture(scope="module")
+def nemotron_h(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
+    """A Nemotron-H checkpoint (every layer kind, latent MoE, its MTP layers) and an uninterrupted run's files."""
+    cfg = json.loads((Path(__file__).parent / "data" / "nemotron_h" / "tiny_hf_config.json").read_text())
+    root = tmp_path_factory.mktemp("nh")
+    src = make_checkpoint(root / "hf", cfg, seed=4, shards=3, dtype=torch.bfloat16)
+    assert convert(src, root / "ref") == 0
+    return src, output_files(root / "ref")
+
+
+def test_a_killed_nemotron_h_conversion_resumes_to_the_same_bytes(nemotron_h, tmp_path, capsys):
+    """The hybrid family goes through the same journal: killed after a third of its chunks (in-proj parts, expert
+    blocks read from several tensors, MTP layers), then again near the middle of the MTP layers' chunks (they come
+    last in plan order), it resumes to the bytes of an uninterrupted run, and verify passes."""
+    src, ref = nemotron_h
+    plan = plan_of(src)
+    out = tmp_path / "out"
+    mtp = [i for i, c in enumerate(plan.chunks) if c.key.startswith("mtp.")]
+    assert mtp and any(len({r.name for r in c.reads}) > 1 for c in plan.chunks)  # expert chunks read several tensors
+    kill_at(src, out, tmp_path, f"chunk:{len(plan.chunks) // 3}")
+    assert_never_complete_early(out, ref)
+    left = len(plan.chunks) - len(chunks_kept(out, plan, staged=True))
+    kill_at(src, out, tmp_path, f"chunk:{max(1, left - (len(plan.chunks) - mtp[len(mtp) // 2]))}")
+    assert_never_complete_early(out, ref)
+    summary = finish_and_check(src, out, ref, capsys)
+    assert summary["chunks_resumed"] > 0

@@ -27,6 +27,7 @@ from streamconv.formats.safetensors import encode_header, itemsize, read_header
 from streamconv.formats.torch_dist import chunks_by_file
 from streamconv.runtime import resume
 from streamconv.sinks.committer import Committer
+from streamconv.sinks.recheck import redo_bad_chunks
 
 SHARD_METADATA = {"format": "pt"}
 
@@ -181,32 +182,8 @@ class SafetensorsSink(PlacingSink):
                  for f, opened in sorted(self._open.items())]
         with ThreadPoolExecutor(max(1, min(workers, len(jobs) or 1)), thread_name_prefix="streamconv-recheck") as pool:
             found = list(pool.map(lambda job: self._reread(job[1], job[2]), jobs))
-        redone = 0
-        for (f, path, chunks), bad in zip(jobs, found):
-            if not bad:
-                continue
-            if f in self.committed:  # the shard is written again from the start, under a fresh .partial
-                try:
-                    path.unlink()
-                except OSError as e:
-                    raise output_error(path, e) from e
-                self.committed.discard(f)
-                kept = {c.id for c in self.by_file[f]} & self.done  # committed by this run from its .partial
-                if kept:
-                    self.done -= kept
-                    self.report["chunks_kept"] -= len(kept)
-                else:
-                    self.report["shards_skipped"] -= 1
-                self._left[f] = len(self.by_file[f])
-                redone += len(self.by_file[f])
-                continue
-            for c in bad:
-                self.journal.append({"t": "redo", "key": c.key, "offsets": list(c.offsets)})
-                self.done.discard(c.id)
-                self._left[f] += 1
-                self.report["chunks_kept"] -= 1
-                redone += 1
-        self.journal.sync()
+        redone = redo_bad_chunks(self, [(f, path, bad) for (f, path, _), bad in zip(jobs, found)],
+                                 self.committed.discard, "shards_skipped")
         return {"output_rechecked_chunks": sum(len(chunks) for _, _, chunks in jobs),
                 "output_rechecked_bytes": sum(c.nbytes for _, _, chunks in jobs for c in chunks),
                 "output_chunks_redone": redone}

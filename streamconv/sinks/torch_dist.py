@@ -38,6 +38,7 @@ from streamconv.errors import output_error
 from streamconv.files.atomic import NOFOLLOW, PartialFile
 from streamconv.formats.names import distcp_name
 from streamconv.formats.torch_dist import chunks_by_file, commit_checkpoint, frame_for, standalone
+from streamconv.sinks.recheck import redo_bad_chunks
 from streamconv.sinks.committer import Committer
 
 
@@ -132,32 +133,8 @@ class TorchDistSink(PlacingSink):
                 jobs.append((f, self._open[f].tmp, [c for c in self.by_file[f] if c.id in self.done]))
         with ThreadPoolExecutor(max(1, min(workers, len(jobs) or 1)), thread_name_prefix="streamconv-recheck") as pool:
             found = list(pool.map(lambda job: self._reread(*job), jobs))
-        redone = 0
-        for (f, path, _), (_, bad) in zip(jobs, found):
-            if not bad:
-                continue
-            if f in self.committed:  # the file's items are redone from the start, under a fresh .partial
-                try:
-                    path.unlink()
-                except OSError as e:
-                    raise output_error(path, e) from e
-                del self.committed[f]
-                kept = {c.id for c in self.by_file[f]} & self.done  # committed by this run from its .partial
-                if kept:
-                    self.done -= kept
-                    self.report["chunks_kept"] -= len(kept)
-                else:
-                    self.report["files_resumed"] -= 1
-                self._left[f] = len(self.by_file[f])
-                redone += len(self.by_file[f])
-                continue
-            for c in bad:
-                self.journal.append({"t": "redo", "key": c.key, "offsets": list(c.offsets)})
-                self.done.discard(c.id)
-                self._left[f] += 1
-                self.report["chunks_kept"] -= 1
-                redone += 1
-        self.journal.sync()
+        redone = redo_bad_chunks(self, [(f, path, bad) for (f, path, _), (_, bad) in zip(jobs, found)],
+                                 self.committed.__delitem__, "files_resumed")
         return {"output_rechecked_chunks": sum(len(chunks) for _, _, chunks in jobs),
                 "output_rechecked_bytes": sum(n for n, _ in found), "output_chunks_redone": redone}
 

@@ -141,6 +141,37 @@ def _dtype_name(value) -> str | None:
     return None
 
 
+# Megatron-LM's args of a hybrid (Nemotron-H) model that are provider fields of the same name (TransformerConfig's)
+HYBRID_ARGS = ("mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim", "moe_router_topk",
+               "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_latent_size",
+               "moe_router_topk_scaling_factor", "moe_router_num_groups", "moe_router_group_topk", "mtp_num_layers",
+               "mtp_use_repeated_layer")
+
+
+def _activation(a: dict) -> str:
+    """The activation's dotted name: ``--swiglu``, ``--squared-relu``, else the function the args hold (a global
+    the allow-list does not rebuild keeps its name)."""
+    if a.get("swiglu"):
+        return "torch.nn.functional.silu"
+    if a.get("squared_relu"):
+        return "megatron.core.activations.squared_relu"
+    name = getattr(a.get("activation_func"), "name", None)
+    return name if isinstance(name, str) else str(a.get("activation_func"))
+
+
+def _hybrid_fields(a: dict) -> dict:
+    """A hybrid model's fields (``--hybrid-layer-pattern``, or the older ``--hybrid-override-pattern`` with
+    ``--mtp-hybrid-override-pattern``, which Megatron-LM itself unifies the same way)."""
+    pattern = a.get("hybrid_layer_pattern") or a.get("hybrid_override_pattern")
+    if not isinstance(pattern, str) or not pattern:
+        return {}
+    mtp, depths = a.get("mtp_hybrid_override_pattern"), a.get("mtp_num_layers")
+    if isinstance(mtp, str) and mtp and isinstance(depths, int) and 0 < depths <= 64 and "/" not in pattern:
+        pattern += ("/" + mtp) * depths
+    return {"hybrid_layer_pattern": pattern, "num_moe_experts": a.get("num_experts"),
+            **{k: a.get(k) for k in HYBRID_ARGS}}
+
+
 def model_section(args: argparse.Namespace) -> dict:
     """Megatron-LM's ``args`` as the provider fields of a ``run_config.yaml`` model section."""
     a = vars(args)
@@ -163,7 +194,7 @@ def model_section(args: argparse.Namespace) -> dict:
         "fp16": bool(a.get("fp16")),
         "normalization": a.get("normalization", "RMSNorm"),
         "gated_linear_unit": bool(a.get("swiglu", False)),
-        "activation_func": "torch.nn.functional.silu" if a.get("swiglu") else str(a.get("activation_func")),
+        "activation_func": _activation(a),
         "add_bias_linear": bool(a.get("add_bias_linear", False)),
         "add_qkv_bias": bool(a.get("add_qkv_bias", False)),
         "position_embedding_type": a.get("position_embedding_type", "rope"),
@@ -173,12 +204,14 @@ def model_section(args: argparse.Namespace) -> dict:
         "init_method_std": a.get("init_method_std", 0.02),
         "heterogeneous_layers_config_encoded_json": a.get("heterogeneous_layers_config_encoded_json"),
         "heterogeneous_layers_config_path": a.get("heterogeneous_layers_config_path"),
+        **_hybrid_fields(a),
     }
     return {k: v for k, v in m.items() if v is not None}
 
 
 def hf_config_from_args(args, where) -> dict:
-    """The HF config the training ``args`` describe (Llama, or DeciLM with a heterogeneous layers config)."""
+    """The HF config the training ``args`` describe (Llama, DeciLM with a heterogeneous layers config, or
+    Nemotron-H with a hybrid layer pattern)."""
     from streamconv.formats.run_config_reader import hf_config_from_model_section
 
     if not isinstance(args, argparse.Namespace):

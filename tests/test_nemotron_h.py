@@ -193,3 +193,27 @@ def test_mtp_tensors_the_config_does_not_declare_or_a_missing_one_are_one_line(t
     r = _hf2mcore(full, tmp_path / "p")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 3 and len(lines) == 1 and "mtp.layers.1.mixer.experts.3.down_proj.weight" in lines[0], r.stderr
+
+
+def test_a_config_declaring_mtp_whose_weights_hold_none_converts_without_them(tmp_path):
+    """transformers saves no MTP weights whatever its config declares: such a checkpoint converts without MTP
+    (nothing left out, run_config.yaml says mtp_num_layers 0), inspect finds it convertible, and the export gives
+    back the same tensors and config.json."""
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    from streamconv.reference.synth import make_checkpoint
+
+    src = make_checkpoint(tmp_path / "hf", tiny(), seed=2, shards=1)
+    weights = {n: t for n, t in load_file(src / "model.safetensors").items() if not n.startswith("mtp.")}
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    r = _hf2mcore(src, tmp_path / "o", "--json")
+    assert r.returncode == 0 and "left_out" not in json.loads(r.stdout), r.stderr
+    model = yaml.safe_load((tmp_path / "o" / "iter_0000000" / "run_config.yaml").read_text())["model"]
+    assert model["mtp_num_layers"] == 0 and model["hybrid_layer_pattern"] == "M*-ME"
+    r = subprocess.run([sys.executable, "-m", "streamconv", "inspect", str(src), "--json"], capture_output=True, text=True)
+    assert json.loads(r.stdout)["convertible"] is True, r.stdout[-2000:]
+    assert main(["mcore2hf", "--megatron-path", str(tmp_path / "o"), "--hf-path", str(tmp_path / "b"), "--quiet"]) == 0
+    back = load_file(tmp_path / "b" / "model.safetensors")
+    assert back.keys() == weights.keys() and all(back[n].equal(weights[n]) for n in weights)
+    assert (tmp_path / "b" / "config.json").read_bytes() == (src / "config.json").read_bytes()

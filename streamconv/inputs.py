@@ -236,10 +236,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
                         "folder with one)")
 
 
-def model_config(ckpt: Path, hf_config: str | None, max_memory: int | None = None) -> tuple[dict, Path | None, bytes | None, str]:
+def model_config(ckpt: Path, hf_config: str | None, max_memory: int | None = None,
+                 source=None) -> tuple[dict, Path | None, bytes | None, str]:
     """The HF config dict, the folder it came from (tokenizer files may be there), when given as a file its
     exact bytes (copied verbatim), and what described the model (for the summary's ``config_from``).
-    ``max_memory``: what reading ``.metadata`` may build (``TorchDistSource``)."""
+    ``max_memory``: what reading ``.metadata`` may build (``TorchDistSource``); ``source``: the checkpoint's
+    ``TorchDistSource`` when the caller has it open (its ``.metadata`` is then not read again)."""
     if hf_config is not None:
         folder = resolve_hf_model(hf_config, allow_patterns=CONFIG_PATTERNS)
         cfg = load_config(folder)
@@ -255,8 +257,11 @@ def model_config(ckpt: Path, hf_config: str | None, max_memory: int | None = Non
     from streamconv.formats import megatron_args
     from streamconv.sources.torch_dist import TorchDistSource
 
-    with TorchDistSource(ckpt, max_memory) as source:  # a Megatron-LM training checkpoint: its args in the common state
+    if source is not None:  # a Megatron-LM training checkpoint: its args in the common state
         state = megatron_args.common_state(ckpt, source)
+    else:
+        with TorchDistSource(ckpt, max_memory) as opened:
+            state = megatron_args.common_state(ckpt, opened)
     if state is not None and state.get("args") is not None:
         where = ckpt / megatron_args.COMMON_FILE if (ckpt / megatron_args.COMMON_FILE).is_file() else ckpt
         return (megatron_args.hf_config_from_args(state["args"], where), None, None,

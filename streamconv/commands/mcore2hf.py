@@ -104,16 +104,16 @@ class _Export(NamedTuple):
 def _setup(megatron_path, out: Path, opts: Options) -> _Export:
     """Checkpoint, config, source and plan: the same on every rank of a distributed run."""
     ckpt = resolve_checkpoint(megatron_path)
-    cfg, cfg_folder, verbatim, config_from = model_config(ckpt, opts.hf_config, opts.max_memory)
-    spec = spec_from_config(cfg)
     out_dtype = parse_dtype(opts.dtype)
     if opts.max_shard_size <= 0:
         raise UsageError("--max-shard-size must be positive")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")
-    outdir.refuse_overlap(out, [ckpt] + ([cfg_folder] if cfg_folder is not None else []), "--hf-path")
-    source = TorchDistSource(ckpt, opts.max_memory)
+    source = TorchDistSource(ckpt, opts.max_memory)  # .metadata, read once (a training run's args are in it)
     try:
+        cfg, cfg_folder, verbatim, config_from = model_config(ckpt, opts.hf_config, opts.max_memory, source)
+        spec = spec_from_config(cfg)
+        outdir.refuse_overlap(out, [ckpt] + ([cfg_folder] if cfg_folder is not None else []), "--hf-path")
         outdir.refuse_overlap(out, source.files(), "--hf-path")  # symlinked files: their targets too
         spec = with_held_mtp(spec, source.tensors)  # imported with --drop-mtp: the config still declares them
         left_out = check_checkpoint(spec, source, strict=opts.strict, pad_multiple=vocab_padding(ckpt, source))

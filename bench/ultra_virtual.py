@@ -94,11 +94,12 @@ def main() -> int:
             total += ch.nbytes
         plan = dataclasses.replace(plan, chunks=keep)
     source = VirtualSource(spec)
+    name = Path(args.config).name.removesuffix(".config.json").removesuffix(".json")  # what the tables call it
     info = c.machine()
     results = []
     for run in range(args.runs):
         sink = DigestSink(plan, source, verify_every=args.verify_every)
-        progress = make_progress(False, "ultra-253b (virtual)", plan.total_bytes, len(plan.chunks), budget, plan=plan)
+        progress = make_progress(False, f"{name} (virtual)", plan.total_bytes, len(plan.chunks), budget, plan=plan)
         rss.reset_peak()
         sampler = Sampler()
         with progress:
@@ -121,7 +122,7 @@ def main() -> int:
     med = {k: c.median([r[k] for r in results]) for k in ("seconds", "gb_per_s", "peak_rss_bytes",
                                                             "engine_peak_rss_bytes", "rss_after_10s_max")}
     r0 = results[0]
-    c.print_table(f"Ultra-253B plan through the engine, virtual source, digest sink ({args.runs} run(s), "
+    c.print_table(f"{name} plan through the engine, virtual source, digest sink ({args.runs} run(s), "
                   f"medians)", ["what", "value"], [
                       ["traffic", f"{r0['bytes'] / 1e9:.1f} GB in {r0['chunks']:,} chunks"],
                       ["wall", f"{med['seconds']:.0f} s"],

@@ -3,6 +3,7 @@ control, cgroup memory caps, a streaming comparison of two torch_dist checkpoint
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -13,6 +14,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -458,3 +460,46 @@ def places(src_disk: Path, where: str, disk: Path, shm: Path | None):
             rmtree(src)
         else:
             yield w, src_disk, disk
+
+
+def place_parser(doc: str, sizes: str = "3", where: str = "tmpfs,disk", workers: bool = True) -> argparse.ArgumentParser:
+    """The options of a bench run place by place (``run_places``): --sizes, --where, --rounds, --workers,
+    --workdir, --keep, --json; a script adds its own."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default=sizes, help=f"model sizes in GB, comma-separated (default {sizes})")
+    ap.add_argument("--where", default=where, help="tmpfs, disk (source warm in the page cache), disk-cold (dropped "
+                                                   f"before every run, root); comma-separated (default {where})")
+    ap.add_argument("--rounds", type=int, default=3)
+    if workers:
+        ap.add_argument("--workers", type=int, default=None, help="--workers for streamconv (default: its own)")
+    ap.add_argument("--workdir", help="where the disk runs work (default: a temporary folder under /var/tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--json", action="store_true")
+    return ap
+
+
+def workers_flag(args) -> list[str]:
+    return ["--workers", str(args.workers)] if getattr(args, "workers", None) else []
+
+
+def run_places(args, prefix: str, source, measure, after=None) -> int:
+    """A bench's main loop: for each ``--sizes`` model (``source(disk folder, size) -> its folder on disk``), at each
+    ``--where`` place, ``measure(source folder, work folder, place) -> dict``, printed as it comes and kept in the
+    report; then ``after(report, scratch folder)``. Temporary folders (``prefix``) are removed, the report printed
+    with ``--json`` (``finish``)."""
+    disk = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    shm = Path(tempfile.mkdtemp(prefix=prefix, dir="/dev/shm")) if Path("/dev/shm").is_dir() else None
+    report = {"machine": machine(), "places": []}
+    try:
+        for size in [float(s) for s in args.sizes.split(",") if s]:
+            src_disk = source(disk, size)
+            for where, src, work in places(src_disk, args.where, disk, shm):
+                place = measure(src, work, where)
+                report["places"].append(place)
+                print(json.dumps(place), flush=True)
+        if after is not None:
+            after(report, shm or disk)
+    finally:
+        if shm is not None:
+            rmtree(shm)
+    return finish(args, report, disk)

@@ -21,14 +21,11 @@ against a fresh export's.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -152,34 +149,23 @@ def measure_resume(src: Path, work: Path, where: str, rounds: int, extra) -> dic
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="3", help="model sizes in GB (default 3)")
-    ap.add_argument("--where", default="tmpfs,disk", help="tmpfs, disk, disk-cold; comma-separated")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=None)
+    ap = c.place_parser(__doc__)
     ap.add_argument("--resume", action="store_true", help="also a re-run after a kill at half")
-    ap.add_argument("--workdir", help="where the disk runs work (default: a temporary folder under /var/tmp)")
-    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
-    ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    extra = ["--workers", str(args.workers)] if args.workers else []
-    disk = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="streamconv-export-", dir="/var/tmp"))
-    shm = Path(tempfile.mkdtemp(prefix="streamconv-export-", dir="/dev/shm")) if Path("/dev/shm").is_dir() else None
-    report = {"machine": c.machine(), "places": []}
-    try:
-        for size in [float(s) for s in args.sizes.split(",") if s]:
-            hf = c.checkpoint(disk, size)
-            src_disk = imported(hf, disk)
-            for where, src, work in c.places(src_disk, args.where, disk, shm):
-                place = measure_place(src, hf, work, where, args.rounds, extra)
-                if args.resume:
-                    place["resume"] = measure_resume(src, work, where, args.rounds, extra)
-                report["places"].append(place)
-                print(json.dumps(place), flush=True)
-    finally:
-        if shm is not None:
-            c.rmtree(shm)
-    return c.finish(args, report, disk)
+    extra = c.workers_flag(args)
+    hf = {}  # the HF model of each size, which the export is checked against
+
+    def source(disk: Path, size: float) -> Path:
+        hf["folder"] = c.checkpoint(disk, size)
+        return imported(hf["folder"], disk)
+
+    def measure(src: Path, work: Path, where: str) -> dict:
+        place = measure_place(src, hf["folder"], work, where, args.rounds, extra)
+        if args.resume:
+            place["resume"] = measure_resume(src, work, where, args.rounds, extra)
+        return place
+
+    return c.run_places(args, "streamconv-export-", source, measure)
 
 
 if __name__ == "__main__":

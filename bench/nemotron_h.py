@@ -17,11 +17,8 @@ highest peak RSS. The first round's export is checked against the HF source, ten
 
 from __future__ import annotations
 
-import argparse
-import json
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,28 +73,9 @@ def measure_place(hf: Path, work: Path, where: str, rounds: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="3", help="model sizes in GB (default 3)")
-    ap.add_argument("--where", default="tmpfs,disk", help="tmpfs, disk, disk-cold; comma-separated")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--workdir", help="where the disk runs work (default: a temporary folder under /var/tmp)")
-    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
-    disk = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="streamconv-nh-", dir="/var/tmp"))
-    shm = Path(tempfile.mkdtemp(prefix="streamconv-nh-", dir="/dev/shm")) if Path("/dev/shm").is_dir() else None
-    report = {"machine": c.machine(), "places": []}
-    try:
-        for size in [float(s) for s in args.sizes.split(",") if s]:
-            hf = c.checkpoint(disk, size, family="nemotron_h")
-            for where, src, work in c.places(hf, args.where, disk, shm):
-                place = measure_place(src, work, where, args.rounds)
-                report["places"].append(place)
-                print(json.dumps(place), flush=True)
-    finally:
-        if shm is not None:
-            c.rmtree(shm)
-    return c.finish(args, report, disk)
+    args = c.place_parser(__doc__, workers=False).parse_args(argv)
+    return c.run_places(args, "streamconv-nh-", lambda disk, size: c.checkpoint(disk, size, family="nemotron_h"),
+                        lambda src, work, where: measure_place(src, work, where, args.rounds))
 
 
 if __name__ == "__main__":

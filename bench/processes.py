@@ -21,17 +21,14 @@ last output's memory go back to the host while a plain command, started at once,
 
 from __future__ import annotations
 
-import argparse
-import json
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c  # noqa: E402
-from profile import output_digest, run  # noqa: E402
+from profile import output_digest  # noqa: E402
 
 
 def command(src: Path, out: Path, procs: int, extra) -> list[str]:
@@ -47,15 +44,15 @@ def measure(src: Path, work: Path, where: str, procs: list[int], rounds: int, ex
     first = None  # the first process count's output digests (round 0)
     out, dst = work / "out", work / "cp"  # every conversion overwrites the last one's output
     env = {"OMP_NUM_THREADS": "1"}
-    run(command(src, out, procs[0], extra), env=env)  # untimed: the first timed run has an output to replace
+    c.run(command(src, out, procs[0], extra), env=env)  # untimed: the first timed run has an output to replace
     for i in range(rounds):
         c.start_alike(src, where)
         c.rmtree(dst)  # just before: cp writes into the memory its last copy freed, as a conversion does
-        rows["cp -r"].append(run(["sh", "-c", f"cp -r '{src}' '{dst}'" + (" && sync" if sync else "")]))
+        rows["cp -r"].append(c.run(["sh", "-c", f"cp -r '{src}' '{dst}'" + (" && sync" if sync else "")]))
         for n in procs:
             c.start_alike(src, where)
             cmd = command(src, out, n, extra)
-            rows[str(n)].append(run(["sh", "-c", shlex.join(cmd) + " && sync"] if sync else cmd, env=env))
+            rows[str(n)].append(c.run(["sh", "-c", shlex.join(cmd) + " && sync"] if sync else cmd, env=env))
             if i == 0:
                 digest = output_digest(out)
                 first = first or digest
@@ -84,32 +81,13 @@ def measure(src: Path, work: Path, where: str, procs: list[int], rounds: int, ex
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="3", help="model sizes in GB (default 3)")
+    ap = c.place_parser(__doc__)
     ap.add_argument("--procs", default="1,2,4", help="process counts (default 1,2,4; 1 = no launcher)")
-    ap.add_argument("--where", default="tmpfs,disk", help="tmpfs, disk; comma-separated (default both)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=None, help="--workers per process (default: streamconv's own)")
-    ap.add_argument("--workdir", help="where the disk runs work (default: a temporary folder under /var/tmp)")
-    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
-    ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    extra = ["--workers", str(args.workers)] if args.workers else []
+    extra = c.workers_flag(args)  # per process
     procs = [int(n) for n in args.procs.split(",") if n]
-    disk = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="streamconv-procs-", dir="/var/tmp"))
-    shm = Path(tempfile.mkdtemp(prefix="streamconv-procs-", dir="/dev/shm")) if Path("/dev/shm").is_dir() else None
-    report = {"machine": c.machine(), "places": []}
-    try:
-        for size in [float(s) for s in args.sizes.split(",") if s]:
-            src_disk = c.checkpoint(disk, size)
-            for where, src, work in c.places(src_disk, args.where, disk, shm):
-                place = measure(src, work, where, procs, args.rounds, extra)
-                report["places"].append(place)
-                print(json.dumps(place), flush=True)
-    finally:
-        if shm is not None:
-            c.rmtree(shm)
-    return c.finish(args, report, disk)
+    return c.run_places(args, "streamconv-procs-", c.checkpoint,
+                        lambda src, work, where: measure(src, work, where, procs, args.rounds, extra))
 
 
 if __name__ == "__main__":

@@ -23,14 +23,12 @@ output at a time, so tmpfs holds the source and one output).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -174,43 +172,28 @@ def measure_startup(work: Path, rounds: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="3", help="model sizes in GB (default 3)")
-    ap.add_argument("--where", default="tmpfs,disk",
-                    help="tmpfs, disk (source warm in the page cache), disk-cold (dropped before every run, root); "
-                         "comma-separated (default tmpfs,disk)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=None, help="--workers for streamconv (default: its own)")
+    ap = c.place_parser(__doc__)
     ap.add_argument("--resume", action="store_true", help="also measure a resumed run after a kill at half")
     ap.add_argument("--small", action="store_true", help="also the Ultra-253B block pattern at small width")
     ap.add_argument("--startup", action="store_true", help="also a tiny model's wall time")
-    ap.add_argument("--workdir", help="where the disk runs work (default: a temporary folder under /var/tmp)")
-    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
-    ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    extra = ["--workers", str(args.workers)] if args.workers else []
-    disk = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="streamconv-profile-", dir="/var/tmp"))
-    shm = Path(tempfile.mkdtemp(prefix="streamconv-profile-", dir="/dev/shm")) if Path("/dev/shm").is_dir() else None
-    report = {"machine": c.machine(), "places": []}
-    try:
-        for size in [float(s) for s in args.sizes.split(",") if s]:
-            src_disk = c.checkpoint(disk, size)
-            for where, src, work in c.places(src_disk, args.where, disk, shm):
-                place = measure_place(src, work, where, args.rounds, extra)
-                if args.resume:
-                    place["resume"] = measure_resume(src, work, where, args.rounds, extra)
-                report["places"].append(place)
-                print(json.dumps(place), flush=True)
+    extra = c.workers_flag(args)
+
+    def measure(src: Path, work: Path, where: str) -> dict:
+        place = measure_place(src, work, where, args.rounds, extra)
+        if args.resume:
+            place["resume"] = measure_resume(src, work, where, args.rounds, extra)
+        return place
+
+    def after(report: dict, scratch: Path) -> None:
         if args.small:
-            report["small"] = measure_small(shm or disk, args.rounds, extra)
+            report["small"] = measure_small(scratch, args.rounds, extra)
             print(json.dumps(report["small"]), flush=True)
         if args.startup:
-            report["startup"] = measure_startup(shm or disk, args.rounds)
+            report["startup"] = measure_startup(scratch, args.rounds)
             print(json.dumps(report["startup"]), flush=True)
-    finally:
-        if shm is not None:
-            c.rmtree(shm)
-    return c.finish(args, report, disk)
+
+    return c.run_places(args, "streamconv-profile-", c.checkpoint, measure, after)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c  # noqa: E402
-from profile import hf2mcore, phases, run  # noqa: E402
+from import_profile import hf2mcore  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -58,10 +58,10 @@ def main(argv=None) -> int:
         rows: dict[str, list] = {"cp -r": [], **{k: [] for k in sources}}
         for _ in range(args.rounds):
             c.rmtree(work / "cp")
-            rows["cp -r"].append(run(["cp", "-r", str(sources["bf16"]), str(work / "cp")]))
+            rows["cp -r"].append(c.run(["cp", "-r", str(sources["bf16"]), str(work / "cp")]))
             c.rmtree(work / "cp")
             for name, src in sources.items():
-                rows[name].append(run(hf2mcore(src, work / "out", "--device", args.device)))
+                rows[name].append(c.run(hf2mcore(src, work / "out", "--device", args.device)))
                 c.rmtree(work / "out")
         gb = rows["bf16"][0]["summary"]["bytes"] / 1e9
         report["cp_wall"] = round(c.median([r["wall"] for r in rows["cp -r"]]), 2)
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
                             "output_gb": round(rs[0]["summary"]["bytes"] / 1e9, 2),
                             "seconds": round(c.median([r["summary"]["seconds"] for r in rs]), 2),
                             "conversion_cpu_per_gb": round(c.median([r["summary"]["cpu_seconds"] for r in rs]) / gb, 2),
-                            "phases": phases(rs)}
+                            "phases": c.phases(rs)}
         print(json.dumps(report), flush=True)
     finally:
         if args.where == "tmpfs":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where a conversion's time goes, against `cp -r` of the same folder: the engine's cost per byte.
 
-    python bench/profile.py [--sizes 3] [--where tmpfs,disk] [--rounds 3] [--workers 4] [--resume] [--small]
+    python bench/import_profile.py [--sizes 3] [--where tmpfs,disk] [--rounds 3] [--workers 4] [--resume] [--small]
 
 Per model size and place (``tmpfs``: source and output in /dev/shm, where ``cp`` is a memcpy and the ratio
 shows the program's own cost per byte; ``disk``: the work folder, source read into the page cache before

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c  # noqa: E402
-from profile import output_digest  # noqa: E402
+from import_profile import output_digest  # noqa: E402
 
 
 def command(src: Path, out: Path, procs: int, extra) -> list[str]:

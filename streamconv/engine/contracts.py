@@ -162,7 +162,7 @@ class Stats:
     path: str = "buffered"  # "direct" (direct.py) or "buffered" (buffered.py)
 
     def phase_seconds(self) -> dict:
-        """Seconds per phase (summed over threads): the profile ``bench/profile.py`` reads."""
+        """Seconds per phase (summed over threads): the profile ``bench/import_profile.py`` reads."""
         if self.path == "direct":
             return {k: round(v, 3) for k, v in vars(self.phases).items()}
         return {"read": round(self.read_seconds, 3), "wait_for_reads": round(self.wait_seconds, 3),

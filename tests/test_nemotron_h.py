@@ -161,6 +161,10 @@ def test_mtp_layers_convert_and_are_left_out_only_when_asked_and_then_listed(tmp
         assert json.loads(r.stdout).get("left_out", []) == ([] if held else mtp)
         model = yaml.safe_load((out / "iter_0000000" / "run_config.yaml").read_text())["model"]
         assert (model["mtp_num_layers"], model["hybrid_layer_pattern"]) == ((1, "M*-ME/*E") if held else (0, "M*-ME"))
+        r = subprocess.run([sys.executable, "-m", "streamconv", "inspect", str(out), "--json"], capture_output=True,
+                           text=True)
+        seen = json.loads(r.stdout)
+        assert seen["convertible"] and seen["model"].get("mtp_layers") == ("*E" if held else None), r.stdout[-1500:]
         assert main(["mcore2hf", "--megatron-path", str(out), "--hf-path", str(tmp_path / f"b{int(held)}"), "--quiet"]) == 0
         back = {n: t for f in (tmp_path / f"b{int(held)}").glob("*.safetensors") for n, t in load_file(f).items()}
         source = {n: t for f in src.glob("*.safetensors") for n, t in load_file(f).items() if held or n not in mtp}

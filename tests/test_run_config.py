@@ -262,3 +262,11 @@ def test_a_hybrid_pattern_with_pipeline_and_mtp_marks_reads_as_the_main_pattern(
     back = hf_config_from_model_section(m)
     assert back["hybrid_override_pattern"] == "MEM*EME" and back["num_hidden_layers"] == 7
     assert back["num_nextn_predict_layers"] == 2 and back["mtp_hybrid_override_pattern"] == "*E"
+    # a training run's two depths of one shared layer set (Bridge's Super recipe: mtp_num_layers 2, repeated):
+    # megatron-core holds mtp.layers.0 alone, HF its two layers; unshared, two sets and four layers
+    from streamconv.models.config import spec_from_config
+
+    for repeated, held in ((True, 2), (False, 4)):
+        m["mtp_use_repeated_layer"] = repeated
+        spec = spec_from_config({**hf_config_from_model_section(m), "hybrid_override_pattern": "MEM*EME"})
+        assert back["num_nextn_predict_layers"] == 2 and "".join(layer.kind for layer in spec.mtp) == "*E" * (held // 2)

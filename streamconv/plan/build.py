@@ -187,7 +187,8 @@ def check_source(spec: ModelSpec, infos: dict, allow_unused: bool = False, quant
     if mtp and not allow_unused and not drop_mtp:
         raise BadInputError(
             f"the checkpoint holds {len(mtp)} multi-token-prediction tensor(s) (mtp.*, first {mtp[0]!r}) that "
-            "config.json does not describe (num_nextn_predict_layers, mtp_hybrid_override_pattern); pass "
+            "config.json does not describe (num_nextn_predict_layers, mtp_hybrid_override_pattern; "
+            "mtp_use_repeated_layer, true when unset, means one layer set shared by every depth); pass "
             "--drop-mtp to convert the model without them (--json lists them)")
     if drop_mtp:
         extra = [n for n in extra if not MTP_HF.search(n)]

@@ -172,10 +172,3 @@ def commit_checkpoint(folder: Path, plan, by_file: dict, entries: dict, extra_st
     for c in plan.chunks:
         chunks_by_key[c.key].append((c.offsets, c.sizes))
     write_metadata(folder, build_metadata(targets, chunks_by_key, [*plan.objects, COMMON_STATE_KEY], storage))
-
-
-def chunks_by_file(plan) -> dict[int, list]:
-    out: dict[int, list] = {}
-    for c in plan.chunks:
-        out.setdefault(c.file, []).append(c)
-    return out

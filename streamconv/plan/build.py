@@ -95,6 +95,13 @@ class Plan:
     def max_chunk_bytes(self) -> int:
         return max((c.nbytes for c in self.chunks), default=0)
 
+    def by_file(self) -> dict[int, list[Chunk]]:
+        """The chunks of each output file, in plan order."""
+        out: dict[int, list[Chunk]] = {}
+        for c in self.chunks:
+            out.setdefault(c.file, []).append(c)
+        return out
+
     def file_bytes(self) -> dict[int, int]:
         """Bytes of chunk data per output file."""
         out: dict[int, int] = {}

@@ -24,7 +24,6 @@ from streamconv.files.fileio import pwrite_all
 from streamconv.files.pagecache import WriteBehind
 from streamconv.formats.names import INDEX_FILE
 from streamconv.formats.safetensors import encode_header, itemsize, read_header
-from streamconv.formats.torch_dist import chunks_by_file
 from streamconv.runtime import resume
 from streamconv.sinks.committer import Committer
 from streamconv.sinks.recheck import redo_bad_chunks
@@ -117,7 +116,7 @@ class SafetensorsSink(PlacingSink):
         self.journal = journal
         self.entries = shard_entries(plan)
         self.headers, self.slots, self.sizes = shard_layout(plan, self.entries)
-        self.by_file = chunks_by_file(plan)
+        self.by_file = plan.by_file()
         self.mine = set(self.by_file) if files is None else set(files)
         self.report = {"shards_skipped": 0, "chunks_kept": 0}
         self.done: set[tuple] = set()  # chunks kept in a ``.partial`` shard

@@ -37,7 +37,7 @@ from streamconv.files.fileio import pwrite_all
 from streamconv.errors import output_error
 from streamconv.files.atomic import NOFOLLOW, PartialFile
 from streamconv.formats.names import distcp_name
-from streamconv.formats.torch_dist import chunks_by_file, commit_checkpoint, frame_for, standalone
+from streamconv.formats.torch_dist import commit_checkpoint, frame_for, standalone
 from streamconv.sinks.recheck import redo_bad_chunks
 from streamconv.sinks.committer import Committer
 
@@ -64,7 +64,7 @@ class TorchDistSink(PlacingSink):
         self.chunk_journal = chunk_journal
         self.view = view
         self.extra_state = extra_state
-        self.by_file = chunks_by_file(plan)
+        self.by_file = plan.by_file()
         self.mine = set(self.by_file) if files is None else set(files)  # the files this process writes
         self.leader = leader  # the process that cleans the folder's other leftovers and commits
         self.slots, self.sizes, self.entries = item_slots(plan)

@@ -152,8 +152,12 @@ def test_mtp_layers_convert_and_are_left_out_only_when_asked_and_then_listed(tmp
     assert len(mtp) == 24  # eh_proj, enorm, hnorm; an attention layer (4 + norm); a MoE layer (14 + norm); final norm
     r = subprocess.run([sys.executable, "-m", "streamconv", "plan", "--hf-model", str(src), "--json"],
                        capture_output=True, text=True)
-    facts = json.loads(r.stdout)["mtp"]
+    planned = json.loads(r.stdout)
+    facts = planned["mtp"]
     assert (facts["layers"], facts["depths"], facts["held"]) == ("*E", 1, 1) and facts["bytes"] == 47_680 * 4 + 4 * 4
+    mtp_rows = [row for row in planned["per_layer"] if str(row["layer"]).startswith("mtp.")]
+    assert [row["layer"] for row in mtp_rows] == ["mtp.0", "mtp.1"] and mtp_rows[1]["mlp"] == "moe 4x48"
+    assert sum(row["bytes"] for row in mtp_rows) == facts["bytes"] and sum(row["parameters"] for row in mtp_rows) == 47_680
     for flags, held in (((), True), (("--drop-mtp",), False)):
         out = tmp_path / f"o{int(held)}"
         r = _hf2mcore(src, out, "--json", *flags)

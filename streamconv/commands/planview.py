@@ -45,43 +45,54 @@ class ShapeSource(Source):
 def layer_rows(plan, source) -> list[dict]:
     """Per layer: its block kinds, parameters, output bytes and chunks, its largest whole tensor, and the
     memory converting it needs (its costliest chunk in flight: the rows read plus the piece written, as the
-    engine accounts it). The layers' ``memory_bytes`` maximum is the plan's ``min_memory_bytes``."""
+    engine accounts it). The layers' ``memory_bytes`` maximum is the plan's ``min_memory_bytes``. A Nemotron-H's
+    MTP layers follow, named as HF names them (``"layer": "mtp.{k}"``; a depth's norms and projection counted
+    with its first layer, its final norm with its last)."""
     spec = plan.spec
-    rows = [{"layer": i, "attention": layer.attention, "query_groups": layer.num_query_groups, "mlp": layer.mlp,
-             "ffn_hidden_size": layer.ffn_hidden_size, "parameters": 0, "bytes": 0, "chunks": 0,
-             "largest_tensor_bytes": 0, "memory_bytes": 0} for i, layer in enumerate(spec.layers)]
-    for row, layer in zip(rows, spec.layers):  # a hybrid layer's one mixer, by name
+    layers = list(spec.layers) + list(spec.mtp)
+    rows = [{"layer": i if i < spec.num_layers else f"mtp.{i - spec.num_layers}", "attention": layer.attention,
+             "query_groups": layer.num_query_groups, "mlp": layer.mlp, "ffn_hidden_size": layer.ffn_hidden_size,
+             "parameters": 0, "bytes": 0, "chunks": 0, "largest_tensor_bytes": 0, "memory_bytes": 0}
+            for i, layer in enumerate(layers)]
+    for row, layer in zip(rows, layers):  # a hybrid layer's one mixer, by name
         if layer.kind == "M":
             row["attention"] = "mamba2"
         elif layer.kind == "E":
             row["mlp"] = f"moe {spec.dim('experts')}x{spec.dim('moe_ffn')}"
+    block = spec.dim("mtp_block") if spec.mtp else 0
     for b in rules.bindings(spec):
-        layer = _layer_of(b.key, b.index)
-        if layer is not None:
-            rows[layer]["parameters"] += sum(t.numel * t.nrows // t.shape[0] for t in b.hf if t.shape[0]
-                                             and not rules.BUFFERS.search(t.name))
+        row = _row_of(b.key, b.index, spec.num_layers, block)
+        if row is not None:
+            rows[row]["parameters"] += sum(t.numel * t.nrows // t.shape[0] for t in b.hf if t.shape[0]
+                                           and not rules.BUFFERS.search(t.name))
     sizes: dict[tuple[str, int], int] = {}
     chunks: list[list] = [[] for _ in rows]
     for c in plan.chunks:
-        layer = c.layer
-        if layer is None:
+        row = c.layer if c.layer is not None else _row_of(c.key, (), spec.num_layers, block)
+        if row is None:
             continue
-        rows[layer]["bytes"] += c.nbytes
-        rows[layer]["chunks"] += 1
-        chunks[layer].append(c)
-        sizes[(c.key, layer)] = sizes.get((c.key, layer), 0) + c.nbytes
+        rows[row]["bytes"] += c.nbytes
+        rows[row]["chunks"] += 1
+        chunks[row].append(c)
+        sizes[(c.key, row)] = sizes.get((c.key, row), 0) + c.nbytes
     for row, layer_chunks in zip(rows, chunks):  # the engine's own accounting, on this layer's chunks
         row["memory_bytes"] = runner.min_memory(dataclasses.replace(plan, chunks=layer_chunks), source)
-    for (key, layer), nbytes in sizes.items():  # a stacked key's layer slice, or a per-layer key
-        rows[layer]["largest_tensor_bytes"] = max(rows[layer]["largest_tensor_bytes"], nbytes)
+    for (key, row), nbytes in sizes.items():  # a stacked key's layer slice, or a per-layer key
+        rows[row]["largest_tensor_bytes"] = max(rows[row]["largest_tensor_bytes"], nbytes)
     return rows
 
 
-def _layer_of(key: str, index: tuple) -> int | None:
-    """A binding's layer: in a per-layer key's name (a leading index there is an expert), else a stacked
-    key's leading index (None: not a main layer's, an MTP layer's included)."""
-    if key.startswith("mtp."):
-        return None
+MTP_KEY = re.compile(r"^mtp\.layers\.(\d+)\.(?:mtp_model_layer\.layers\.(\d+)\.|(final_layernorm)\.)?")
+
+
+def _row_of(key: str, index: tuple, num_layers: int, block: int) -> int | None:
+    """A binding's row in ``layer_rows``: a main layer's number, from a per-layer key's name (a leading index
+    there is an expert) or a stacked key's leading index; an MTP layer's after the main ones (``block``: the
+    layers of one MTP depth); None for the rest (embedding, final norm, output layer)."""
+    m = MTP_KEY.search(key)
+    if m:
+        depth, inner, last = m.groups()
+        return num_layers + int(depth) * block + (int(inner) if inner else block - 1 if last else 0)
     m = re.search(r"layers\.(\d+)\.", key)
     if m:
         return int(m.group(1))

@@ -320,6 +320,19 @@ def phases(results) -> dict:
     return {k: round(median([r["summary"]["phases"][k] for r in results]), 2) for k in keys}
 
 
+def versus_cp(runs: list[dict], cp_runs: list[dict], gb: float) -> dict:
+    """Medians of a command's runs (``run`` results with its --json summary) against ``cp -r``'s: wall and own
+    seconds, their ratios to cp's wall, CPU seconds per GB and its ratio to cp's, the phases, the peak RSS."""
+    cp_wall, cp_cpu = median([r["wall"] for r in cp_runs]), median([r["cpu"] for r in cp_runs])
+    wall, cpu = median([r["wall"] for r in runs]), median([r["cpu"] for r in runs])
+    seconds = median([r["summary"]["seconds"] for r in runs])
+    return {"wall": round(wall, 2), "seconds": round(seconds, 2), "seconds_vs_cp": round(seconds / cp_wall, 2),
+            "wall_vs_cp": round(wall / cp_wall, 2), "cpu_per_gb": round(cpu / gb, 2),
+            "cpu_vs_cp": round(cpu / cp_cpu, 2), "phases": phases(runs),
+            "engine_path": runs[0]["summary"].get("engine_path"),
+            "peak_rss_mib": round(max(r["summary"]["peak_rss_bytes"] for r in runs) / MiB)}
+
+
 def fresh_and_resumed(cmd: list, kill, src: Path, out: Path, where: str, rounds: int) -> dict:
     """A fresh run of ``cmd`` (writing ``out``, with ``--overwrite``) against a re-run of it after
     ``kill(out)`` (a run SIGKILLed once about half of its bytes are done), ``rounds`` times, both started

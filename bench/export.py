@@ -125,19 +125,7 @@ def measure_place(src: Path, hf: Path, work: Path, where: str, rounds: int, extr
               "cp_cpu_per_gb": round(c.median([r["cpu"] for r in rows["cp -r"]]) / gb, 2),
               "bit_exact": all(v is None for v in checked.values())}
     for name in modes:
-        rs = rows[name]
-        seconds = c.median([r["summary"]["seconds"] for r in rs])
-        report[name] = {
-            "wall": round(c.median([r["wall"] for r in rs]), 2),
-            "seconds": round(seconds, 2),
-            "seconds_vs_cp": round(seconds / cp, 2),
-            "wall_vs_cp": round(c.median([r["wall"] for r in rs]) / cp, 2),
-            "cpu_per_gb": round(c.median([r["cpu"] for r in rs]) / gb, 2),
-            "cpu_vs_cp": round(c.median([r["cpu"] for r in rs]) / c.median([r["cpu"] for r in rows["cp -r"]]), 2),
-            "phases": c.phases(rs),
-            "engine_path": rs[0]["summary"]["engine_path"],
-            "peak_rss_mib": round(max(r["summary"]["peak_rss_bytes"] for r in rs) / c.MiB),
-        }
+        report[name] = c.versus_cp(rows[name], rows["cp -r"], gb)
     return report
 
 

@@ -123,17 +123,8 @@ def measure_place(src: Path, work: Path, where: str, rounds: int, extra) -> dict
         c.median([r["cpu"] for r in rows["cp -r"]]) / gb, 2)}
     for name in ("default", "--no-staging"):
         rs = rows[name]
-        seconds = c.median([r["summary"]["seconds"] for r in rs])
-        report[name] = {
-            "wall": round(c.median([r["wall"] for r in rs]), 2),
-            "seconds": round(seconds, 2),
-            "seconds_vs_cp": round(seconds / cp, 2),
-            "wall_vs_cp": round(c.median([r["wall"] for r in rs]) / cp, 2),
-            "cpu_per_gb": round(c.median([r["cpu"] for r in rs]) / gb, 2),
-            "conversion_cpu_per_gb": round(c.median([r["summary"]["cpu_seconds"] for r in rs]) / gb, 2),
-            "phases": c.phases(rs),
-            "peak_rss_gib": round(max(r["summary"]["peak_rss_bytes"] for r in rs) / c.GiB, 2),
-        }
+        report[name] = {**c.versus_cp(rs, rows["cp -r"], gb),
+                        "conversion_cpu_per_gb": round(c.median([r["summary"]["cpu_seconds"] for r in rs]) / gb, 2)}
     return report
 
 

@@ -57,16 +57,9 @@ def measure_place(hf: Path, work: Path, where: str, rounds: int) -> dict:
         c.rmtree(mcore)
 
     def figures(name: str, base: str) -> dict:
-        rs, cp = rows[name], rows[base]
-        cp_wall, cp_cpu = c.median([r["wall"] for r in cp]), c.median([r["cpu"] for r in cp])
-        seconds = c.median([r["summary"]["seconds"] for r in rs])
-        return {"wall": round(c.median([r["wall"] for r in rs]), 2), "seconds": round(seconds, 2),
-                "cp_wall": round(cp_wall, 2), "seconds_vs_cp": round(seconds / cp_wall, 2),
-                "wall_vs_cp": round(c.median([r["wall"] for r in rs]) / cp_wall, 2),
-                "cpu_per_gb": round(c.median([r["cpu"] for r in rs]) / gb, 2), "cp_cpu_per_gb": round(cp_cpu / gb, 2),
-                "cpu_vs_cp": round(c.median([r["cpu"] for r in rs]) / cp_cpu, 2),
-                "engine_path": rs[0]["summary"].get("engine_path"),
-                "peak_rss_mib": round(max(r["summary"]["peak_rss_bytes"] for r in rs) / c.MiB)}
+        cp = rows[base]
+        return {**c.versus_cp(rows[name], cp, gb), "cp_wall": round(c.median([r["wall"] for r in cp]), 2),
+                "cp_cpu_per_gb": round(c.median([r["cpu"] for r in cp]) / gb, 2)}
 
     return {"gb": round(gb, 3), "where": where, "rounds": rounds, "bit_exact_round_trip": checked is None,
             "hf2mcore": figures("hf2mcore", "cp -r hf"), "mcore2hf": figures("mcore2hf", "cp -r mcore")}

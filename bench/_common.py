@@ -333,6 +333,28 @@ def versus_cp(runs: list[dict], cp_runs: list[dict], gb: float) -> dict:
             "peak_rss_mib": round(max(r["summary"]["peak_rss_bytes"] for r in runs) / MiB)}
 
 
+def kill_at_half(plan, cmd: list[str], marker: Path) -> None:
+    """Run ``cmd`` (a streamconv conversion of ``plan``) and SIGKILL it once the chunks it has committed hold
+    about half of the plan's bytes: half of the bytes, not of the chunks (a layer's norms are chunks of a few
+    KiB); chunks are committed in about plan order, so the n-th commit is where the plan's first n chunks hold
+    half. The kill follows the run's progress (its pause point), not the clock."""
+    import signal
+
+    n, done = 0, 0
+    while done < plan.total_bytes / 2:
+        done += plan.chunks[n].nbytes
+        n += 1
+    marker.unlink(missing_ok=True)
+    env = {**os.environ, "STREAMCONV_TEST_PAUSE": f"chunk:{n}", "STREAMCONV_TEST_PAUSE_FILE": str(marker)}
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not marker.exists():
+        if p.poll() is not None:
+            sys.exit(f"the run to kill ended first: {p.stderr.read()[-2000:]}")
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
 def fresh_and_resumed(cmd: list, kill, src: Path, out: Path, where: str, rounds: int) -> dict:
     """A fresh run of ``cmd`` (writing ``out``, with ``--overwrite``) against a re-run of it after
     ``kill(out)`` (a run SIGKILLed once about half of its bytes are done), ``rounds`` times, both started

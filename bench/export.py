@@ -21,12 +21,8 @@ against a fresh export's.
 
 from __future__ import annotations
 
-import os
 import shlex
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,20 +74,7 @@ def killed_at_half(src: Path, out: Path, work: Path, extra) -> None:
 
     e = _setup(src, work / "plan-only", Options())
     e.source.close()
-    n, done = 0, 0
-    while done < e.plan.total_bytes / 2:
-        done += e.plan.chunks[n].nbytes
-        n += 1
-    marker = work / "half"
-    marker.unlink(missing_ok=True)
-    env = {**os.environ, "STREAMCONV_TEST_PAUSE": f"chunk:{n}", "STREAMCONV_TEST_PAUSE_FILE": str(marker)}
-    p = subprocess.Popen(mcore2hf(src, out, *extra), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    while not marker.exists():
-        if p.poll() is not None:
-            sys.exit(f"the run to kill ended first: {p.stderr.read()[-2000:]}")
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    c.kill_at_half(e.plan, mcore2hf(src, out, *extra), work / "half")
 
 
 def measure_place(src: Path, hf: Path, work: Path, where: str, rounds: int, extra) -> dict:

@@ -24,12 +24,8 @@ output at a time, so tmpfs holds the source and one output).
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,23 +64,7 @@ def killed_at_half(src: Path, out: Path, extra, tmp: Path) -> None:
     source = SafetensorsSource(src)
     plan = build_plan(source, spec_from_config(load_config(src)), None, chunk_bytes_for(2 * 1024**3))
     source.close()
-    # half of the bytes, not of the chunks (a layer's norms are chunks of a few KiB): chunks are committed
-    # in about plan order, so the n-th commit is where the first n chunks of the plan hold half the bytes
-    n, done = 0, 0
-    while done < plan.total_bytes / 2:
-        done += plan.chunks[n].nbytes
-        n += 1
-    marker = tmp / "half"
-    marker.unlink(missing_ok=True)
-    env = {**os.environ, "STREAMCONV_TEST_PAUSE": f"chunk:{n}",
-           "STREAMCONV_TEST_PAUSE_FILE": str(marker)}
-    p = subprocess.Popen(hf2mcore(src, out, *extra), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    while not marker.exists():
-        if p.poll() is not None:
-            sys.exit(f"the run to kill ended first: {p.stderr.read()[-2000:]}")
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    c.kill_at_half(plan, hf2mcore(src, out, *extra), tmp / "half")
 
 
 def measure_place(src: Path, work: Path, where: str, rounds: int, extra) -> dict:

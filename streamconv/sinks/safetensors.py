@@ -26,7 +26,7 @@ from streamconv.formats.names import INDEX_FILE
 from streamconv.formats.safetensors import encode_header, itemsize, read_header
 from streamconv.runtime import resume
 from streamconv.sinks.committer import Committer
-from streamconv.sinks.recheck import redo_bad_chunks
+from streamconv.sinks.kept import redo_bad_chunks
 
 SHARD_METADATA = {"format": "pt"}
 

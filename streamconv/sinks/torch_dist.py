@@ -38,7 +38,7 @@ from streamconv.errors import output_error
 from streamconv.files.atomic import NOFOLLOW, PartialFile
 from streamconv.formats.names import distcp_name
 from streamconv.formats.torch_dist import commit_checkpoint, frame_for, standalone
-from streamconv.sinks.recheck import redo_bad_chunks
+from streamconv.sinks.kept import redo_bad_chunks
 from streamconv.sinks.committer import Committer
 
 

@@ -1,9 +1,9 @@
-"""``--recheck`` of a placing sink's kept chunks, after they are read back: what is done again.
+"""A placing sink's kept chunks: which a resumed run keeps, and what ``--recheck`` does again.
 
 Both placing sinks (``torch_dist.py``: ``.distcp`` files, ``safetensors.py``: shards) keep the same state for a
 resumed run: ``committed`` (the files already complete), ``done`` (the chunk ids kept), ``_left`` (chunks still to
-write per file), ``by_file``, the ``journal`` and the ``report`` counters. Reading back is each sink's own (its
-framing); deciding what to redo is this one function.
+write per file), ``by_file``, the ``journal`` and the ``report`` counters. Checking a ``.partial`` file and reading
+chunks back are each sink's own (its framing); the bookkeeping is here.
 """
 
 from __future__ import annotations
@@ -12,6 +12,16 @@ from pathlib import Path
 from typing import Callable
 
 from streamconv.errors import output_error
+
+
+def keep_journaled(sink, f: int, journaled) -> None:
+    """File ``f``'s ``.partial`` is this plan's, reopened: its chunks with a journal record since it was created
+    (``journaled``: their ids) are kept; the rest are written again."""
+    for c in sink.by_file[f]:
+        if c.id in journaled:
+            sink.done.add(c.id)
+            sink._left[f] -= 1
+            sink.report["chunks_kept"] += 1
 
 
 def redo_bad_chunks(sink, checked: list[tuple[int, Path, list]], uncommit: Callable[[int], None],

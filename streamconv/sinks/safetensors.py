@@ -26,7 +26,7 @@ from streamconv.formats.names import INDEX_FILE
 from streamconv.formats.safetensors import encode_header, itemsize, read_header
 from streamconv.runtime import resume
 from streamconv.sinks.committer import Committer
-from streamconv.sinks.kept import redo_bad_chunks
+from streamconv.sinks.kept import keep_journaled, redo_bad_chunks
 
 SHARD_METADATA = {"format": "pt"}
 
@@ -146,11 +146,7 @@ class SafetensorsSink(PlacingSink):
             if f not in self.committed and tmp.is_file() and not tmp.is_symlink() and same_chunks and \
                     self._laid_out(tmp, f):
                 self._shard(f, fresh=False)
-                for c in self.by_file[f]:
-                    if c.id in recs:
-                        self.done.add(c.id)
-                        self._left[f] -= 1
-                        self.report["chunks_kept"] += 1
+                keep_journaled(self, f, recs)
                 if self._left[f] == 0:
                     self._commit_shard(f)
             elif tmp.is_symlink() or tmp.exists():

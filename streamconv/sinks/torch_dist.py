@@ -38,7 +38,7 @@ from streamconv.errors import output_error
 from streamconv.files.atomic import NOFOLLOW, PartialFile
 from streamconv.formats.names import distcp_name
 from streamconv.formats.torch_dist import commit_checkpoint, frame_for, standalone
-from streamconv.sinks.kept import redo_bad_chunks
+from streamconv.sinks.kept import keep_journaled, redo_bad_chunks
 from streamconv.sinks.committer import Committer
 
 
@@ -108,11 +108,7 @@ class TorchDistSink(PlacingSink):
                 self.report["partials_removed"] += 1
                 continue
             self._file(f, fresh=False)
-            for c in self.by_file[f]:
-                if c.id in recs:
-                    self.done.add(c.id)
-                    self._left[f] -= 1
-                    self.report["chunks_kept"] += 1
+            keep_journaled(self, f, recs)
             if self._left[f] == 0:
                 self._commit_file(f)
 

@@ -143,10 +143,9 @@ def verify(hf_model: str, megatron_path: str, *, max_memory: int = runner.DEFAUL
         raise
     report = Report(str(ckpt_dir), str(folder))
     # MTP layers in the source the checkpoint holds none of (hf2mcore --drop-mtp): said, not compared
-    held = with_held_mtp(with_held_mtp(spec, source.tensors), ckpt.tensors)
-    report.not_compared = sorted({t.name for t in rules.hf_tensors(with_held_mtp(spec, source.tensors))}
-                                 - {t.name for t in rules.hf_tensors(held)})
-    spec = held
+    in_source = with_held_mtp(spec, source.tensors)
+    spec = with_held_mtp(in_source, ckpt.tensors)
+    report.not_compared = sorted({t.name for t in rules.hf_tensors(in_source)} - {t.name for t in rules.hf_tensors(spec)})
     try:
         src_dtypes = source_dtypes(source)
         for t in rules.hf_tensors(spec):

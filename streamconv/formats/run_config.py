@@ -486,9 +486,9 @@ def for_spec(spec: Any, plan: Any = None, *, save_dir: str | None = None, hf_sou
         dtype = max(by_dtype, key=by_dtype.get)
     hf_config = spec.hf_config
     if getattr(spec, "family", None) == "nemotron_h":
-        mtp = spec.mtp[:spec.dim("mtp_block")] if spec.mtp else ()
-        fields = provider_fields_nemotron_h(hf_config, dtype, hf_config.get("num_nextn_predict_layers") or 0 if mtp else 0,
-                                            pattern="".join(layer.kind for layer in spec.layers),
+        mtp = spec.mtp[:spec.dim("mtp_block")] if spec.mtp else ()  # one depth's layers, when they are converted
+        depths = (hf_config.get("num_nextn_predict_layers") or 0) if mtp else 0
+        fields = provider_fields_nemotron_h(hf_config, dtype, depths, pattern="".join(layer.kind for layer in spec.layers),
                                             mtp_pattern="".join(layer.kind for layer in mtp) or None)
     elif getattr(spec, "heterogeneous", False):
         fields = provider_fields_decilm(hf_config, dtype)

@@ -324,22 +324,30 @@ def bindings(spec: ModelSpec) -> list[Binding]:
     for i, layer in enumerate(spec.layers):
         out += layer_bindings(i, layer)
     out += [b for r in trail for b in whole(r)]
-    block = spec.dim("mtp_block") if spec.mtp else 0
-    for o in range(len(spec.mtp) // block if block else 0):
-        head = {r.mcore.rsplit(".", 2)[-2]: r for r in NEMOTRON_H_MTP_RULES}
+    head = {r.mcore.rsplit(".", 2)[-2]: r for r in NEMOTRON_H_MTP_RULES}  # enorm, hnorm, eh_proj, final_layernorm
 
-        def depth_rule(name: str) -> list[Binding]:
-            r = head[name]
-            hf = [n.format(first=o * block, last=o * block + block - 1) for n in r.hf]
-            return whole(r, r.mcore.replace("*", str(o)), hf)
+    def depth_rule(name: str, o: int, first: int, last: int) -> list[Binding]:
+        r = head[name]
+        return whole(r, r.mcore.replace("*", str(o)), [n.format(first=first, last=last) for n in r.hf])
 
-        out += depth_rule("enorm") + depth_rule("hnorm") + depth_rule("eh_proj")
-        for i in range(block):
-            k = o * block + i
-            out += layer_bindings(k, spec.mtp[k], MTP_LAYER["decoder.layers.*."].format(o=o, i=i),
-                                  MTP_LAYER[B].format(k=k))
-        out += depth_rule("final_layernorm")
+    for o, depth in enumerate(held_mtp_depths(spec)):
+        first, last = depth[0][0], depth[-1][0]
+        out += depth_rule("enorm", o, first, last) + depth_rule("hnorm", o, first, last) + \
+            depth_rule("eh_proj", o, first, last)
+        for k, layer, mcore_prefix, hf_prefix in depth:
+            out += layer_bindings(k, layer, mcore_prefix, hf_prefix)
+        out += depth_rule("final_layernorm", o, first, last)
     return out
+
+
+def held_mtp_depths(spec: ModelSpec) -> list[list[tuple[int, LayerSpec, str, str]]]:
+    """The MTP depths megatron-core holds, each its layers as ``(k, layer, megatron-core prefix, HF prefix)``:
+    HF's ``mtp.layers.{k}``, k = o * L + i for layer i of depth o (L = ``dim("mtp_block")``)."""
+    if not spec.mtp:
+        return []
+    block = spec.dim("mtp_block")
+    return [[(o * block + i, spec.mtp[o * block + i], MTP_LAYER["decoder.layers.*."].format(o=o, i=i),
+              MTP_LAYER[B].format(k=o * block + i)) for i in range(block)] for o in range(len(spec.mtp) // block)]
 
 
 def extra_state_keys(spec: ModelSpec) -> list[str]:
@@ -355,12 +363,9 @@ def extra_state_keys(spec: ModelSpec) -> list[str]:
                     m = module.replace("*", str(i))
                     n = spec.dim("experts") if when == "experts" else 1
                     out += [f"{m}._extra_state/shard_{e}_{n}" for e in range(n)]
-        block = spec.dim("mtp_block") if spec.mtp else 0
-        for o in range(len(spec.mtp) // block if block else 0):
+        for o, depth in enumerate(held_mtp_depths(spec)):
             out += [f"{m.replace('*', str(o))}._extra_state/shard_0_1" for m in MTP_EXTRA_STATE]
-            for i in range(block):
-                layer = spec.mtp[o * block + i]
-                prefix = MTP_LAYER["decoder.layers.*."].format(o=o, i=i)
+            for _, layer, prefix, _ in depth:
                 for module, when in NEMOTRON_H_EXTRA_STATE:
                     if "*" in module and applies(when, spec, layer):
                         n = spec.dim("experts") if when == "experts" else 1

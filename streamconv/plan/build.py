@@ -337,8 +337,7 @@ def describe(plan: Plan) -> dict:
 def mtp_facts(plan: Plan) -> dict:
     """A Nemotron-H plan's multi-token-prediction part: one depth's layers, the depths predicted and held (one,
     shared, with ``mtp_use_repeated_layer``), and the bytes written for them."""
-    spec = plan.spec
-    block = spec.dim("mtp_block")
-    return {"layers": "".join(layer.kind for layer in spec.mtp[:block]),
-            "depths": spec.hf_config.get("num_nextn_predict_layers"), "held": len(spec.mtp) // block,
+    depths = rules.held_mtp_depths(plan.spec)
+    return {"layers": "".join(layer.kind for _, layer, _, _ in depths[0]),
+            "depths": plan.spec.hf_config.get("num_nextn_predict_layers"), "held": len(depths),
             "bytes": sum(c.nbytes for c in plan.chunks if MTP_HF.search(c.key))}

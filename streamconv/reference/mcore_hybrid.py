@@ -1,9 +1,10 @@
-"""Run megatron-core's ``MambaModel`` (Nemotron-H: Mamba2, attention, MLP and MoE layers) on CPU, in one process
-or under torchrun (tensor parallel over gloo). Used by ``streamconv generate`` and the tests.
+"""Run megatron-core's ``MambaModel`` (0.16; ``HybridModel`` on 0.17+, with its multi-token-prediction block when
+asked) for Nemotron-H (Mamba2, attention, MLP and MoE layers) on CPU, in one process or under torchrun (tensor
+parallel over gloo). Used by ``streamconv generate`` and the tests.
 
-    model = build_mamba(hf_config)               # NemotronHForCausalLM config.json dict
-    mcore.load_checkpoint(model, ckpt_dir)       # default strictness, as for GPT models
-    out = mcore.logits(model, tokens)            # [b, s, V] float32
+    model = build_mamba(hf_config, mtp=has_mtp(hf_config))   # NemotronHForCausalLM config.json dict
+    load(model, ckpt_dir)                                    # default strictness, as for GPT models
+    out = logits_of(model, tokens)                           # [b, s, V] float32
 
 megatron-core 0.16.1 ships only Transformer Engine specs for this model and leans on ``mamba_ssm``,
 ``causal_conv1d`` and Triton for its kernels. Where those are installed (a GPU host) they are used as they are.

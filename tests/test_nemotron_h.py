@@ -121,7 +121,8 @@ def test_the_real_nano_30b_config_plans_its_published_parameters(tmp_path, capsy
 
 
 @pytest.mark.parametrize("field,value", [("hybrid_override_pattern", "M*X"), ("mlp_hidden_act", "silu"),
-                                         ("n_groups", 3)])
+                                         ("n_groups", 3), ("num_nextn_predict_layers", "1"),
+                                         ("mtp_use_repeated_layer", "false"), ("mtp_layers_block_type", ["moe", "x"])])
 def test_a_config_streamconv_cannot_map_is_one_line(tmp_path, field, value):
     cfg = {**tiny(), field: value}
     if field == "hybrid_override_pattern":

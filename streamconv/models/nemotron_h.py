@@ -62,7 +62,10 @@ def mtp_depths(cfg: dict) -> int:
 def mtp_repeated(cfg: dict) -> bool:
     """One MTP depth's layers shared by every depth (``mtp_use_repeated_layer``; Megatron-Bridge's default for
     Nemotron-H is true): megatron-core then holds one set, ``mtp.layers.0``."""
-    return bool(cfg.get("mtp_use_repeated_layer", True))
+    value = cfg.get("mtp_use_repeated_layer")
+    if value is not None and not isinstance(value, bool):
+        raise UnsupportedModelError(f"config.json: mtp_use_repeated_layer={str(value)[:40]!r} must be true or false")
+    return value is not False
 
 
 def _first(cfg: dict, *names: str):
